@@ -692,6 +692,56 @@ class Generator(Protocol):
         ...
 
 
+@dataclass
+class EvalResult:
+    """Validation of one policy on some stories: a greedy title and `samples` sampled ones each."""
+
+    greedy: list[Scored]
+    sampled: list[list[Scored]]
+    rows: list[dict]
+
+    def per_story_reward(self) -> list[float]:
+        """Mean reward per story over greedy + samples (the unit a bootstrap resamples)."""
+        return [sum(s.reward for s in [g, *ss]) / (1 + len(ss)) for g, ss in zip(self.greedy, self.sampled, strict=True)]
+
+    def all_scored(self) -> list[Scored]:
+        return [s for g, ss in zip(self.greedy, self.sampled, strict=True) for s in (g, *ss)]
+
+    def records(self) -> list[dict]:
+        """One JSON-able record per story: original title beside what the policy wrote."""
+        return [{"id": r.get("id"), "original": r.get("title"), "greedy": dataclasses.asdict(g),
+                 "samples": [dataclasses.asdict(s) for s in ss], "story_reward": m}
+                for r, g, ss, m in zip(self.rows, self.greedy, self.sampled, self.per_story_reward(), strict=True)]
+
+
+async def evaluate_generator(generator: Generator, rows: Sequence[dict], client: RewardClient, validator,
+                             samples: int, max_tokens: int, temperature: float = 1.0,
+                             trailing_penalty: float = 0.0) -> EvalResult:
+    """The one validation procedure every method and baseline goes through."""
+    rows = [dict(r) for r in rows]
+    convs = [title_messages(r["scraped_body"]) for r in rows]
+    greedy = [c[0] for c in generator.generate(convs, n=1, temperature=0.0, max_tokens=max_tokens)]
+    sampled = generator.generate(convs, n=samples, temperature=temperature, max_tokens=max_tokens) if samples else [[] for _ in rows]
+    flat_rows = rows + [r for r, cs in zip(rows, sampled, strict=True) for _ in cs]
+    flat = greedy + [c for cs in sampled for c in cs]
+    scored = await score_completions(client, validator, flat_rows, flat, trailing_penalty)
+    g, rest = scored[:len(rows)], scored[len(rows):]
+    per_story, i = [], 0
+    for cs in sampled:
+        per_story.append(rest[i:i + len(cs)])
+        i += len(cs)
+    return EvalResult(greedy=g, sampled=per_story, rows=rows)
+
+
+def eval_metrics_row(result: EvalResult, *, method: str, step: int, wall_time: float, run: str = "",
+                     split: str = "val", extra: dict | None = None) -> dict:
+    """Shared-schema row for a validation: stats over all titles, greedy mean in extras."""
+    greedy = stats(s.reward for s in result.greedy)
+    return metrics_row(method=method, step=step, split=split, scored=result.all_scored(), wall_time=wall_time,
+                       run=run, extra={"greedy_reward_mean": greedy["mean"], "stories": len(result.rows),
+                                       "story_reward": result.per_story_reward(), **(extra or {})})
+
+
 # --------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------
