@@ -411,6 +411,8 @@ class FilterReport:
     dropped: dict[str, int] = field(default_factory=dict)
     rows_out: int = 0
     prompt_tokens: list[int] = field(default_factory=list)
+    # Prompt tokens of every row the length filter measured (kept or not), for reports.
+    measured_tokens: list[int] = field(default_factory=list)
 
     def summary(self) -> str:
         drops = ", ".join(f"{k}: {v}" for k, v in self.dropped.items()) or "none"
@@ -439,6 +441,7 @@ def filter_stories(ds, tokenizer, split: str, min_score: int = 20,
     report.dropped["empty body"] = len(ds) - len(keep_body)
     ds = ds.select(keep_body)
     counts = prompt_token_counts(tokenizer, ds["scraped_body"]) if len(ds) else []
+    report.measured_tokens = counts
     keep_len = [i for i, n in enumerate(counts) if n <= max_prompt_tokens]
     report.dropped[f"prompt > {max_prompt_tokens} tokens"] = len(ds) - len(keep_len)
     ds = ds.select(keep_len)
