@@ -45,3 +45,13 @@ def tiny_tokenizer(tiny_model):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def reward_server():
+    """Base URL of a real local_reward.py process (MiniLM scorer, free port), stopped after the session."""
+    # `servers`, not `tests.servers`: a site-packages `tests` package shadows this folder.
+    from servers import reward_server_process
+
+    with reward_server_process() as url:
+        yield url

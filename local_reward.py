@@ -1,0 +1,562 @@
+"""Reward server: scores Hacker News titles for both trainers (Flask; gunicorn in production).
+
+    make reward                                   # Flask, foreground, 127.0.0.1:7000, offline MiniLM scorer
+    python local_reward.py --port 7001            # same, another port
+    python local_reward.py --scorer hf --rm_model path/or/hub-id [--rm_adapter lora-dir]
+    python local_reward.py --prod --workers 2     # gunicorn, the model loaded once per worker
+    REWARD_API_KEY=... python local_reward.py --host 0.0.0.0   # anything but loopback needs a key
+
+API (JSON):
+    GET  /health       -> {"status": "ok", "scorer", "model", "version"}
+    POST /score        one story {title, by, time (ISO 8601), scraped_body, url?} -> {"score", "components"}
+                       (OpenPipe's original HN client works unchanged); a JSON list -> {"scores", "components"}
+    POST /score_batch  {"stories": [...]} -> {"scores": [...], "components": [...]} in order
+
+Bad input gets a 4xx JSON error naming the field ({"error", "field"}); a scorer crash gets a 500
+(a server fault, which utils.RewardClient retries). Settings come from the environment / .env
+(REWARD_HOST, REWARD_PORT, REWARD_SCORER, REWARD_MODEL, REWARD_ADAPTER, REWARD_API_KEY,
+REWARD_MAX_BYTES, REWARD_MAX_BATCH, REWARD_WORKERS) and are overridden by flags.
+
+Scorers:
+- `minilm` (offline default): all-MiniLM-L6-v2 relevance of title to body x HN title conventions
+  x an anti-copy factor; see MiniLMScorer for the exact formula.
+- `hf`: a sequence-classification reward model (num_labels=1, e.g. trained to predict log HN
+  score as in OpenPipe's example) over utils.serialize_story, optionally with a PEFT adapter.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import os
+import re
+import sys
+import threading
+import unicodedata
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import utils
+
+__version__ = "0.1.0"
+log = logging.getLogger("local_reward")
+
+# Env var -> ServerArgs field. Flags override these (dataclass default < env/.env < flag).
+ENV_SETTINGS = {
+    "REWARD_HOST": "host",
+    "REWARD_PORT": "port",
+    "REWARD_SCORER": "scorer",
+    "REWARD_MODEL": "rm_model",
+    "REWARD_ADAPTER": "rm_adapter",
+    "REWARD_MAX_BYTES": "max_bytes",
+    "REWARD_MAX_BATCH": "max_batch",
+    "REWARD_WORKERS": "workers",
+}
+
+
+@dataclass
+class ServerArgs:
+    host: str = field(default="127.0.0.1", metadata={"help": "Bind address. Anything but loopback requires REWARD_API_KEY."})
+    port: int = field(default=7000, metadata={"help": "Port."})
+    scorer: str = field(default="minilm", metadata={"help": "'minilm' (offline default) or 'hf' (sequence-classification RM)."})
+    rm_model: str = field(default="", metadata={"help": "hf: hub id or folder of the RM; minilm: embedding model folder (default: the shipped MiniLM)."})
+    rm_adapter: str = field(default="", metadata={"help": "hf: optional PEFT adapter folder on top of --rm_model."})
+    rm_batch_size: int = field(default=16, metadata={"help": "Stories per forward pass."})
+    rm_max_length: int = field(default=utils.MAX_SEQ_TOKENS, metadata={"help": "hf: truncate serialized stories to this many tokens (and the model's limit)."})
+    max_bytes: int = field(default=16 * 1024 * 1024, metadata={"help": "Largest request body in bytes (413 above)."})
+    max_batch: int = field(default=256, metadata={"help": "Most stories per request (413 above)."})
+    max_title_chars: int = field(default=2000, metadata={"help": "Longest accepted title (413 above); long titles are scored low, not refused, below this."})
+    prod: bool = field(default=False, metadata={"help": "Serve with gunicorn instead of Flask's development server."})
+    workers: int = field(default=1, metadata={"help": "gunicorn worker processes (each loads the model once)."})
+    threads: int = field(default=4, metadata={"help": "gunicorn threads per worker (keep-alive connections; scoring is serialised)."})
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning, error."})
+    # Not a flag on purpose (init=False keeps it out of the parser): a secret on the command line is
+    # visible to every user in `ps`. Set REWARD_API_KEY, or assign args.api_key in code.
+    api_key: str = field(default="", init=False)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
+    """Flags over environment (.env included) over defaults."""
+    from transformers import HfArgumentParser
+
+    utils.load_env()
+    parser = HfArgumentParser(ServerArgs, description=__doc__.split("\n\n")[0])
+    types = {f.name: f.type for f in ServerArgs.__dataclass_fields__.values()}
+    defaults: dict[str, Any] = {}
+    for env_name, name in ENV_SETTINGS.items():
+        if os.environ.get(env_name):
+            value = os.environ[env_name]
+            defaults[name] = int(value) if types[name] in ("int", int) else value
+    parser.set_defaults(**defaults)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    args.api_key = os.environ.get("REWARD_API_KEY", "")
+    return args
+
+
+def default_args() -> ServerArgs:
+    """ServerArgs from the environment only (what create_app() uses when given none)."""
+    return parse_args([])
+
+
+# --------------------------------------------------------------------------------------
+# Request validation
+# --------------------------------------------------------------------------------------
+
+
+class BadRequest(Exception):
+    """Client error: becomes {"error", "field"} with a 4xx status."""
+
+    def __init__(self, message: str, field: str, status: int = 422):
+        super().__init__(message)
+        self.message, self.field, self.status = message, field, status
+
+
+REQUIRED = ("title", "by", "time", "scraped_body")
+
+
+def _check_text(value: str, name: str) -> None:
+    # json.loads accepts lone surrogates ("\ud800"); tokenizers choke on them -> a 500. Refuse them here.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"'{name}' is not valid Unicode (lone surrogate)", name) from None
+
+
+def parse_story(obj: Any, where: str, args: ServerArgs) -> dict:
+    """One story in OpenPipe's shape, checked; `where` prefixes field names ("stories[3].")."""
+    if not isinstance(obj, dict):
+        raise BadRequest(f"a story must be a JSON object, got {type(obj).__name__}", where.rstrip(".") or "request")
+    for name in REQUIRED:
+        if name not in obj:
+            raise BadRequest(f"field '{name}' is missing", where + name)
+    for name in (*REQUIRED, "url"):
+        value = obj.get(name)
+        if name == "url" and value is None:
+            continue
+        if not isinstance(value, str):
+            raise BadRequest(f"field '{name}' must be a string, got {type(value).__name__}", where + name)
+        _check_text(value, where + name)
+    title = obj["title"].strip()
+    if not title:
+        raise BadRequest("field 'title' is empty", where + "title")
+    if len(title) > args.max_title_chars:
+        raise BadRequest(f"field 'title' is longer than {args.max_title_chars} characters", where + "title", 413)
+    try:
+        dt.datetime.fromisoformat(obj["time"].strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(f"field 'time' is not ISO 8601: {obj['time'][:40]!r}", where + "time") from None
+    return {"title": title, "by": obj["by"], "time": obj["time"].strip(), "scraped_body": obj["scraped_body"],
+            "url": obj.get("url") or ""}
+
+
+def parse_stories(items: Any, where: str, args: ServerArgs) -> list[dict]:
+    if not isinstance(items, list):
+        raise BadRequest(f"'{where}' must be a JSON list of stories, got {type(items).__name__}", where)
+    if not items:
+        raise BadRequest(f"'{where}' is empty", where)
+    if len(items) > args.max_batch:
+        raise BadRequest(f"{len(items)} stories in one request; the limit is {args.max_batch} (REWARD_MAX_BATCH)", where, 413)
+    return [parse_story(item, f"{where}[{i}].", args) for i, item in enumerate(items)]
+
+
+# --------------------------------------------------------------------------------------
+# Scorers
+# --------------------------------------------------------------------------------------
+
+
+class Scorer(Protocol):
+    kind: str
+    model: str
+    version: str
+
+    def score(self, stories: Sequence[dict]) -> list[tuple[float, dict[str, float]]]:
+        """(score, components) per story, in order."""
+        ...
+
+
+_CLICKBAIT_PHRASES = re.compile(
+    r"you won'?t believe|won'?t believe|this one (weird )?trick|one weird trick|will blow your mind|mind[- ]?blowing"
+    r"|what happen(s|ed) next|doctors hate|you need to (know|see)|must[- ]see|shocking|jaw[- ]dropping|insane"
+    r"|changes? everything|(is|are) here!|secret (that|they)|nobody (is )?talking about|you('re| are) doing it wrong"
+    r"|like a boss|the truth about|hate (him|her|this)|goes viral|epic",
+    re.IGNORECASE,
+)
+_EMOJI_CATEGORIES = {"So", "Sk", "Cs", "Co"}
+
+
+def _has_emoji(text: str) -> bool:
+    # Symbols "other" (So) cover emoji and dingbats; ©/®/° are So too but rare in titles and harmless to count.
+    return any(unicodedata.category(ch) in _EMOJI_CATEGORIES or 0x1F000 <= ord(ch) <= 0x1FFFF for ch in text)
+
+
+def style_terms(title: str) -> dict[str, float]:
+    """Hacker News title conventions, each a penalty in [0, 1] (0 = follows the convention).
+
+    >>> style_terms("Rust 1.80 ships LazyCell")
+    {'shout': 0.0, 'clickbait': 0.0, 'period': 0.0, 'run_on': 0.0}
+    >>> style_terms("YOU WON'T BELIEVE THIS COMPILER!!")
+    {'shout': 1.0, 'clickbait': 1.0, 'period': 0.0, 'run_on': 0.0}
+    """
+    tokens = [t.strip("\"'“”‘’()[],:;!?.") for t in title.split()]
+    lettered = [re.sub(r"['’]s$", "", t) for t in tokens if sum(c.isalpha() for c in t) >= 2]
+    caps = [t for t in lettered if t.isupper()]
+    # Short all-caps words are usually acronyms (NASA, GPU, HTTP/2); long ones or a mostly-caps title shout.
+    long_caps = [t for t in caps if sum(c.isalpha() for c in t) >= 5]
+    shout = 1.0 if len(lettered) >= 3 and len(caps) / len(lettered) >= 0.6 else min(1.0, len(long_caps) / 2)
+    bait = 0.0
+    if re.search(r"[!?]\s*[!?]", title):  # !!, ?!, !?, ??
+        bait += 0.6
+    elif "!" in title:
+        bait += 0.3
+    if _CLICKBAIT_PHRASES.search(title):
+        bait += 0.6
+    if _has_emoji(title):
+        bait += 0.6
+    if re.search(r"(\.\.\.|…)\s*$", title):
+        bait += 0.3
+    stripped = title.rstrip()
+    period = 1.0 if stripped.endswith(".") and not stripped.endswith("..") else 0.0
+    # Run-on: more than one sentence (". Next"), or far past the length band.
+    sentences = len(re.findall(r"[.!?;]\s+[A-Z0-9\"“]", stripped))
+    n_words = len(utils.words(title))
+    run_on = 1.0 if sentences >= 1 or n_words > 20 else 0.0
+    return {"shout": float(shout), "clickbait": float(min(1.0, bait)), "period": period, "run_on": run_on}
+
+
+STYLE_WEIGHTS = {"shout": 0.5, "clickbait": 0.5, "period": 0.15, "run_on": 0.3}
+LENGTH_BAND = (4, 14)  # words; HN titles are short (the site caps them at 80 characters)
+OFF_BAND = 0.25  # relevance multiplier outside the band: the fix that stopped first-sentence copying
+COPY_FREE = 0.5  # copy fraction tolerated before the copy factor starts to fall
+
+
+def minilm_formula(cosine: float, title: str, body: str) -> tuple[float, dict[str, float]]:
+    """The MiniLM reward for one title, from its cosine to the body. Pure; documented in MiniLMScorer."""
+    n = len(utils.words(title))
+    length = 1.0 if LENGTH_BAND[0] <= n <= LENGTH_BAND[1] else OFF_BAND
+    terms = style_terms(title)
+    style = max(0.0, 1.0 - sum(STYLE_WEIGHTS[k] * v for k, v in terms.items()))
+    copy = utils.copy_fraction(title, body)
+    copy_factor = 1.0 - 0.9 * min(1.0, max(0.0, (copy - COPY_FREE) / (1.0 - COPY_FREE)))
+    relevance = min(1.0, max(0.0, cosine)) if body.strip() else 0.0
+    score = relevance * length * style * copy_factor
+    return score, {"relevance": relevance, "length": length, "style": style, "copy": copy,
+                   "copy_factor": copy_factor, "words": float(n), **terms}
+
+
+class MiniLMScorer:
+    """Offline default: score = relevance x length x style x copy_factor, in [0, 1].
+
+    - relevance = clip(cosine(MiniLM(title), MiniLM(body)), 0, 1); 0 for an empty body
+      (all-MiniLM-L6-v2, mean pooled, body truncated to 256 tokens).
+    - length = 1 if 4 <= words(title) <= 14 else 0.25.
+    - style = max(0, 1 - 0.5 shout - 0.5 clickbait - 0.15 period - 0.3 run_on), each term in
+      [0, 1] (see style_terms): shout = mostly ALL-CAPS words (>= 60% of words, or long caps
+      words, not short acronyms); clickbait = !!/?!, a lone ! (0.3), bait phrases ("you won't
+      believe", "this one trick", ...), emoji, a trailing ellipsis; period = a trailing ".";
+      run_on = more than one sentence or > 20 words.
+    - copy_factor = 1 - 0.9 clip((copy - 0.5) / 0.5, 0, 1), copy = utils.copy_fraction(title, body)
+      (longest verbatim word run shared with the body / title words): a title that is a body span
+      keeps at most 10% of its score. This and the length gate are what stopped a policy copying
+      the first sentence (see NOTES).
+
+    Deterministic (no sampling; eval mode). Body embeddings are cached (GRPO scores many titles
+    per body), and bodies are deduplicated and length-sorted inside a batch.
+    """
+
+    kind = "minilm"
+    version = "minilm-hn-v1"
+
+    def __init__(self, path: str | None = None, batch_size: int = 64, cache_size: int = 4096):
+        self.embedder = utils.Embedder(path or None)
+        self.model = self.embedder.path
+        self.batch_size = batch_size
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+
+    def _encode_sorted(self, texts: Sequence[str]):
+        """Encode in length order (less padding), return rows in input order."""
+        import torch
+
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = self.embedder.encode([texts[i] for i in order], batch_size=self.batch_size)
+        result = torch.empty_like(out)
+        result[torch.tensor(order)] = out
+        return result
+
+    def _body_vectors(self, bodies: Sequence[str]):
+        import torch
+
+        keys = [hashlib.sha1(b.encode("utf-8")).hexdigest() for b in bodies]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._cache))
+        if missing:
+            text_of = dict(zip(keys, bodies, strict=True))
+            vectors = self._encode_sorted([text_of[k] for k in missing])
+            for k, v in zip(missing, vectors, strict=True):
+                self._cache[k] = v
+        for k in keys:
+            self._cache.move_to_end(k)
+        rows = torch.stack([self._cache[k] for k in keys])
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return rows
+
+    def score(self, stories: Sequence[dict]) -> list[tuple[float, dict[str, float]]]:
+        titles = [s["title"] for s in stories]
+        bodies = [s["scraped_body"] for s in stories]
+        cos = (self._encode_sorted(titles) * self._body_vectors(bodies)).sum(-1).tolist()
+        return [minilm_formula(c, t, b) for c, t, b in zip(cos, titles, bodies, strict=True)]
+
+
+class HFScorer:
+    """A sequence-classification reward model (num_labels=1) over utils.serialize_story.
+
+    Loaded once; optional PEFT adapter; batched forward passes under torch.inference_mode;
+    stories truncated at min(rm_max_length, the model's limit) tokens (the title comes first
+    in the serialization, so truncation only ever cuts the body). The score is the raw logit
+    (the original RM regresses log HN score).
+    """
+
+    kind = "hf"
+    version = "hf-seqcls-v1"
+
+    def __init__(self, model: str, adapter: str = "", batch_size: int = 16, max_length: int = utils.MAX_SEQ_TOKENS):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if not model:
+            raise ValueError("--scorer hf needs --rm_model (or REWARD_MODEL): a hub id or a local folder")
+        self.model = model + (f"+{adapter}" if adapter else "")
+        self.batch_size = batch_size
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(adapter if adapter and _has_tokenizer(adapter) else model)
+        if self.tokenizer.pad_token is None:  # decoder-only RMs (Llama/Qwen) often ship without one
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        net, info = AutoModelForSequenceClassification.from_pretrained(
+            model, num_labels=1, dtype=dtype, output_loading_info=True)
+        if info.get("missing_keys") and not adapter:
+            # A base LM loaded as a classifier gets a random head: its "scores" would be noise.
+            raise ValueError(f"{model} has no trained classification head (missing {sorted(info['missing_keys'])[:4]}); "
+                             "pass a trained reward model or an adapter that carries the head")
+        if net.config.num_labels != 1:
+            raise ValueError(f"{model}: num_labels={net.config.num_labels}, a reward model needs exactly 1")
+        net.config.pad_token_id = self.tokenizer.pad_token_id
+        if adapter:
+            from peft import PeftModel
+
+            net = PeftModel.from_pretrained(net, adapter)
+        self.net = net.to(self.device).eval()
+        limits = [max_length, getattr(net.config, "max_position_embeddings", None) or max_length]
+        if self.tokenizer.model_max_length and self.tokenizer.model_max_length < 10**9:
+            limits.append(self.tokenizer.model_max_length)
+        self.max_length = min(limits)
+
+    def score(self, stories: Sequence[dict]) -> list[tuple[float, dict[str, float]]]:
+        import torch
+
+        texts = [utils.serialize_story(s["title"], s["by"], s["time"], s["url"], s["scraped_body"]) for s in stories]
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths batch together
+        scores = [0.0] * len(texts)
+        with torch.inference_mode():
+            for i in range(0, len(order), self.batch_size):
+                idx = order[i:i + self.batch_size]
+                enc = self.tokenizer([texts[j] for j in idx], padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="pt").to(self.device)
+                logits = self.net(**enc).logits[:, 0].float().tolist()
+                for j, v in zip(idx, logits, strict=True):
+                    scores[j] = v
+        return [(s, {"rm": s}) for s in scores]
+
+
+def _has_tokenizer(path: str) -> bool:
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def build_scorer(args: ServerArgs) -> Scorer:
+    if args.scorer == "minilm":
+        return MiniLMScorer(args.rm_model or None, batch_size=max(args.rm_batch_size, 1) * 4)
+    if args.scorer == "hf":
+        return HFScorer(args.rm_model, args.rm_adapter, args.rm_batch_size, args.rm_max_length)
+    raise ValueError(f"unknown scorer {args.scorer!r}: use 'minilm' or 'hf'")
+
+
+# --------------------------------------------------------------------------------------
+# App
+# --------------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(args: ServerArgs) -> None:
+    """Refuse to listen beyond this machine without a token."""
+    if not is_loopback(args.host) and not args.api_key:
+        raise SystemExit(f"refusing to bind {args.host}: set REWARD_API_KEY (clients send it as "
+                         "'Authorization: Bearer <key>') or bind 127.0.0.1")
+
+
+def _finite(value: float, where: str) -> float:
+    if not math.isfinite(value):
+        raise RuntimeError(f"scorer produced a non-finite score ({value}) for {where}")
+    return float(value)
+
+
+def create_app(args: ServerArgs | None = None, scorer: Scorer | None = None):
+    """The Flask app. Builds the scorer from `args` unless one is passed (tests inject theirs)."""
+    from flask import Flask, jsonify, request
+    from werkzeug.exceptions import HTTPException
+
+    args = args or default_args()
+    scorer = scorer or build_scorer(args)
+    lock = threading.Lock()  # tokenizers and models are not safe to call from several threads at once
+    app = Flask("local_reward")
+    app.config["MAX_CONTENT_LENGTH"] = args.max_bytes
+    app.config["REWARD_ARGS"] = args
+    app.config["SCORER"] = scorer
+    api_key = args.api_key.encode("utf-8")
+
+    def error(message: str, field: str, status: int):
+        return jsonify({"error": message, "field": field}), status
+
+    @app.errorhandler(BadRequest)
+    def bad_request(e: BadRequest):
+        return error(e.message, e.field, e.status)
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):
+        if e.code == 413:
+            return error(f"request body larger than {args.max_bytes} bytes (REWARD_MAX_BYTES)", "request", 413)
+        return error(e.description or e.name, "request", e.code or 400)
+
+    @app.errorhandler(Exception)
+    def server_fault(e: Exception):
+        log.exception("scoring failed")
+        return error(f"internal error: {type(e).__name__}: {e}"[:500], "server", 500)
+
+    @app.before_request
+    def authorize():
+        if not api_key or request.path == "/health":
+            return None
+        header = request.headers.get("Authorization", "")
+        token = header[7:].encode("utf-8") if header[:7].lower() == "bearer " else b""
+        if not hmac.compare_digest(token, api_key):
+            resp, status = error("missing or wrong bearer token", "Authorization", 401)
+            resp.headers["WWW-Authenticate"] = "Bearer"
+            return resp, status
+        return None
+
+    def read_json() -> Any:
+        raw = request.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadRequest(f"request body is not valid JSON ({e})"[:300], "request", 400) from None
+
+    def run(stories: list[dict]) -> tuple[list[float], list[dict]]:
+        with lock:
+            results = scorer.score(stories)
+        if len(results) != len(stories):
+            raise RuntimeError(f"scorer returned {len(results)} scores for {len(stories)} stories")
+        return [_finite(s, f"story {i}") for i, (s, _) in enumerate(results)], [c for _, c in results]
+
+    @app.get("/health")
+    def health():
+        return jsonify({"status": "ok", "scorer": scorer.kind, "model": scorer.model,
+                        "version": f"{__version__}/{scorer.version}"})
+
+    @app.post("/score")
+    def score():
+        payload = read_json()
+        if isinstance(payload, list):
+            scores, comps = run(parse_stories(payload, "stories", args))
+            return jsonify({"scores": scores, "components": comps})
+        if not isinstance(payload, dict):
+            raise BadRequest(f"expected a story object or a list of stories, got {type(payload).__name__}", "request", 400)
+        scores, comps = run([parse_story(payload, "", args)])
+        return jsonify({"score": scores[0], "components": comps[0]})
+
+    @app.post("/score_batch")
+    def score_batch():
+        payload = read_json()
+        if not isinstance(payload, dict):
+            raise BadRequest(f'expected {{"stories": [...]}}, got {type(payload).__name__}', "request", 400)
+        if "stories" not in payload:
+            raise BadRequest("field 'stories' is missing", "stories")
+        scores, comps = run(parse_stories(payload["stories"], "stories", args))
+        return jsonify({"scores": scores, "components": comps})
+
+    return app
+
+
+# --------------------------------------------------------------------------------------
+# Serving
+# --------------------------------------------------------------------------------------
+
+
+def serve_gunicorn(args: ServerArgs) -> None:
+    """gunicorn with `workers` processes; each builds its own app (and model) after the fork.
+
+    No preload: torch's thread pools and the tokenizer's Rust threads are not fork-safe, so the
+    master never imports them; each worker loads the model once in its own process.
+    """
+    from gunicorn.app.base import BaseApplication
+
+    threads_per_worker = max(1, (os.cpu_count() or 1) // max(1, args.workers))
+
+    class RewardApplication(BaseApplication):
+        def load_config(self):
+            self.cfg.set("bind", f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}")
+            self.cfg.set("workers", args.workers)
+            self.cfg.set("worker_class", "gthread")  # keep-alive connections (sync workers close each one)
+            self.cfg.set("threads", args.threads)
+            self.cfg.set("timeout", 300)  # a cold first batch on a CPU can take a while
+            self.cfg.set("keepalive", 30)
+            self.cfg.set("preload_app", False)
+            self.cfg.set("loglevel", args.log_level)
+            self.cfg.set("accesslog", "-")
+            self.cfg.set("limit_request_field_size", 16384)
+
+        def load(self):  # called in each worker after the fork
+            import torch
+
+            torch.set_num_threads(threads_per_worker)  # workers share the cores instead of oversubscribing
+            return create_app(args)
+
+    RewardApplication().run()
+
+
+def main(args: ServerArgs) -> None:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    check_exposure(args)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.scorer not in ("minilm", "hf"):
+        raise SystemExit(f"unknown --scorer {args.scorer!r}: use 'minilm' or 'hf'")
+    if args.prod:
+        serve_gunicorn(args)
+        return
+    app = create_app(args)
+    health = app.test_client().get("/health").get_json()
+    log.info("serving %s on http://%s:%d (auth %s)", health, args.host, args.port, "on" if args.api_key else "off")
+    # threaded: concurrent clients queue on the scoring lock instead of on the socket; HTTP/1.1 keep-alive.
+    app.run(host=args.host, port=args.port, threaded=True, debug=False, use_reloader=False)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args(sys.argv[1:]))
+    except ValueError as e:  # configuration errors (bad model path, no head): a message, not a traceback
+        raise SystemExit(f"local_reward.py: {e}") from None
