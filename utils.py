@@ -151,6 +151,8 @@ def parse_args(types: Sequence[type], section: str, argv: Sequence[str] | None =
     *objs, namespace_rest = parser.parse_args_into_dataclasses(args=list(rest), return_remaining_strings=True)
     if namespace_rest:
         parser.error(f"unrecognized arguments: {' '.join(namespace_rest)}")
+    # HfArgumentParser appends a Namespace holding `--recipe` (no dataclass owns it): drop it.
+    objs = [obj for obj in objs if not isinstance(obj, argparse.Namespace)]
     for obj in objs:
         if hasattr(obj, "recipe"):
             obj.recipe = known.recipe
