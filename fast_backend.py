@@ -1,0 +1,243 @@
+"""The GPU seam of the TRL trainer: which engine loads the policy and generates rollouts.
+
+Everything GPU-only (Unsloth, vLLM) lives behind the three functions here; the trainer
+(reference_grpo_trainer.py) only sees a `Backend`, a PEFT-wrapped model and GRPOConfig
+overrides. Backends:
+
+- `cpu`: transformers + PEFT on the CPU (fp32, `use_cpu=True`), even if a GPU exists.
+- `transformers`: transformers + PEFT on the default device (CUDA if present), HF generate.
+- `unsloth`: Unsloth `FastLanguageModel` with `fast_inference=True` (its own colocated vLLM
+  engine) and Unsloth's LoRA; GRPOConfig `use_vllm=True`. Needs CUDA + requirements-gpu.txt.
+- `trl-vllm`: transformers + PEFT for training, TRL's own vLLM integration for generation
+  (`vllm_mode` "colocate" in-process, or "server" = `trl vllm-serve` started separately).
+- `auto`: unsloth on a CUDA machine that has it installed, else transformers (cpu without CUDA).
+
+Unsloth patches transformers/TRL/PEFT when it is imported, so it must be imported before
+them: `import_unsloth_first(argv)` does that from the trainer's `__main__`.
+
+Check what this machine would use (no model is loaded):
+
+    python fast_backend.py --backend auto
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+BACKENDS = ("auto", "cpu", "transformers", "unsloth", "trl-vllm")
+VLLM_MODES = ("colocate", "server")
+
+
+class BackendError(RuntimeError):
+    """The requested backend cannot run on this machine; the message says what to do."""
+
+
+@dataclass
+class Machine:
+    """What the backend choice depends on (injectable so tests can describe any machine)."""
+
+    cuda: bool
+    unsloth: bool
+    vllm: bool
+    gpu_name: str = ""
+
+    @classmethod
+    def detect(cls) -> Machine:
+        import torch  # torch only: importing unsloth/vllm here would patch or need a GPU
+
+        cuda = torch.cuda.is_available()
+        return cls(cuda=cuda, unsloth=importlib.util.find_spec("unsloth") is not None,
+                   vllm=importlib.util.find_spec("vllm") is not None,
+                   gpu_name=torch.cuda.get_device_name(0) if cuda else "")
+
+
+@dataclass
+class Backend:
+    name: str  # cpu | transformers | unsloth | trl-vllm
+    device: str  # cpu | cuda
+    use_vllm: bool
+    vllm_mode: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """The one line the trainer prints so nobody wonders what actually runs."""
+        if self.name == "unsloth":
+            gen = "Unsloth's vLLM (fast_inference)" if self.use_vllm else "Unsloth generate (no vLLM)"
+            what = f"Unsloth FastLanguageModel + LoRA on CUDA, generation with {gen}"
+        elif self.name == "trl-vllm":
+            what = f"transformers + PEFT on CUDA, generation with TRL's vLLM ({self.vllm_mode} mode)"
+        elif self.device == "cpu":
+            what = "transformers + PEFT on CPU (fp32), generation with HF generate; no Unsloth/vLLM on CPU"
+        else:
+            what = "transformers + PEFT on CUDA, generation with HF generate"
+        return f"backend {self.name}: {what}" + "".join(f" ({n})" for n in self.notes)
+
+
+def select_backend(requested: str, use_vllm: bool = True, vllm_mode: str = "colocate",
+                   machine: Machine | None = None) -> Backend:
+    """Resolve `requested` on this machine, or raise BackendError before anything heavy loads."""
+    if requested not in BACKENDS:
+        raise BackendError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
+    if vllm_mode not in VLLM_MODES:
+        raise BackendError(f"unknown vllm_mode {vllm_mode!r}; choose one of {', '.join(VLLM_MODES)}")
+    machine = machine or Machine.detect()
+    if requested == "cpu":
+        return Backend("cpu", "cpu", use_vllm=False)
+    if requested == "auto":
+        if not machine.cuda:
+            return Backend("cpu", "cpu", use_vllm=False)
+        if machine.unsloth and (machine.vllm or not use_vllm):
+            requested = "unsloth"
+        else:
+            missing = "unsloth" if not machine.unsloth else "vllm"
+            return Backend("transformers", "cuda", use_vllm=False,
+                           notes=[f"{missing} is not installed: `make setup-gpu` for fast generation"])
+    if requested in ("unsloth", "trl-vllm") and not machine.cuda:
+        raise BackendError(
+            f"backend '{requested}' needs an NVIDIA GPU with CUDA, and this machine has none "
+            "(torch.cuda.is_available() is False). Unsloth and vLLM have no CPU path. "
+            "Use --backend auto (or cpu): transformers + PEFT on the CPU.")
+    if requested == "unsloth":
+        if not machine.unsloth:
+            raise BackendError("backend 'unsloth' needs the unsloth package: `make setup-gpu` "
+                               "(pip install -r requirements-gpu.txt)")
+        if use_vllm and not machine.vllm:
+            raise BackendError("backend 'unsloth' with use_vllm needs vllm: `make setup-gpu`, "
+                               "or pass --use_vllm false to generate with Unsloth alone")
+        return Backend("unsloth", "cuda", use_vllm=use_vllm)
+    if requested == "trl-vllm":
+        if not use_vllm:
+            raise BackendError("backend 'trl-vllm' generates with vLLM; drop --use_vllm false or pick 'transformers'")
+        if not machine.vllm:
+            raise BackendError("backend 'trl-vllm' needs vllm: `make setup-gpu` (pip install -r requirements-gpu.txt)")
+        return Backend("trl-vllm", "cuda", use_vllm=True, vllm_mode=vllm_mode)
+    return Backend("transformers", "cuda" if machine.cuda else "cpu", use_vllm=False)
+
+
+def import_unsloth_first(argv: Sequence[str] | None = None) -> bool:
+    """Import unsloth before transformers/TRL/PEFT when the run will use it.
+
+    Unsloth patches those libraries at import time; imported later it warns and some of
+    its optimisations are missing. Called from the trainer's `__main__` before arguments
+    are parsed (parsing imports transformers), so it only looks at `--backend` on the
+    command line: an explicit non-unsloth backend skips it, otherwise it imports unsloth
+    when it is installed and CUDA is available (what `auto` would pick).
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--backend", default="auto")
+    known, _ = pre.parse_known_args(argv)
+    if known.backend not in ("auto", "unsloth") or importlib.util.find_spec("unsloth") is None:
+        return False
+    if "transformers" in sys.modules or "trl" in sys.modules:
+        return False  # too late to patch first; select_backend/load_policy still work
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    importlib.import_module("unsloth")
+    return True
+
+
+def max_seq_length(recipe) -> int:
+    """Prompt cap + completion cap: what Unsloth/vLLM must fit (utils.load_split drops longer prompts)."""
+    return int(recipe.max_prompt_tokens) + int(recipe.max_completion_tokens)
+
+
+def load_policy(backend: Backend, recipe, args):
+    """The policy as a PEFT model with the recipe's LoRA, and its tokenizer.
+
+    `recipe` is a utils.Recipe, `args` the trainer's TrlArgs (gpu_memory_utilization,
+    load_in_4bit, gradient_checkpointing). The caller hands the returned PeftModel to
+    GRPOTrainer without a peft_config.
+    """
+    if backend.name == "unsloth":
+        return _load_unsloth(backend, recipe, args)
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if backend.device == "cpu":
+        dtype = torch.float32  # bf16 matmuls are slower than fp32 on most CPUs, and less exact
+    else:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    model = AutoModelForCausalLM.from_pretrained(recipe.model, dtype=dtype)
+    if backend.device == "cuda":
+        model = model.to("cuda")
+    lora = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                      target_modules=list(recipe.lora_target_modules), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, lora), tokenizer
+
+
+def _load_unsloth(backend: Backend, recipe, args):
+    # Signatures as of unsloth 2026.10 (unsloth/models/loader.py, llama.py):
+    # FastLanguageModel.from_pretrained(model_name, max_seq_length, dtype, load_in_4bit, ...,
+    #   fast_inference, gpu_memory_utilization, float8_kv_cache, random_state, max_lora_rank)
+    # FastLanguageModel.get_peft_model(model, r, target_modules, lora_alpha, lora_dropout, bias,
+    #   use_gradient_checkpointing, random_state, ...)
+    from unsloth import FastLanguageModel
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=recipe.model,
+        max_seq_length=max_seq_length(recipe),
+        load_in_4bit=bool(args.load_in_4bit),
+        fast_inference=backend.use_vllm,  # Unsloth starts its own vLLM engine on the same GPU
+        max_lora_rank=recipe.lora_r,  # vLLM reserves LoRA slots of this rank
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        random_state=recipe.seed,
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=recipe.lora_r,
+        target_modules=list(recipe.lora_target_modules),
+        lora_alpha=recipe.lora_alpha,
+        lora_dropout=recipe.lora_dropout,
+        bias="none",
+        # "unsloth" = its offloaded checkpointing; False keeps activations (faster, more memory).
+        use_gradient_checkpointing="unsloth" if args.gradient_checkpointing else False,
+        random_state=recipe.seed,
+    )
+    if getattr(tokenizer, "pad_token", None) is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def grpo_overrides(backend: Backend, args) -> dict:
+    """GRPOConfig fields that depend on the backend (device, precision, generation engine)."""
+    if backend.device == "cpu":
+        return {"use_cpu": True, "bf16": False, "fp16": False, "use_vllm": False}
+    import torch
+
+    bf16 = bool(torch.cuda.is_bf16_supported())
+    out = {"bf16": bf16, "fp16": not bf16, "use_vllm": backend.use_vllm}
+    if backend.name == "unsloth":
+        # Unsloth's patched GRPOTrainer generates with model.vllm_engine when use_vllm is set;
+        # the gradient-checkpointing choice was made in get_peft_model.
+        out["gradient_checkpointing"] = False
+    elif backend.name == "trl-vllm":
+        out["vllm_mode"] = backend.vllm_mode
+        if backend.vllm_mode == "colocate":
+            out["vllm_gpu_memory_utilization"] = args.gpu_memory_utilization
+        elif args.vllm_server_base_url:
+            out["vllm_server_base_url"] = args.vllm_server_base_url
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="auto", choices=BACKENDS)
+    parser.add_argument("--vllm_mode", default="colocate", choices=VLLM_MODES)
+    cli = parser.parse_args()
+    machine = Machine.detect()
+    print(f"machine: cuda={machine.cuda} {machine.gpu_name} unsloth={machine.unsloth} vllm={machine.vllm}")
+    try:
+        print(select_backend(cli.backend, vllm_mode=cli.vllm_mode, machine=machine).describe())
+    except BackendError as e:
+        sys.exit(f"error: {e}")
