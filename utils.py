@@ -241,6 +241,21 @@ _TITLE_PREFIX = re.compile(r"^\s*(?:#+\s*|\*\*|title\s*:\s*|hn title\s*:\s*)+", 
 _QUOTES = "\"'“”‘’`*"
 
 
+def _unquote(text: str) -> str:
+    """Drop quotes/markdown wrapped around the whole title; keep quotes that belong inside it."""
+    prev = None
+    while text != prev:
+        prev, text = text, text.strip().strip("*`").strip()  # markdown marks are never part of a title
+        # '"Rust" vs "Go"' keeps its quotes: the same mark inside means they are not a wrapper.
+        if len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES and (
+                text[0] not in text[1:-1] or text[0] in "'‘’"):
+            text = text[1:-1]
+    # A completion cut at the token cap can leave an opening quote without its partner.
+    if text and text[0] in _QUOTES and text.count(text[0]) == 1:
+        text = text[1:].strip()
+    return text
+
+
 def extract_title(completion: str) -> tuple[str, bool]:
     """The title is the first non-empty line, cleaned; the flag says more text followed it.
 
@@ -251,11 +266,13 @@ def extract_title(completion: str) -> tuple[str, bool]:
     ('Rust 1.80 ships LazyCell', True)
     >>> extract_title("Title: A faster grep\\n")
     ('A faster grep', False)
+    >>> extract_title('Why I stopped saying "agile"')
+    ('Why I stopped saying "agile"', False)
     """
     lines = completion.strip().splitlines()
     if not lines:
         return "", False
-    title = _TITLE_PREFIX.sub("", lines[0]).strip().strip(_QUOTES).strip()
+    title = _unquote(_TITLE_PREFIX.sub("", lines[0]))
     trailing = any(line.strip() for line in lines[1:])
     return title, trailing
 
