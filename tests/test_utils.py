@@ -1,0 +1,476 @@
+"""Pure functions of utils.py, and parse_args (recipe -> env -> CLI). No model, no server."""
+
+import dataclasses
+import datetime as dt
+import json
+import math
+import textwrap
+
+import pytest
+
+import utils
+
+# --------------------------------------------------------------------------------------
+# Prompts and titles
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("completion, title, trailing", [
+    # plain one-line title
+    ("Rust 1.80 ships LazyCell", "Rust 1.80 ships LazyCell", False),
+    # double quotes around the whole title are not part of it; the explanation after it is trailing text
+    ('"Rust 1.80 ships LazyCell"\n\nThis title highlights...', "Rust 1.80 ships LazyCell", True),
+    # curly quotes
+    ("“A faster grep”", "A faster grep", False),
+    # single quotes around a title that contains an apostrophe
+    ("'It's here: Postgres 17'", "It's here: Postgres 17", False),
+    # quotes inside the title that end it are kept
+    ('Why I stopped saying "agile"', 'Why I stopped saying "agile"', False),
+    # two quoted words at both ends: not a wrapper, kept as written
+    ('"Rust" beats "Go"', '"Rust" beats "Go"', False),
+    # an opening quote whose partner was cut off by the token cap
+    ('"Unclosed title about compilers', "Unclosed title about compilers", False),
+    # "Title:" prefix, any case
+    ("Title: A faster grep\n", "A faster grep", False),
+    ("TITLE:A faster grep", "A faster grep", False),
+    # "HN title:" prefix
+    ("HN Title: A faster grep", "A faster grep", False),
+    # markdown heading
+    ("## A faster grep", "A faster grep", False),
+    # markdown bold, with and without a prefix inside
+    ("**A faster grep**", "A faster grep", False),
+    ("**Title:** A faster grep", "A faster grep", False),
+    # inline code marks
+    ("`A faster grep`", "A faster grep", False),
+    # blank leading lines are skipped; the first non-empty line is the title
+    ("\n\n   \nA faster grep\n", "A faster grep", False),
+    # trailing whitespace-only lines are not trailing text
+    ("A faster grep\n   \n\n", "A faster grep", False),
+    # a second non-empty line is trailing text
+    ("A faster grep\nIt is faster because...", "A faster grep", True),
+    # empty and whitespace-only completions give an empty title
+    ("", "", False),
+    ("  \n \n", "", False),
+    # nothing but quotes
+    ('""', "", False),
+    # non-ASCII passes through
+    ("Zürich trams, 東京 rail", "Zürich trams, 東京 rail", False),
+])
+def test_extract_title(completion, title, trailing):
+    assert utils.extract_title(completion) == (title, trailing)
+
+
+@pytest.mark.parametrize("text, expected", [
+    # lower-cased, punctuation dropped
+    ("Hello, World!", ["hello", "world"]),
+    # version numbers, C++ and C# stay whole; a sentence-final dot is stripped
+    ("Rust 1.80 beats C++ and C#.", ["rust", "1.80", "beats", "c++", "and", "c#"]),
+    # apostrophes inside words stay, quotes around words go
+    ("Don't 'panic'", ["don't", "panic"]),
+    # hyphenated words stay whole; a lone dash is not a word
+    ("open-source - fast", ["open-source", "fast"]),
+    # non-ASCII letters are word characters
+    ("Zürich café", ["zürich", "café"]),
+    # nothing
+    ("", []),
+    ("... --", []),
+])
+def test_words(text, expected):
+    assert utils.words(text) == expected
+
+
+@pytest.mark.parametrize("title, body, expected", [
+    # 3 of 4 title words form a verbatim run in the body
+    ("a b c d", "x a b c y", 0.75),
+    # no shared words
+    ("new words", "old text", 0.0),
+    # the whole title is a body span (case and punctuation ignored)
+    ("The Quick Fox", "the quick, fox jumped", 1.0),
+    # shared words that are not consecutive in the body count as runs of 1
+    ("a b c", "c x b x a", 1 / 3),
+    # longest of two runs wins
+    ("a b c d e", "a b x c d e", 3 / 5),
+    # empty title or body
+    ("", "some body", 0.0),
+    ("title", "", 0.0),
+])
+def test_copy_fraction(title, body, expected):
+    assert utils.copy_fraction(title, body) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("reply, expected", [
+    # plain answers, any case, with punctuation
+    ("True", True),
+    (" false.", False),
+    ("TRUE", True),
+    # the first answer counts
+    ("True. Though one could argue false", True),
+    # embedded in a sentence
+    ("The answer is: False", False),
+    # neither -> None (counted, treated as not supported)
+    ("maybe", None),
+    ("", None),
+    # substrings of other words are not answers
+    ("untrue", None),
+    ("falsehood", None),
+])
+def test_parse_validator_answer(reply, expected):
+    assert utils.parse_validator_answer(reply) is expected
+
+
+@pytest.mark.parametrize("rm, matches, trailing, penalty, expected", [
+    # supported title: RM score
+    (2.5, True, False, 0.0, 2.5),
+    # unsupported title: 0 whatever the RM said
+    (2.5, False, False, 0.0, 0.0),
+    # negative RM scores pass through when supported
+    (-1.0, True, False, 0.0, -1.0),
+    # trailing text with a penalty
+    (1.0, True, True, 0.25, 0.75),
+    # penalty only applies when there is trailing text
+    (1.0, True, False, 0.25, 1.0),
+    # unsupported and trailing: the penalty still applies (rambling is never free)
+    (1.0, False, True, 0.25, -0.25),
+])
+def test_combine_reward(rm, matches, trailing, penalty, expected):
+    assert utils.combine_reward(rm, matches, trailing, penalty) == pytest.approx(expected)
+
+
+def test_title_and_validator_messages():
+    msgs = utils.title_messages("Body text")
+    assert [m["role"] for m in msgs] == ["system", "user"]
+    assert msgs[1]["content"] == "Body text"
+    assert "title" in msgs[0]["content"].lower()
+    vmsgs = utils.validator_messages("The body", "The title")
+    assert "The body" in vmsgs[1]["content"] and "The title" in vmsgs[1]["content"]
+    assert "True or False" in vmsgs[1]["content"]
+
+
+# --------------------------------------------------------------------------------------
+# Reward request shapes
+# --------------------------------------------------------------------------------------
+
+
+def test_serialize_story_tags_order_and_date():
+    text = utils.serialize_story("My title", "alice", "2024-03-05T10:11:12Z", "https://x.org/a", "Body here")
+    for tag, value in [("title", "My title"), ("submitter", "alice"), ("url", "https://x.org/a"),
+                       ("date", "2024-03-05"), ("body", "Body here")]:
+        assert f"<{tag}>{value}</{tag}>" in text
+    # the title comes before the body, so truncating a long body never cuts the title
+    assert text.index("<title>") < text.index("<body>")
+    # only the date part of the timestamp
+    assert "10:11:12" not in text
+
+
+@pytest.mark.parametrize("url, time_value, expected_date", [
+    # None url becomes empty, datetime object becomes its date
+    (None, dt.datetime(2024, 1, 2, 3, 4, 5), "2024-01-02"),
+    # ISO string with an offset
+    ("", "2023-12-31T23:00:00+00:00", "2023-12-31"),
+])
+def test_serialize_story_edge_values(url, time_value, expected_date):
+    text = utils.serialize_story("t", "b", time_value, url, "body")
+    assert "<url></url>" in text
+    assert f"<date>{expected_date}</date>" in text
+
+
+def test_story_for_scoring_shape_and_iso_time():
+    row = {"id": 1, "title": "Original", "by": "bob", "time": dt.datetime(2024, 5, 6, 7, 8, 9),
+           "url": None, "score": 50, "scraped_body": "Body"}
+    story = utils.story_for_scoring("Candidate", row)
+    # OpenPipe's /score request shape, exactly these keys
+    assert set(story) == {"title", "by", "time", "scraped_body", "url"}
+    assert story["title"] == "Candidate"  # the candidate, not the original title
+    assert story["time"] == "2024-05-06T07:08:09Z"  # naive datetimes are UTC
+    assert story["url"] == ""
+    json.dumps(story)  # JSON-serialisable
+    # an aware datetime keeps its offset; a string passes through
+    aware = dt.datetime(2024, 5, 6, 7, 8, 9, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    assert utils.story_for_scoring("t", {**row, "time": aware})["time"] == "2024-05-06T07:08:09+02:00"
+    assert utils.story_for_scoring("t", {**row, "time": "2024-05-06T07:08:09Z"})["time"] == "2024-05-06T07:08:09Z"
+
+
+# --------------------------------------------------------------------------------------
+# Row checks
+# --------------------------------------------------------------------------------------
+
+GOOD_ROW = {"id": 7, "title": "A title", "by": "alice", "time": "2024-01-02T03:04:05Z", "url": "https://x.org",
+            "score": 42, "scraped_body": "Body"}
+
+
+def test_check_row_accepts_and_normalises():
+    assert utils.check_row(dict(GOOD_ROW), "f.jsonl: line 1") == GOOD_ROW
+    row = utils.check_row({**GOOD_ROW, "url": None, "scraped_body": None, "time": dt.datetime(2024, 1, 2)}, "w")
+    assert row["url"] == "" and row["scraped_body"] == ""
+    assert row["time"] == "2024-01-02T00:00:00Z"
+    # float scores are numbers too (some dumps store them so)
+    assert utils.check_row({**GOOD_ROW, "score": 42.0}, "w")["score"] == 42.0
+
+
+@pytest.mark.parametrize("change, field_name", [
+    # each required field missing
+    *[({"__drop__": name}, name) for name in utils.STORY_FIELDS],
+    # title must be a string
+    ({"title": 5}, "title"),
+    # None title is not allowed (only body and url may be null)
+    ({"title": None}, "title"),
+    # by must be a string
+    ({"by": ["alice"]}, "by"),
+    # body must be a string or null
+    ({"scraped_body": 3.5}, "scraped_body"),
+    # url must be a string or null
+    ({"url": 1}, "url"),
+    # score must be a number; a numeric string or a bool is not
+    ({"score": "42"}, "score"),
+    ({"score": True}, "score"),
+    ({"score": None}, "score"),
+    # time must parse as ISO 8601
+    ({"time": "yesterday"}, "time"),
+    ({"time": None}, "time"),
+    ({"time": "2024-13-45T00:00:00Z"}, "time"),
+])
+def test_check_row_errors_name_field_and_row(change, field_name):
+    row = dict(GOOD_ROW)
+    if "__drop__" in change:
+        del row[change["__drop__"]]
+    else:
+        row.update(change)
+    with pytest.raises(utils.DatasetError) as err:
+        utils.check_row(row, "stories.jsonl: line 3 (id 7)")
+    assert "stories.jsonl: line 3" in str(err.value)
+    assert f"'{field_name}'" in str(err.value)
+
+
+# --------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------
+
+
+def test_stats_values():
+    s = utils.stats([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert s["n"] == 5
+    assert s["mean"] == pytest.approx(3.0)
+    assert s["median"] == pytest.approx(3.0)
+    assert s["std"] == pytest.approx(math.sqrt(2.0))  # population std
+    assert s["p5"] == pytest.approx(1.2) and s["p95"] == pytest.approx(4.8)  # linear interpolation
+    # a generator works
+    assert utils.stats(x for x in [2.0])["mean"] == 2.0
+
+
+def test_stats_empty_is_nan_not_zero():
+    s = utils.stats([])
+    assert s["n"] == 0
+    assert all(math.isnan(s[k]) for k in ("mean", "std", "p5", "median", "p95"))
+
+
+def test_bootstrap_mean_diff_contains_mean_and_is_deterministic():
+    before = [0.1, 0.4, 0.2, 0.5, 0.3, 0.2, 0.6, 0.1]
+    after = [0.3, 0.5, 0.2, 0.9, 0.4, 0.5, 0.6, 0.4]
+    mean, lo, hi = utils.bootstrap_mean_diff(after, before, n_boot=2000, seed=3)
+    assert mean == pytest.approx(sum(a - b for a, b in zip(after, before)) / len(after))
+    assert lo <= mean <= hi
+    assert lo > 0  # every story improved or tied: the interval excludes 0
+    assert utils.bootstrap_mean_diff(after, before, n_boot=2000, seed=3) == (mean, lo, hi)
+    assert utils.bootstrap_mean_diff(after, before, n_boot=2000, seed=4) != (mean, lo, hi)
+
+
+def test_bootstrap_no_difference_straddles_zero():
+    a = [0.2, 0.8, 0.5, 0.1, 0.9, 0.4]
+    b = [0.8, 0.2, 0.5, 0.9, 0.1, 0.4]  # same values, shuffled: mean diff 0
+    mean, lo, hi = utils.bootstrap_mean_diff(a, b, n_boot=2000)
+    assert mean == pytest.approx(0.0)
+    assert lo < 0 < hi
+
+
+def _scored(reward, title="a b c", rm=1.0, matches=True, trailing=False, copy=0.0):
+    return utils.Scored(title=title, rm=rm, matches=matches, trailing=trailing, reward=reward, copy=copy)
+
+
+def test_metrics_row_keys_and_values():
+    scored = [_scored(1.0, title="one two three", rm=1.0, copy=1.0),
+              _scored(0.0, title="one", rm=3.0, matches=False, trailing=True)]
+    row = utils.metrics_row(method="trl", step=5, split="train", scored=scored, wall_time=12.3456, run="r",
+                            extra={"lr": 1e-4})
+    assert tuple(row) == utils.METRICS_KEYS
+    assert row["schema"] == utils.METRICS_SCHEMA_VERSION
+    assert (row["method"], row["step"], row["split"], row["run"]) == ("trl", 5, "train", "r")
+    assert row["n"] == 2
+    assert row["reward_mean"] == pytest.approx(0.5)
+    assert row["rm_mean"] == pytest.approx(2.0)
+    assert row["match_rate"] == pytest.approx(0.5)
+    assert row["trailing_rate"] == pytest.approx(0.5)
+    assert row["title_len_mean"] == pytest.approx(2.0)
+    assert row["copy_frac_mean"] == pytest.approx(0.5)
+    assert row["wall_time"] == pytest.approx(12.346)
+    assert row["extra"] == {"lr": 1e-4}
+    dt.datetime.fromisoformat(row["time"])
+    json.dumps(row)
+
+
+def test_metrics_writer_reader_round_trip(tmp_path):
+    writer = utils.MetricsWriter(tmp_path / "run")
+    rows = [utils.metrics_row(method="art", step=i, split="train", scored=[_scored(float(i))], wall_time=i)
+            for i in range(3)]
+    for row in rows:
+        writer.write(row)
+    read, notes = utils.read_metrics(tmp_path / "run")  # a run dir works as well as the file
+    assert notes == []
+    assert [r["step"] for r in read] == [0, 1, 2]
+    assert read[2]["reward_mean"] == 2.0 and read[2]["extra"] == {}
+    assert utils.read_metrics(writer.path)[0] == read
+
+
+def test_metrics_writer_refuses_incomplete_row(tmp_path):
+    row = utils.metrics_row(method="x", step=0, split="train", scored=[], wall_time=0)
+    del row["reward_mean"]
+    with pytest.raises(ValueError, match="reward_mean"):
+        utils.MetricsWriter(tmp_path).write(row)
+    assert not (tmp_path / utils.METRICS_FILE).exists()
+
+
+def test_read_metrics_partial_line_and_missing_keys_are_notes(tmp_path):
+    good = utils.metrics_row(method="trl", step=1, split="val", scored=[_scored(1.0)], wall_time=1)
+    lacking = {k: v for k, v in good.items() if k != "match_rate"}
+    path = tmp_path / utils.METRICS_FILE
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(lacking) + "\n" + json.dumps(good)[:25])
+    rows, notes = utils.read_metrics(path)
+    assert len(rows) == 1 and rows[0]["step"] == 1
+    assert len(notes) == 2
+    assert "line 3" in notes[0] and "match_rate" in notes[0]  # blank line 2 is skipped silently
+    assert "line 4" in notes[1] and "incomplete" in notes[1]
+
+
+def test_read_metrics_missing_file_is_a_note(tmp_path):
+    rows, notes = utils.read_metrics(tmp_path)
+    assert rows == [] and "no metrics yet" in notes[0]
+
+
+def test_timer_offset(monkeypatch):
+    clock = iter([100.0, 103.5])
+    monkeypatch.setattr(utils.time, "perf_counter", lambda: next(clock))
+    timer = utils.Timer(offset=50.0)  # a resumed run continues from its last wall_time
+    assert timer() == pytest.approx(53.5)
+
+
+# --------------------------------------------------------------------------------------
+# parse_args: dataclass defaults < recipe (shared, then section) < environment < CLI
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ToolArgs:
+    verbose: bool = dataclasses.field(default=False, metadata={"help": "Talk more."})
+    label: str = dataclasses.field(default="none", metadata={"help": "A label."})
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No override variables from the caller's shell, and no repo .env, leak into a test."""
+    for name in [*utils.ENV_OVERRIDES, "RECIPE"]:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(utils, "load_env", lambda *a, **k: None)
+
+
+def write_recipe(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def test_parse_args_merges_shared_and_section(tmp_path, clean_env):
+    recipe_path = write_recipe(tmp_path, """
+        shared:
+          num_generations: 6
+          learning_rate: 1.0e-5
+          label: shared
+        trl:
+          num_generations: 8
+          label: from-trl
+        art:
+          num_generations: 2
+    """)
+    recipe, args = utils.parse_args((utils.Recipe, ToolArgs), "trl", ["--recipe", recipe_path])
+    assert recipe.num_generations == 8  # the section beats shared
+    assert recipe.learning_rate == 1e-5  # shared applies when the section is silent
+    assert args.label == "from-trl"  # recipe keys reach any of the dataclasses
+    assert recipe.lora_r == utils.Recipe.lora_r  # untouched fields keep their defaults
+    recipe, _ = utils.parse_args((utils.Recipe, ToolArgs), "art", ["--recipe", recipe_path])
+    assert recipe.num_generations == 2  # another section, another value
+
+
+def test_parse_args_unknown_key_names_it(tmp_path, clean_env):
+    recipe_path = write_recipe(tmp_path, """
+        shared:
+          num_generation: 6
+    """)
+    with pytest.raises(SystemExit) as err:
+        utils.parse_args((utils.Recipe,), "trl", ["--recipe", recipe_path])
+    assert "num_generation" in str(err.value.code) and "trl" in str(err.value.code)
+
+
+@pytest.mark.parametrize("env, argv, expected", [
+    # recipe only
+    ({}, [], "/recipe/model"),
+    # the environment beats the recipe
+    ({"MODEL": "/env/model"}, [], "/env/model"),
+    # a CLI flag beats the environment
+    ({"MODEL": "/env/model"}, ["--model", "/cli/model"], "/cli/model"),
+    # an empty variable is ignored
+    ({"MODEL": ""}, [], "/recipe/model"),
+])
+def test_parse_args_precedence(tmp_path, clean_env, monkeypatch, env, argv, expected):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    recipe_path = write_recipe(tmp_path, """
+        shared:
+          model: /recipe/model
+    """)
+    (recipe,) = utils.parse_args((utils.Recipe,), "trl", ["--recipe", recipe_path, *argv])
+    assert recipe.model == expected
+
+
+def test_parse_args_recipe_from_env_and_cli_types(tmp_path, clean_env, monkeypatch):
+    recipe_path = write_recipe(tmp_path, """
+        shared:
+          max_steps: 7
+    """)
+    monkeypatch.setenv("RECIPE", recipe_path)
+    recipe, args = utils.parse_args((utils.Recipe, ToolArgs), "trl", ["--lora_r", "4", "--verbose", "true"])
+    assert recipe.max_steps == 7  # RECIPE names the recipe when --recipe is absent
+    assert recipe.lora_r == 4 and isinstance(recipe.lora_r, int)
+    assert args.verbose is True
+
+
+def test_parse_args_unrecognized_flag_exits(clean_env):
+    with pytest.raises(SystemExit):
+        utils.parse_args((utils.Recipe,), "trl", ["--no_such_flag", "1"])
+
+
+def test_parse_args_resolves_repo_paths_from_another_cwd(tmp_path, clean_env, monkeypatch, root):
+    monkeypatch.chdir(tmp_path)
+    (recipe,) = utils.parse_args((utils.Recipe,), "trl", ["--recipe", str(root / "recipes" / "tiny.yaml")])
+    assert recipe.model == str(root / "models" / "tiny")
+    assert recipe.dataset == str(root / "data" / "stories.jsonl")
+    assert recipe.runs_dir == str(root / "runs")
+
+
+def test_parse_args_keeps_hub_ids_and_existing_local_paths(tmp_path, clean_env, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    (recipe,) = utils.parse_args((utils.Recipe,), "trl", ["--model", "models/mine", "--dataset", utils.HUB_DATASET])
+    assert recipe.model == "models/mine"  # exists relative to the cwd: the user's, not the repo's
+    assert recipe.dataset == utils.HUB_DATASET  # a hub id is not a path
+
+
+def test_load_env_fills_unset_variables_only(tmp_path, monkeypatch):
+    for name in ("MODEL", "REWARD_URL"):  # register both so monkeypatch restores the caller's state
+        monkeypatch.setenv(name, "placeholder")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("REWARD_URL", "http://from-shell:1")
+    env_file = tmp_path / ".env"
+    env_file.write_text("MODEL=/from/dotenv\nREWARD_URL=http://from-dotenv:2\n")
+    utils.load_env(env_file)
+    import os
+
+    assert os.environ["MODEL"] == "/from/dotenv"
+    assert os.environ["REWARD_URL"] == "http://from-shell:1"  # the process environment wins
