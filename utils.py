@@ -362,7 +362,9 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _split_rows(rows: list[dict], split: str, source: str) -> list[dict]:
-    if rows and "split" in rows[0]:
+    if not rows:
+        raise DatasetError(f"{source}: no stories in the file")
+    if "split" in rows[0]:
         picked = [r for r in rows if r.get("split") == split]
         if not picked:
             found = sorted({str(r.get("split")) for r in rows})
@@ -404,6 +406,9 @@ def load_stories(source: str, split: str):
             raise DatasetError(f"{path}: file not found")
         ds = datasets.Dataset.from_parquet(str(path))
         if "split" in ds.column_names:
+            found = sorted(str(s) for s in ds.unique("split"))
+            if split not in found:  # as for .jsonl: an absent split is an error, not an empty dataset
+                raise DatasetError(f"{path}: no rows with split '{split}' (found: {found})")
             ds = ds.filter(lambda r: r["split"] == split)
         return _checked(ds, str(path))
     if path.exists() or source.startswith((".", "/")):
@@ -416,6 +421,8 @@ def _checked(ds, source: str):
     if missing:
         raise DatasetError(f"{source}: field(s) {missing} missing (columns: {ds.column_names})")
     rows = [check_row(row, f"{source}: row {i} (id {row.get('id', '?')})") for i, row in enumerate(ds)]
+    if not rows:  # from_list([]) would also drop the columns the filters need
+        raise DatasetError(f"{source}: no stories")
     import datasets
 
     return datasets.Dataset.from_list(rows)
