@@ -579,13 +579,21 @@ class RewardClient:
             if not isinstance(scores, list) or len(scores) != len(chunk):
                 self.stats["failures"] += 1
                 raise RewardServerError(f"bad /score_batch reply for {len(chunk)} stories: {str(reply)[:200]}")
-            out.extend(_finite(s) for s in scores)
+            try:
+                out.extend(_finite(s) for s in scores)
+            except RewardServerError:
+                self.stats["failures"] += 1  # counted like every other failed request
+                raise
         return out
 
     async def score_one(self, story: dict) -> float:
         """One story via POST /score (the original example's route)."""
         reply = await self._post("/score", story)
-        return _finite(reply.get("score") if isinstance(reply, dict) else None)
+        try:
+            return _finite(reply.get("score") if isinstance(reply, dict) else None)
+        except RewardServerError:
+            self.stats["failures"] += 1
+            raise
 
     async def health(self) -> dict:
         import httpx
