@@ -1,0 +1,400 @@
+"""Compare runs of either trainer (and baselines) from their metrics.jsonl: plots and one table.
+
+Reads any number of run directories (default: every run under runs/, e.g. the demo's
+TRL run and its untrained baseline), draws PNG plots (val reward vs step and vs
+wall-clock time, train reward, match rate, title length and copying vs step) and writes a
+markdown table with one row per run. Runs that are still going are fine: a partial last
+line, a run with only train rows or no metrics yet each give a note, never a crash.
+
+    python compare.py                                   # every run under runs/ -> runs/compare/
+    python compare.py runs/trl-cpu runs/art-cpu runs/base-cpu --out_dir docs
+    make compare RUNS="runs/trl-cpu runs/base-cpu"
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import utils
+
+# Recipe fields that name places, not experimental choices: never reported as differences.
+NOT_KNOBS = {"run_name", "runs_dir", "reward_url", "reward_timeout", "reward_retries", "dataset"}
+TOKENS_PER_S_KEYS = ("tokens_per_s", "tokens_per_second", "completion_tokens_per_s")
+
+
+@dataclass
+class CompareArgs:
+    runs_dir: str = field(default=os.environ.get("RUNS_DIR", str(utils.ROOT / "runs")),
+                          metadata={"help": "Where to look for runs when none are given (every folder with metrics.jsonl or config.json)."})
+    out_dir: str = field(default="", metadata={"help": "Where compare.md and the PNGs go (default: <runs_dir>/compare)."})
+    n_boot: int = field(default=2000, metadata={"help": "Bootstrap resamples for the 95 percent interval over val stories."})
+    plots: bool = field(default=True, metadata={"help": "Draw the PNGs (--no_plots for the table only)."})
+
+
+@dataclass
+class Run:
+    """One run (or one method inside a run folder) as read from disk."""
+
+    path: Path
+    label: str
+    rows: list[dict] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    exists: bool = True  # False: the path given is not a run folder (a note, no table row)
+
+    @property
+    def method(self) -> str:
+        methods = Counter(r.get("method") or "?" for r in self.rows)
+        return methods.most_common(1)[0][0] if methods else "n/a"
+
+    def split(self, name: str) -> list[dict]:
+        """Rows of one split ordered by step (file order breaks ties: the later row wins)."""
+        return sorted((r for r in self.rows if r.get("split") == name), key=lambda r: r["step"])
+
+    @property
+    def is_reference(self) -> bool:
+        """A baseline: one validation and no training (drawn as a horizontal line)."""
+        return len(self.split("val")) == 1 and not self.split("train")
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------
+
+
+def find_runs(runs_dir: Path, exclude: Path | None = None) -> list[Path]:
+    if not runs_dir.is_dir():
+        return []
+    found = []
+    for p in sorted(runs_dir.iterdir()):
+        if not p.is_dir() or (exclude is not None and p.resolve() == exclude.resolve()):
+            continue
+        if (p / utils.METRICS_FILE).exists() or (p / "config.json").exists():
+            found.append(p)
+    return found
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def read_config(run_dir: Path) -> tuple[dict, list[str]]:
+    path = run_dir / "config.json"
+    if not path.exists():
+        return {}, []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        return {}, [f"{_display(path)}: unreadable ({type(e).__name__}); model and recipe unknown"]
+    if not isinstance(data, dict):
+        return {}, [f"{_display(path)}: not a JSON object; ignored"]
+    return data, []
+
+
+def load_run(path: Path) -> list[Run]:
+    """The runs in one folder: one per method found in its metrics (usually exactly one)."""
+    if path.name == utils.METRICS_FILE:
+        path = path.parent
+    label = path.name
+    if not path.is_dir():
+        return [Run(path, label, notes=[f"{_display(path)}: no such run directory"], exists=False)]
+    config, notes = read_config(path)
+    rows, metric_notes = utils.read_metrics(path)
+    notes += [n.replace(str(path / utils.METRICS_FILE), f"{_display(path)}/{utils.METRICS_FILE}") for n in metric_notes]
+    if (path / utils.METRICS_FILE).exists() and not rows and not metric_notes:
+        notes.append(f"{_display(path)}/{utils.METRICS_FILE} is empty (run just started?)")
+    methods = sorted({r.get("method") or "?" for r in rows})
+    if len(methods) <= 1:
+        return [_checked(Run(path, label, rows, config, notes))]
+    # One folder, several methods (e.g. an eval run dir holding 'base' and 'eval' rows).
+    return [_checked(Run(path, f"{label} ({m})", [r for r in rows if (r.get("method") or "?") == m], config,
+                         list(notes) if i == 0 else [])) for i, m in enumerate(methods)]
+
+
+def _checked(run: Run) -> Run:
+    train, val = run.split("train"), run.split("val")
+    if run.rows and not val:
+        last = train[-1]["step"] if train else "?"
+        run.notes.append(f"{run.label}: no validation yet ({len(train)} train rows up to step {last}); "
+                         "not in the val columns")
+    for r in val:
+        if not _finite(r.get("reward_mean")) or not r.get("n"):
+            run.notes.append(f"{run.label}: val row at step {r['step']} scored no titles; ignored")
+    return run
+
+
+# --------------------------------------------------------------------------------------
+# Summary numbers
+# --------------------------------------------------------------------------------------
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def valid_val(run: Run) -> list[dict]:
+    return [r for r in run.split("val") if _finite(r.get("reward_mean")) and r.get("n")]
+
+
+def bootstrap_ci(values: list[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float] | None:
+    """95% percentile bootstrap interval of the mean over stories (None below 2 stories)."""
+    vals = [float(v) for v in values if _finite(v)]
+    if len(vals) < 2:
+        return None
+    # A paired bootstrap against zero is the plain bootstrap of the mean.
+    _, lo, hi = utils.bootstrap_mean_diff(vals, [0.0] * len(vals), n_boot=n_boot, seed=seed)
+    return lo, hi
+
+
+def spread(row: dict, n_boot: int) -> tuple[str, tuple[float, float] | None]:
+    """Text and interval for a val row: bootstrap over extra.story_reward, else ± std over titles."""
+    ci = bootstrap_ci((row.get("extra") or {}).get("story_reward") or [], n_boot)
+    if ci is not None:
+        return f"[{ci[0]:.3f}, {ci[1]:.3f}]", ci
+    if _finite(row.get("reward_std")):
+        return f"± {row['reward_std']:.3f}", None
+    return "", None
+
+
+def model_of(run: Run) -> str:
+    for r in reversed(run.split("val")):
+        model = (r.get("extra") or {}).get("model")
+        if model:
+            return _short_model(str(model))
+    recipe = run.config.get("recipe")
+    if isinstance(recipe, dict) and recipe.get("model"):
+        return _short_model(str(recipe["model"]))
+    return "n/a"
+
+
+def _short_model(model: str) -> str:
+    # Local folders print as their last part; hub ids (org/name) stay whole.
+    p = Path(model)
+    return p.name if (p.is_absolute() or model.startswith((".", "models/"))) else model
+
+
+def recipe_of(run: Run) -> str:
+    """The recipe file's name: from config.json if saved, else the default run name <method>-<recipe>."""
+    for section in run.config.values():
+        if isinstance(section, dict) and isinstance(section.get("recipe"), str) and section["recipe"]:
+            return Path(section["recipe"]).stem
+    if isinstance(run.config.get("recipe"), str):
+        return Path(run.config["recipe"]).stem
+    name = run.path.name
+    if run.method != "n/a" and name.startswith(f"{run.method}-"):
+        return name[len(run.method) + 1:]
+    return "n/a"
+
+
+def steps_per_hour(run: Run) -> float | None:
+    """Optimizer steps per hour of wall-clock (validation time included), from the latest row."""
+    timed = [r for r in run.rows if r["step"] > 0 and _finite(r.get("wall_time")) and r["wall_time"] > 0]
+    if not timed or not run.split("train"):
+        return None
+    last = max(timed, key=lambda r: r["wall_time"])
+    return last["step"] / last["wall_time"] * 3600
+
+
+def tokens_per_s(run: Run) -> float | None:
+    """Mean of a tokens-per-second extra logged by the trainer (train rows first), if any."""
+    for split in ("train", "val"):
+        vals = [(r.get("extra") or {}).get(k) for r in run.split(split) for k in TOKENS_PER_S_KEYS]
+        vals = [v for v in vals if _finite(v)]
+        if vals:
+            return sum(vals) / len(vals)
+    return None
+
+
+def summarize(run: Run, n_boot: int = 2000) -> dict:
+    """The numbers of one table row (None where unknown)."""
+    val = valid_val(run)
+    out = {"run": run.label, "method": run.method, "model": model_of(run), "recipe": recipe_of(run),
+           "steps": max((r["step"] for r in run.rows), default=None), "best": None, "final": None,
+           "match_rate": None, "title_len": None, "steps_per_hour": steps_per_hour(run),
+           "tokens_per_s": tokens_per_s(run)}
+    if val:
+        best = max(val, key=lambda r: r["reward_mean"])  # the earliest step on ties
+        final = val[-1]
+        for key, row in (("best", best), ("final", final)):
+            text, ci = spread(row, n_boot)
+            out[key] = {"reward": row["reward_mean"], "step": row["step"], "spread": text, "ci": ci,
+                        "std": row.get("reward_std")}
+        out["match_rate"], out["title_len"] = final["match_rate"], final["title_len_mean"]
+    return out
+
+
+def _fmt(x, spec: str = ".3f") -> str:
+    return "n/a" if x is None or not _finite(x) else format(x, spec)
+
+
+def _reward_cell(v: dict | None) -> str:
+    return "n/a" if v is None else " ".join(x for x in (f"{v['reward']:.3f}", v["spread"], f"@{v['step']}") if x)
+
+
+def table(summaries: list[dict]) -> str:
+    head = ["Run", "Method", "Model", "Recipe", "Steps", "Best val reward", "Final val reward",
+            "Match rate", "Title words", "Steps/h", "Tokens/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 5 + ["---:"] * 6) + "|"]
+    for s in summaries:
+        cells = [s["run"], s["method"], s["model"], s["recipe"], "n/a" if s["steps"] is None else str(s["steps"]),
+                 _reward_cell(s["best"]), _reward_cell(s["final"]),
+                 "n/a" if s["match_rate"] is None else f"{s['match_rate']:.0%}",
+                 _fmt(s["title_len"], ".1f"), _fmt(s["steps_per_hour"], ".1f"), _fmt(s["tokens_per_s"], ".1f")]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def knob_differences(runs: list[Run]) -> list[str]:
+    """Shared recipe knobs that differ between runs that saved a config (fairness check)."""
+    recipes = {r.label: r.config["recipe"] for r in runs if isinstance(r.config.get("recipe"), dict)}
+    if len(recipes) < 2:
+        return []
+    keys = sorted({k for rec in recipes.values() for k in rec} - NOT_KNOBS)
+    out = []
+    for k in keys:
+        values = {label: json.dumps(rec.get(k, "unset"), default=str) for label, rec in recipes.items()}
+        if len(set(values.values())) > 1:
+            out.append(f"`{k}`: " + ", ".join(f"{label}={v}" for label, v in values.items()))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------
+
+PANELS = {
+    # file stem: (title, y label, split, x, y)
+    "val_reward_step": ("Val reward vs step", "val reward (greedy + samples)", "val", "step", "reward_mean"),
+    "val_reward_time": ("Val reward vs wall-clock", "val reward (greedy + samples)", "val", "wall_time", "reward_mean"),
+    "train_reward_step": ("Train reward vs step", "train reward (group mean)", "train", "step", "reward_mean"),
+    "match_rate_step": ("Match rate vs step (val)", "titles supported by the body", "val", "step", "match_rate"),
+    "title_len_step": ("Title length vs step (val)", "words per title", "val", "step", "title_len_mean"),
+    "copy_frac_step": ("Copying vs step (val)", "longest verbatim body run / title words", "val", "step", "copy_frac_mean"),
+}
+
+
+def draw_panel(ax, panel: str, runs: list[Run], colors: dict[str, str], n_boot: int) -> None:
+    title, ylabel, split, x, y = PANELS[panel]
+    drawn = False
+    for run in runs:
+        rows = valid_val(run) if split == "val" else [r for r in run.split("train") if _finite(r.get(y))]
+        rows = [r for r in rows if _finite(r.get(x)) and _finite(r.get(y))]
+        if not rows:
+            continue
+        drawn = True
+        color = colors[run.label]
+        xs = [r[x] / 60 if x == "wall_time" else r[x] for r in rows]
+        ys = [r[y] for r in rows]
+        if split == "val" and run.is_reference:
+            # A baseline is one point; a horizontal line makes it a reference for every step.
+            ax.axhline(ys[0], color=color, linestyle="--", linewidth=1.2)
+            ax.plot(xs, ys, marker="D", color=color, linestyle="none")
+            continue
+        ax.plot(xs, ys, marker="o" if split == "val" else None, markersize=4, color=color,
+                linewidth=1.5 if split == "val" else 1.0, alpha=1.0 if split == "val" else 0.8)
+        if y == "reward_mean" and split == "val":
+            cis = [spread(r, n_boot)[1] for r in rows]
+            if all(ci is not None for ci in cis):
+                ax.fill_between(xs, [c[0] for c in cis], [c[1] for c in cis], color=color, alpha=0.15, linewidth=0)
+    if not drawn:
+        ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="gray")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("wall-clock (minutes)" if x == "wall_time" else "step")
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def plot(runs: list[Run], out_dir: Path, n_boot: int) -> list[Path]:
+    """compare.png (all panels, one legend) and one PNG per panel."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on servers and in CI
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    palette = plt.get_cmap("tab10").colors
+    colors = {run.label: matplotlib.colors.to_hex(palette[i % len(palette)]) for i, run in enumerate(runs)}
+    handles = [Line2D([], [], color=colors[r.label], linestyle="--" if r.is_reference else "-",
+                      marker="D" if r.is_reference else "o", label=f"{r.label} ({r.method})") for r in runs]
+    paths = []
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    for ax, panel in zip(axes.flat, PANELS, strict=True):
+        draw_panel(ax, panel, runs, colors, n_boot)
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(handles) - 1) // 4), 1, 1))
+    paths.append(out_dir / "compare.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    for panel in PANELS:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        draw_panel(ax, panel, runs, colors, n_boot)
+        ax.legend(handles=handles, fontsize=7, loc="best")
+        fig.tight_layout()
+        paths.append(out_dir / f"{panel}.png")
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths
+
+
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
+
+
+def report(runs: list[Run], summaries: list[dict], pngs: list[Path]) -> str:
+    parts = ["# Run comparison", "", table(summaries), "",
+             "Val reward: mean reward over the greedy and sampled titles of the val stories (the same "
+             "validator, reward model and rule for every run); `[a, b]` is a 95% bootstrap interval over "
+             "stories, `±` the std over titles when per-story rewards are missing; `@N` is the step. "
+             "Match rate and title words are from the final validation. Steps/h counts wall-clock time "
+             "including validation; tokens/s appears when the trainer logs it."]
+    diffs = knob_differences(runs)
+    if diffs:
+        parts += ["", "## Recipe knobs that differ between runs", "", *[f"- {d}" for d in diffs]]
+    notes = [n for r in runs for n in r.notes]
+    if notes:
+        parts += ["", "## Notes", "", *[f"- {n}" for n in notes]]
+    if pngs:
+        parts += ["", f"![comparison]({pngs[0].name})"]
+    return "\n".join(parts) + "\n"
+
+
+def main(args: CompareArgs, run_paths: list[str] | None = None) -> dict:
+    runs_dir = Path(args.runs_dir)
+    out_dir = Path(args.out_dir) if args.out_dir else runs_dir / "compare"
+    paths = [Path(p) for p in run_paths] if run_paths else find_runs(runs_dir, exclude=out_dir)
+    if not paths:
+        raise SystemExit(f"no runs found under {_display(runs_dir)} (folders with metrics.jsonl or config.json): "
+                         "train with `make demo` / `make train-trl`, or pass run directories")
+    runs = [run for p in paths for run in load_run(p)]
+    summaries = [summarize(r, args.n_boot) for r in runs if r.exists]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plotted = [r for r in runs if r.rows]
+    pngs = plot(plotted, out_dir, args.n_boot) if args.plots and plotted else []
+    text = report(runs, summaries, pngs)
+    (out_dir / "compare.md").write_text(text, encoding="utf-8")
+    print(text)
+    print(f"wrote {_display(out_dir / 'compare.md')}" + (f" and {len(pngs)} PNGs ({_display(pngs[0])}, ...)" if pngs else ""))
+    return {"runs": runs, "summaries": summaries, "pngs": pngs, "markdown": text, "out_dir": out_dir}
+
+
+def parse(argv: list[str] | None = None) -> tuple[CompareArgs, list[str]]:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(CompareArgs, description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="*", help="Run directories (default: every run under --runs_dir).")
+    args, rest = parser.parse_args_into_dataclasses(args=argv)
+    return args, rest.runs
+
+
+if __name__ == "__main__":
+    cli_args, cli_runs = parse()
+    main(cli_args, cli_runs)

@@ -1,0 +1,176 @@
+"""compare.py on fixture runs of both trainers, a baseline and a run that is still writing.
+
+Expected numbers are computed here from the raw JSONL, not through compare.py's helpers.
+"""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import compare
+import utils
+
+FIXTURES = Path(__file__).parent / "fixtures" / "runs"
+RUNS = ["trl-tiny", "art-tiny", "base-tiny", "partial-tiny"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def raw_rows(run: str) -> list[dict]:
+    rows = []
+    for line in (FIXTURES / run / "metrics.jsonl").read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return rows
+
+
+def table_cells(markdown: str) -> dict[str, dict[str, str]]:
+    """The markdown table as {run: {column: cell}}."""
+    lines = [ln for ln in markdown.splitlines() if ln.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return {cells[0]: dict(zip(head, cells, strict=True))
+            for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:])}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    return compare.main(compare.CompareArgs(out_dir=str(out), n_boot=500), [str(FIXTURES / r) for r in RUNS])
+
+
+@pytest.mark.parametrize("run", ["trl-tiny", "art-tiny", "base-tiny"])
+def test_table_numbers(result, run):
+    cells = table_cells(result["markdown"])[run]
+    rows = raw_rows(run)
+    val = sorted((r for r in rows if r["split"] == "val"), key=lambda r: r["step"])
+    best, final = max(val, key=lambda r: r["reward_mean"]), val[-1]
+    assert cells["Method"] == rows[0]["method"]
+    assert cells["Model"] == "smollm2-135m-instruct"
+    assert cells["Recipe"] == "tiny"
+    assert cells["Steps"] == str(max(r["step"] for r in rows))
+    for column, row in (("Best val reward", best), ("Final val reward", final)):
+        mean, lo, hi, step = _parse_reward(cells[column])
+        assert mean == pytest.approx(row["reward_mean"], abs=5e-4)
+        assert step == row["step"]
+        story = row["extra"]["story_reward"]
+        # A 95% bootstrap interval of the mean lies inside the data and around the mean.
+        assert min(story) - 1e-3 <= lo <= sum(story) / len(story) <= hi <= max(story) + 1e-3
+    assert cells["Match rate"] == f"{final['match_rate']:.0%}"
+    assert cells["Title words"] == f"{final['title_len_mean']:.1f}"
+    trained = [r for r in rows if r["split"] == "train"]
+    if trained:
+        last = max(rows, key=lambda r: r["wall_time"])
+        assert float(cells["Steps/h"]) == pytest.approx(last["step"] / last["wall_time"] * 3600, abs=0.05)
+    else:
+        assert cells["Steps/h"] == "n/a"  # a baseline did not train
+    tps = [r["extra"]["tokens_per_s"] for r in trained if "tokens_per_s" in r["extra"]]
+    assert cells["Tokens/s"] == (f"{sum(tps) / len(tps):.1f}" if tps else "n/a")
+
+
+def _parse_reward(cell: str) -> tuple[float, float, float, int]:
+    # "0.724 [0.648, 0.844] @6"
+    mean, rest = cell.split(" [", 1)
+    interval, step = rest.split("] @")
+    lo, hi = (float(x) for x in interval.split(", "))
+    return float(mean), lo, hi, int(step)
+
+
+def test_best_is_not_final_when_the_run_got_worse(result):
+    cells = table_cells(result["markdown"])["art-tiny"]
+    assert cells["Best val reward"].endswith("@3") and cells["Final val reward"].endswith("@6")
+
+
+def test_partial_run_gets_notes_not_numbers(result):
+    cells = table_cells(result["markdown"])["partial-tiny"]
+    assert cells["Best val reward"] == cells["Final val reward"] == cells["Match rate"] == "n/a"
+    assert cells["Steps"] == "2"  # the truncated third line is not counted
+    notes = result["markdown"].split("## Notes", 1)[1]
+    assert "partial-tiny/metrics.jsonl: line 3 is incomplete or not JSON; skipped" in notes
+    assert "partial-tiny: no validation yet (2 train rows up to step 2)" in notes
+
+
+def test_recipe_difference_is_reported(result):
+    assert "`learning_rate`: trl-tiny=0.0002, art-tiny=1e-05" in result["markdown"]
+
+
+def test_pngs_are_real_images(result):
+    names = {p.name for p in result["pngs"]}
+    assert {"compare.png", "val_reward_step.png", "val_reward_time.png", "match_rate_step.png",
+            "title_len_step.png"} <= names
+    for path in result["pngs"]:
+        data = path.read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000, path
+    assert (result["out_dir"] / "compare.md").read_text() == result["markdown"]
+    assert "![comparison](compare.png)" in result["markdown"]
+
+
+def _write(path: Path, rows: list[dict], tail: str = "") -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+
+
+def _row(split: str, step: int, **over) -> dict:
+    scored = [utils.Scored("A title", 1.0, True, False, 1.0)]
+    return {**utils.metrics_row(method="trl", step=step, split=split, scored=scored, wall_time=10.0 * step), **over}
+
+
+@pytest.mark.parametrize("make, note", [
+    # metrics.jsonl exists but nothing was written yet
+    (lambda d: _write(d, []), "metrics.jsonl is empty (run just started?)"),
+    # the trainer saved its config but no metrics yet
+    (lambda d: (d.mkdir(parents=True), (d / "config.json").write_text("{}")), "metrics.jsonl: no metrics yet"),
+    # a path that is not a run
+    (lambda d: None, "no such run directory"),
+    # only train rows so far
+    (lambda d: _write(d, [_row("train", 1), _row("train", 2)]), "no validation yet (2 train rows up to step 2)"),
+    # a validation that scored nothing (NaN stats)
+    (lambda d: _write(d, [_row("val", 0, n=0, reward_mean=float("nan"))]), "val row at step 0 scored no titles"),
+    # a row from another schema
+    (lambda d: _write(d, [{"step": 1}]), "line 1 lacks"),
+    # a config.json cut mid-write
+    (lambda d: (_write(d, [_row("val", 0)]), (d / "config.json").write_text('{"recipe": {')), "config.json: unreadable"),
+], ids=["empty-metrics", "config-only", "missing-dir", "train-only", "nan-val", "foreign-row", "cut-config"])
+def test_runs_in_progress_give_notes(tmp_path, make, note):
+    run = tmp_path / "runs" / "r1"
+    make(run)
+    res = compare.main(compare.CompareArgs(out_dir=str(tmp_path / "out"), plots=False),
+                       [str(run), str(FIXTURES / "base-tiny")])
+    assert note in res["markdown"]
+    assert "base-tiny" in table_cells(res["markdown"])
+
+
+def test_default_finds_every_run_and_skips_its_own_output(tmp_path):
+    runs = tmp_path / "runs"
+    shutil.copytree(FIXTURES, runs, ignore=shutil.ignore_patterns("*.py"))
+    args = compare.CompareArgs(runs_dir=str(runs), plots=False)
+    compare.main(args)
+    res = compare.main(args)  # a second time: runs/compare now exists and is not a run
+    assert sorted(table_cells(res["markdown"])) == sorted(RUNS)
+    assert (runs / "compare" / "compare.md").exists()
+
+
+def test_no_runs_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no runs found under"):
+        compare.main(compare.CompareArgs(runs_dir=str(tmp_path / "nothing")))
+
+
+def test_one_folder_with_two_methods_gives_two_rows(tmp_path):
+    run = tmp_path / "eval-cpu"
+    _write(run, [_row("val", 0, method="base"), _row("val", 0, method="eval")])
+    res = compare.main(compare.CompareArgs(out_dir=str(tmp_path / "out"), plots=False), [str(run)])
+    assert sorted(table_cells(res["markdown"])) == ["eval-cpu (base)", "eval-cpu (eval)"]
+
+
+def test_cli_positional_runs(tmp_path):
+    out = subprocess.run([sys.executable, "compare.py", str(FIXTURES / "trl-tiny"), str(FIXTURES / "base-tiny"),
+                          "--out_dir", str(tmp_path), "--no_plots"],
+                         cwd=Path(compare.__file__).parent, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert sorted(table_cells(out.stdout)) == ["base-tiny", "trl-tiny"]
+    assert not math.isnan(float(table_cells(out.stdout)["trl-tiny"]["Tokens/s"]))
