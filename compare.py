@@ -183,11 +183,13 @@ def _short_model(model: str) -> str:
 
 def recipe_of(run: Run) -> str:
     """The recipe file's name: from config.json if saved, else the default run name <method>-<recipe>."""
+    # Trainers save it as a top-level recipe_path / recipe_file, or inside their args section.
+    for key, value in run.config.items():
+        if key.startswith("recipe") and isinstance(value, str) and value:
+            return Path(value).stem
     for section in run.config.values():
         if isinstance(section, dict) and isinstance(section.get("recipe"), str) and section["recipe"]:
             return Path(section["recipe"]).stem
-    if isinstance(run.config.get("recipe"), str):
-        return Path(run.config["recipe"]).stem
     name = run.path.name
     if run.method != "n/a" and name.startswith(f"{run.method}-"):
         return name[len(run.method) + 1:]
@@ -204,13 +206,23 @@ def steps_per_hour(run: Run) -> float | None:
 
 
 def tokens_per_s(run: Run) -> float | None:
-    """Mean of a tokens-per-second extra logged by the trainer (train rows first), if any."""
+    """Generated tokens per second of train-step time, where the trainer logs enough to know.
+
+    Either a logged rate (extra.tokens_per_s and synonyms; mean over rows) or, from the
+    TRL trainer's extras, completion_tokens_mean x completions / step_seconds summed over steps.
+    """
     for split in ("train", "val"):
         vals = [(r.get("extra") or {}).get(k) for r in run.split(split) for k in TOKENS_PER_S_KEYS]
         vals = [v for v in vals if _finite(v)]
         if vals:
             return sum(vals) / len(vals)
-    return None
+    tokens = seconds = 0.0
+    for r in run.split("train"):
+        extra = r.get("extra") or {}
+        if _finite(extra.get("completion_tokens_mean")) and _finite(extra.get("step_seconds")) and extra["step_seconds"] > 0:
+            tokens += extra["completion_tokens_mean"] * r["n"]
+            seconds += extra["step_seconds"]
+    return tokens / seconds if seconds else None
 
 
 def summarize(run: Run, n_boot: int = 2000) -> dict:
@@ -355,7 +367,8 @@ def report(runs: list[Run], summaries: list[dict], pngs: list[Path]) -> str:
              "validator, reward model and rule for every run); `[a, b]` is a 95% bootstrap interval over "
              "stories, `±` the std over titles when per-story rewards are missing; `@N` is the step. "
              "Match rate and title words are from the final validation. Steps/h counts wall-clock time "
-             "including validation; tokens/s appears when the trainer logs it."]
+             "including validation; tokens/s is completions' tokens per second of train-step time, shown when the "
+             "trainer logs it."]
     diffs = knob_differences(runs)
     if diffs:
         parts += ["", "## Recipe knobs that differ between runs", "", *[f"- {d}" for d in diffs]]

@@ -69,8 +69,9 @@ def test_table_numbers(result, run):
         assert float(cells["Steps/h"]) == pytest.approx(last["step"] / last["wall_time"] * 3600, abs=0.05)
     else:
         assert cells["Steps/h"] == "n/a"  # a baseline did not train
-    tps = [r["extra"]["tokens_per_s"] for r in trained if "tokens_per_s" in r["extra"]]
-    assert cells["Tokens/s"] == (f"{sum(tps) / len(tps):.1f}" if tps else "n/a")
+    timed = [r for r in trained if "step_seconds" in r["extra"]]
+    tokens = sum(r["extra"]["completion_tokens_mean"] * r["n"] for r in timed)
+    assert cells["Tokens/s"] == (f"{tokens / sum(r['extra']['step_seconds'] for r in timed):.1f}" if timed else "n/a")
 
 
 def _parse_reward(cell: str) -> tuple[float, float, float, int]:
