@@ -90,9 +90,8 @@ def quiet(fn, *args):
             datasets.enable_progress_bars()
 
 
-def check_split(source: str, split: str, tokenizer, recipe: utils.Recipe, cap: int) -> tuple[dict, object, list[str]]:
+def check_split(ds, split: str, tokenizer, recipe: utils.Recipe, cap: int) -> tuple[dict, object, list[str]]:
     """Report for one split, the filtered rows (a trainer takes the first `used`) and all ids."""
-    ds = load_split(source, split)
     ids = [str(i) for i in ds["id"]]
     kept, report = quiet(utils.filter_stories, ds, tokenizer, split, recipe.min_score, recipe.max_prompt_tokens)
     used = min(cap, report.rows_out) if cap else report.rows_out
@@ -147,7 +146,6 @@ def sample_prompt(tokenizer, row: dict, chars: int) -> str:
 
 def main(recipe: utils.Recipe, args: CheckArgs) -> dict:
     """Print the report and return it as a dict. Raises DatasetError/CheckError on bad input."""
-    tokenizer = load_tokenizer(recipe.model)
     print(f"dataset: {recipe.dataset}\ntokenizer: {recipe.model}\n"
           f"filters: score >= {recipe.min_score}, non-empty body, "
           f"prompt <= {recipe.max_prompt_tokens} tokens (chat template included)\n")
@@ -155,8 +153,11 @@ def main(recipe: utils.Recipe, args: CheckArgs) -> dict:
     samples, ids = [], {}
     caps = ((recipe.train_split, recipe.max_train_stories, "max_train_stories"),
             (recipe.val_split, recipe.max_val_stories, "max_val_stories"))
+    # Every row is checked before the (slower) tokenizer loads: a broken file fails fast.
+    loaded = {split: load_split(recipe.dataset, split) for split, _, _ in caps}
+    tokenizer = load_tokenizer(recipe.model)
     for split, cap, cap_name in caps:
-        info, kept, ids[split] = check_split(recipe.dataset, split, tokenizer, recipe, cap)
+        info, kept, ids[split] = check_split(loaded[split], split, tokenizer, recipe, cap)
         report["splits"][split] = info
         samples.extend(kept[i] for i in range(min(info["used"], args.samples - len(samples))))
         print(format_split(info, cap_name))
