@@ -127,9 +127,9 @@ def parse_args(types: Sequence[type], section: str, argv: Sequence[str] | None =
     The recipe's `shared:` block and its `<section>:` block become defaults; keys that match
     no field are an error (a typo must not silently fall back to a default).
     """
+    load_env()  # before importing transformers: huggingface_hub reads HF_HUB_OFFLINE etc. at import
     from transformers import HfArgumentParser
 
-    load_env()
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--recipe", default=os.environ.get("RECIPE", default_recipe))
     known, rest = pre.parse_known_args(argv)
