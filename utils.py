@@ -131,7 +131,7 @@ def parse_args(types: Sequence[type], section: str, argv: Sequence[str] | None =
     from transformers import HfArgumentParser
 
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--recipe", default=os.environ.get("RECIPE", default_recipe))
+    pre.add_argument("--recipe", default=os.environ.get("RECIPE") or default_recipe)  # RECIPE= (empty) means unset
     known, rest = pre.parse_known_args(argv)
     defaults: dict[str, Any] = {}
     if known.recipe:

@@ -441,6 +441,24 @@ def test_parse_args_recipe_from_env_and_cli_types(tmp_path, clean_env, monkeypat
     assert args.verbose is True
 
 
+@pytest.mark.parametrize("env_recipe, expected_steps", [
+    # RECIPE unset: the script's default recipe
+    (None, 7),
+    # RECIPE= (empty, as in .env.example): still the default recipe, not "no recipe"
+    ("", 7),
+    # RECIPE set: that recipe
+    ("other", 9),
+])
+def test_parse_args_default_recipe_and_recipe_env(tmp_path, clean_env, monkeypatch, env_recipe, expected_steps):
+    default = write_recipe(tmp_path, "shared:\n  max_steps: 7\n")
+    other = tmp_path / "other.yaml"
+    other.write_text("shared:\n  max_steps: 9\n")
+    if env_recipe is not None:
+        monkeypatch.setenv("RECIPE", str(other) if env_recipe else "")
+    (recipe,) = utils.parse_args((utils.Recipe,), "trl", [], default_recipe=default)
+    assert recipe.max_steps == expected_steps
+
+
 def test_parse_args_unrecognized_flag_exits(clean_env):
     with pytest.raises(SystemExit):
         utils.parse_args((utils.Recipe,), "trl", ["--no_such_flag", "1"])
