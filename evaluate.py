@@ -30,6 +30,9 @@ class EvalArgs:
     step: int = field(default=0, metadata={"help": "Step recorded in the metrics row."})
     method: str = field(default="eval", metadata={"help": "Method recorded in the metrics row."})
     batch_size: int = field(default=8, metadata={"help": "Stories per generate() call."})
+    generator: str = field(default="hf", metadata={"help": "'hf' (recipe model + adapter) or 'openai' (an OpenAI-compatible endpoint, see openai_generator.py)."})
+    openai_model: str = field(default="", metadata={"help": "Model for --generator openai (default: OPENAI_MODEL)."})
+    openai_base_url: str = field(default="", metadata={"help": "Endpoint for --generator openai (default: OPENAI_BASE_URL)."})
 
 
 class HFGenerator:
@@ -138,6 +141,10 @@ def summary(result: utils.EvalResult) -> str:
 
 def main(recipe: utils.Recipe, args: EvalArgs) -> utils.EvalResult:
     utils.set_seed(recipe.seed)
+    if args.generator == "openai":
+        return main_openai(recipe, args)
+    if args.generator != "hf":
+        raise SystemExit(f"unknown --generator {args.generator!r} (use hf or openai)")
     model, tokenizer = load_policy(recipe.model, args.adapter)
     val, report = utils.load_split(recipe, recipe.val_split, tokenizer, recipe.max_val_stories)
     print(report.summary())
@@ -164,6 +171,59 @@ def main(recipe: utils.Recipe, args: EvalArgs) -> utils.EvalResult:
     print(f"[{args.label}] {summary(result)}")
     for rec in result.records()[:3]:
         print(f"  original: {rec['original']}\n  greedy:   {rec['greedy']['title']}")
+    print(f"titles -> {path}; metrics -> {run_dir / utils.METRICS_FILE}")
+    return result
+
+
+def main_openai(recipe: utils.Recipe, args: EvalArgs) -> utils.EvalResult:
+    """The same validation with titles from an OpenAI-compatible endpoint (a prompted baseline).
+
+    The recipe's tokenizer still picks the val stories (same length filter, same stories as
+    the trained policies); the recipe's model is loaded only if the validator needs it.
+    """
+    from openai_generator import OpenAIGenerator, OpenAIGeneratorError
+
+    if args.adapter:
+        raise SystemExit("--adapter applies to --generator hf only")
+    try:
+        generator = OpenAIGenerator(args.openai_model or None, args.openai_base_url or None)
+    except OpenAIGeneratorError as e:
+        raise SystemExit(f"error: {e}") from None
+    if recipe.validator == "model":
+        model, tokenizer = load_policy(recipe.model)
+    else:
+        from transformers import AutoTokenizer
+
+        model, tokenizer = None, AutoTokenizer.from_pretrained(recipe.model)
+    val, report = utils.load_split(recipe, recipe.val_split, tokenizer, recipe.max_val_stories)
+    print(report.summary())
+    client = utils.RewardClient(recipe.reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
+    validator = make_validator(recipe, model, tokenizer)
+    timer = utils.Timer()
+
+    async def run():
+        try:
+            await client.health()
+            return await utils.evaluate_generator(
+                generator, list(val), client, validator, recipe.eval_samples,
+                recipe.max_completion_tokens, recipe.temperature, recipe.trailing_penalty)
+        finally:
+            await client.aclose()
+
+    try:
+        result = asyncio.run(run())
+    except (OpenAIGeneratorError, utils.RewardServerError) as e:
+        raise SystemExit(f"error: {e}") from None
+    run_dir = utils.run_dir_for(recipe, "eval")
+    usage = generator.usage_summary()
+    row = utils.eval_metrics_row(result, method="openai" if args.method == "eval" else args.method, step=args.step,
+                                 wall_time=timer(), run=run_dir.name,
+                                 extra={"label": args.label, "model": generator.model, "generator": "openai",
+                                        "base_url": generator.base_url,
+                                        "completion_tokens": usage["completion_tokens"],
+                                        "tokens_per_s": usage["completion_tokens_per_s"]})
+    path = write_eval(run_dir, args.label, result, row)
+    print(f"[{args.label}] {generator.name}: {summary(result)}")
     print(f"titles -> {path}; metrics -> {run_dir / utils.METRICS_FILE}")
     return result
 
