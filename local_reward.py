@@ -37,7 +37,6 @@ import os
 import re
 import sys
 import threading
-import unicodedata
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -133,10 +132,9 @@ def parse_story(obj: Any, where: str, args: ServerArgs) -> dict:
     """One story in OpenPipe's shape, checked; `where` prefixes field names ("stories[3].")."""
     if not isinstance(obj, dict):
         raise BadRequest(f"a story must be a JSON object, got {type(obj).__name__}", where.rstrip(".") or "request")
-    for name in REQUIRED:
-        if name not in obj:
-            raise BadRequest(f"field '{name}' is missing", where + name)
     for name in (*REQUIRED, "url"):
+        if name not in obj and name != "url":
+            raise BadRequest(f"field '{name}' is missing", where + name)
         value = obj.get(name)
         if name == "url" and value is None:
             continue
@@ -182,18 +180,19 @@ class Scorer(Protocol):
 
 
 _CLICKBAIT_PHRASES = re.compile(
-    r"you won'?t believe|won'?t believe|this one (weird )?trick|one weird trick|will blow your mind|mind[- ]?blowing"
+    r"\b(?:you won'?t believe|won'?t believe|this one (weird )?trick|one weird trick|will blow your mind|mind[- ]?blowing"
     r"|what happen(s|ed) next|doctors hate|you need to (know|see)|must[- ]see|shocking|jaw[- ]dropping|insane"
-    r"|changes? everything|(is|are) here!|secret (that|they)|nobody (is )?talking about|you('re| are) doing it wrong"
-    r"|like a boss|the truth about|hate (him|her|this)|goes viral|epic",
+    r"|changes? everything|secret (that|they)|nobody (is )?talking about|you('re| are) doing it wrong"
+    r"|like a boss|the truth about|hate (him|her|this)|goes viral)\b",
     re.IGNORECASE,
 )
-_EMOJI_CATEGORIES = {"So", "Sk", "Cs", "Co"}
+# Emoji and pictographs (not every "symbol": ° in "42°C" or € in prices are fine in a title).
+_EMOJI = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\uFE0F\u200D]")
 
 
-def _has_emoji(text: str) -> bool:
-    # Symbols "other" (So) cover emoji and dingbats; ©/®/° are So too but rare in titles and harmless to count.
-    return any(unicodedata.category(ch) in _EMOJI_CATEGORIES or 0x1F000 <= ord(ch) <= 0x1FFFF for ch in text)
+def title_length(title: str) -> int:
+    """Words as a reader counts them: whitespace tokens with a letter or digit ("$14,112" is one)."""
+    return sum(any(c.isalnum() for c in tok) for tok in title.split())
 
 
 def style_terms(title: str) -> dict[str, float]:
@@ -207,9 +206,10 @@ def style_terms(title: str) -> dict[str, float]:
     tokens = [t.strip("\"'“”‘’()[],:;!?.") for t in title.split()]
     lettered = [re.sub(r"['’]s$", "", t) for t in tokens if sum(c.isalpha() for c in t) >= 2]
     caps = [t for t in lettered if t.isupper()]
-    # Short all-caps words are usually acronyms (NASA, GPU, HTTP/2); long ones or a mostly-caps title shout.
+    # All-caps words are often acronyms (NASA, GPU, CRISPR); a mostly-caps title, or several long
+    # all-caps words, is shouting.
     long_caps = [t for t in caps if sum(c.isalpha() for c in t) >= 5]
-    shout = 1.0 if len(lettered) >= 3 and len(caps) / len(lettered) >= 0.6 else min(1.0, len(long_caps) / 2)
+    shout = 1.0 if len(lettered) >= 3 and len(caps) / len(lettered) >= 0.6 else min(1.0, max(0, len(long_caps) - 1) / 2)
     bait = 0.0
     if re.search(r"[!?]\s*[!?]", title):  # !!, ?!, !?, ??
         bait += 0.6
@@ -217,7 +217,7 @@ def style_terms(title: str) -> dict[str, float]:
         bait += 0.3
     if _CLICKBAIT_PHRASES.search(title):
         bait += 0.6
-    if _has_emoji(title):
+    if _EMOJI.search(title):
         bait += 0.6
     if re.search(r"(\.\.\.|…)\s*$", title):
         bait += 0.3
@@ -225,8 +225,7 @@ def style_terms(title: str) -> dict[str, float]:
     period = 1.0 if stripped.endswith(".") and not stripped.endswith("..") else 0.0
     # Run-on: more than one sentence (". Next"), or far past the length band.
     sentences = len(re.findall(r"[.!?;]\s+[A-Z0-9\"“]", stripped))
-    n_words = len(utils.words(title))
-    run_on = 1.0 if sentences >= 1 or n_words > 20 else 0.0
+    run_on = 1.0 if sentences >= 1 or title_length(title) > 20 else 0.0
     return {"shout": float(shout), "clickbait": float(min(1.0, bait)), "period": period, "run_on": run_on}
 
 
@@ -238,7 +237,7 @@ COPY_FREE = 0.5  # copy fraction tolerated before the copy factor starts to fall
 
 def minilm_formula(cosine: float, title: str, body: str) -> tuple[float, dict[str, float]]:
     """The MiniLM reward for one title, from its cosine to the body. Pure; documented in MiniLMScorer."""
-    n = len(utils.words(title))
+    n = title_length(title)
     length = 1.0 if LENGTH_BAND[0] <= n <= LENGTH_BAND[1] else OFF_BAND
     terms = style_terms(title)
     style = max(0.0, 1.0 - sum(STYLE_WEIGHTS[k] * v for k, v in terms.items()))
@@ -255,10 +254,10 @@ class MiniLMScorer:
 
     - relevance = clip(cosine(MiniLM(title), MiniLM(body)), 0, 1); 0 for an empty body
       (all-MiniLM-L6-v2, mean pooled, body truncated to 256 tokens).
-    - length = 1 if 4 <= words(title) <= 14 else 0.25.
+    - length = 1 if 4 <= title_length(title) <= 14 else 0.25 (whitespace tokens with a letter or digit).
     - style = max(0, 1 - 0.5 shout - 0.5 clickbait - 0.15 period - 0.3 run_on), each term in
-      [0, 1] (see style_terms): shout = mostly ALL-CAPS words (>= 60% of words, or long caps
-      words, not short acronyms); clickbait = !!/?!, a lone ! (0.3), bait phrases ("you won't
+      [0, 1] (see style_terms): shout = 1 if >= 60% of the (>= 3) words are ALL CAPS, else
+      0.5 per long (>= 5 letters) all-caps word beyond the first (acronyms pass); clickbait = !!/?!, a lone ! (0.3), bait phrases ("you won't
       believe", "this one trick", ...), emoji, a trailing ellipsis; period = a trailing ".";
       run_on = more than one sentence or > 20 words.
     - copy_factor = 1 - 0.9 clip((copy - 0.5) / 0.5, 0, 1), copy = utils.copy_fraction(title, body)
@@ -529,6 +528,8 @@ def serve_gunicorn(args: ServerArgs) -> None:
             self.cfg.set("loglevel", args.log_level)
             self.cfg.set("accesslog", "-")
             self.cfg.set("limit_request_field_size", 16384)
+            if "control_socket_disable" in self.cfg.settings:  # gunicorn >= 24: one shared ~/.gunicorn socket otherwise
+                self.cfg.set("control_socket_disable", True)
 
         def load(self):  # called in each worker after the fork
             import torch
