@@ -1,0 +1,422 @@
+"""train.py (the ART loop) on CPU: the real `art` package, a backend double, a fake OpenAI server.
+
+The double stands in for LocalBackend (vLLM + Unsloth, GPU only) and implements what the
+loop and ART's TrainableModel call: register, _prepare_backend_for_training,
+_model_inference_name, _get_step (from checkpoint folders, like LocalBackend), train,
+_delete_checkpoint_files, close. Generation goes over HTTP to tests/fake_openai.py through
+the real openai clients; rewards come from a small /score_batch server in this file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from fake_openai import FakeOpenAI, default_script
+
+import utils
+
+ROOT = Path(__file__).resolve().parents[1]
+
+art = pytest.importorskip("art")
+train = pytest.importorskip("train")
+
+
+# --------------------------------------------------------------------------------------
+# Doubles
+# --------------------------------------------------------------------------------------
+
+
+class FakeBackend:
+    """LocalBackend's surface as 0.5.18 uses it; records every train() call."""
+
+    def __init__(self, fake: FakeOpenAI, path: Path):
+        self.fake, self.path = fake, Path(path)
+        self.calls: list[tuple[list, dict]] = []
+        self.kept: list[list[int]] = []
+        self.closed = False
+
+    def _dir(self, model) -> Path:
+        return self.path / model.project / "models" / model.name
+
+    def _step(self, model) -> int:
+        from art.utils.get_model_step import get_step_from_dir
+
+        return get_step_from_dir(str(self._dir(model)))
+
+    async def register(self, model) -> None:
+        model.base_path = str(self.path)  # as LocalBackend.register does
+        self._dir(model).mkdir(parents=True, exist_ok=True)
+
+    async def _prepare_backend_for_training(self, model, config=None):
+        # LocalBackend saves checkpoint 0 (the fresh adapter) when there is none yet.
+        if self._step(model) == 0:
+            (self._dir(model) / "checkpoints" / "0000").mkdir(parents=True, exist_ok=True)
+        self.fake.adapters.add(self._model_inference_name(model))
+        return self.fake.base_url, "test-key"
+
+    def _model_inference_name(self, model, step=None) -> str:
+        return f"{model.name}@{self._step(model) if step is None else step}"
+
+    async def _get_step(self, model) -> int:
+        return self._step(model)
+
+    async def train(self, model, trajectory_groups, **kwargs):
+        groups = list(trajectory_groups)
+        self.calls.append((groups, kwargs))
+        step = self._step(model) + 1
+        ckpt = self._dir(model) / "checkpoints" / f"{step:04d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "adapter_config.json").write_text("{}")
+        self.fake.adapters.add(f"{model.name}@{step}")
+        return art.TrainResult(step=step, metrics={"loss/train": 0.25, "loss/grad_norm": 1.5})
+
+    async def _delete_checkpoint_files(self, model, steps_to_keep):
+        self.kept.append(sorted(steps_to_keep))
+        for d in (self._dir(model) / "checkpoints").iterdir():
+            if d.name.isdigit() and int(d.name) not in steps_to_keep:
+                shutil.rmtree(d)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class RewardStub:
+    """POST /score_batch {"stories": [...]} -> {"scores": [0.5 x words in title]}; GET /health.
+
+    `mode` scripts failures: "503" (retried, then fails), "400" (not retried), "short"
+    (a reply with the wrong number of scores), "stop" (the server goes away).
+    """
+
+    def __init__(self):
+        self.mode, self.batches, self.requests = "ok", [], 0
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, status, payload):
+                body = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self._reply(200, {"status": "ok"})
+
+            def do_POST(self):
+                stub.requests += 1
+                stories = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["stories"]
+                if stub.mode == "503":
+                    return self._reply(503, {"error": "overloaded"})
+                if stub.mode == "400":
+                    return self._reply(400, {"error": "field 'title' is missing"})
+                if stub.mode == "short":
+                    return self._reply(200, {"scores": [1.0]})
+                stub.batches.append(stories)
+                self._reply(200, {"scores": [0.5 * len(s["title"].split()) for s in stories]})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def reward():
+    stub = RewardStub()
+    yield stub
+    stub.stop()
+
+
+@pytest.fixture
+def fake():
+    server = FakeOpenAI(base_model="base-model").start()
+    yield server
+    server.stop()
+
+
+def story(i: int, body: str, split: str) -> dict:
+    return {"id": i, "title": f"Original {i}", "by": "pg", "time": "2024-05-01T12:00:00Z",
+            "url": f"https://example.com/{i}", "score": 100, "scraped_body": body, "split": split}
+
+
+def write_stories(path: Path, train_bodies: list[str], val_bodies: list[str]) -> Path:
+    rows = [story(i, b, "train") for i, b in enumerate(train_bodies)]
+    rows += [story(100 + i, b, "val") for i, b in enumerate(val_bodies)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def make_recipe(tmp_path: Path, model: Path, reward_url: str, **over) -> utils.Recipe:
+    base = dict(model=str(model), dataset=str(tmp_path / "stories.jsonl"), max_train_stories=0, max_val_stories=0,
+                prompts_per_step=2, num_generations=3, max_completion_tokens=8, temperature=0.9,
+                learning_rate=3e-4, loss_type="cispo", beta=0.04, max_steps=2, eval_every=0, eval_samples=1,
+                validator="none", reward_url=reward_url, reward_retries=1, runs_dir=str(tmp_path / "runs"),
+                run_name="t", lora_r=4, lora_alpha=8)
+    base.update(over)
+    return utils.Recipe(**base)
+
+
+def run(recipe, fake, args=None) -> tuple[Path, FakeBackend]:
+    holder = {}
+
+    def factory(art_args, art_path):
+        holder["backend"] = FakeBackend(fake, art_path)
+        return holder["backend"]
+
+    run_dir = train.main(recipe, args or train.ArtArgs(concurrency=2), backend_factory=factory)
+    return run_dir, holder["backend"]
+
+
+def rows_of(run_dir: Path, split: str) -> list[dict]:
+    if not (run_dir / utils.METRICS_FILE).exists():
+        return []
+    rows, notes = utils.read_metrics(run_dir)
+    assert not notes
+    return [r for r in rows if r["split"] == split]
+
+
+VARIED = "An article about compilers. " * 3
+SAME = "[same] An article where every title is identical. " * 2
+ONE = "[one] An article where the server returns one choice. " * 2
+
+
+# --------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------
+
+
+def test_trains_only_on_groups_that_can_teach(tmp_path, tiny_model, fake, reward):
+    write_stories(tmp_path / "stories.jsonl", [VARIED + "a", SAME, ONE, VARIED + "b"], [VARIED])
+    recipe = make_recipe(tmp_path, tiny_model, reward.url, prompts_per_step=4, max_steps=1)
+    run_dir, backend = run(recipe, fake)
+
+    assert len(backend.calls) == 1
+    groups, kwargs = backend.calls[0]
+    # Only the two varied stories: the [same] group (equal rewards) and the [one] group are dropped.
+    assert sorted(g.metadata["story_id"] for g in groups) == ["0", "3"]
+    # Loss, learning rate and KL come from the recipe, the loss named explicitly.
+    assert kwargs == {"learning_rate": 3e-4, "loss_fn": "cispo", "kl_penalty_coef": 0.04, "scale_rewards": True}
+    for g in groups:
+        assert len(g.trajectories) == 3
+        assert len({t.reward for t in g.trajectories}) == 3
+        for t in g.trajectories:
+            choice = t.messages_and_choices[-1]
+            assert choice.logprobs.content, "the trainable choice carries its logprobs"
+            assert [m["role"] for m in t.messages_and_choices[:-1]] == ["system", "user"]
+            assert t.reward == pytest.approx(0.5 * t.metrics["length"])  # the stub's RM, validator 'none'
+            assert set(t.metrics) >= {"rm", "matches", "length", "copy", "trailing"}
+    # Rollouts: one request per story with n = num_generations, logprobs on, the policy's name.
+    rollouts = [r for r in fake.chat_requests() if r.get("logprobs")]
+    assert len(rollouts) == 4
+    assert all(r["model"] == "t@0" and r["n"] == 3 and r["max_tokens"] == 8 and r["temperature"] == 0.9
+               for r in rollouts)
+    # One batched reward request for all titles of the step (empty titles are never sent).
+    assert len(reward.batches[0]) == 3 + 3 + 1 + 3
+    (row,) = rows_of(run_dir, "train")
+    assert row["extra"]["trainable_groups"] == 2
+    assert row["extra"]["dropped_groups"] == {"all rewards equal": 1, "fewer than 2 trajectories": 1}
+    assert row["n"] == 10 and row["extra"]["art_step"] == 1 and row["extra"]["loss"] == 0.25
+
+
+def test_skips_step_when_no_group_can_teach(tmp_path, tiny_model, fake, reward):
+    write_stories(tmp_path / "stories.jsonl", [SAME, ONE, SAME + "x", ONE + "y"], [VARIED])
+    recipe = make_recipe(tmp_path, tiny_model, reward.url, max_steps=3)
+    run_dir, backend = run(recipe, fake)
+
+    assert backend.calls == []  # nothing could teach: the backend never trains
+    train_rows = rows_of(run_dir, "train")
+    assert [r["step"] for r in train_rows] == [1, 2, 3]  # every consumed batch is a step
+    for r in train_rows:
+        assert r["extra"]["skipped"].startswith("no group can teach")
+        assert r["extra"]["trainable_groups"] == 0 and r["extra"]["art_step"] == 0
+    state = json.loads((run_dir / "art" / "hn-titles" / "models" / "t" / "state.json").read_text())
+    assert state["skipped_steps"] == [1, 2, 3]
+    assert [r["step"] for r in rows_of(run_dir, "val")] == [3]  # the final validation still runs
+
+
+def skip_first_step(prompts_per_step: int):
+    """Rollouts of step 1 all get one title (nothing to learn); later ones vary."""
+    seen = {"rollouts": 0}
+
+    def script(request: dict) -> list[str]:
+        if request.get("logprobs"):
+            seen["rollouts"] += 1
+            if seen["rollouts"] <= prompts_per_step:
+                return ["Same again"] * request["n"]
+        return default_script(request)
+
+    return script
+
+
+def test_resume_continues_from_the_models_step(tmp_path, tiny_model, fake, reward):
+    bodies = [VARIED + str(i) for i in range(4)]
+    write_stories(tmp_path / "stories.jsonl", bodies, [VARIED])
+    fake.script = skip_first_step(2)
+    run_dir, first = run(make_recipe(tmp_path, tiny_model, reward.url, max_steps=2), fake)
+    assert len(first.calls) == 1  # step 1 skipped, step 2 trained (ART step 1)
+
+    fake.script = default_script
+    fake.requests.clear()
+    run_dir, second = run(make_recipe(tmp_path, tiny_model, reward.url, max_steps=4, eval_every=2), fake)
+
+    assert len(second.calls) == 2  # steps 3 and 4 only
+    assert [r for r in fake.chat_requests() if r.get("logprobs")][0]["model"] == "t@1"  # the trained checkpoint
+    train_rows = rows_of(run_dir, "train")
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]  # no step twice, none missing
+    assert [r["extra"]["art_step"] for r in train_rows] == [0, 1, 2, 3]
+    # The batches continue where the first run stopped (ART's deterministic epoch shuffle).
+    from art.utils import iterate_dataset
+
+    ids = [str(i) for i in range(4)]
+    expected = [b.items for b in iterate_dataset(ids, groups_per_step=2, num_epochs=2, use_tqdm=False)]
+    assert [r["extra"]["stories"] for r in train_rows] == expected
+    # The val at step 2 (end of run 1) is not repeated; run 2 validates at 4.
+    assert [r["step"] for r in rows_of(run_dir, "val")] == [2, 4]
+
+
+def titles_by_checkpoint(words: dict[str, int]):
+    """Val titles whose length (so reward) depends on the checkpoint being asked."""
+
+    def script(request: dict) -> list[str]:
+        if request.get("logprobs") or request["messages"][0]["content"] != utils.TITLE_SYSTEM_PROMPT:
+            return default_script(request)
+        return [" ".join(["word"] * words.get(request["model"], 1))] * request["n"]
+
+    return script
+
+
+def test_validation_cadence_and_best_checkpoint(tmp_path, tiny_model, fake, reward):
+    write_stories(tmp_path / "stories.jsonl", [VARIED + str(i) for i in range(4)], [VARIED + "v1", VARIED + "v2"])
+    fake.script = titles_by_checkpoint({"t@2": 6, "t@4": 3, "t@5": 2})
+    recipe = make_recipe(tmp_path, tiny_model, reward.url, max_steps=5, eval_every=2, eval_samples=2)
+    run_dir, backend = run(recipe, fake)
+
+    val_rows = rows_of(run_dir, "val")
+    assert [r["step"] for r in val_rows] == [2, 4, 5]  # every eval_every steps and at the end
+    assert [r["reward_mean"] for r in val_rows] == [3.0, 1.5, 1.0]
+    assert all(r["n"] == 2 * (1 + 2) for r in val_rows)  # 2 stories x (greedy + 2 samples)
+    assert sorted(p.name for p in (run_dir / "eval").iterdir()) == [
+        "step-00002.jsonl", "step-00004.jsonl", "step-00005.jsonl"]
+    greedy = [r for r in fake.chat_requests() if not r.get("logprobs") and r["temperature"] == 0]
+    assert len(greedy) == 3 * 2 and all(r["n"] == 1 for r in greedy)
+    # ART's delete_checkpoints keeps the latest and the best val/reward (step 2) and nothing else.
+    ckpts = run_dir / "art" / "hn-titles" / "models" / "t" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["0002", "0005"]
+    assert backend.kept[-1] == [2, 5]
+    # Shared schema, method "art", for every row.
+    for r in utils.read_metrics(run_dir)[0]:
+        assert tuple(r) == utils.METRICS_KEYS and r["method"] == "art" and r["run"] == "t"
+
+
+@pytest.mark.parametrize("mode", [
+    "503",    # the server is overloaded: retried within the bound, then the step fails
+    "400",    # the server rejects the request: not retried, the step fails
+    "short",  # a reply with the wrong number of scores
+    "stop",   # the server went away after the health check
+])
+def test_reward_server_failures_never_become_rewards(tmp_path, tiny_model, fake, reward, mode):
+    write_stories(tmp_path / "stories.jsonl", [VARIED + "a", VARIED + "b"], [VARIED])
+    if mode == "stop":
+        # The health check at startup passes; then the server dies before the first scores.
+        stop_once = {"done": False}
+
+        def script(request):
+            if not stop_once["done"]:
+                stop_once["done"] = True
+                reward.stop()
+            return default_script(request)
+        fake.script = script
+    else:
+        reward.mode = mode
+    with pytest.raises(utils.RewardServerError):
+        run(make_recipe(tmp_path, tiny_model, reward.url, max_steps=2), fake)
+    run_dir = tmp_path / "runs" / "t"
+    assert rows_of(run_dir, "train") == []  # no row: the step did not happen
+    model_dir = run_dir / "art" / "hn-titles" / "models" / "t"
+    assert not (model_dir / "trajectories").exists()  # nothing scored was logged to ART
+    state = json.loads((model_dir / "state.json").read_text()) if (model_dir / "state.json").exists() else {}
+    assert "skipped_steps" not in state  # a failure is not a skipped (consumed) step
+    if mode == "503":
+        assert reward.requests == 2  # reward_retries=1: one retry, then the error
+
+
+def test_generation_failures_are_dropped_and_counted(tmp_path, tiny_model, fake, reward):
+    write_stories(tmp_path / "stories.jsonl", [VARIED + "a", "[fail] " + VARIED], [VARIED])
+    fake.fail_if = lambda request: "[fail]" in request["messages"][-1]["content"]  # HTTP 500, every retry
+    recipe = make_recipe(tmp_path, tiny_model, reward.url, max_steps=1)
+    run_dir, backend = run(recipe, fake, train.ArtArgs(concurrency=2, max_exceptions=1))
+    (row,) = rows_of(run_dir, "train")
+    assert row["extra"]["failed_groups"] == 1 and row["extra"]["groups"] == 1
+    assert len(backend.calls[0][0]) == 1
+
+
+def test_model_validator_uses_the_base_model(tmp_path, tiny_model, fake, reward):
+    write_stories(tmp_path / "stories.jsonl", [VARIED + "a", VARIED + "b"], [VARIED])
+    fake.script = lambda req: (["A wrong claim", "A fine supported title"] if req.get("logprobs") and req["n"] == 2
+                               else default_script(req))
+    recipe = make_recipe(tmp_path, tiny_model, reward.url, max_steps=1, num_generations=2, validator="model")
+    run_dir, backend = run(recipe, fake)
+    checks = [r for r in fake.chat_requests() if r["messages"][0]["content"] == utils.VALIDATOR_SYSTEM_PROMPT]
+    assert checks and all(r["model"] == "base-model" and r["temperature"] == 0 for r in checks)
+    for g in backend.calls[0][0]:
+        by_title = {t.messages_and_choices[-1].message.content: t for t in g.trajectories}
+        assert by_title["A wrong claim"].reward == 0.0 and by_title["A wrong claim"].metrics["matches"] == 0.0
+        assert by_title["A fine supported title"].reward == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("lora_r, max_lora_rank", [
+    (4, 8),     # below vLLM's smallest rank: 8
+    (16, 16),   # an allowed rank stays
+    (48, 64),   # rounds up to the next allowed one
+])
+def test_internal_config_carries_the_recipe(lora_r, max_lora_rank):
+    recipe = utils.Recipe(lora_r=lora_r, lora_alpha=32, lora_target_modules=["q_proj", "v_proj"], max_grad_norm=0.3)
+    cfg = train.internal_config(recipe, train.ArtArgs(gpu_memory_utilization=0.6))
+    assert cfg["peft_args"]["r"] == lora_r and cfg["peft_args"]["lora_alpha"] == 32
+    assert cfg["peft_args"]["target_modules"] == ["q_proj", "v_proj"]
+    assert cfg["trainer_args"]["max_grad_norm"] == 0.3
+    assert cfg["engine_args"]["gpu_memory_utilization"] == 0.6
+    assert cfg["engine_args"]["max_lora_rank"] == max_lora_rank
+    assert cfg["init_args"]["max_seq_length"] == utils.MAX_SEQ_TOKENS
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"loss_type": "dapo"}, "not available in ART"),          # TRL-only loss
+    ({"num_generations": 1}, "num_generations must be >= 2"),  # no group, no advantage
+    ({"validator": "judge"}, "unknown validator"),             # typo
+])
+def test_bad_settings_fail_before_anything_starts(over, message):
+    with pytest.raises(SystemExit, match=message):
+        train.check_config(utils.Recipe(**over), train.ArtArgs())
+
+
+def test_recipe_parsing_reads_shared_and_art_blocks():
+    recipe, args = utils.parse_args((utils.Recipe, train.ArtArgs), "art",
+                                    ["--recipe", str(ROOT / "recipes" / "tiny.yaml"), "--max_exceptions", "2"])
+    assert recipe.num_generations == 2 and recipe.loss_type == "cispo"
+    assert args.max_exceptions == 2 and args.recipe.endswith("tiny.yaml")
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has an NVIDIA driver")
+def test_cpu_machine_stops_with_the_gpu_message():
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "train.py", "--recipe", "recipes/tiny.yaml"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "needs a CUDA GPU" in proc.stderr and "make setup-art" in proc.stderr and "sbatch" in proc.stderr
+    print(f"exited {proc.returncode} after {time.monotonic() - t0:.1f}s")

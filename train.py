@@ -1,0 +1,464 @@
+"""GRPO with OpenPipe ART (0.5.18): rollouts through the model's OpenAI-compatible server,
+validator + reward server, trajectory groups, `backend.train`, validation every N steps.
+
+Needs a CUDA GPU: ART's LocalBackend runs vLLM (rollouts) and Unsloth (training) on it, from
+its own virtualenv (`make setup-art`; its torch/transformers/trl pins clash with the TRL
+stack). On a machine without one this script stops before loading anything heavy.
+
+    make setup-art && make reward &                     # once per GPU node; the reward server
+    make train-art RECIPE=recipes/gpu.yaml              # = .venv-art/bin/python train.py --recipe ...
+    python train.py --recipe recipes/gpu.yaml --max_steps 200 --eval_every 25
+    METHOD=art sbatch slurm/train.sbatch                # through Slurm
+
+The recipe's `shared:` block holds the knobs both trainers read (model, data, group size,
+completion length, learning rate, loss, KL, LoRA, steps, eval); `art:` holds ArtArgs.
+Everything goes to runs/art-<recipe>/: metrics.jsonl (the schema reference_grpo_trainer.py
+writes), eval/step-NNNNN.jsonl, config.json and ART's own directory art/ (checkpoints,
+history.jsonl, trajectories). Rerunning the same command resumes from ART's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import utils
+
+METHOD = "art"
+ART_LOSSES = ("cispo", "ppo")  # what LocalBackend.train(loss_fn=...) accepts in 0.5.18
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
+GPU_HELP = """\
+train.py (ART) needs a CUDA GPU: {problem}.
+ART's LocalBackend generates with vLLM and trains with Unsloth on the GPU; neither runs on a CPU.
+  On a GPU node:  make setup-art && make reward & make train-art RECIPE=recipes/gpu.yaml
+  Through Slurm:  METHOD=art RECIPE=recipes/gpu.yaml sbatch slurm/train.sbatch
+On this machine, the TRL trainer runs on the CPU: make train-trl (recipes/cpu.yaml)."""
+
+
+@dataclass
+class ArtArgs:
+    """ART-only knobs (`art:` block of a recipe). Shared knobs live in utils.Recipe."""
+
+    recipe: ClassVar[str | None] = None  # set by utils.parse_args (the --recipe path)
+    project: str = field(default="hn-titles", metadata={"help": "ART project (folder under the run's art/ directory)."})
+    model_name: str = field(default="", metadata={"help": "ART model name (default: the run directory's name)."})
+    backend: str = field(default="local", metadata={"help": "ART backend: 'local' (LocalBackend: vLLM + Unsloth on this node's GPU)."})
+    gpu_memory_utilization: float = field(default=0.75, metadata={"help": "vLLM's share of GPU memory (the original example used 0.75)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base model in 4 bit (ART's default is True; False matches the TRL side)."})
+    max_exceptions: float = field(default=0, metadata={"help": "Rollout groups allowed to fail per step (count, or a fraction < 1); failed groups are dropped and counted."})
+    keep_best: bool = field(default=True, metadata={"help": "After each validation keep only the best (val/reward) and latest checkpoints."})
+    validator_model: str = field(default="", metadata={"help": "Served name of the base model for validator=model (default: the server's root model from /v1/models)."})
+    concurrency: int = field(default=16, metadata={"help": "Parallel requests for validation and the model validator."})
+    request_timeout: float = field(default=600.0, metadata={"help": "Seconds per inference request."})
+    scale_rewards: bool = field(default=True, metadata={"help": "Divide advantages by the group's reward std (TRL's scale_rewards='group')."})
+
+
+# --------------------------------------------------------------------------------------
+# GPU check and the backend seam
+# --------------------------------------------------------------------------------------
+
+
+def gpu_problem() -> str | None:
+    """Why ART's LocalBackend cannot run here, or None. Cheap checks first; loads no model."""
+    if shutil.which("nvidia-smi") is None:
+        return "no NVIDIA driver on this machine (nvidia-smi not found)"
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"nvidia-smi failed ({type(e).__name__})"
+    if listed.returncode != 0 or "GPU" not in listed.stdout:
+        return f"nvidia-smi lists no GPU ({(listed.stderr or listed.stdout).strip()[:200]})"
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed in this environment (run `make setup-art`; it creates .venv-art)"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} sees no CUDA device (a CPU build? `make setup-art` installs ART's CUDA stack)"
+    return None
+
+
+def make_backend(args: ArtArgs, art_path: Path):
+    """The one place the GPU backend is built; tests pass a double through main(backend_factory=)."""
+    if args.backend == "local":
+        from art.local import LocalBackend
+
+        return LocalBackend(path=str(art_path))
+    raise ValueError(f"unknown backend {args.backend!r} (supported: local)")
+
+
+def internal_config(recipe: utils.Recipe, args: ArtArgs) -> dict:
+    """ART's `_internal_config` for TrainableModel: where 0.5.18 takes LoRA, clipping and memory.
+
+    art.dev.get_model_config merges these over its defaults (LoRA r=8 alpha=16, max_grad_norm
+    0.1, 4-bit, max_seq_length 32768) before building the Unsloth model and the vLLM engine.
+    """
+    from art import dev
+
+    return dev.InternalModelConfig(
+        init_args=dev.InitArgs(max_seq_length=utils.MAX_SEQ_TOKENS, load_in_4bit=args.load_in_4bit),
+        engine_args=dev.EngineArgs(
+            gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=utils.MAX_SEQ_TOKENS,
+            max_lora_rank=next((r for r in VLLM_LORA_RANKS if r >= recipe.lora_r), recipe.lora_r)),
+        peft_args=dev.PeftArgs(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                               target_modules=list(recipe.lora_target_modules), random_state=recipe.seed),
+        trainer_args=dev.TrainerArgs(max_grad_norm=recipe.max_grad_norm, seed=recipe.seed),
+    )
+
+
+def train_kwargs(recipe: utils.Recipe, args: ArtArgs) -> dict:
+    """Keyword arguments of backend.train: the loss is explicit (ART defaults to cispo, TRL to dapo)."""
+    return {"learning_rate": recipe.learning_rate, "loss_fn": recipe.loss_type,
+            "kl_penalty_coef": recipe.beta, "scale_rewards": args.scale_rewards}
+
+
+def check_config(recipe: utils.Recipe, args: ArtArgs) -> None:
+    """Refuse settings ART cannot honour before anything starts."""
+    if recipe.loss_type not in ART_LOSSES:
+        raise SystemExit(f"loss_type {recipe.loss_type!r} is not available in ART 0.5.18 (use one of {ART_LOSSES}; "
+                         "'cispo' exists in both TRL and ART)")
+    if recipe.num_generations < 2:
+        raise SystemExit("num_generations must be >= 2: a group of one has no advantage to learn from")
+    if recipe.validator not in ("embedding", "model", "none"):
+        raise SystemExit(f"unknown validator {recipe.validator!r} (use embedding, model or none)")
+    if args.backend != "local":
+        raise SystemExit(f"unknown backend {args.backend!r} (supported: local)")
+
+
+# --------------------------------------------------------------------------------------
+# Inference through the OpenAI-compatible server (sync: utils.Generator and validators are sync)
+# --------------------------------------------------------------------------------------
+
+
+class ServerGenerator:
+    """utils.Generator over the model's OpenAI-compatible server (the current checkpoint)."""
+
+    def __init__(self, base_url: str, api_key: str, model: str, concurrency: int = 16, timeout: float = 600.0,
+                 progress: bool = True):
+        import openai
+
+        self.client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=2)
+        self.name, self.concurrency, self.progress = model, concurrency, progress
+
+    def complete(self, messages: list[dict], n: int, temperature: float, max_tokens: int) -> list[str]:
+        resp = self.client.chat.completions.create(model=self.name, messages=messages, n=n,
+                                                   temperature=temperature, max_tokens=max_tokens)
+        texts = [c.message.content or "" for c in sorted(resp.choices, key=lambda c: c.index)]
+        if len(texts) != n:
+            raise RuntimeError(f"{self.name}: asked for {n} completions, the server returned {len(texts)}")
+        return texts
+
+    def generate(self, conversations: Sequence[list[dict]], n: int, temperature: float,
+                 max_tokens: int) -> list[list[str]]:
+        from tqdm.auto import tqdm
+
+        with ThreadPoolExecutor(max(1, self.concurrency)) as pool:
+            jobs = pool.map(lambda c: self.complete(c, n, temperature, max_tokens), conversations)
+            return list(tqdm(jobs, total=len(conversations), leave=False, disable=not self.progress,
+                             desc=f"val n={n}{' greedy' if temperature <= 0 else ''}"))
+
+
+class ServerValidator:
+    """The original validator: the BASE model, through the same server, answers True/False."""
+
+    def __init__(self, generator: ServerGenerator):
+        self.generator = generator
+        self.unparsed = 0  # answers that were neither True nor False (counted, treated as False)
+
+    def __call__(self, bodies: Sequence[str], titles: Sequence[str]) -> list[bool]:
+        convs = [utils.validator_messages(b, t) for b, t in zip(bodies, titles, strict=True)]
+        with ThreadPoolExecutor(max(1, self.generator.concurrency)) as pool:
+            answers = list(pool.map(lambda c: self.generator.complete(c, 1, 0.0, 3)[0], convs))
+        parsed = [utils.parse_validator_answer(a) for a in answers]
+        self.unparsed += sum(p is None for p in parsed)
+        return [bool(p) for p in parsed]
+
+
+def base_model_name(generator: ServerGenerator, wanted: str = "") -> str:
+    """The served name of the base model: `wanted` if served, else the one root model listed.
+
+    vLLM lists LoRA adapters with `parent` set to the base; ART 0.5.18 serves the base under
+    an alias (`--served-model-name <name>@<step>`), not always under its Hugging Face id.
+    """
+    models = list(generator.client.models.list())
+    names = [m.id for m in models]
+    if wanted:
+        if wanted not in names:
+            raise SystemExit(f"validator_model {wanted!r} is not served (served: {names})")
+        return wanted
+    roots = [m.id for m in models if getattr(m, "parent", None) is None]
+    if len(roots) != 1:
+        raise SystemExit(f"cannot tell the base model among {names}; set --validator_model")
+    return roots[0]
+
+
+def make_validator(recipe: utils.Recipe, args: ArtArgs, model) -> Any:
+    if recipe.validator == "embedding":
+        return utils.EmbeddingValidator(recipe.validator_threshold)
+    if recipe.validator == "none":
+        return None
+    probe = ServerGenerator(model.inference_base_url, model.inference_api_key, "", args.concurrency,
+                            args.request_timeout, progress=False)
+    probe.name = base_model_name(probe, args.validator_model)
+    print(f"validator: base model served as {probe.name!r}")
+    return ServerValidator(probe)
+
+
+# --------------------------------------------------------------------------------------
+# Rollouts, rewards, groups
+# --------------------------------------------------------------------------------------
+
+
+async def rollout_group(client, model_name: str, row: dict, index: int, recipe: utils.Recipe):
+    """One request with n = num_generations; each choice (with its logprobs) is a trajectory.
+
+    The reward starts as NaN, not 0.0: an unscored trajectory must never look like a score.
+    """
+    import art
+
+    messages = utils.title_messages(row["scraped_body"])
+    resp = await client.chat.completions.create(
+        model=model_name, messages=messages, n=recipe.num_generations, max_tokens=recipe.max_completion_tokens,
+        temperature=recipe.temperature, logprobs=True)
+    trajectories = [art.Trajectory(messages_and_choices=[*messages, choice], reward=math.nan,
+                                   metadata={"story_id": str(row.get("id"))})
+                    for choice in sorted(resp.choices, key=lambda c: c.index)]
+    # batch_index maps the group back to its story when failed groups were dropped
+    return art.TrajectoryGroup(trajectories, metadata={"story_id": str(row.get("id")), "batch_index": index})
+
+
+async def score_groups(groups, rows: Sequence[dict], reward: utils.RewardClient, validator,
+                       recipe: utils.Recipe) -> list[utils.Scored]:
+    """Validator + ONE batched reward request for every completion of the step.
+
+    A RewardServerError propagates: no trajectory of this step gets a reward, nothing trains.
+    """
+    flat_rows, texts, trajectories = [], [], []
+    for group, row in zip(groups, rows, strict=True):
+        for t in group.trajectories:
+            flat_rows.append(row)
+            texts.append(t.messages_and_choices[-1].message.content or "")
+            trajectories.append(t)
+    scored = await utils.score_completions(reward, validator, flat_rows, texts, recipe.trailing_penalty)
+    for t, s in zip(trajectories, scored, strict=True):
+        t.reward = s.reward
+        t.metrics.update(rm=s.rm, matches=float(s.matches), length=float(s.length), copy=s.copy,
+                         trailing=float(s.trailing))
+    return scored
+
+
+def split_teachable(groups) -> tuple[list, Counter]:
+    """Groups that can teach (>= 2 trajectories, not all rewards equal) and why others cannot."""
+    keep, dropped = [], Counter()
+    for g in groups:
+        rewards = [t.reward for t in g.trajectories]
+        if len(rewards) < 2:
+            dropped["fewer than 2 trajectories"] += 1
+        elif max(rewards) - min(rewards) <= 1e-9:
+            dropped["all rewards equal"] += 1
+        else:
+            keep.append(g)
+    return keep, dropped
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------
+
+
+def is_eval_step(step: int, recipe: utils.Recipe) -> bool:
+    return step == recipe.max_steps or (recipe.eval_every > 0 and step % recipe.eval_every == 0)
+
+
+class Trainer:
+    """State of one run: the model, its clients, the data and the metrics writer."""
+
+    def __init__(self, recipe: utils.Recipe, args: ArtArgs, run_dir: Path, train_rows: list[dict],
+                 val_rows: list[dict], model, backend, reward: utils.RewardClient, validator):
+        self.recipe, self.args, self.run_dir = recipe, args, run_dir
+        self.train_rows, self.val_rows = train_rows, val_rows
+        self.model, self.backend, self.reward, self.validator = model, backend, reward, validator
+        self.writer = utils.MetricsWriter(run_dir)
+        rows, _ = utils.read_metrics(run_dir)
+        self.logged = {(r["split"], r["step"]) for r in rows if r["method"] == METHOD}
+        self.timer = utils.Timer(max((r["wall_time"] for r in rows), default=0.0))
+
+    async def done_steps(self) -> tuple[int, list[int]]:
+        """Steps already consumed: ART's checkpoint step (trained) + the steps skipped untrained.
+
+        Skipped steps are kept in ART's model state (state.json) because they leave no
+        checkpoint; without them a resume would replay the batch that could not teach.
+        """
+        skipped = list((self.model.read_state() or {}).get("skipped_steps", []))
+        return await self.model.get_step() + len(skipped), skipped
+
+    async def run(self) -> None:
+        import art
+        from art.utils import iterate_dataset
+        from tqdm.auto import tqdm
+
+        recipe = self.recipe
+        done, skipped = await self.done_steps()
+        if done:
+            print(f"resuming after step {done} (ART step {done - len(skipped)}, {len(skipped)} skipped)")
+            if is_eval_step(done, recipe) and ("val", done) not in self.logged:
+                await self.validate(done)  # the run stopped between training and validating
+        if done >= recipe.max_steps:
+            print(f"nothing to do: {done} of max_steps={recipe.max_steps} steps are done")
+            return
+        steps_per_epoch = math.ceil(len(self.train_rows) / recipe.prompts_per_step)
+        batches = iterate_dataset(self.train_rows, groups_per_step=recipe.prompts_per_step,
+                                  num_epochs=math.ceil(recipe.max_steps / steps_per_epoch),
+                                  initial_step=done, use_tqdm=False)
+        bar = tqdm(total=recipe.max_steps, initial=done, desc="art steps", unit="step")
+        for batch in batches:
+            step = batch.step + 1
+            if step > recipe.max_steps:
+                break
+            inference_name = self.model.get_inference_name()
+            groups = await art.gather_trajectory_groups(
+                (rollout_group(self.model.openai_client(), inference_name, row, i, recipe)
+                 for i, row in enumerate(batch.items)),
+                pbar_desc=f"rollouts step {step}", max_exceptions=self.args.max_exceptions,
+                max_metrics=0)  # the unscored rewards are NaN: keep them out of the bar
+            row = await self.train_step(step, batch, groups, inference_name)
+            bar.update(1)
+            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", match=f"{row['match_rate']:.2f}",
+                            trained=row["extra"]["trainable_groups"])
+            if is_eval_step(step, recipe):
+                await self.validate(step)
+        bar.close()
+
+    async def train_step(self, step: int, batch, groups, inference_name: str) -> dict:
+        """Score, keep the groups that can teach, train (or skip, saying why), write the row."""
+        from tqdm.auto import tqdm
+
+        ids = [str(r.get("id")) for r in batch.items]
+        rows = [batch.items[int(g.metadata["batch_index"])] for g in groups]
+        scored = await score_groups(groups, rows, self.reward, self.validator, self.recipe)
+        keep, dropped = split_teachable(groups)
+        extra: dict[str, Any] = {
+            "epoch": batch.epoch, "stories": ids, "groups": len(groups), "trainable_groups": len(keep),
+            "dropped_groups": dict(dropped), "failed_groups": len(batch.items) - len(groups),
+            "policy": inference_name, "reward_server": dict(self.reward.stats)}
+        if getattr(self.validator, "unparsed", None) is not None:
+            extra["validator_unparsed"] = self.validator.unparsed
+        if not keep:
+            reason = ("no group can teach: " + ", ".join(f"{k}: {v}" for k, v in dropped.items())
+                      if dropped else "every rollout group failed")
+            _, skipped = await self.done_steps()
+            # Recorded before the metrics row: a crash in between loses a row, never duplicates one.
+            self.model.merge_state({"skipped_steps": [*skipped, step]})
+            extra.update(skipped=reason, art_step=await self.model.get_step())
+            tqdm.write(f"step {step}: skipped ({reason})")
+        else:
+            assert all(math.isfinite(t.reward) for g in keep for t in g.trajectories), "unscored trajectory"
+            result = await self.backend.train(self.model, keep, **train_kwargs(self.recipe, self.args))
+            await self.model.log(groups, split="train", metrics=dict(result.metrics), step=result.step)
+            extra.update(art_step=result.step, train_metrics=dict(result.metrics),
+                         loss=result.metrics.get("loss/train", result.metrics.get("loss")))
+        row = utils.metrics_row(method=METHOD, step=step, split="train", scored=scored, wall_time=self.timer(),
+                                run=self.run_dir.name, extra=extra)
+        self.writer.write(row)
+        self.logged.add(("train", step))
+        return row
+
+    async def validate(self, step: int) -> dict:
+        """The TRL trainer's validation (utils.evaluate_generator) on the current checkpoint."""
+        import evaluate
+
+        art_step = await self.model.get_step()
+        name = self.model.get_inference_name()
+        generator = ServerGenerator(self.model.inference_base_url, self.model.inference_api_key, name,
+                                    self.args.concurrency, self.args.request_timeout)
+        result = await utils.evaluate_generator(
+            generator, self.val_rows, self.reward, self.validator, self.recipe.eval_samples,
+            self.recipe.max_completion_tokens, self.recipe.temperature, self.recipe.trailing_penalty)
+        row = utils.eval_metrics_row(result, method=METHOD, step=step, wall_time=self.timer(), run=self.run_dir.name,
+                                     extra={"art_step": art_step, "policy": name})
+        path = evaluate.write_eval(self.run_dir, f"step-{step:05d}", result, row)
+        self.logged.add(("val", step))
+        # history.jsonl is keyed by ART's step (= checkpoint number): delete_checkpoints reads
+        # the best val/reward from it, so the val metrics describe that checkpoint.
+        await self.model.log(split="val", step=art_step, metrics={
+            "reward": row["reward_mean"], "greedy_reward": row["extra"]["greedy_reward_mean"],
+            "match_rate": row["match_rate"], "title_len": row["title_len_mean"], "copy_frac": row["copy_frac_mean"]})
+        if self.args.keep_best:
+            await self.model.delete_checkpoints(best_checkpoint_metric="val/reward")
+        print(f"[val step {step}] {evaluate.summary(result)} -> {path}")
+        return row
+
+
+def log_arguments(**objs: Any) -> None:
+    """Print every resolved argument (as open-r1 logs its argument objects)."""
+    import dataclasses
+
+    for name, obj in objs.items():
+        values = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+        print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+
+
+def main(recipe: utils.Recipe, args: ArtArgs, backend_factory: Callable[[ArtArgs, Path], Any] | None = None) -> Path:
+    """Train; returns the run directory. `backend_factory` is the seam tests use."""
+    check_config(recipe, args)
+    if backend_factory is None:
+        problem = gpu_problem()
+        if problem:
+            raise SystemExit(GPU_HELP.format(problem=problem))
+        backend_factory = make_backend
+    utils.set_seed(recipe.seed)
+    run_dir = utils.run_dir_for(recipe, METHOD, args.recipe)
+    utils.save_config(run_dir, recipe=recipe, art=args, recipe_file=args.recipe, internal_config=internal_config(recipe, args),
+                      train_kwargs=train_kwargs(recipe, args))
+    log_arguments(recipe=recipe, art=args, train_kwargs=train_kwargs(recipe, args))
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model)
+    train, report = utils.load_split(recipe, recipe.train_split, tokenizer, recipe.max_train_stories)
+    print(report.summary())
+    val, report = utils.load_split(recipe, recipe.val_split, tokenizer, recipe.max_val_stories)
+    print(report.summary())
+    if not len(train) or not len(val):
+        raise SystemExit(f"{recipe.dataset}: nothing left to train or validate on after filtering")
+    asyncio.run(_run(recipe, args, run_dir, [dict(r) for r in train], [dict(r) for r in val], backend_factory))
+    print(f"metrics -> {run_dir / utils.METRICS_FILE}")
+    return run_dir
+
+
+async def _run(recipe, args, run_dir: Path, train_rows, val_rows, backend_factory) -> None:
+    import art
+
+    art_path = run_dir / "art"
+    backend = backend_factory(args, art_path)
+    model = art.TrainableModel(name=args.model_name or run_dir.name, project=args.project, base_model=recipe.model,
+                               base_path=str(art_path), _internal_config=internal_config(recipe, args))
+    reward = utils.RewardClient(recipe.reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
+    try:
+        await reward.health()  # before the GPU spins up: a missing server is a one-line error
+        await model.register(backend)
+        validator = make_validator(recipe, args, model)
+        await Trainer(recipe, args, run_dir, train_rows, val_rows, model, backend, reward, validator).run()
+    finally:
+        await reward.aclose()
+        await backend.close()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # ART imports litellm; no network for its price map
+    recipe_, args_ = utils.parse_args((utils.Recipe, ArtArgs), METHOD, description=__doc__.splitlines()[0],
+                                      default_recipe="recipes/cpu.yaml")
+    try:
+        main(recipe_, args_)
+    except utils.RewardServerError as e:
+        sys.exit(f"reward server failed: {e}\nNothing was trained for the failing step; fix the server "
+                 "(`make reward`) and rerun the same command to resume from it.")
