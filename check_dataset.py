@@ -138,7 +138,8 @@ def format_split(info: dict, cap_name: str) -> str:
 def sample_prompt(tokenizer, row: dict, chars: int) -> str:
     """The exact chat-template text the policy sees, with the article cut for display."""
     body = row["scraped_body"]
-    shown = body if len(body) <= chars else body[:chars].rstrip() + f" [... {len(body) - chars} more characters]"
+    cut = body[:chars].rsplit(" ", 1)[0] if len(body) > chars else body  # at a word boundary
+    shown = cut if cut == body else f"{cut.rstrip()} [... {len(body) - len(cut)} more characters]"
     text = tokenizer.apply_chat_template(utils.title_messages(shown), tokenize=False, add_generation_prompt=True)
     return (f"--- sample: id {row['id']}, original title: {row['title']!r}, "
             f"{row['prompt_tokens']} prompt tokens ---\n{text}")

@@ -13,8 +13,10 @@ import utils
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
+    """No override variables from the caller's shell, and no repo .env, leak into a test."""
     for name in [*utils.ENV_OVERRIDES, "RECIPE"]:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(utils, "load_env", lambda *a, **k: None)
 
 
 @pytest.fixture
