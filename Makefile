@@ -82,3 +82,15 @@ test: setup
 
 clean:
 	rm -rf $(VENV) .venv-art models runs .pytest_cache
+
+# A real single-node Slurm on this machine (root; installs Debian's slurm packages if missing).
+# Then: eval "$$(slurm/local_cluster.sh env)"; mkdir -p logs; SBATCH_GRES=none sbatch slurm/train.sbatch
+.PHONY: slurm-up slurm-down slurm-status
+slurm-up:
+	slurm/local_cluster.sh up
+
+slurm-down:
+	slurm/local_cluster.sh down
+
+slurm-status:
+	slurm/local_cluster.sh status
