@@ -33,15 +33,22 @@ class CheckError(RuntimeError):
     """Something other than the rows themselves is wrong (tokenizer, hub access)."""
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """A library's (often multi-line) message as one line, for a one-line error."""
+    return " ".join(str(e).split())[:limit] or type(e).__name__
+
+
 def load_tokenizer(model: str):
     from transformers import AutoTokenizer
 
+    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
+        raise CheckError(f"cannot load the tokenizer of {model}: no such folder (run `make setup` for models/)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model)
-    except OSError as e:  # hub id offline, folder without tokenizer files, ...
+    except (OSError, ValueError) as e:  # hub id offline, folder without tokenizer files, ...
         hint = " (the Hub is unreachable or HF_HUB_OFFLINE=1; set MODEL or --model to a local folder)" \
             if not Path(model).exists() else ""
-        raise CheckError(f"cannot load the tokenizer of {model}{hint}: {str(e).splitlines()[0]}") from None
+        raise CheckError(f"cannot load the tokenizer of {model}{hint}: {first_line(e)}") from None
     if not tokenizer.chat_template:
         raise CheckError(f"{model}: tokenizer has no chat template; prompts are measured with it")
     return tokenizer
@@ -57,7 +64,7 @@ def load_split(source: str, split: str):
         raise CheckError(f"{source}: cannot reach the Hugging Face Hub ({e}); set DATASET or --dataset "
                          f"to a local .jsonl/.parquet file or folder (default: {utils.DEFAULT_DATASET})") from None
     except (OSError, ValueError) as e:  # unknown hub id or split, unreadable parquet, ...
-        raise CheckError(f"{source}: cannot load split '{split}': {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise CheckError(f"{source}: cannot load split '{split}': {type(e).__name__}: {first_line(e)}") from None
 
 
 def empty_fields(ds) -> dict[str, int]:

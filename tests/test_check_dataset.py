@@ -83,15 +83,20 @@ def test_missing_split_column_warns_about_shared_rows(tiny_recipe, tmp_path, cap
 @pytest.mark.parametrize("argv, message", [
     # the hub id goes to datasets.load_dataset; offline, the error says the Hub cannot be reached
     (["--dataset", utils.HUB_DATASET], "cannot reach the Hugging Face Hub"),
-    # a tokenizer that cannot be loaded
-    (["--model", "/nonexistent/model"], "cannot load the tokenizer of /nonexistent/model"),
+    # a model folder that does not exist
+    (["--model", "/nonexistent/model"], "cannot load the tokenizer of /nonexistent/model: no such folder"),
+    # a hub model id, offline
+    (["--model", "someorg/somemodel"], "the Hub is unreachable"),
+    # a folder without tokenizer files (the library raises a multi-line ValueError)
+    (["--model", "__empty_dir__"], "cannot load the tokenizer of"),
     # a dataset file that is not there
     (["--dataset", "/nonexistent/stories.jsonl"], "/nonexistent/stories.jsonl: file not found"),
     # a recipe that is not there
     (["--recipe", "/nonexistent/recipe.yaml"], "recipe not found"),
 ])
-def test_load_failures_are_one_line(tiny_recipe, capsys, monkeypatch, argv, message):
+def test_load_failures_are_one_line(tiny_recipe, tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = [str(tmp_path) if a == "__empty_dir__" else a for a in argv]
     assert check_dataset.cli(["--recipe", tiny_recipe, *argv]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("check_dataset: error: ") and message in err
