@@ -310,3 +310,27 @@ def test_load_split_adds_prompt_and_respects_limit(tmp_path, tiny_tokenizer, lim
     for row in ds:
         assert row["prompt"] == utils.title_messages(row["scraped_body"])
         assert row["prompt_tokens"] > 0
+
+
+def test_hub_id_goes_to_load_dataset(monkeypatch):
+    # The Hub is unreachable here: stand in for datasets.load_dataset, returning what the real
+    # OpenPipe dataset holds (time as datetime, extra columns), and check the call and the result.
+    calls = []
+    rows = [{**{k: v for k, v in story(i).items() if k != "split"}, "time": dt.datetime(2023, 5, i + 1, 9, 30),
+             "descendants": 10} for i in range(3)]
+
+    def fake_load_dataset(name, split):
+        calls.append((name, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    ds = utils.load_stories(utils.HUB_DATASET, "val")
+    assert calls == [(utils.HUB_DATASET, "val")]
+    assert ds["time"] == [f"2023-05-0{i + 1}T09:30:00Z" for i in range(3)]
+    assert len(ds) == 3 and "descendants" in ds.column_names
+
+
+def test_hub_id_offline_raises_connection_error():
+    # conftest sets HF_HUB_OFFLINE=1: the real call fails fast and says why (check_dataset words it for users)
+    with pytest.raises(ConnectionError, match="Couldn't reach"):
+        utils.load_stories(utils.HUB_DATASET, "train")
