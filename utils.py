@@ -687,12 +687,32 @@ class Embedder:
 class EmbeddingValidator:
     """CPU stand-in for the LLM validator: supported iff cosine(title, body) >= threshold."""
 
-    def __init__(self, threshold: float = 0.25, embedder: Embedder | None = None):
+    def __init__(self, threshold: float = 0.25, embedder: Embedder | None = None, cache_size: int = 4096):
         self.threshold = threshold
         self.embedder = embedder or Embedder()
+        # A GRPO batch repeats each body num_generations times and validation reuses the same
+        # val bodies: embedding each distinct body once is most of the validator's time.
+        self.cache_size, self._bodies = cache_size, {}
+
+    def _body_vectors(self, bodies: Sequence[str]):
+        import hashlib
+
+        import torch
+
+        keys = [hashlib.sha1(b.encode("utf-8")).hexdigest() for b in bodies]
+        missing = {k: b for k, b in zip(keys, bodies, strict=True) if k not in self._bodies}
+        if missing:
+            for k, v in zip(missing, self.embedder.encode(list(missing.values())), strict=True):
+                self._bodies[k] = v
+        rows = torch.stack([self._bodies[k] for k in keys])
+        while len(self._bodies) > self.cache_size:  # dicts keep insertion order: drop the oldest
+            self._bodies.pop(next(iter(self._bodies)))
+        return rows
 
     def __call__(self, bodies: Sequence[str], titles: Sequence[str]) -> list[bool]:
-        sims = self.embedder.cosine(titles, bodies)
+        if not titles:
+            return []
+        sims = (self.embedder.encode(titles) * self._body_vectors(bodies)).sum(-1).tolist()
         return [bool(t.strip()) and s >= self.threshold for t, s in zip(titles, sims, strict=True)]
 
 
@@ -887,6 +907,9 @@ def read_metrics(path: str | os.PathLike) -> tuple[list[dict], list[str]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             notes.append(f"{path}: line {lineno} is incomplete or not JSON; skipped")
+            continue
+        if not isinstance(row, dict):  # e.g. a line cut down to a bare number
+            notes.append(f"{path}: line {lineno} is not a JSON object; skipped")
             continue
         missing = [k for k in METRICS_KEYS if k not in row]
         if missing:

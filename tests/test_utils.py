@@ -340,6 +340,23 @@ def test_read_metrics_partial_line_and_missing_keys_are_notes(tmp_path):
     assert "line 4" in notes[1] and "incomplete" in notes[1]
 
 
+@pytest.mark.parametrize("line", [
+    # a partial line that happens to parse as a number
+    "3",
+    # a string
+    '"x"',
+    # null
+    "null",
+    # a list
+    "[1, 2]",
+])
+def test_read_metrics_non_object_line_is_a_note(tmp_path, line):
+    good = utils.metrics_row(method="trl", step=1, split="val", scored=[_scored(1.0)], wall_time=1)
+    (tmp_path / utils.METRICS_FILE).write_text(json.dumps(good) + "\n" + line + "\n")
+    rows, notes = utils.read_metrics(tmp_path)
+    assert len(rows) == 1 and len(notes) == 1 and "line 2" in notes[0]
+
+
 def test_read_metrics_missing_file_is_a_note(tmp_path):
     rows, notes = utils.read_metrics(tmp_path)
     assert rows == [] and "no metrics yet" in notes[0]
