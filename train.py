@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -87,9 +88,35 @@ def gpu_problem() -> str | None:
     return None
 
 
+def import_art():
+    """`import art`, undoing its transformers patch where the patch does not fit.
+
+    art/__init__.py replaces transformers.masking_utils._preprocess_mask_arguments with a
+    wrapper written for the transformers ART pins (5.2.0: seven arguments, cache_position
+    among them). Under the CPU stack's transformers 5.17 (no cache_position) that wrapper
+    breaks every later model forward in the process (the embedding validator's BERT first),
+    so there the original is put back; in .venv-art it stays.
+    """
+    import art
+
+    try:
+        import inspect
+
+        from art.transformers import patches
+        from transformers import masking_utils
+    except ImportError:  # no transformers: nothing was patched
+        return art
+    original = patches._preprocess_mask_arguments
+    if (masking_utils._preprocess_mask_arguments is patches._patched_preprocess_mask_arguments
+            and "cache_position" not in inspect.signature(original).parameters):
+        masking_utils._preprocess_mask_arguments = original
+    return art
+
+
 def make_backend(args: ArtArgs, art_path: Path):
     """The one place the GPU backend is built; tests pass a double through main(backend_factory=)."""
     if args.backend == "local":
+        import_art()
         from art.local import LocalBackend
 
         return LocalBackend(path=str(art_path))
@@ -102,6 +129,7 @@ def internal_config(recipe: utils.Recipe, args: ArtArgs) -> dict:
     art.dev.get_model_config merges these over its defaults (LoRA r=8 alpha=16, max_grad_norm
     0.1, 4-bit, max_seq_length 32768) before building the Unsloth model and the vLLM engine.
     """
+    import_art()
     from art import dev
 
     return dev.InternalModelConfig(
@@ -223,8 +251,7 @@ async def rollout_group(client, model_name: str, row: dict, index: int, recipe: 
 
     The reward starts as NaN, not 0.0: an unscored trajectory must never look like a score.
     """
-    import art
-
+    art = import_art()
     messages = utils.title_messages(row["scraped_body"])
     resp = await client.chat.completions.create(
         model=model_name, messages=messages, n=recipe.num_generations, max_tokens=recipe.max_completion_tokens,
@@ -302,7 +329,7 @@ class Trainer:
         return await self.model.get_step() + len(skipped), skipped
 
     async def run(self) -> None:
-        import art
+        art = import_art()
         from art.utils import iterate_dataset
         from tqdm.auto import tqdm
 
@@ -325,12 +352,13 @@ class Trainer:
             if step > recipe.max_steps:
                 break
             inference_name = self.model.get_inference_name()
+            t0 = time.perf_counter()
             groups = await art.gather_trajectory_groups(
                 (rollout_group(self.model.openai_client(), inference_name, row, i, recipe)
                  for i, row in enumerate(batch.items)),
                 pbar_desc=f"rollouts step {step}", max_exceptions=self.args.max_exceptions,
                 max_metrics=0)  # the unscored rewards are NaN: keep them out of the bar
-            row = await self.train_step(step, batch, groups, inference_name)
+            row = await self.train_step(step, batch, groups, inference_name, t0)
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", match=f"{row['match_rate']:.2f}",
                             trained=row["extra"]["trainable_groups"])
@@ -338,18 +366,26 @@ class Trainer:
                 await self.validate(step)
         bar.close()
 
-    async def train_step(self, step: int, batch, groups, inference_name: str) -> dict:
+    async def train_step(self, step: int, batch, groups, inference_name: str, t0: float) -> dict:
         """Score, keep the groups that can teach, train (or skip, saying why), write the row."""
         from tqdm.auto import tqdm
 
-        ids = [str(r.get("id")) for r in batch.items]
+        rollout_s = time.perf_counter() - t0
         rows = [batch.items[int(g.metadata["batch_index"])] for g in groups]
         scored = await score_groups(groups, rows, self.reward, self.validator, self.recipe)
+        reward_s = time.perf_counter() - t0 - rollout_s
         keep, dropped = split_teachable(groups)
+        choices = [t.messages_and_choices[-1] for g in groups for t in g.trajectories]
+        tokens = [len(c.logprobs.content or []) if c.logprobs else 0 for c in choices]
+        # Same extras as the TRL trainer where they mean the same (compare.py reads them).
         extra: dict[str, Any] = {
-            "epoch": batch.epoch, "stories": ids, "groups": len(groups), "trainable_groups": len(keep),
-            "dropped_groups": dict(dropped), "failed_groups": len(batch.items) - len(groups),
-            "policy": inference_name, "reward_server": dict(self.reward.stats)}
+            "epoch": batch.epoch, "stories": [str(r.get("id")) for r in batch.items], "groups": len(groups),
+            "trainable_groups": len(keep), "dropped_groups": dict(dropped),
+            "failed_groups": len(batch.items) - len(groups), "model": self.recipe.model, "policy": inference_name,
+            "completion_tokens_mean": sum(tokens) / max(len(tokens), 1),
+            "hit_token_cap": sum(c.finish_reason == "length" for c in choices) / max(len(choices), 1),
+            "rollout_seconds": round(rollout_s, 3), "reward_seconds": round(reward_s, 3),
+            "reward_requests": self.reward.stats.get("requests", 0)}
         if getattr(self.validator, "unparsed", None) is not None:
             extra["validator_unparsed"] = self.validator.unparsed
         if not keep:
@@ -366,6 +402,7 @@ class Trainer:
             await self.model.log(groups, split="train", metrics=dict(result.metrics), step=result.step)
             extra.update(art_step=result.step, train_metrics=dict(result.metrics),
                          loss=result.metrics.get("loss/train", result.metrics.get("loss")))
+        extra["step_seconds"] = round(time.perf_counter() - t0, 3)
         row = utils.metrics_row(method=METHOD, step=step, split="train", scored=scored, wall_time=self.timer(),
                                 run=self.run_dir.name, extra=extra)
         self.writer.write(row)
@@ -376,6 +413,7 @@ class Trainer:
         """The TRL trainer's validation (utils.evaluate_generator) on the current checkpoint."""
         import evaluate
 
+        t0 = time.perf_counter()
         art_step = await self.model.get_step()
         name = self.model.get_inference_name()
         generator = ServerGenerator(self.model.inference_base_url, self.model.inference_api_key, name,
@@ -384,7 +422,8 @@ class Trainer:
             generator, self.val_rows, self.reward, self.validator, self.recipe.eval_samples,
             self.recipe.max_completion_tokens, self.recipe.temperature, self.recipe.trailing_penalty)
         row = utils.eval_metrics_row(result, method=METHOD, step=step, wall_time=self.timer(), run=self.run_dir.name,
-                                     extra={"art_step": art_step, "policy": name})
+                                     extra={"art_step": art_step, "model": self.recipe.model, "policy": name,
+                                            "eval_seconds": round(time.perf_counter() - t0, 1)})
         path = evaluate.write_eval(self.run_dir, f"step-{step:05d}", result, row)
         self.logged.add(("val", step))
         # history.jsonl is keyed by ART's step (= checkpoint number): delete_checkpoints reads
@@ -417,7 +456,7 @@ def main(recipe: utils.Recipe, args: ArtArgs, backend_factory: Callable[[ArtArgs
         backend_factory = make_backend
     utils.set_seed(recipe.seed)
     run_dir = utils.run_dir_for(recipe, METHOD, args.recipe)
-    utils.save_config(run_dir, recipe=recipe, art=args, recipe_file=args.recipe, internal_config=internal_config(recipe, args),
+    utils.save_config(run_dir, recipe=recipe, art=args, recipe_path=args.recipe, internal_config=internal_config(recipe, args),
                       train_kwargs=train_kwargs(recipe, args))
     log_arguments(recipe=recipe, art=args, train_kwargs=train_kwargs(recipe, args))
 
@@ -436,8 +475,7 @@ def main(recipe: utils.Recipe, args: ArtArgs, backend_factory: Callable[[ArtArgs
 
 
 async def _run(recipe, args, run_dir: Path, train_rows, val_rows, backend_factory) -> None:
-    import art
-
+    art = import_art()
     art_path = run_dir / "art"
     backend = backend_factory(args, art_path)
     model = art.TrainableModel(name=args.model_name or run_dir.name, project=args.project, base_model=recipe.model,

@@ -10,6 +10,7 @@ the real openai clients; rewards come from a small /score_batch server in this f
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -25,8 +26,10 @@ import utils
 
 ROOT = Path(__file__).resolve().parents[1]
 
-art = pytest.importorskip("art")
 train = pytest.importorskip("train")
+# Through train.import_art: a bare `import art` would leave ART's transformers patch in place,
+# which breaks model forwards under this environment's transformers for the whole session.
+art = train.import_art()
 
 
 # --------------------------------------------------------------------------------------
@@ -128,7 +131,7 @@ class RewardStub:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def stop(self):
         self.server.shutdown()
@@ -377,6 +380,34 @@ def test_model_validator_uses_the_base_model(tmp_path, tiny_model, fake, reward)
         by_title = {t.messages_and_choices[-1].message.content: t for t in g.trajectories}
         assert by_title["A wrong claim"].reward == 0.0 and by_title["A wrong claim"].metrics["matches"] == 0.0
         assert by_title["A fine supported title"].reward == pytest.approx(2.0)
+
+
+@pytest.mark.integration
+def test_end_to_end_with_the_real_reward_server(tmp_path, tiny_model, fake, reward_server, stories_path):
+    recipe = make_recipe(tmp_path, tiny_model, reward_server, dataset=str(stories_path), max_train_stories=2,
+                         max_val_stories=1, max_steps=1, num_generations=3, validator="embedding", reward_retries=3)
+    run_dir, backend = run(recipe, fake)
+    train_rows, val_rows = rows_of(run_dir, "train"), rows_of(run_dir, "val")
+    assert [r["step"] for r in train_rows] == [1] and [r["step"] for r in val_rows] == [1]
+    trajectories = [t for groups, _ in backend.calls for g in groups for t in g.trajectories]
+    assert trajectories, "the MiniLM reward separates the scripted titles, so groups can teach"
+    for t in trajectories:
+        # The real rule: RM score if the embedding validator accepts the title, else 0.
+        assert math.isfinite(t.reward)
+        assert t.reward == pytest.approx(t.metrics["rm"] if t.metrics["matches"] else 0.0)
+    assert len({t.metrics["rm"] for t in trajectories}) > 1
+    assert all(r["extra"]["completion_tokens_mean"] > 0 for r in train_rows)
+
+
+def test_importing_art_leaves_transformers_models_working(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    train.import_art()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 3, dtype=torch.long))
+    assert out.logits.shape[:2] == (1, 3)
 
 
 @pytest.mark.parametrize("lora_r, max_lora_rank", [
