@@ -400,3 +400,46 @@ def test_score_completions_failure_propagates(server, action):
     with pytest.raises(utils.RewardServerError):
         run(client, lambda c: utils.score_completions(c, StubValidator(), ROWS[:3], completions))
     assert client.stats["failures"] == 1  # the step failed once, and it is counted
+
+
+# --------------------------------------------------------------------------------------
+# evaluate_generator: the one validation procedure (stub generator, real HTTP server)
+# --------------------------------------------------------------------------------------
+
+
+class StubGenerator:
+    """Greedy: 'Greedy <i>'; sampled: 'Sample <i>.<j>' (story 1's first sample is unsupported)."""
+
+    name = "stub"
+
+    def __init__(self):
+        self.calls = []
+
+    def generate(self, conversations, n, temperature, max_tokens):
+        self.calls.append((len(conversations), n, temperature, max_tokens))
+        ids = [int(c[1]["content"].split()[1]) for c in conversations]  # "Body <i> about compilers"
+        if temperature == 0:
+            return [[f"Greedy {i}"] for i in ids]
+        return [[("unsupported " if (i, j) == (1, 0) else "") + f"Sample {i}.{j}" for j in range(n)] for i in ids]
+
+
+def test_evaluate_generator_structure_and_rewards(server):
+    gen, client = StubGenerator(), client_for(server)
+    result = run(client, lambda c: utils.evaluate_generator(gen, ROWS[:2], c, StubValidator(), samples=2,
+                                                            max_tokens=16, temperature=0.7))
+    # one greedy call (temperature 0) and one sampled call, for all stories at once
+    assert gen.calls == [(2, 1, 0.0, 16), (2, 2, 0.7, 16)]
+    assert [s.title for s in result.greedy] == ["Greedy 0", "Greedy 1"]
+    assert [[s.title for s in ss] for ss in result.sampled] == [["Sample 0.0", "Sample 0.1"],
+                                                                ["unsupported Sample 1.0", "Sample 1.1"]]
+    # every title scored in one batch request, rewards = len(title) when supported
+    assert server.paths() == ["/score_batch"] and len(server.requests[0]["json"]["stories"]) == 6
+    assert result.per_story_reward() == pytest.approx([(8 + 10 + 10) / 3, (8 + 0 + 10) / 3])
+    row = utils.eval_metrics_row(result, method="eval", step=3, wall_time=1.0, run="r")
+    assert tuple(row) == utils.METRICS_KEYS
+    assert row["n"] == 6 and row["split"] == "val"
+    assert row["extra"]["greedy_reward_mean"] == pytest.approx(8.0)
+    assert row["extra"]["stories"] == 2
+    records = result.records()
+    assert [r["original"] for r in records] == ["Original 0", "Original 1"]
+    json.dumps(records)
