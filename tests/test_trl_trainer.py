@@ -1,0 +1,317 @@
+"""reference_grpo_trainer.py: real GRPO steps on the tiny model against the real reward server.
+
+Everything that imports TRL lives in this one module (importing it costs ~6 s per process).
+The end-to-end runs call `cli()` in-process, the same entry point as `make train-trl`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+import reference_grpo_trainer as rgt
+import utils
+
+pytestmark = pytest.mark.slow
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------
+
+
+class FlakyRewardServer:
+    """A local reward server that scores `ok_batches` batches, then answers 503 forever.
+
+    Stands in for a reward server that dies mid-run; /health keeps answering 200 so the
+    trainer gets past its start-up check and fails inside a GRPO step.
+    """
+
+    def __init__(self, ok_batches: int):
+        self.ok_batches, self.batches, self.failed = ok_batches, 0, 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _send(self, code: int, obj: dict) -> None:
+                body = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                self._send(200, {"status": "ok"})
+
+            def do_POST(self):
+                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if outer.batches >= outer.ok_batches:
+                    outer.failed += 1
+                    self._send(503, {"error": "overloaded"})
+                    return
+                outer.batches += 1
+                # Deterministic: longer titles up to 8 words score higher.
+                self._send(200, {"scores": [min(len(s["title"].split()), 8) / 8 for s in payload["stories"]]})
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def tiny_argv(runs_dir: Path, url: str, *extra: str) -> list[str]:
+    return ["--recipe", str(utils.ROOT / "recipes" / "tiny.yaml"), "--runs_dir", str(runs_dir),
+            "--run_name", "run", "--reward_url", url, *extra]
+
+
+def metric_steps(run_dir: Path, split: str) -> list[int]:
+    rows, notes = utils.read_metrics(run_dir)
+    assert not notes, notes
+    return [r["step"] for r in rows if r["split"] == split]
+
+
+def rows_like(n: int) -> dict:
+    """Dataset columns as TRL hands them to reward functions (one entry per completion)."""
+    body = "Rust 1.80 ships LazyCell and LazyLock in the standard library, replacing once_cell for most users."
+    return {"title": ["Rust 1.80 released"] * n, "by": ["alice"] * n, "time": ["2024-07-25T12:00:00Z"] * n,
+            "url": ["https://blog.rust-lang.org"] * n, "scraped_body": [body] * n}
+
+
+def completions(*texts: str) -> list:
+    return [[{"role": "assistant", "content": t}] for t in texts]
+
+
+# --------------------------------------------------------------------------------------
+# The reward function
+# --------------------------------------------------------------------------------------
+
+
+def test_reward_func_scores_the_batch_with_the_real_server(reward_server):
+    client = utils.RewardClient(reward_server)
+    log = rgt.RewardLog()
+    fn = rgt.make_reward_func(client, None, trailing_penalty=0.5, log=log, max_completion_tokens=3)
+    metrics: dict[str, float] = {}
+    texts = ["Rust ships LazyCell", "Title: Rust ships LazyLock\nand more text", "   "]
+
+    async def run():
+        try:
+            return await fn(prompts=[[]] * 3, completions=completions(*texts), completion_ids=[[1, 2, 3], [1], [1, 2]],
+                            log_metric=metrics.__setitem__, log_extra=lambda *a: None, **rows_like(3))
+        finally:
+            await client.aclose()
+
+    rewards = asyncio.run(run())
+    assert fn.__name__ == "hn_reward"  # TRL's metric key rewards/hn_reward/mean
+    row = {k: v[0] for k, v in rows_like(1).items()}
+    expected_rm = utils.RewardClient(reward_server).score_sync(
+        [utils.story_for_scoring(t, row) for t in ("Rust ships LazyCell", "Rust ships LazyLock")])
+    # Case 1: a clean title gets the server's score (no validator: a non-empty title counts as supported).
+    assert rewards[0] == pytest.approx(expected_rm[0])
+    # Case 2: "Title:" is stripped, the trailing text is penalised by trailing_penalty.
+    assert rewards[1] == pytest.approx(expected_rm[1] - 0.5)
+    # Case 3: an empty completion has no title: reward 0 by the rule, and it is not sent.
+    assert rewards[2] == 0.0
+    assert client.stats == {"requests": 1, "retries": 0, "failures": 0}  # one batched request
+    assert [s.title for s in log.pending] == ["Rust ships LazyCell", "Rust ships LazyLock", ""]
+    assert metrics["hn/trailing_rate"] == pytest.approx(1 / 3)
+    assert metrics["hn/hit_token_cap"] == pytest.approx(1 / 3)  # only the 3-token completion hit the cap
+    assert {"hn/rm", "hn/match_rate", "hn/title_words", "hn/copy_frac"} <= set(metrics)
+
+
+def test_reward_func_raises_when_the_server_fails_and_scores_nothing():
+    log = rgt.RewardLog()
+    with FlakyRewardServer(ok_batches=0) as server:
+        client = utils.RewardClient(server.url, retries=2, backoff=0.01)
+        fn = rgt.make_reward_func(client, None, 0.0, log, max_completion_tokens=8)
+
+        async def run():
+            try:
+                return await fn(prompts=[[]] * 2, completions=completions("A", "B"), completion_ids=[[1], [1]],
+                                **rows_like(2))
+            finally:
+                await client.aclose()
+
+        with pytest.raises(utils.RewardServerError, match="failed after 3 attempts"):
+            asyncio.run(run())
+    assert server.failed == 3  # first try + 2 retries, then it gives up
+    assert log.failures == 1 and log.pending == []  # counted, and no reward was produced
+
+
+# --------------------------------------------------------------------------------------
+# Configuration and run-directory bookkeeping
+# --------------------------------------------------------------------------------------
+
+
+def test_grpo_config_follows_the_recipe(tmp_path):
+    import fast_backend
+
+    recipe = utils.Recipe(prompts_per_step=3, num_generations=4, max_completion_tokens=17, learning_rate=3e-4,
+                          max_grad_norm=0.2, loss_type="cispo", beta=0.01, max_steps=7, save_every=5, seed=3)
+    args = rgt.TrlArgs()
+    config = rgt.grpo_config(recipe, args, fast_backend.Backend("cpu", "cpu", use_vllm=False), tmp_path)
+    assert config.per_device_train_batch_size == 12  # completions per step = prompts x generations
+    assert config.generation_batch_size == 12 and config.num_generations == 4
+    assert (config.max_completion_length, config.learning_rate, config.max_grad_norm) == (17, 3e-4, 0.2)
+    assert (config.loss_type, config.beta, config.max_steps, config.save_steps, config.seed) == ("cispo", 0.01, 7, 5, 3)
+    assert config.lr_scheduler_type == "constant"
+    assert config.use_cpu and not config.bf16 and not config.use_vllm
+    assert config.gradient_checkpointing is False  # TRL's default is True; measured slower on CPU
+    assert config.report_to == [] or config.report_to == "none" or config.report_to == ["none"]
+
+
+@pytest.mark.parametrize("lines, keep_until, kept_steps, offset, val_done, dropped", [
+    # Case: resume at step 2: rows of steps 3+ are redone, so they go.
+    ([(1, "train", 1.0), (2, "train", 2.0), (2, "val", 2.5), (3, "train", 3.0)], 2, [1, 2, 2], 2.5, {2}, 1),
+    # Case: no checkpoint (keep_until 0): everything goes, the clock restarts.
+    ([(1, "train", 1.0)], 0, [], 0.0, set(), 1),
+    # Case: a partial last line from a killed process is dropped, not fatal.
+    ([(1, "train", 1.0), "partial"], 1, [1], 1.0, set(), 1),
+])
+def test_trim_metrics(tmp_path, lines, keep_until, kept_steps, offset, val_done, dropped):
+    writer = utils.MetricsWriter(tmp_path)
+    for line in lines:
+        if line == "partial":
+            with writer.path.open("a") as f:
+                f.write('{"schema": 1, "st')
+            continue
+        step, split, wall = line
+        writer.write(utils.metrics_row(method="trl", step=step, split=split, scored=[], wall_time=wall))
+    got = rgt.trim_metrics(tmp_path, keep_until)
+    assert got == (offset, val_done, dropped)
+    assert [r["step"] for r in utils.read_metrics(tmp_path)[0]] == kept_steps
+
+
+def test_fails_fast_without_a_reward_server(tmp_path, capsys):
+    from servers import free_port
+
+    code = rgt.cli(tiny_argv(tmp_path, f"http://127.0.0.1:{free_port()}", "--reward_retries", "0"))
+    assert code == rgt.EXIT_REWARD_SERVER
+    assert "reward server not usable" in capsys.readouterr().err
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_unsloth_backend_on_cpu_fails_fast(tmp_path, capsys):
+    t0 = time.perf_counter()
+    code = rgt.cli(tiny_argv(tmp_path, "http://127.0.0.1:9", "--backend", "unsloth"))
+    assert code == rgt.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "needs an NVIDIA GPU with CUDA" in err and "--backend auto" in err
+    assert time.perf_counter() - t0 < 30  # nothing heavy was loaded (no model, no server contact)
+
+
+# --------------------------------------------------------------------------------------
+# End to end: real GRPO steps on models/tiny with the real reward server
+# --------------------------------------------------------------------------------------
+
+
+def lora_b_norm(checkpoint: Path) -> float:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(checkpoint / "adapter_model.safetensors"))
+    return sum(float(v.abs().sum()) for k, v in weights.items() if "lora_B" in k)
+
+
+def test_two_steps_then_resume_to_four(tiny_model, reward_server, tmp_path, capsys):
+    # validator none: reward = RM score, so groups have variance and the adapter really moves.
+    argv = tiny_argv(tmp_path, reward_server, "--validator", "none")
+    assert rgt.cli([*argv, "--max_steps", "2"]) == rgt.EXIT_OK
+    run_dir = tmp_path / "run"
+    assert (run_dir / "checkpoint-2" / "adapter_model.safetensors").exists()
+    assert lora_b_norm(run_dir / "checkpoint-2") > 0  # LoRA B starts at zero: two steps changed it
+    assert metric_steps(run_dir, "train") == [1, 2] and metric_steps(run_dir, "val") == [2]
+    out = capsys.readouterr().out
+    assert "backend cpu: transformers + PEFT on CPU" in out and "[val step 2]" in out and "original:" in out
+
+    assert rgt.cli([*argv, "--max_steps", "4"]) == rgt.EXIT_OK
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "checkpoint-2" in out
+    state = json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert metric_steps(run_dir, "train") == [1, 2, 3, 4]  # continued, no duplicates
+    assert metric_steps(run_dir, "val") == [2, 4]
+    rows = utils.read_metrics(run_dir)[0]
+    walls = [r["wall_time"] for r in rows]
+    assert walls == sorted(walls)  # the clock continued across the restart
+    train = [r for r in rows if r["split"] == "train"]
+    assert all(r["method"] == "trl" and r["n"] == 4 and set(r) == set(utils.METRICS_KEYS) for r in train)
+    assert all(r["extra"]["step_seconds"] > 0 and r["extra"]["completion_tokens_mean"] > 0 for r in train)
+    assert (run_dir / "final" / "adapter_config.json").exists()
+    assert (run_dir / "eval" / "step-00004.jsonl").exists()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["recipe"]["num_generations"] == 2 and config["trl"]["backend"] == "auto"
+    # Already at max_steps: a rerun changes nothing and duplicates nothing.
+    assert rgt.cli([*argv, "--max_steps", "4"]) == rgt.EXIT_OK
+    assert metric_steps(run_dir, "train") == [1, 2, 3, 4] and metric_steps(run_dir, "val") == [2, 4]
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_continues(tiny_model, reward_server, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = tiny_argv(tmp_path, reward_server, "--validator", "none", "--eval_every", "0")
+    fired = threading.Event()
+
+    def kill_after_first_step():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not metric_steps_safe(run_dir):
+            time.sleep(0.02)
+        fired.set()
+        os.kill(os.getpid(), signal.SIGTERM)  # what Slurm (or `kill`) sends
+
+    watcher = threading.Thread(target=kill_after_first_step, daemon=True)
+    watcher.start()
+    code = rgt.cli([*argv, "--max_steps", "40", "--save_every", "100"])
+    watcher.join(timeout=5)
+    assert fired.is_set()
+    assert code == rgt.EXIT_INTERRUPTED
+    checkpoints = sorted(run_dir.glob("checkpoint-*"))
+    assert len(checkpoints) == 1  # save_every 100: only the signal made this one
+    stopped_at = int(checkpoints[0].name.split("-")[1])
+    assert 1 <= stopped_at < 40
+    assert metric_steps(run_dir, "train") == list(range(1, stopped_at + 1))
+    assert "SIGTERM: saving a checkpoint" in capsys.readouterr().out
+    assert not (run_dir / "final").exists()
+
+    assert rgt.cli([*argv, "--max_steps", str(stopped_at + 2)]) == rgt.EXIT_OK
+    assert metric_steps(run_dir, "train") == list(range(1, stopped_at + 3))
+    assert metric_steps(run_dir, "val") == [stopped_at + 2]  # the final validation
+
+
+def metric_steps_safe(run_dir: Path) -> list[int]:
+    try:
+        return [r["step"] for r in utils.read_metrics(run_dir)[0] if r["split"] == "train"]
+    except OSError:
+        return []
+
+
+def test_reward_server_failing_mid_run_stops_training_loudly(tiny_model, tmp_path, capsys):
+    # The server scores step 1's batch, then answers 503 forever: step 2 must fail, not score 0.
+    with FlakyRewardServer(ok_batches=1) as server:
+        code = rgt.cli(tiny_argv(tmp_path, server.url, "--validator", "none", "--reward_retries", "1",
+                                 "--max_steps", "3", "--eval_every", "0"))
+    assert code == rgt.EXIT_REWARD_SERVER
+    err = capsys.readouterr().err
+    assert "the reward server failed during step 2" in err and "no reward was made up" in err
+    assert "1 failure(s) recorded" in err and "HTTP 503" in err
+    run_dir = tmp_path / "run"
+    assert metric_steps(run_dir, "train") == [1]  # step 2 never produced a row
+    failures = [json.loads(line) for line in (run_dir / "failures.jsonl").read_text().splitlines()]
+    assert len(failures) == 1 and failures[0]["step"] == 2 and failures[0]["client"]["failures"] == 1
+    assert server.failed == 2  # first try + 1 retry
+    assert not (run_dir / "final").exists()
