@@ -8,6 +8,7 @@ schema goes to <run_dir>/metrics.jsonl and the titles, beside the originals, to
     python evaluate.py --recipe recipes/cpu.yaml --label before
     python evaluate.py --recipe recipes/cpu.yaml --adapter runs/trl-cpu/checkpoint-20 --label after
     make eval ARGS="--adapter runs/trl-cpu/checkpoint-20"
+    python evaluate.py --generator openai --openai_model gpt-4o-mini --run_name prompted-gpt-4o-mini  # .env: OPENAI_*
 """
 
 from __future__ import annotations
