@@ -41,6 +41,8 @@ setup-art:
 	@nvidia-smi >/dev/null 2>&1 || { echo "setup-art needs an NVIDIA GPU (nvidia-smi failed)"; exit 1; }
 	test -x .venv-art/bin/python || $(PY) -m venv .venv-art
 	.venv-art/bin/pip install "openpipe-art[backend]==0.5.18" -r requirements-art.txt
+	# ART 0.5.18 runs vLLM from its own env, built by `uv sync` on first use: build it now, not mid-run.
+	PATH="$(CURDIR)/.venv-art/bin:$$PATH" .venv-art/bin/python -c "from art.vllm_runtime import ensure_vllm_runtime; print(ensure_vllm_runtime())"
 
 check: setup
 	$(PYTHON) check_dataset.py --recipe $(RECIPE) $(ARGS)
@@ -54,8 +56,9 @@ reward-prod: setup
 train-trl: setup
 	$(PYTHON) reference_grpo_trainer.py --recipe $(RECIPE) $(ARGS)
 
-train-art: setup
-	$(if $(wildcard .venv-art/bin/python),.venv-art/bin/python,$(PYTHON)) train.py --recipe $(RECIPE) $(ARGS)
+# With .venv-art (GPU node) it runs there; otherwise train.py in .venv says what it needs and stops.
+train-art: $(if $(wildcard .venv-art/bin/python),,setup)
+	$(if $(wildcard .venv-art/bin/python),PATH="$(CURDIR)/.venv-art/bin:$$PATH" .venv-art/bin/python,$(PYTHON)) train.py --recipe $(RECIPE) $(ARGS)
 
 eval: setup
 	$(PYTHON) evaluate.py --recipe $(RECIPE) $(ARGS)

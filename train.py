@@ -5,7 +5,8 @@ Needs a CUDA GPU: ART's LocalBackend runs vLLM (rollouts) and Unsloth (training)
 its own virtualenv (`make setup-art`; its torch/transformers/trl pins clash with the TRL
 stack). On a machine without one this script stops before loading anything heavy.
 
-    make setup-art && make reward &                     # once per GPU node; the reward server
+    make setup-art                                      # once per GPU node: .venv-art
+    make reward                                         # in another shell: the reward server
     make train-art RECIPE=recipes/gpu.yaml              # = .venv-art/bin/python train.py --recipe ...
     python train.py --recipe recipes/gpu.yaml --max_steps 200 --eval_every 25
     METHOD=art sbatch slurm/train.sbatch                # through Slurm
@@ -41,8 +42,10 @@ VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora
 GPU_HELP = """\
 train.py (ART) needs a CUDA GPU: {problem}.
 ART's LocalBackend generates with vLLM and trains with Unsloth on the GPU; neither runs on a CPU.
-  On a GPU node:  make setup-art && make reward & make train-art RECIPE=recipes/gpu.yaml
-  Through Slurm:  METHOD=art RECIPE=recipes/gpu.yaml sbatch slurm/train.sbatch
+  On a GPU node:  make setup-art                          # once: .venv-art with openpipe-art[backend]
+                  make reward                             # in another shell: the reward server
+                  make train-art RECIPE=recipes/gpu.yaml
+  Through Slurm:  METHOD=art RECIPE=recipes/gpu.yaml sbatch slurm/train.sbatch  (starts the reward server too)
 On this machine, the TRL trainer runs on the CPU: make train-trl (recipes/cpu.yaml)."""
 
 
