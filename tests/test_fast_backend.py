@@ -1,0 +1,180 @@
+"""fast_backend.py: backend selection, the CPU fail-fast, and the Unsloth wiring against a fake `unsloth`.
+
+Unsloth and vLLM need CUDA (and their install replaces torch), so the GPU path is tested
+with a stand-in module that records every call; the code around it is the real code.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import subprocess
+import sys
+import types
+
+import pytest
+
+import fast_backend as fb
+import utils
+from fast_backend import Backend, BackendError, Machine
+
+GPU = Machine(cuda=True, unsloth=True, vllm=True)
+GPU_BARE = Machine(cuda=True, unsloth=False, vllm=False)
+GPU_NO_VLLM = Machine(cuda=True, unsloth=True, vllm=False)
+GPU_VLLM_ONLY = Machine(cuda=True, unsloth=False, vllm=True)
+CPU = Machine(cuda=False, unsloth=False, vllm=False)
+CPU_WITH_UNSLOTH = Machine(cuda=False, unsloth=True, vllm=True)
+
+
+@pytest.mark.parametrize("requested, machine, use_vllm, expected", [
+    # auto on a CPU box: plain transformers + PEFT on the CPU.
+    ("auto", CPU, True, ("cpu", "cpu", False)),
+    # auto on a CPU box where unsloth happens to be installed: still CPU (it cannot run).
+    ("auto", CPU_WITH_UNSLOTH, True, ("cpu", "cpu", False)),
+    # auto on a GPU with unsloth + vllm: Unsloth with its vLLM engine.
+    ("auto", GPU, True, ("unsloth", "cuda", True)),
+    # auto on a GPU with unsloth but no vllm, generation without vLLM requested: Unsloth alone.
+    ("auto", GPU_NO_VLLM, False, ("unsloth", "cuda", False)),
+    # auto on a GPU with unsloth but no vllm and vLLM wanted: plain transformers (with a note).
+    ("auto", GPU_NO_VLLM, True, ("transformers", "cuda", False)),
+    # auto on a bare GPU: transformers + PEFT on CUDA.
+    ("auto", GPU_BARE, True, ("transformers", "cuda", False)),
+    # cpu forces the CPU even on a GPU machine.
+    ("cpu", GPU, True, ("cpu", "cpu", False)),
+    # transformers uses whatever device exists.
+    ("transformers", CPU, True, ("transformers", "cpu", False)),
+    ("transformers", GPU, True, ("transformers", "cuda", False)),
+    # explicit unsloth without vLLM.
+    ("unsloth", GPU_NO_VLLM, False, ("unsloth", "cuda", False)),
+    # TRL's own vLLM on a GPU without unsloth.
+    ("trl-vllm", GPU_VLLM_ONLY, True, ("trl-vllm", "cuda", True)),
+])
+def test_select_backend(requested, machine, use_vllm, expected):
+    backend = fb.select_backend(requested, use_vllm=use_vllm, machine=machine)
+    assert (backend.name, backend.device, backend.use_vllm) == expected
+
+
+@pytest.mark.parametrize("requested, machine, kwargs, message", [
+    # The CPU fail-fast: Unsloth needs CUDA, said plainly, with the way out.
+    ("unsloth", CPU_WITH_UNSLOTH, {}, "backend 'unsloth' needs an NVIDIA GPU with CUDA"),
+    ("trl-vllm", CPU_WITH_UNSLOTH, {}, "backend 'trl-vllm' needs an NVIDIA GPU with CUDA"),
+    # A GPU without the packages: how to install them.
+    ("unsloth", GPU_BARE, {}, "make setup-gpu"),
+    ("unsloth", GPU_NO_VLLM, {}, "--use_vllm false"),
+    ("trl-vllm", GPU_BARE, {}, "needs vllm"),
+    ("trl-vllm", GPU, {"use_vllm": False}, "generates with vLLM"),
+    # Typos are errors, not a silent default.
+    ("unslot", GPU, {}, "unknown backend 'unslot'"),
+    ("trl-vllm", GPU, {"vllm_mode": "remote"}, "unknown vllm_mode 'remote'"),
+])
+def test_select_backend_errors(requested, machine, kwargs, message):
+    with pytest.raises(BackendError, match=message.replace("(", r"\(")):
+        fb.select_backend(requested, machine=machine, **kwargs)
+
+
+def test_this_cpu_machine_says_what_runs():
+    backend = fb.select_backend("auto")  # the real machine: no CUDA here
+    assert backend.describe() == ("backend cpu: transformers + PEFT on CPU (fp32), generation with HF generate; "
+                                  "no Unsloth/vLLM on CPU")
+    with pytest.raises(BackendError, match="needs an NVIDIA GPU with CUDA"):
+        fb.select_backend("unsloth")
+
+
+def test_cli_fails_fast_for_unsloth_on_cpu():
+    proc = subprocess.run([sys.executable, str(utils.ROOT / "fast_backend.py"), "--backend", "unsloth"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "needs an NVIDIA GPU with CUDA" in proc.stderr and "cuda=False" in proc.stdout
+
+
+# --------------------------------------------------------------------------------------
+# The Unsloth wiring, against a recording fake
+# --------------------------------------------------------------------------------------
+
+
+class FakeTokenizer:
+    pad_token = None
+    eos_token = "<|im_end|>"
+
+
+class FakeFastLanguageModel:
+    calls: list = []
+
+    @classmethod
+    def from_pretrained(cls, **kwargs):
+        cls.calls.append(("from_pretrained", kwargs))
+        return types.SimpleNamespace(kind="base"), FakeTokenizer()
+
+    @classmethod
+    def get_peft_model(cls, model, **kwargs):
+        cls.calls.append(("get_peft_model", kwargs))
+        return types.SimpleNamespace(kind="peft", base=model)
+
+
+@pytest.fixture
+def fake_unsloth(monkeypatch):
+    module = types.ModuleType("unsloth")
+    module.__spec__ = importlib.machinery.ModuleSpec("unsloth", loader=None)
+    module.FastLanguageModel = FakeFastLanguageModel
+    FakeFastLanguageModel.calls = []
+    monkeypatch.setitem(sys.modules, "unsloth", module)
+    return FakeFastLanguageModel
+
+
+@pytest.mark.parametrize("use_vllm, four_bit, checkpointing", [
+    # The GPU recipe's default: vLLM generation, 16-bit LoRA, no gradient checkpointing.
+    (True, False, False),
+    # QLoRA with Unsloth's offloaded gradient checkpointing, no vLLM.
+    (False, True, True),
+])
+def test_unsloth_load_policy_wiring(fake_unsloth, use_vllm, four_bit, checkpointing):
+    recipe = utils.Recipe(model="Qwen/Qwen2.5-0.5B-Instruct", lora_r=8, lora_alpha=16, lora_dropout=0.05,
+                          lora_target_modules=["q_proj", "v_proj"], max_prompt_tokens=8092,
+                          max_completion_tokens=100, seed=7)
+    args = types.SimpleNamespace(load_in_4bit=four_bit, gpu_memory_utilization=0.55,
+                                 gradient_checkpointing=checkpointing)
+    model, tokenizer = fb.load_policy(Backend("unsloth", "cuda", use_vllm=use_vllm), recipe, args)
+    assert [name for name, _ in fake_unsloth.calls] == ["from_pretrained", "get_peft_model"]
+    assert fake_unsloth.calls[0][1] == {
+        "model_name": "Qwen/Qwen2.5-0.5B-Instruct", "max_seq_length": 8192, "load_in_4bit": four_bit,
+        "fast_inference": use_vllm, "max_lora_rank": 8, "gpu_memory_utilization": 0.55, "random_state": 7}
+    assert fake_unsloth.calls[1][1] == {
+        "r": 8, "target_modules": ["q_proj", "v_proj"], "lora_alpha": 16, "lora_dropout": 0.05, "bias": "none",
+        "use_gradient_checkpointing": "unsloth" if checkpointing else False, "random_state": 7}
+    assert model.kind == "peft" and model.base.kind == "base"  # the PEFT model goes to GRPOTrainer
+    assert tokenizer.pad_token == "<|im_end|>"  # batched generation needs a pad token
+
+
+@pytest.mark.parametrize("backend, args, expected", [
+    # CPU: fp32 on the CPU, no vLLM.
+    (Backend("cpu", "cpu", False), {}, {"use_cpu": True, "bf16": False, "fp16": False, "use_vllm": False}),
+    # Unsloth: its vLLM engine via use_vllm; checkpointing was decided in get_peft_model.
+    (Backend("unsloth", "cuda", True), {}, {"bf16": True, "fp16": False, "use_vllm": True,
+                                            "gradient_checkpointing": False}),
+    # TRL vLLM colocated: shares the GPU at the given memory share.
+    (Backend("trl-vllm", "cuda", True, "colocate"), {"gpu_memory_utilization": 0.4},
+     {"bf16": True, "fp16": False, "use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.4}),
+    # TRL vLLM server: a `trl vllm-serve` somewhere else.
+    (Backend("trl-vllm", "cuda", True, "server"), {"vllm_server_base_url": "http://gpu2:8000"},
+     {"bf16": True, "fp16": False, "use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": "http://gpu2:8000"}),
+])
+def test_grpo_overrides(monkeypatch, backend, args, expected):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    ns = types.SimpleNamespace(**{"gpu_memory_utilization": 0.6, "vllm_server_base_url": "", **args})
+    assert fb.grpo_overrides(backend, ns) == expected
+
+
+def test_import_unsloth_first(fake_unsloth, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # An explicit non-Unsloth backend never imports it.
+    assert fb.import_unsloth_first(["--backend", "cpu"]) is False
+    # Once transformers is loaded it is too late to patch it first: skip, do not half-patch.
+    monkeypatch.setitem(sys.modules, "transformers", types.ModuleType("transformers"))
+    assert fb.import_unsloth_first([]) is False
+    # Before transformers/trl, on a CUDA machine with unsloth installed: imported first.
+    monkeypatch.delitem(sys.modules, "transformers")
+    monkeypatch.delitem(sys.modules, "trl", raising=False)
+    assert fb.import_unsloth_first(["--recipe", "recipes/gpu.yaml"]) is True
