@@ -53,8 +53,10 @@ class Run:
         return methods.most_common(1)[0][0] if methods else "n/a"
 
     def split(self, name: str) -> list[dict]:
-        """Rows of one split ordered by step (file order breaks ties: the later row wins)."""
-        return sorted((r for r in self.rows if r.get("split") == name), key=lambda r: r["step"])
+        """Rows of one split ordered by step, one per step: a resumed run may log a step again,
+        and the later row (the run that went on) wins."""
+        by_step = {r["step"]: r for r in self.rows if r.get("split") == name}
+        return [by_step[k] for k in sorted(by_step)]
 
     @property
     def is_reference(self) -> bool:
@@ -100,7 +102,7 @@ def read_config(run_dir: Path) -> tuple[dict, list[str]]:
 
 
 def load_run(path: Path) -> list[Run]:
-    """The runs in one folder: one per method found in its metrics (usually exactly one)."""
+    """The runs in one folder: one per method (and evaluation label) in its metrics, usually one."""
     if path.name == utils.METRICS_FILE:
         path = path.parent
     label = path.name
@@ -111,16 +113,34 @@ def load_run(path: Path) -> list[Run]:
     notes += [n.replace(str(path / utils.METRICS_FILE), f"{_display(path)}/{utils.METRICS_FILE}") for n in metric_notes]
     if (path / utils.METRICS_FILE).exists() and not rows and not metric_notes:
         notes.append(f"{_display(path)}/{utils.METRICS_FILE} is empty (run just started?)")
-    methods = sorted({r.get("method") or "?" for r in rows})
-    if len(methods) <= 1:
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(_group(r, rows), []).append(r)
+    if len(groups) <= 1:
         return [_checked(Run(path, label, rows, config, notes))]
-    # One folder, several methods (e.g. an eval run dir holding 'base' and 'eval' rows).
-    return [_checked(Run(path, f"{label} ({m})", [r for r in rows if (r.get("method") or "?") == m], config,
-                         list(notes) if i == 0 else [])) for i, m in enumerate(methods)]
+    # One folder, several series: e.g. an eval folder holding 'base' and 'eval' rows, or the
+    # evaluations `--label before` and `--label after` of evaluate.py, all at step 0.
+    return [_checked(Run(path, f"{label} ({g})", group_rows, config, list(notes) if i == 0 else []))
+            for i, (g, group_rows) in enumerate(sorted(groups.items()))]
+
+
+def _group(row: dict, rows: list[dict]) -> str:
+    """Method, plus the evaluation label in folders without training (evaluate.py output)."""
+    method = row.get("method") or "?"
+    label = (row.get("extra") or {}).get("label")
+    trained = any(r.get("split") == "train" and (r.get("method") or "?") == method for r in rows)
+    return f"{method}: {label}" if label and not trained and _labels(rows, method) > 1 else method
+
+
+def _labels(rows: list[dict], method: str) -> int:
+    return len({(r.get("extra") or {}).get("label") for r in rows if (r.get("method") or "?") == method})
 
 
 def _checked(run: Run) -> Run:
     train, val = run.split("train"), run.split("val")
+    repeated = len(run.rows) - len(train) - len(val) - sum(r.get("split") not in ("train", "val") for r in run.rows)
+    if repeated:
+        run.notes.append(f"{run.label}: {repeated} step(s) logged twice (a resumed run?); the later row is used")
     if run.rows and not val:
         last = train[-1]["step"] if train else "?"
         run.notes.append(f"{run.label}: no validation yet ({len(train)} train rows up to step {last}); "

@@ -134,9 +134,11 @@ def _row(split: str, step: int, **over) -> dict:
     (lambda d: _write(d, [_row("val", 0, n=0, reward_mean=float("nan"))]), "val row at step 0 scored no titles"),
     # a row from another schema
     (lambda d: _write(d, [{"step": 1}]), "line 1 lacks"),
+    # a resumed run that logged step 2 again
+    (lambda d: _write(d, [_row("train", 1), _row("train", 2), _row("train", 2)]), "1 step(s) logged twice"),
     # a config.json cut mid-write
     (lambda d: (_write(d, [_row("val", 0)]), (d / "config.json").write_text('{"recipe": {')), "config.json: unreadable"),
-], ids=["empty-metrics", "config-only", "missing-dir", "train-only", "nan-val", "foreign-row", "cut-config"])
+], ids=["empty-metrics", "config-only", "missing-dir", "train-only", "nan-val", "foreign-row", "resumed", "cut-config"])
 def test_runs_in_progress_give_notes(tmp_path, make, note):
     run = tmp_path / "runs" / "r1"
     make(run)
@@ -161,11 +163,21 @@ def test_no_runs_is_a_clear_error(tmp_path):
         compare.main(compare.CompareArgs(runs_dir=str(tmp_path / "nothing")))
 
 
-def test_one_folder_with_two_methods_gives_two_rows(tmp_path):
+@pytest.mark.parametrize("rows, expected", [
+    # two methods in one folder
+    ([_row("val", 0, method="base"), _row("val", 0, method="eval")], ["eval-cpu (base)", "eval-cpu (eval)"]),
+    # evaluate.py --label before, then --label after (same method, both at step 0)
+    ([_row("val", 0, method="eval", extra={"label": "before"}), _row("val", 0, method="eval", extra={"label": "after"})],
+     ["eval-cpu (eval: after)", "eval-cpu (eval: before)"]),
+    # one label: a single series
+    ([_row("val", 0, method="eval", extra={"label": "x"})], ["eval-cpu"]),
+])
+def test_one_folder_with_several_series(tmp_path, rows, expected):
     run = tmp_path / "eval-cpu"
-    _write(run, [_row("val", 0, method="base"), _row("val", 0, method="eval")])
+    _write(run, rows)
     res = compare.main(compare.CompareArgs(out_dir=str(tmp_path / "out"), plots=False), [str(run)])
-    assert sorted(table_cells(res["markdown"])) == ["eval-cpu (base)", "eval-cpu (eval)"]
+    assert sorted(table_cells(res["markdown"])) == expected
+    assert "logged twice" not in res["markdown"]
 
 
 def test_cli_positional_runs(tmp_path):
