@@ -447,8 +447,12 @@ class FilterReport:
 
 def prompt_token_counts(tokenizer, bodies: Sequence[str], batch_size: int = 64) -> list[int]:
     """Length of each title prompt in tokens, chat template included, in batches."""
+    from tqdm.auto import tqdm
+
     counts: list[int] = []
-    for i in range(0, len(bodies), batch_size):
+    # The hub dataset has many thousand long articles: show progress there, not for the shipped 80.
+    for i in tqdm(range(0, len(bodies), batch_size), desc="measuring prompts", unit="batch",
+                  disable=len(bodies) <= 2048, leave=False):
         convs = [title_messages(b) for b in bodies[i:i + batch_size]]
         texts = tokenizer.apply_chat_template(convs, tokenize=False, add_generation_prompt=True)
         enc = tokenizer(texts, add_special_tokens=False)
