@@ -34,6 +34,7 @@ class CompareArgs:
     out_dir: str = field(default="", metadata={"help": "Where compare.md and the PNGs go (default: <runs_dir>/compare)."})
     n_boot: int = field(default=2000, metadata={"help": "Bootstrap resamples for the 95 percent interval over val stories."})
     plots: bool = field(default=True, metadata={"help": "Draw the PNGs (--no_plots for the table only)."})
+    examples: int = field(default=4, metadata={"help": "Val stories shown with each run's greedy title (0 = none)."})
 
 
 @dataclass
@@ -298,6 +299,53 @@ def knob_differences(runs: list[Run]) -> list[str]:
     return out
 
 
+def eval_records(run: Run) -> list[dict]:
+    """Titles of the run's final validation: eval/<label>.jsonl (evaluate.py) or eval/step-NNNNN.jsonl (trainers)."""
+    val = valid_val(run)
+    if not val:
+        return []
+    final = val[-1]
+    label = (final.get("extra") or {}).get("label") or f"step-{final['step']:05d}"
+    path = run.path / "eval" / f"{label}.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # still being written
+        if isinstance(rec, dict) and isinstance(rec.get("greedy"), dict):
+            records.append(rec)
+    return records
+
+
+def examples_table(runs: list[Run], k: int) -> str:
+    """The first k val stories: original title, then each run's greedy title (reward)."""
+    per_run = {r.label: {str(rec.get("id")): rec for rec in eval_records(r)} for r in runs}
+    per_run = {label: recs for label, recs in per_run.items() if recs}
+    if not per_run or k <= 0:
+        return ""
+    ids: list[str] = []
+    for recs in per_run.values():
+        ids += [i for i in recs if i not in ids]
+    ids = ids[:k]
+
+    def cell(text: str, limit: int = 70) -> str:
+        text = " ".join(str(text).split()).replace("|", "/")
+        return text if len(text) <= limit else text[:limit - 1] + "…"
+
+    lines = ["| Original | " + " | ".join(per_run) + " |", "|---|" + "---|" * len(per_run)]
+    for i in ids:
+        original = next((recs[i].get("original") for recs in per_run.values() if i in recs), "")
+        cells = [cell(original or "")]
+        for recs in per_run.values():
+            g = recs.get(i, {}).get("greedy")
+            cells.append("n/a" if g is None else f"{cell(g.get('title') or '(empty)')} ({g.get('reward', float('nan')):.2f})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------
 # Plots
 # --------------------------------------------------------------------------------------
@@ -381,7 +429,7 @@ def plot(runs: list[Run], out_dir: Path, n_boot: int) -> list[Path]:
 # --------------------------------------------------------------------------------------
 
 
-def report(runs: list[Run], summaries: list[dict], pngs: list[Path]) -> str:
+def report(runs: list[Run], summaries: list[dict], pngs: list[Path], examples: int = 0) -> str:
     parts = ["# Run comparison", "", table(summaries), "",
              "Val reward: mean reward over the greedy and sampled titles of the val stories (the same "
              "validator, reward model and rule for every run); `[a, b]` is a 95% bootstrap interval over "
@@ -389,6 +437,9 @@ def report(runs: list[Run], summaries: list[dict], pngs: list[Path]) -> str:
              "Match rate and title words are from the final validation. Steps/h counts wall-clock time "
              "including validation; tokens/s is completions' tokens per second of train-step time, shown when the "
              "trainer logs it."]
+    shown = examples_table([r for r in runs if r.exists], examples)
+    if shown:
+        parts += ["", "## Greedy titles on the first val stories (final validation, reward in brackets)", "", shown]
     diffs = knob_differences(runs)
     if diffs:
         parts += ["", "## Recipe knobs that differ between runs", "", *[f"- {d}" for d in diffs]]
@@ -412,7 +463,7 @@ def main(args: CompareArgs, run_paths: list[str] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     plotted = [r for r in runs if r.rows]
     pngs = plot(plotted, out_dir, args.n_boot) if args.plots and plotted else []
-    text = report(runs, summaries, pngs)
+    text = report(runs, summaries, pngs, args.examples)
     (out_dir / "compare.md").write_text(text, encoding="utf-8")
     print(text)
     print(f"wrote {_display(out_dir / 'compare.md')}" + (f" and {len(pngs)} PNGs ({_display(pngs[0])}, ...)" if pngs else ""))

@@ -31,8 +31,9 @@ def raw_rows(run: str) -> list[dict]:
 
 
 def table_cells(markdown: str) -> dict[str, dict[str, str]]:
-    """The markdown table as {run: {column: cell}}."""
-    lines = [ln for ln in markdown.splitlines() if ln.startswith("|")]
+    """The first markdown table (the run table) as {run: {column: cell}}."""
+    lines = markdown.split("| Run |", 1)[1].split("\n\n", 1)[0].splitlines()
+    lines[0] = "| Run |" + lines[0]
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     return {cells[0]: dict(zip(head, cells, strict=True))
             for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in lines[2:])}
@@ -94,6 +95,18 @@ def test_partial_run_gets_notes_not_numbers(result):
     notes = result["markdown"].split("## Notes", 1)[1]
     assert "partial-tiny/metrics.jsonl: line 3 is incomplete or not JSON; skipped" in notes
     assert "partial-tiny: no validation yet (2 train rows up to step 2)" in notes
+
+
+def test_example_titles_side_by_side(result):
+    section = result["markdown"].split("## Greedy titles", 1)[1].split("\n\n")[1]
+    lines = section.splitlines()
+    assert lines[0] == "| Original | trl-tiny | base-tiny |"  # run order; art-tiny and partial-tiny saved no titles
+    records = {run: [json.loads(ln) for ln in (FIXTURES / run / "eval" / name).read_text().splitlines()]
+               for run, name in (("base-tiny", "before.jsonl"), ("trl-tiny", "step-00006.jsonl"))}
+    assert len(lines) == 2 + 4  # --examples default
+    for line, base, trl in zip(lines[2:], records["base-tiny"], records["trl-tiny"]):
+        assert line == (f"| {base['original']} | {trl['greedy']['title']} ({trl['greedy']['reward']:.2f}) | "
+                        f"{base['greedy']['title']} ({base['greedy']['reward']:.2f}) |")
 
 
 def test_recipe_difference_is_reported(result):
