@@ -114,27 +114,26 @@ def load_run(path: Path) -> list[Run]:
     notes += [n.replace(str(path / utils.METRICS_FILE), f"{_display(path)}/{utils.METRICS_FILE}") for n in metric_notes]
     if (path / utils.METRICS_FILE).exists() and not rows and not metric_notes:
         notes.append(f"{_display(path)}/{utils.METRICS_FILE} is empty (run just started?)")
+    bad = [r for r in rows if not isinstance(r["step"], int) or isinstance(r["step"], bool) or not isinstance(r["split"], str)]
+    if bad:
+        notes.append(f"{_display(path)}/{utils.METRICS_FILE}: {len(bad)} row(s) with a non-integer step or no split; skipped")
+        rows = [r for r in rows if not any(r is x for x in bad)]
     groups: dict[str, list[dict]] = {}
+    trained = {r.get("method") or "?" for r in rows if r["split"] == "train"}
+    labels: dict[str, set] = {}
     for r in rows:
-        groups.setdefault(_group(r, rows), []).append(r)
+        labels.setdefault(r.get("method") or "?", set()).add((r.get("extra") or {}).get("label"))
+    for r in rows:
+        method, eval_label = r.get("method") or "?", (r.get("extra") or {}).get("label")
+        # evaluate.py output (no training) with several labels: one series per label
+        key = f"{method}: {eval_label}" if eval_label and method not in trained and len(labels[method]) > 1 else method
+        groups.setdefault(key, []).append(r)
     if len(groups) <= 1:
         return [_checked(Run(path, label, rows, config, notes))]
     # One folder, several series: e.g. an eval folder holding 'base' and 'eval' rows, or the
     # evaluations `--label before` and `--label after` of evaluate.py, all at step 0.
     return [_checked(Run(path, f"{label} ({g})", group_rows, config, list(notes) if i == 0 else []))
             for i, (g, group_rows) in enumerate(sorted(groups.items()))]
-
-
-def _group(row: dict, rows: list[dict]) -> str:
-    """Method, plus the evaluation label in folders without training (evaluate.py output)."""
-    method = row.get("method") or "?"
-    label = (row.get("extra") or {}).get("label")
-    trained = any(r.get("split") == "train" and (r.get("method") or "?") == method for r in rows)
-    return f"{method}: {label}" if label and not trained and _labels(rows, method) > 1 else method
-
-
-def _labels(rows: list[dict], method: str) -> int:
-    return len({(r.get("extra") or {}).get("label") for r in rows if (r.get("method") or "?") == method})
 
 
 def _checked(run: Run) -> Run:

@@ -149,9 +149,11 @@ def _row(split: str, step: int, **over) -> dict:
     (lambda d: _write(d, [{"step": 1}]), "line 1 lacks"),
     # a resumed run that logged step 2 again
     (lambda d: _write(d, [_row("train", 1), _row("train", 2), _row("train", 2)]), "1 step(s) logged twice"),
+    # a row whose step is not an integer
+    (lambda d: _write(d, [_row("train", 1), {**_row("train", 1), "step": "2"}]), "1 row(s) with a non-integer step"),
     # a config.json cut mid-write
     (lambda d: (_write(d, [_row("val", 0)]), (d / "config.json").write_text('{"recipe": {')), "config.json: unreadable"),
-], ids=["empty-metrics", "config-only", "missing-dir", "train-only", "nan-val", "foreign-row", "resumed", "cut-config"])
+], ids=["empty-metrics", "config-only", "missing-dir", "train-only", "nan-val", "foreign-row", "resumed", "bad-step", "cut-config"])
 def test_runs_in_progress_give_notes(tmp_path, make, note):
     run = tmp_path / "runs" / "r1"
     make(run)
