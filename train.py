@@ -462,6 +462,9 @@ def main(recipe: utils.Recipe, args: ArtArgs, backend_factory: Callable[[ArtArgs
     utils.save_config(run_dir, recipe=recipe, art=args, recipe_path=args.recipe, internal_config=internal_config(recipe, args),
                       train_kwargs=train_kwargs(recipe, args))
     log_arguments(recipe=recipe, art=args, train_kwargs=train_kwargs(recipe, args))
+    # Said, not silently dropped: ART's LocalBackend writes a checkpoint after every step.
+    print(f"note: save_every={recipe.save_every} does not apply to ART (a checkpoint per step); "
+          + ("each validation keeps only the best and latest" if args.keep_best else "all are kept (--no_keep_best)"))
 
     from transformers import AutoTokenizer
 
