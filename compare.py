@@ -138,9 +138,16 @@ def load_run(path: Path) -> list[Run]:
 
 def _checked(run: Run) -> Run:
     train, val = run.split("train"), run.split("val")
-    repeated = len(run.rows) - len(train) - len(val) - sum(r.get("split") not in ("train", "val") for r in run.rows)
-    if repeated:
-        run.notes.append(f"{run.label}: {repeated} step(s) logged twice (a resumed run?); the later row is used")
+    seen: dict[tuple, list[dict]] = {}
+    for r in run.rows:
+        seen.setdefault((r["split"], r["step"]), []).append(r)
+    for (split, step), same in seen.items():
+        if len(same) < 2:
+            continue
+        labels = [(r.get("extra") or {}).get("label") or "-" for r in same]
+        why = (f"validated {len(same)} times (labels {', '.join(labels)}, e.g. the trainer's and evaluate.py's)"
+               if split == "val" and len(set(labels)) > 1 else f"logged {len(same)} times (a resumed run?)")
+        run.notes.append(f"{run.label}: {split} step {step} {why}; the last row is used")
     if run.rows and not val:
         last = train[-1]["step"] if train else "?"
         run.notes.append(f"{run.label}: no validation yet ({len(train)} train rows up to step {last}); "

@@ -148,12 +148,16 @@ def _row(split: str, step: int, **over) -> dict:
     # a row from another schema
     (lambda d: _write(d, [{"step": 1}]), "line 1 lacks"),
     # a resumed run that logged step 2 again
-    (lambda d: _write(d, [_row("train", 1), _row("train", 2), _row("train", 2)]), "1 step(s) logged twice"),
+    (lambda d: _write(d, [_row("train", 1), _row("train", 2), _row("train", 2)]),
+     "train step 2 logged 2 times (a resumed run?); the last row is used"),
+    # the trainer's final validation, then the demo's evaluation of the same checkpoint
+    (lambda d: _write(d, [_row("train", 2), _row("val", 2), _row("val", 2, extra={"label": "demo-after"})]),
+     "val step 2 validated 2 times (labels -, demo-after"),
     # a row whose step is not an integer
     (lambda d: _write(d, [_row("train", 1), {**_row("train", 1), "step": "2"}]), "1 row(s) with a non-integer step"),
     # a config.json cut mid-write
     (lambda d: (_write(d, [_row("val", 0)]), (d / "config.json").write_text('{"recipe": {')), "config.json: unreadable"),
-], ids=["empty-metrics", "config-only", "missing-dir", "train-only", "nan-val", "foreign-row", "resumed", "bad-step", "cut-config"])
+], ids=["empty-metrics", "config-only", "missing-dir", "train-only", "nan-val", "foreign-row", "resumed", "revalidated", "bad-step", "cut-config"])
 def test_runs_in_progress_give_notes(tmp_path, make, note):
     run = tmp_path / "runs" / "r1"
     make(run)
@@ -192,7 +196,7 @@ def test_one_folder_with_several_series(tmp_path, rows, expected):
     _write(run, rows)
     res = compare.main(compare.CompareArgs(out_dir=str(tmp_path / "out"), plots=False), [str(run)])
     assert sorted(table_cells(res["markdown"])) == expected
-    assert "logged twice" not in res["markdown"]
+    assert "the last row is used" not in res["markdown"]
 
 
 def test_cli_positional_runs(tmp_path):
