@@ -16,6 +16,12 @@ completion length, learning rate, loss, KL, LoRA, steps, eval); `art:` holds Art
 Everything goes to runs/art-<recipe>/: metrics.jsonl (the schema reference_grpo_trainer.py
 writes), eval/step-NNNNN.jsonl, config.json and ART's own directory art/ (checkpoints,
 history.jsonl, trajectories). Rerunning the same command resumes from ART's last checkpoint.
+
+Failures: a reward-server error (after RewardClient's bounded retries on transport errors and
+5xx) stops the run with the error before anything of that step is trained or logged, and a
+rerun resumes at that step; it never becomes a reward. A step whose groups cannot teach (all
+rewards equal, or fewer than 2 trajectories) is skipped untrained with the reason in its
+metrics row. Failed rollout requests fail the step unless --max_exceptions allows some.
 """
 
 from __future__ import annotations
@@ -29,7 +35,6 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -170,55 +175,36 @@ def check_config(recipe: utils.Recipe, args: ArtArgs) -> None:
 # --------------------------------------------------------------------------------------
 
 
-class ServerGenerator:
-    """utils.Generator over the model's OpenAI-compatible server (the current checkpoint)."""
+def server_generator(model, name: str, args: ArtArgs, progress: bool = True):
+    """utils.Generator over the model's OpenAI-compatible server (vLLM under LocalBackend)."""
+    from openai_generator import OpenAIGenerator
 
-    def __init__(self, base_url: str, api_key: str, model: str, concurrency: int = 16, timeout: float = 600.0,
-                 progress: bool = True):
-        import openai
-
-        self.client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=2)
-        self.name, self.concurrency, self.progress = model, concurrency, progress
-
-    def complete(self, messages: list[dict], n: int, temperature: float, max_tokens: int) -> list[str]:
-        resp = self.client.chat.completions.create(model=self.name, messages=messages, n=n,
-                                                   temperature=temperature, max_tokens=max_tokens)
-        texts = [c.message.content or "" for c in sorted(resp.choices, key=lambda c: c.index)]
-        if len(texts) != n:
-            raise RuntimeError(f"{self.name}: asked for {n} completions, the server returned {len(texts)}")
-        return texts
-
-    def generate(self, conversations: Sequence[list[dict]], n: int, temperature: float,
-                 max_tokens: int) -> list[list[str]]:
-        from tqdm.auto import tqdm
-
-        with ThreadPoolExecutor(max(1, self.concurrency)) as pool:
-            jobs = pool.map(lambda c: self.complete(c, n, temperature, max_tokens), conversations)
-            return list(tqdm(jobs, total=len(conversations), leave=False, disable=not self.progress,
-                             desc=f"val n={n}{' greedy' if temperature <= 0 else ''}"))
+    return OpenAIGenerator(model=name, base_url=model.inference_base_url, api_key=model.inference_api_key,
+                           timeout=args.request_timeout, concurrency=args.concurrency, progress=progress)
 
 
 class ServerValidator:
     """The original validator: the BASE model, through the same server, answers True/False."""
 
-    def __init__(self, generator: ServerGenerator):
+    def __init__(self, generator):
         self.generator = generator
         self.unparsed = 0  # answers that were neither True nor False (counted, treated as False)
 
     def __call__(self, bodies: Sequence[str], titles: Sequence[str]) -> list[bool]:
         convs = [utils.validator_messages(b, t) for b, t in zip(bodies, titles, strict=True)]
-        with ThreadPoolExecutor(max(1, self.generator.concurrency)) as pool:
-            answers = list(pool.map(lambda c: self.generator.complete(c, 1, 0.0, 3)[0], convs))
+        answers = [a[0] for a in self.generator.generate(convs, n=1, temperature=0.0, max_tokens=3)]
         parsed = [utils.parse_validator_answer(a) for a in answers]
         self.unparsed += sum(p is None for p in parsed)
         return [bool(p) for p in parsed]
 
 
-def base_model_name(generator: ServerGenerator, wanted: str = "") -> str:
+def base_model_name(generator, wanted: str = "") -> str:
     """The served name of the base model: `wanted` if served, else the one root model listed.
 
-    vLLM lists LoRA adapters with `parent` set to the base; ART 0.5.18 serves the base under
-    an alias (`--served-model-name <name>@<step>`), not always under its Hugging Face id.
+    vLLM lists LoRA adapters with `parent` set to the base. ART 0.5.18 serves the base under
+    an alias, `--served-model-name <name>@<step at start>`, not under its Hugging Face id, and
+    loads the adapter of that step under the same name. On a fresh run that adapter is the
+    untrained LoRA (= the base); after a resume it is a trained checkpoint, hence the warning.
     """
     models = list(generator.client.models.list())
     names = [m.id for m in models]
@@ -229,7 +215,12 @@ def base_model_name(generator: ServerGenerator, wanted: str = "") -> str:
     roots = [m.id for m in models if getattr(m, "parent", None) is None]
     if len(roots) != 1:
         raise SystemExit(f"cannot tell the base model among {names}; set --validator_model")
-    return roots[0]
+    alias = roots[0]
+    if alias in {m.id for m in models if getattr(m, "parent", None) is not None} and not alias.endswith("@0"):
+        print(f"warning: the base model is served as {alias!r}, which is also a trained adapter's name; the "
+              "validator may judge with that checkpoint (serve the base separately and pass --validator_model, "
+              "or use validator=embedding)")
+    return alias
 
 
 def make_validator(recipe: utils.Recipe, args: ArtArgs, model) -> Any:
@@ -237,11 +228,10 @@ def make_validator(recipe: utils.Recipe, args: ArtArgs, model) -> Any:
         return utils.EmbeddingValidator(recipe.validator_threshold)
     if recipe.validator == "none":
         return None
-    probe = ServerGenerator(model.inference_base_url, model.inference_api_key, "", args.concurrency,
-                            args.request_timeout, progress=False)
-    probe.name = base_model_name(probe, args.validator_model)
-    print(f"validator: base model served as {probe.name!r}")
-    return ServerValidator(probe)
+    probe = server_generator(model, "probe", args, progress=False)
+    name = base_model_name(probe, args.validator_model)
+    print(f"validator: base model served as {name!r}")
+    return ServerValidator(server_generator(model, name, args, progress=False))
 
 
 # --------------------------------------------------------------------------------------
@@ -419,8 +409,7 @@ class Trainer:
         t0 = time.perf_counter()
         art_step = await self.model.get_step()
         name = self.model.get_inference_name()
-        generator = ServerGenerator(self.model.inference_base_url, self.model.inference_api_key, name,
-                                    self.args.concurrency, self.args.request_timeout)
+        generator = server_generator(self.model, name, self.args)
         result = await utils.evaluate_generator(
             generator, self.val_rows, self.reward, self.validator, self.recipe.eval_samples,
             self.recipe.max_completion_tokens, self.recipe.temperature, self.recipe.trailing_penalty)

@@ -292,6 +292,22 @@ def test_resume_continues_from_the_models_step(tmp_path, tiny_model, fake, rewar
     assert [r["step"] for r in rows_of(run_dir, "val")] == [2, 4]
 
 
+def test_resume_validates_a_step_that_stopped_before_its_validation(tmp_path, tiny_model, fake, reward, monkeypatch):
+    write_stories(tmp_path / "stories.jsonl", [VARIED + str(i) for i in range(4)], [VARIED])
+    recipe = make_recipe(tmp_path, tiny_model, reward.url, max_steps=3, eval_every=2)
+
+    async def crash(self, step):
+        raise KeyboardInterrupt  # the job was killed after training step 2, before its validation
+    monkeypatch.setattr(train.Trainer, "validate", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe, fake)
+    monkeypatch.undo()
+    run_dir, backend = run(recipe, fake)
+    assert len(backend.calls) == 1  # only step 3 trains again
+    assert [r["step"] for r in rows_of(run_dir, "train")] == [1, 2, 3]
+    assert [r["step"] for r in rows_of(run_dir, "val")] == [2, 3]  # step 2's validation caught up first
+
+
 def titles_by_checkpoint(words: dict[str, int]):
     """Val titles whose length (so reward) depends on the checkpoint being asked."""
 
