@@ -145,7 +145,7 @@ def _checked(run: Run) -> Run:
         if len(same) < 2:
             continue
         labels = [(r.get("extra") or {}).get("label") or "-" for r in same]
-        why = (f"validated {len(same)} times (labels {', '.join(labels)}, e.g. the trainer's and evaluate.py's)"
+        why = (f"validated {len(same)} times (labels: {', '.join(labels)}; e.g. by the trainer, then by evaluate.py)"
                if split == "val" and len(set(labels)) > 1 else f"logged {len(same)} times (a resumed run?)")
         run.notes.append(f"{run.label}: {split} step {step} {why}; the last row is used")
     if run.rows and not val:

@@ -152,7 +152,7 @@ def _row(split: str, step: int, **over) -> dict:
      "train step 2 logged 2 times (a resumed run?); the last row is used"),
     # the trainer's final validation, then the demo's evaluation of the same checkpoint
     (lambda d: _write(d, [_row("train", 2), _row("val", 2), _row("val", 2, extra={"label": "demo-after"})]),
-     "val step 2 validated 2 times (labels -, demo-after"),
+     "val step 2 validated 2 times (labels: -, demo-after;"),
     # a row whose step is not an integer
     (lambda d: _write(d, [_row("train", 1), {**_row("train", 1), "step": "2"}]), "1 row(s) with a non-integer step"),
     # a config.json cut mid-write
