@@ -381,8 +381,9 @@ def draw_panel(ax, panel: str, runs: list[Run], colors: dict[str, str], n_boot: 
         ys = [r[y] for r in rows]
         if split == "val" and run.is_reference:
             # A baseline is one point; a horizontal line makes it a reference for every step.
+            # On the time axis it sits at 0: its wall_time is its own evaluation, not training.
             ax.axhline(ys[0], color=color, linestyle="--", linewidth=1.2)
-            ax.plot(xs, ys, marker="D", color=color, linestyle="none")
+            ax.plot([0] if x == "wall_time" else xs, ys, marker="D", color=color, linestyle="none")
             continue
         ax.plot(xs, ys, marker="o" if split == "val" else None, markersize=4, color=color,
                 linewidth=1.5 if split == "val" else 1.0, alpha=1.0 if split == "val" else 0.8)
