@@ -151,10 +151,21 @@ def internal_config(recipe: utils.Recipe, args: ArtArgs) -> dict:
     )
 
 
+CISPO_MAX_WEIGHT = 5.0  # upper bound of CISPO's importance weight (TRL's recommended epsilon_high for cispo)
+
+
 def train_kwargs(recipe: utils.Recipe, args: ArtArgs) -> dict:
-    """Keyword arguments of backend.train: the loss is explicit (ART defaults to cispo, TRL to dapo)."""
-    return {"learning_rate": recipe.learning_rate, "loss_fn": recipe.loss_type,
-            "kl_penalty_coef": recipe.beta, "scale_rewards": args.scale_rewards}
+    """Keyword arguments of backend.train: the loss is explicit (ART defaults to cispo, TRL to dapo).
+
+    For cispo ART clips the detached importance weight to [1 - epsilon, 1 + epsilon_high];
+    TRL 1.14 clamps it to at most its epsilon_high. The bounds are written out (they equal
+    ART's defaults, 1.0 and 4.0) so the weight's range, [0, CISPO_MAX_WEIGHT], is visible.
+    """
+    kwargs = {"learning_rate": recipe.learning_rate, "loss_fn": recipe.loss_type,
+              "kl_penalty_coef": recipe.beta, "scale_rewards": args.scale_rewards}
+    if recipe.loss_type == "cispo":
+        kwargs.update(epsilon=1.0, epsilon_high=CISPO_MAX_WEIGHT - 1.0)
+    return kwargs
 
 
 def check_config(recipe: utils.Recipe, args: ArtArgs) -> None:
@@ -390,7 +401,8 @@ class Trainer:
             extra.update(skipped=reason, art_step=await self.model.get_step())
             tqdm.write(f"step {step}: skipped ({reason})")
         else:
-            assert all(math.isfinite(t.reward) for g in keep for t in g.trajectories), "unscored trajectory"
+            if not all(math.isfinite(t.reward) for g in keep for t in g.trajectories):
+                raise RuntimeError(f"step {step}: a trajectory has no reward; refusing to train on it")
             result = await self.backend.train(self.model, keep, **train_kwargs(self.recipe, self.args))
             await self.model.log(groups, split="train", metrics=dict(result.metrics), step=result.step)
             extra.update(art_step=result.step, train_metrics=dict(result.metrics),

@@ -213,7 +213,8 @@ def test_trains_only_on_groups_that_can_teach(tmp_path, tiny_model, fake, reward
     # Only the two varied stories: the [same] group (equal rewards) and the [one] group are dropped.
     assert sorted(g.metadata["story_id"] for g in groups) == ["0", "3"]
     # Loss, learning rate and KL come from the recipe, the loss named explicitly.
-    assert kwargs == {"learning_rate": 3e-4, "loss_fn": "cispo", "kl_penalty_coef": 0.04, "scale_rewards": True}
+    assert kwargs == {"learning_rate": 3e-4, "loss_fn": "cispo", "kl_penalty_coef": 0.04, "scale_rewards": True,
+                      "epsilon": 1.0, "epsilon_high": 4.0}
     for g in groups:
         assert len(g.trajectories) == 3
         assert len({t.reward for t in g.trajectories}) == 3
@@ -440,6 +441,16 @@ def test_internal_config_carries_the_recipe(lora_r, max_lora_rank):
     assert cfg["engine_args"]["gpu_memory_utilization"] == 0.6
     assert cfg["engine_args"]["max_lora_rank"] == max_lora_rank
     assert cfg["init_args"]["max_seq_length"] == utils.MAX_SEQ_TOKENS
+
+
+@pytest.mark.parametrize("loss, clip", [
+    ("cispo", {"epsilon": 1.0, "epsilon_high": 4.0}),  # importance weight clipped to [0, 5], written out
+    ("ppo", {}),                                        # ART's PPO defaults (0.2) apply
+])
+def test_train_kwargs_come_from_the_recipe(loss, clip):
+    recipe = utils.Recipe(learning_rate=1e-5, loss_type=loss, beta=0.0)
+    assert train.train_kwargs(recipe, train.ArtArgs(scale_rewards=False)) == {
+        "learning_rate": 1e-5, "loss_fn": loss, "kl_penalty_coef": 0.0, "scale_rewards": False, **clip}
 
 
 @pytest.mark.parametrize("over, message", [
