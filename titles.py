@@ -74,7 +74,10 @@ def make_generator(recipe: utils.Recipe, args: TitlesArgs):
         return gen, model, tokenizer
     if args.generator != "hf":
         raise SystemExit(f"error: unknown --generator {args.generator!r} (use hf or openai)")
-    model, tokenizer = evaluate.load_policy(recipe.model, args.adapter)
+    try:
+        model, tokenizer = evaluate.load_policy(recipe.model, args.adapter)
+    except OSError as e:  # no such folder / hub id unreachable offline
+        raise SystemExit(f"error: cannot load model {recipe.model}: {' '.join(str(e).split())[:300]}") from None
     return evaluate.HFGenerator(model, tokenizer, progress=False), model, tokenizer
 
 

@@ -96,6 +96,12 @@ def test_reward_server_down_fails_before_loading_a_model(tmp_path, article):
         titles.main(recipe, titles.TitlesArgs(article=str(article)))
 
 
+def test_missing_model(reward_server, tmp_path, article):
+    recipe = utils.Recipe(model=str(tmp_path / "no-model-here"), reward_url=reward_server)
+    with pytest.raises(SystemExit, match="error: cannot load model .*no-model-here"):
+        titles.main(recipe, titles.TitlesArgs(article=str(article)))
+
+
 def test_bad_time(article):
     with pytest.raises(SystemExit, match="not ISO 8601"):
         titles.main(utils.Recipe(), titles.TitlesArgs(article=str(article), time="yesterday"))
