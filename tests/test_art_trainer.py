@@ -470,6 +470,23 @@ def test_recipe_parsing_reads_shared_and_art_blocks():
     assert args.max_exceptions == 2 and args.recipe.endswith("tiny.yaml")
 
 
+@pytest.mark.parametrize("smi, expected", [
+    (None, "no NVIDIA driver"),                                               # no driver installed
+    ("echo 'No devices were found'; exit 6", "nvidia-smi lists no GPU"),     # driver, no device
+    ("echo 'GPU 0: NVIDIA H100 (UUID: GPU-0)'", "sees no CUDA device"),       # a GPU, but this torch is a CPU build
+])
+def test_gpu_problem_names_what_is_missing(tmp_path, monkeypatch, smi, expected):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if smi is not None:
+        (tmp_path / "nvidia-smi").write_text(f"#!/bin/sh\n{smi}\n")
+        (tmp_path / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path) if smi is not None else str(tmp_path / "empty"))
+    assert expected in train.gpu_problem()
+
+
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has an NVIDIA driver")
 def test_cpu_machine_stops_with_the_gpu_message():
     t0 = time.monotonic()
