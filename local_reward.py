@@ -37,6 +37,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -419,7 +420,7 @@ def _finite(value: float, where: str) -> float:
 
 def create_app(args: ServerArgs | None = None, scorer: Scorer | None = None):
     """The Flask app. Builds the scorer from `args` unless one is passed (tests inject theirs)."""
-    from flask import Flask, jsonify, request
+    from flask import Flask, g, jsonify, request
     from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
     args = args or default_args()
@@ -473,10 +474,19 @@ def create_app(args: ServerArgs | None = None, scorer: Scorer | None = None):
 
     def run(stories: list[dict]) -> tuple[list[float], list[dict]]:
         with lock:
+            start = time.perf_counter()
             results = scorer.score(stories)
+            g.score_ms = 1000 * (time.perf_counter() - start)
         if len(results) != len(stories):
             raise RuntimeError(f"scorer returned {len(results)} scores for {len(stories)} stories")
         return [_finite(s, f"story {i}") for i, (s, _) in enumerate(results)], [c for _, c in results]
+
+    @app.after_request
+    def server_timing(resp):
+        # Standard Server-Timing header: time inside the scorer, so clients can tell model time from overhead.
+        if "score_ms" in g:
+            resp.headers["Server-Timing"] = f"score;dur={g.score_ms:.1f}"
+        return resp
 
     @app.get("/health")
     def health():
