@@ -24,8 +24,11 @@ is duplicated). `--resume false` with an existing checkpoint is refused: pick a 
 Exit codes:
     0   finished (max_steps reached)
     75  interrupted by SIGTERM / SIGUSR1 / Ctrl-C: a checkpoint was saved at the end of the
-        current step; rerun to resume. Slurm: `#SBATCH --signal=B:USR1@120` (or plain
-        SIGTERM at the time limit) then requeue when the exit code is 75.
+        current step; rerun to resume. Slurm: `#SBATCH --signal=USR1@120` (or plain SIGTERM
+        at the time limit; a batch script that traps the signal must forward it), then
+        requeue when the exit code is 75.
+    130 a second signal while stopping: exited at once, no new checkpoint (rerun resumes
+        from the previous one).
     3   the reward server failed (after utils.RewardClient's bounded retries); nothing was
         scored as 0. The last checkpoint is intact: restart the server and rerun to resume.
     1   bad arguments or backend (e.g. --backend unsloth on a machine without CUDA).
@@ -38,6 +41,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import resource
 import signal
 import sys
 import time
@@ -48,7 +52,7 @@ from pathlib import Path
 import fast_backend
 import utils
 
-EXIT_OK, EXIT_USAGE, EXIT_REWARD_SERVER, EXIT_INTERRUPTED = 0, 1, 3, 75
+EXIT_OK, EXIT_USAGE, EXIT_REWARD_SERVER, EXIT_INTERRUPTED, EXIT_ABORTED = 0, 1, 3, 75, 130
 REWARD_NAME = "hn_reward"  # TRL logs rewards/<name>/mean
 
 
@@ -190,10 +194,10 @@ def build_callbacks(*, recipe: utils.Recipe, args: TrlArgs, run_dir: Path, token
 
         def __init__(self):
             self.writer = utils.MetricsWriter(run_dir)
-            self.t0 = time.perf_counter()
+            self.t0, self.cpu0 = time.perf_counter(), time.process_time()
 
         def on_step_begin(self, args_, state, control, **kw):
-            self.t0 = time.perf_counter()
+            self.t0, self.cpu0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args_, state, control, **kw):
             # With steps_per_generation > 1 one generation batch feeds several steps; each row
@@ -202,10 +206,13 @@ def build_callbacks(*, recipe: utils.Recipe, args: TrlArgs, run_dir: Path, token
             tokens = reward_log.completion_tokens[:batch]
             del reward_log.completion_tokens[:batch]
             step_s = time.perf_counter() - self.t0
-            extra = {"step_seconds": round(step_s, 3), "reward_seconds": round(reward_log.seconds, 3),
+            # CPU seconds of this process too: on a shared machine wall time mostly measures the neighbours.
+            extra = {"step_seconds": round(step_s, 3), "step_cpu_seconds": round(time.process_time() - self.cpu0, 3),
+                     "reward_seconds": round(reward_log.seconds, 3),
                      "completion_tokens_mean": sum(tokens) / max(len(tokens), 1),
                      "hit_token_cap": sum(t >= recipe.max_completion_tokens for t in tokens) / max(len(tokens), 1),
-                     "reward_requests": client_stats().get("requests", 0), "epoch": state.epoch}
+                     "reward_requests": client_stats().get("requests", 0), "epoch": state.epoch,
+                     "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
             reward_log.seconds = 0.0
             self.writer.write(utils.metrics_row(method="trl", step=state.global_step, split="train", scored=scored,
                                                 wall_time=timer(), run=run_dir.name, extra=extra))
@@ -215,6 +222,7 @@ def build_callbacks(*, recipe: utils.Recipe, args: TrlArgs, run_dir: Path, token
 
         def __init__(self):
             self.trainer = None  # set after GRPOTrainer exists (to send val numbers to its loggers)
+            self.current: int | None = None  # the step being validated (for error messages)
 
         def on_train_begin(self, args_, state, control, model=None, **kw):
             # A run interrupted right at an eval step saved its checkpoint before validating.
@@ -248,7 +256,9 @@ def build_callbacks(*, recipe: utils.Recipe, args: TrlArgs, run_dir: Path, token
                 finally:
                     await client.aclose()
 
+            self.current = step
             result = asyncio.run(run())
+            self.current = None
             row = utils.eval_metrics_row(result, method="trl", step=step, wall_time=timer(), run=run_dir.name,
                                          extra={"eval_seconds": round(time.perf_counter() - t0, 1)})
             path = evaluate.write_eval(run_dir, f"step-{step:05d}", result, row)
@@ -448,14 +458,19 @@ def main(recipe: utils.Recipe, args: TrlArgs, recipe_path: str | None = None) ->
     try:
         trainer.train(resume_from_checkpoint=checkpoint)
     except utils.RewardServerError as e:
-        step = trainer.state.global_step + 1
+        step = validate.current or trainer.state.global_step + 1
+        where = f"validation at step {step}" if validate.current else f"step {step}; the step was not trained"
         total = record_failure(run_dir, step, e, dict(client.stats))
-        print(f"\nerror: the reward server failed during step {step}; the step was not trained and no reward "
+        print(f"\nerror: the reward server failed during {where} and no reward "
               f"was made up.\n  {e}\n  client: {client.stats['requests']} requests, {client.stats['retries']} "
               f"retries, {client.stats['failures']} failures in this process; {reward_log.failures} failed reward "
               f"batch(es) now, {total} failure(s) recorded in {run_dir / 'failures.jsonl'}.\n  Restart the server "
               f"(`make reward`) and rerun the same command to resume from the last checkpoint.", file=sys.stderr)
         return EXIT_REWARD_SERVER
+    except KeyboardInterrupt:
+        print(f"\n[trl] aborted by a second signal at step {trainer.state.global_step}, without a new checkpoint; "
+              f"rerun to resume from the last one in {run_dir}", file=sys.stderr)
+        return EXIT_ABORTED
     finally:
         stopper.uninstall()
         _close_client(trainer, client)

@@ -229,68 +229,55 @@ def lora_b_norm(checkpoint: Path) -> float:
     return sum(float(v.abs().sum()) for k, v in weights.items() if "lora_B" in k)
 
 
-def test_two_steps_then_resume_to_four(tiny_model, reward_server, tmp_path, capsys):
+def test_two_steps_then_sigterm_then_resume(tiny_model, reward_server, tmp_path, capsys):
+    """2 steps; a resumed run stopped by SIGTERM mid-run; a rerun to the end: steps continue, none repeat."""
     # validator none: reward = RM score, so groups have variance and the adapter really moves.
     argv = tiny_argv(tmp_path, reward_server, "--validator", "none")
-    assert rgt.cli([*argv, "--max_steps", "2"]) == rgt.EXIT_OK
     run_dir = tmp_path / "run"
+    assert rgt.cli([*argv, "--max_steps", "2"]) == rgt.EXIT_OK
     assert (run_dir / "checkpoint-2" / "adapter_model.safetensors").exists()
     assert lora_b_norm(run_dir / "checkpoint-2") > 0  # LoRA B starts at zero: two steps changed it
     assert metric_steps(run_dir, "train") == [1, 2] and metric_steps(run_dir, "val") == [2]
+    assert (run_dir / "final" / "adapter_config.json").exists() and (run_dir / "eval" / "step-00002.jsonl").exists()
     out = capsys.readouterr().out
     assert "backend cpu: transformers + PEFT on CPU" in out and "[val step 2]" in out and "original:" in out
 
-    assert rgt.cli([*argv, "--max_steps", "4"]) == rgt.EXIT_OK
+    # Resume towards 40 steps, no periodic saves; SIGTERM (what Slurm or `kill` sends) after step 3.
+    fired = threading.Event()
+
+    def kill_after_step_3():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and 3 not in metric_steps_safe(run_dir):
+            time.sleep(0.02)
+        fired.set()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    watcher = threading.Thread(target=kill_after_step_3, daemon=True)
+    watcher.start()
+    code = rgt.cli([*argv, "--max_steps", "40", "--save_every", "100", "--eval_every", "0"])
+    watcher.join(timeout=5)
+    assert fired.is_set() and code == rgt.EXIT_INTERRUPTED
     out = capsys.readouterr().out
-    assert "resuming from" in out and "checkpoint-2" in out
-    state = json.loads((run_dir / "checkpoint-4" / "trainer_state.json").read_text())
-    assert state["global_step"] == 4
-    assert metric_steps(run_dir, "train") == [1, 2, 3, 4]  # continued, no duplicates
-    assert metric_steps(run_dir, "val") == [2, 4]
+    assert "resuming from" in out and "checkpoint-2 (step 2)" in out and "SIGTERM: saving a checkpoint" in out
+    stopped_at = max(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
+    assert 3 <= stopped_at < 40  # the signal, not save_every or max_steps, made this checkpoint
+    state = json.loads((run_dir / f"checkpoint-{stopped_at}" / "trainer_state.json").read_text())
+    assert state["global_step"] == stopped_at
+    assert metric_steps(run_dir, "train") == list(range(1, stopped_at + 1))
+
+    # Rerun to two steps past the interruption: the step count and the clock continue, nothing repeats.
+    end = stopped_at + 2
+    assert rgt.cli([*argv, "--max_steps", str(end), "--eval_every", "0"]) == rgt.EXIT_OK
+    assert metric_steps(run_dir, "train") == list(range(1, end + 1))
+    assert metric_steps(run_dir, "val") == [2, end]  # end: the final validation
     rows = utils.read_metrics(run_dir)[0]
     walls = [r["wall_time"] for r in rows]
-    assert walls == sorted(walls)  # the clock continued across the restart
+    assert walls == sorted(walls)
     train = [r for r in rows if r["split"] == "train"]
     assert all(r["method"] == "trl" and r["n"] == 4 and set(r) == set(utils.METRICS_KEYS) for r in train)
     assert all(r["extra"]["step_seconds"] > 0 and r["extra"]["completion_tokens_mean"] > 0 for r in train)
-    assert (run_dir / "final" / "adapter_config.json").exists()
-    assert (run_dir / "eval" / "step-00004.jsonl").exists()
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["recipe"]["num_generations"] == 2 and config["trl"]["backend"] == "auto"
-    # Already at max_steps: a rerun changes nothing and duplicates nothing.
-    assert rgt.cli([*argv, "--max_steps", "4"]) == rgt.EXIT_OK
-    assert metric_steps(run_dir, "train") == [1, 2, 3, 4] and metric_steps(run_dir, "val") == [2, 4]
-
-
-def test_sigterm_saves_a_checkpoint_and_the_rerun_continues(tiny_model, reward_server, tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    argv = tiny_argv(tmp_path, reward_server, "--validator", "none", "--eval_every", "0")
-    fired = threading.Event()
-
-    def kill_after_first_step():
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not metric_steps_safe(run_dir):
-            time.sleep(0.02)
-        fired.set()
-        os.kill(os.getpid(), signal.SIGTERM)  # what Slurm (or `kill`) sends
-
-    watcher = threading.Thread(target=kill_after_first_step, daemon=True)
-    watcher.start()
-    code = rgt.cli([*argv, "--max_steps", "40", "--save_every", "100"])
-    watcher.join(timeout=5)
-    assert fired.is_set()
-    assert code == rgt.EXIT_INTERRUPTED
-    checkpoints = sorted(run_dir.glob("checkpoint-*"))
-    assert len(checkpoints) == 1  # save_every 100: only the signal made this one
-    stopped_at = int(checkpoints[0].name.split("-")[1])
-    assert 1 <= stopped_at < 40
-    assert metric_steps(run_dir, "train") == list(range(1, stopped_at + 1))
-    assert "SIGTERM: saving a checkpoint" in capsys.readouterr().out
-    assert not (run_dir / "final").exists()
-
-    assert rgt.cli([*argv, "--max_steps", str(stopped_at + 2)]) == rgt.EXIT_OK
-    assert metric_steps(run_dir, "train") == list(range(1, stopped_at + 3))
-    assert metric_steps(run_dir, "val") == [stopped_at + 2]  # the final validation
+    assert config["recipe"]["num_generations"] == 2 and config["recipe"]["max_steps"] == end
 
 
 def metric_steps_safe(run_dir: Path) -> list[int]:
