@@ -65,7 +65,8 @@ ENV_SETTINGS = {
 class ServerArgs:
     host: str = field(default="127.0.0.1", metadata={"help": "Bind address. Anything but loopback requires REWARD_API_KEY."})
     port: int = field(default=7000, metadata={"help": "Port."})
-    scorer: str = field(default="minilm", metadata={"help": "'minilm' (offline default) or 'hf' (sequence-classification RM)."})
+    scorer: str = field(default="minilm", metadata={"help": "'minilm' (offline default) or 'hf' (sequence-classification RM).",
+                                                    "choices": ["minilm", "hf"]})
     rm_model: str = field(default="", metadata={"help": "hf: hub id or folder of the RM; minilm: embedding model folder (default: the shipped MiniLM)."})
     rm_adapter: str = field(default="", metadata={"help": "hf: optional PEFT adapter folder on top of --rm_model."})
     rm_batch_size: int = field(default=16, metadata={"help": "Stories per forward pass."})
@@ -96,7 +97,12 @@ def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
     for env_name, name in ENV_SETTINGS.items():
         if os.environ.get(env_name):
             value = os.environ[env_name]
-            defaults[name] = int(value) if types[name] in ("int", int) else value
+            if types[name] in ("int", int):
+                try:
+                    value = int(value)
+                except ValueError:
+                    raise SystemExit(f"{env_name}={value!r} is not an integer") from None
+            defaults[name] = value
     parser.set_defaults(**defaults)
     (args,) = parser.parse_args_into_dataclasses(args=argv)
     args.api_key = os.environ.get("REWARD_API_KEY", "")
@@ -261,9 +267,10 @@ class MiniLMScorer:
     - length = 1 if 4 <= title_length(title) <= 14 else 0.25 (whitespace tokens with a letter or digit).
     - style = max(0, 1 - 0.5 shout - 0.5 clickbait - 0.15 period - 0.3 run_on), each term in
       [0, 1] (see style_terms): shout = 1 if >= 60% of the (>= 3) words are ALL CAPS, else
-      0.5 per long (>= 5 letters) all-caps word beyond the first (acronyms pass); clickbait = !!/?!, a lone ! (0.3), bait phrases ("you won't
-      believe", "this one trick", ...), emoji, a trailing ellipsis; period = a trailing ".";
-      run_on = more than one sentence or > 20 words.
+      0.5 per long (>= 5 letters) all-caps word beyond the first (acronyms pass); clickbait = sum,
+      capped at 1, of: doubled !/? (!!, ?!) 0.6 or a lone ! 0.3, a bait phrase ("you won't believe",
+      "this one trick", ...) 0.6, emoji 0.6, a trailing ellipsis 0.3; period = 1 for a trailing ".";
+      run_on = 1 for more than one sentence or > 20 words.
     - copy_factor = 1 - 0.9 clip((copy - 0.5) / 0.5, 0, 1), copy = utils.copy_fraction(title, body)
       (longest verbatim word run shared with the body / title words): a title that is a body span
       keeps at most 10% of its score. This and the length gate are what stopped a policy copying
@@ -565,6 +572,8 @@ def main(args: ServerArgs) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.scorer not in ("minilm", "hf"):
         raise SystemExit(f"unknown --scorer {args.scorer!r}: use 'minilm' or 'hf'")
+    if args.scorer == "hf" and not args.rm_model:  # checked here too: under gunicorn a worker would fail to boot
+        raise SystemExit("--scorer hf needs --rm_model (or REWARD_MODEL): a hub id or a local folder")
     if args.prod:
         serve_gunicorn(args)
         return

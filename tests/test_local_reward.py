@@ -65,6 +65,7 @@ def test_score_openpipe_shape(client):
     body = reply.get_json()
     assert isinstance(body["score"], float) and 0.0 < body["score"] <= 1.0
     assert {"relevance", "style", "copy", "length"} <= set(body["components"])
+    assert reply.headers["Server-Timing"].startswith("score;dur=")  # model time, apart from HTTP overhead
 
 
 @pytest.mark.parametrize("change", [
