@@ -196,6 +196,20 @@ _CLICKBAIT_PHRASES = re.compile(
     r"|like a boss|the truth about|hate (him|her|this)|goes viral)\b",
     re.IGNORECASE,
 )
+# English function words. Real titles are phrases and nearly always contain one (76 of the 79 shipped
+# titles; the rest fall to this fuller list); a list of body keywords ("Graph Node Registers Pointer
+# Allocator Time") contains none, yet matches the body's embedding as well as the real title does.
+FUNCTION_WORDS = frozenset("""
+a an the this that these those some any no every each all both either neither my your our their his her its
+i you he she it we they me him us them who whom whose which what where when why how
+and or but nor so yet if then than because while though although unless until since as
+of to in on at by for with from into onto over under about above below after before between through during
+without within against among across behind beyond near off out up down around per via toward towards upon
+is are was were be been being am has have had do does did will would can could shall should may might must
+not no isn't aren't wasn't weren't don't doesn't didn't won't can't couldn't shouldn't wouldn't
+just also only even still again ever never very too more most less least much many few
+""".split())
+
 # Emoji and pictographs (not every "symbol": ° in "42°C" or € in prices are fine in a title).
 _EMOJI = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\uFE0F\u200D]")
 
@@ -209,9 +223,9 @@ def style_terms(title: str) -> dict[str, float]:
     """Hacker News title conventions, each a penalty in [0, 1] (0 = follows the convention).
 
     >>> style_terms("Rust 1.80 ships LazyCell")
-    {'shout': 0.0, 'clickbait': 0.0, 'period': 0.0, 'run_on': 0.0}
+    {'shout': 0.0, 'clickbait': 0.0, 'period': 0.0, 'run_on': 0.0, 'keywords': 0.0}
     >>> style_terms("YOU WON'T BELIEVE THIS COMPILER!!")
-    {'shout': 1.0, 'clickbait': 1.0, 'period': 0.0, 'run_on': 0.0}
+    {'shout': 1.0, 'clickbait': 1.0, 'period': 0.0, 'run_on': 0.0, 'keywords': 0.0}
     """
     tokens = [t.strip("\"'“”‘’()[],:;!?.") for t in title.split()]
     lettered = [re.sub(r"['’]s$", "", t) for t in tokens if sum(c.isalpha() for c in t) >= 2]
@@ -236,10 +250,15 @@ def style_terms(title: str) -> dict[str, float]:
     # Run-on: more than one sentence (". Next"), or far past the length band.
     sentences = len(re.findall(r"[.!?;]\s+[A-Z0-9\"“]", stripped))
     run_on = 1.0 if sentences >= 1 or title_length(title) > 20 else 0.0
-    return {"shout": float(shout), "clickbait": float(min(1.0, bait)), "period": period, "run_on": run_on}
+    # A keyword list, not a phrase: five or more words and not one function word; or a word said 3+ times.
+    ws = [w.lower().strip("\"'“”‘’()[],:;!?.") for w in title.split()]
+    counts = [ws.count(w) for w in set(ws) if w and w not in FUNCTION_WORDS]
+    keywords = 1.0 if (len(ws) >= 5 and not FUNCTION_WORDS.intersection(ws)) or max(counts, default=0) >= 3 else 0.0
+    return {"shout": float(shout), "clickbait": float(min(1.0, bait)), "period": period, "run_on": run_on,
+            "keywords": keywords}
 
 
-STYLE_WEIGHTS = {"shout": 0.5, "clickbait": 0.5, "period": 0.15, "run_on": 0.3}
+STYLE_WEIGHTS = {"shout": 0.5, "clickbait": 0.5, "period": 0.15, "run_on": 0.3, "keywords": 0.5}
 LENGTH_BAND = (4, 14)  # words; HN titles are short (the site caps them at 80 characters)
 OFF_BAND = 0.25  # relevance multiplier outside the band: the fix that stopped first-sentence copying
 COPY_FREE = 0.5  # copy fraction tolerated before the copy factor starts to fall
@@ -265,12 +284,13 @@ class MiniLMScorer:
     - relevance = clip(cosine(MiniLM(title), MiniLM(body)), 0, 1); 0 for an empty body
       (all-MiniLM-L6-v2, mean pooled, body truncated to 256 tokens).
     - length = 1 if 4 <= title_length(title) <= 14 else 0.25 (whitespace tokens with a letter or digit).
-    - style = max(0, 1 - 0.5 shout - 0.5 clickbait - 0.15 period - 0.3 run_on), each term in
+    - style = max(0, 1 - 0.5 shout - 0.5 clickbait - 0.15 period - 0.3 run_on - 0.5 keywords), each term in
       [0, 1] (see style_terms): shout = 1 if >= 60% of the (>= 3) words are ALL CAPS, else
       0.5 per long (>= 5 letters) all-caps word beyond the first (acronyms pass); clickbait = sum,
       capped at 1, of: doubled !/? (!!, ?!) 0.6 or a lone ! 0.3, a bait phrase ("you won't believe",
       "this one trick", ...) 0.6, emoji 0.6, a trailing ellipsis 0.3; period = 1 for a trailing ".";
-      run_on = 1 for more than one sentence or > 20 words.
+      run_on = 1 for more than one sentence or > 20 words; keywords = 1 for a keyword list (>= 5
+      words and no English function word such as of/in/the/is/after, or a content word used 3+ times).
     - copy_factor = 1 - 0.9 clip((copy - 0.5) / 0.5, 0, 1), copy = utils.copy_fraction(title, body)
       (longest verbatim word run shared with the body / title words): a title that is a body span
       keeps at most 10% of its score. This and the length gate are what stopped a policy copying
