@@ -15,9 +15,11 @@
 #
 # Settings (env): SLURM_LOCAL_STATE, SLURM_CTLD_PORT (16817), SLURM_SLURMD_PORT (16818),
 # SLURM_PARTITION (debug), DEF_MEM_PER_CPU MB (2048), KILL_WAIT s (30), CRED_EXPIRE s (10;
-# also how long a requeued job waits before it may start again), FAKE_GPUS (0: the
+# also how long a requeued job waits before it may start again), MIN_JOB_AGE s (300: how
+# long `scontrol show job` still shows a finished job's state and exit code), FAKE_GPUS (0: the
 # node has N gres gpus backed by dummy char devices, so `--gres=gpu:N` jobs are accepted;
-# no CUDA exists behind them), UP_TIMEOUT s (60).
+# no CUDA exists behind them), OVERSUBSCRIBE (NO; FORCE:N lets N jobs share a core),
+# UP_TIMEOUT s (60).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -29,7 +31,9 @@ PARTITION="${SLURM_PARTITION:-debug}"
 DEF_MEM_PER_CPU="${DEF_MEM_PER_CPU:-2048}"
 KILL_WAIT="${KILL_WAIT:-30}"
 CRED_EXPIRE="${CRED_EXPIRE:-10}"
+MIN_JOB_AGE="${MIN_JOB_AGE:-300}"
 FAKE_GPUS="${FAKE_GPUS:-0}"
+OVERSUBSCRIBE="${OVERSUBSCRIBE:-NO}"
 UP_TIMEOUT="${UP_TIMEOUT:-60}"
 PACKAGES=(slurmctld slurmd slurm-client munge)
 DAEMONS=(slurmd slurmctld munged)  # stop order: node, controller, then auth
@@ -99,7 +103,8 @@ render_conf() {
     sed -e "s|@STATE@|$STATE|g" -e "s|@NODENAME@|$nodename|g" -e "s|@NODE_LINE@|$node_line|" \
         -e "s|@CTLD_PORT@|$CTLD_PORT|" -e "s|@SLURMD_PORT@|$SLURMD_PORT|" \
         -e "s|@DEF_MEM_PER_CPU@|$DEF_MEM_PER_CPU|" -e "s|@KILL_WAIT@|$KILL_WAIT|" -e "s|@CRED_EXPIRE@|$CRED_EXPIRE|" \
-        -e "s|@PARTITION@|$PARTITION|" -e "s|@GRES_TYPES@|$gres_types|" -e "s|@NODE_GRES@|$node_gres|" \
+        -e "s|@MIN_JOB_AGE@|$MIN_JOB_AGE|" \
+        -e "s|@PARTITION@|$PARTITION|" -e "s|@OVERSUBSCRIBE@|$OVERSUBSCRIBE|" -e "s|@GRES_TYPES@|$gres_types|" -e "s|@NODE_GRES@|$node_gres|" \
         "$HERE/slurm.conf.in" >"$CONF"
 }
 
