@@ -10,7 +10,8 @@
    titles per story, the trainer's validation code) -> runs/base-<recipe> (method "base", step 0);
 4. train: `reference_grpo_trainer.py --recipe <recipe>` on CPU, its output streamed and kept
    in <run dir>/demo_train.log -> runs/trl-<recipe>;
-5. after: evaluate the trained adapter the same way (same stories, samples and seed);
+5. after: evaluate the trained adapter (the newest checkpoint) the same way: same stories,
+   samples per story and seed -> <trl run dir>/demo-eval;
 6. report: before/after val reward, the paired difference with a bootstrap 95% interval over
    stories, stories improved, copy fraction, title length, match and trailing rates (so a gain
    made by gaming the reward shows), sample titles beside the originals, the run directories
@@ -23,6 +24,7 @@ retrained) and both evaluations are redone. --fresh deletes the demo's two run d
     python demo.py --fresh                               # retrain from scratch
     python demo.py --reward_url http://127.0.0.1:7000    # score with an already running `make reward`
     python demo.py --recipe recipes/tiny.yaml --fresh    # every stage in about a minute (learns nothing)
+    python demo.py --threads 1                           # on a machine shared with other jobs
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ ROOT = utils.ROOT
 TRAINER = ROOT / "reference_grpo_trainer.py"
 SERVER = ROOT / "local_reward.py"
 REPORT_FILE = "demo_report.md"
+AFTER_DIR = "demo-eval"  # <trl run dir>/demo-eval: the demo's evaluation of the final adapter
 
 
 @dataclass
@@ -60,6 +63,9 @@ class DemoArgs:
     server_args: str = field(default="", metadata={"help": "Extra flags for local_reward.py (e.g. '--rm_path dir')."})
     server_timeout: float = field(default=300.0, metadata={"help": "Seconds to wait for the started server's /health."})
     trainer_args: str = field(default="", metadata={"help": "Extra flags for reference_grpo_trainer.py."})
+    threads: int = field(default=0, metadata={
+        "help": "Torch CPU threads for evaluation and training (0 = torch's default, one per core). On a machine "
+                "busy with other jobs, 1 avoids threads waiting on each other and is often several times faster."})
     show_titles: int = field(default=5, metadata={"help": "Val stories whose titles the report shows."})
     strict: bool = field(default=False, metadata={
         "help": "Exit 1 unless the trained model is measurably better (bootstrap interval above 0)."})
@@ -273,13 +279,21 @@ def compare(before: utils.EvalResult, after: utils.EvalResult, seed: int = 0) ->
                       improved=sum(x > y for x, y in zip(a, b)), worse=sum(x < y for x, y in zip(a, b)), n=len(a))
 
 
+def trainer_val_rows(run_dir: Path) -> list[dict]:
+    """The trainer's own validations (one row per step, the last one logged wins)."""
+    rows, _ = utils.read_metrics(run_dir)
+    by_step = {r["step"]: r for r in rows if r["split"] == "val" and r["method"] == "trl"}
+    return [by_step[k] for k in sorted(by_step)]
+
+
 def _fmt_duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min ({seconds:.0f} s)" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def render_report(cmp: Comparison, before: utils.EvalResult, after: utils.EvalResult, *, recipe: utils.Recipe,
                   recipe_path: str, run_dirs: dict[str, Path], stages: Sequence[tuple[str, float]],
-                  show_titles: int = 5, machine: str = "") -> str:
+                  show_titles: int = 5, machine: str = "", trainer_val: Sequence[dict] = (),
+                  cpu: Sequence[float] | None = None) -> str:
     """The demo's report as Markdown (what it prints and writes to demo_report.md)."""
     samples = 1 + recipe.eval_samples
     verdict = ("**Trained is measurably better**: the 95% interval of the paired difference excludes 0."
@@ -318,6 +332,12 @@ def render_report(cmp: Comparison, before: utils.EvalResult, after: utils.EvalRe
             continue
         b, a = cmp.before[key], cmp.after[key]
         lines.append(f"| {label} | {fmt.format(b)} | {fmt.format(a)} | {fmt.replace('{:', '{:+').format(a - b)} |")
+    if trainer_val:
+        lines += ["", "Validation inside the training run (same code and stories; the sampling RNG is the "
+                  "training run's, so the last row differs a little from the evaluation above):", "",
+                  "| step | reward mean | greedy reward | copy fraction | title words | trailing |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['step']} | {r['reward_mean']:.3f} | {r['extra'].get('greedy_reward_mean', float('nan')):.3f} "
+                  f"| {r['copy_frac_mean']:.2f} | {r['title_len_mean']:.1f} | {r['trailing_rate']:.0%} |" for r in trainer_val]
     lines += ["", "## Sample titles (greedy)", ""]
     for rb, ra in list(zip(before.records(), after.records()))[:show_titles]:
         gb, ga = rb["greedy"], ra["greedy"]
@@ -326,9 +346,14 @@ def render_report(cmp: Comparison, before: utils.EvalResult, after: utils.EvalRe
                   f"  - trained:   {ga['title'] or '(empty)'}  (reward {ga['reward']:.2f}, copy {ga['copy']:.2f})"]
     lines += ["", "## Runs", ""]
     lines += [f"- {name}: `{path}`" for name, path in run_dirs.items()]
-    lines += ["", "## Wall time", "", "| stage | time |", "|---|---|"]
-    lines += [f"| {name} | {_fmt_duration(sec)} |" for name, sec in stages]
-    lines += [f"| **total** | **{_fmt_duration(sum(sec for _, sec in stages))}** |", ""]
+    cpu = list(cpu or [])
+    lines += ["", "## Wall time", "", "| stage | wall time | CPU time |", "|---|---|---|"]
+    lines += [f"| {name} | {_fmt_duration(sec)} | {f'{cpu[i]:.0f} s' if i < len(cpu) else ''} |"
+              for i, (name, sec) in enumerate(stages)]
+    lines += [f"| **total** | **{_fmt_duration(sum(sec for _, sec in stages))}** | "
+              f"{f'{sum(cpu):.0f} s' if cpu else ''} |", "",
+              "CPU time = user + system seconds of the demo and the trainer (not the reward server); on a busy "
+              "machine the wall time grows with the load while the CPU time stays roughly the work done.", ""]
     if machine:
         lines += [machine, ""]
     return "\n".join(lines)
@@ -346,25 +371,44 @@ def machine_note(load_before: tuple[float, ...]) -> str:
 # --------------------------------------------------------------------------------------
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the trainer): a load-independent cost."""
+    import resource
+
+    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+
 class Stages:
-    """Wall time per stage, printed as each one starts and ends."""
+    """Wall and CPU time per stage, printed as each one starts and ends."""
 
     def __init__(self, total: int):
-        self.total, self.done = total, []
+        self.total, self.done, self.cpu = total, [], []
 
     @contextlib.contextmanager
     def __call__(self, name: str):
         print(f"\n=== [{len(self.done) + 1}/{self.total}] {name} ===", flush=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         try:
             yield
         finally:
             self.done.append((name, time.perf_counter() - t0))
-            print(f"=== {name}: {self.done[-1][1]:.0f}s ===", flush=True)
+            self.cpu.append(cpu_seconds() - c0)
+            print(f"=== {name}: {self.done[-1][1]:.0f}s (CPU {self.cpu[-1]:.0f}s) ===", flush=True)
+
+
+def set_threads(threads: int) -> None:
+    """Pin torch's thread count here and in the trainer (read at import: call before torch loads)."""
+    if threads > 0:
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = str(threads)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
 
 
 def main(args: DemoArgs) -> Comparison:
     utils.load_env()
+    set_threads(args.threads)
     recipe = load_recipe(args.recipe)
     base_name, train_name = run_names(recipe, args.recipe)
     base_dir, train_dir = Path(recipe.runs_dir) / base_name, Path(recipe.runs_dir) / train_name
@@ -403,19 +447,26 @@ def main(args: DemoArgs) -> Comparison:
             print("$ " + shlex.join(cmd), flush=True)
             code = stream(cmd, train_dir / "demo_train.log")
             if code != 0:
-                raise SystemExit(f"training failed (exit {code}); log: {train_dir / 'demo_train.log'}")
+                why = {3: "the reward server failed; no reward was made up",
+                       75: "interrupted; a checkpoint was saved, rerun to resume"}.get(code, "see the log")
+                raise SystemExit(f"training failed (exit {code}: {why}); log: {train_dir / 'demo_train.log'}")
             ckpt = last_checkpoint(train_dir)
             if ckpt is None:
                 raise SystemExit(f"training finished but {train_dir} holds no checkpoint-N with an adapter")
             step = int(ckpt.name.split("-")[-1])
 
         with stages("evaluate trained"):
-            after = evaluate_policy(recipe, train_name, "demo-after", "trl", step, adapter=str(ckpt))
+            # Its own run dir inside the training run: the trainer already logged a val row at this
+            # step in runs/trl-*/metrics.jsonl, and a second one there would read as a resumed step.
+            shutil.rmtree(train_dir / AFTER_DIR, ignore_errors=True)  # redone on every run, like the baseline
+            after = evaluate_policy(recipe, f"{train_name}/{AFTER_DIR}", "after", "trl", step, adapter=str(ckpt))
 
     cmp = compare(before, after)
     text = render_report(cmp, before, after, recipe=recipe, recipe_path=args.recipe,
-                         run_dirs={"untrained (baseline)": base_dir, "trained (TRL)": train_dir, "adapter": ckpt},
-                         stages=stages.done, show_titles=args.show_titles, machine=machine_note(load0))
+                         run_dirs={"untrained (baseline)": base_dir, "trained (TRL)": train_dir, "adapter": ckpt,
+                                   "evaluation of the adapter": train_dir / AFTER_DIR},
+                         stages=stages.done, show_titles=args.show_titles, machine=machine_note(load0),
+                         trainer_val=trainer_val_rows(train_dir), cpu=stages.cpu)
     (train_dir / REPORT_FILE).write_text(text + "\n", encoding="utf-8")
     print("\n" + text)
     print(f"report -> {train_dir / REPORT_FILE}")

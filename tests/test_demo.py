@@ -4,6 +4,7 @@ The 15-minute CPU run itself is not a test; these check the pieces it is built f
 a server the demo starts is stopped on success, on failure and on SIGTERM.
 """
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -63,13 +64,16 @@ def test_report_shows_interval_copy_and_titles(tmp_path):
     recipe = utils.Recipe(eval_samples=2)
     text = demo.render_report(cmp, before_r, after_r, recipe=recipe, recipe_path="recipes/cpu.yaml",
                               run_dirs={"trained (TRL)": tmp_path}, stages=[("train", 300.0), ("eval", 60.0)],
-                              show_titles=3, machine="Machine: test")
+                              show_titles=3, machine="Machine: test",
+                              trainer_val=[{"step": 10, "reward_mean": 0.345, "copy_frac_mean": 0.1, "title_len_mean": 8.0,
+                                            "trailing_rate": 0.5, "extra": {"greedy_reward_mean": 0.4}}])
     assert f"[{cmp.lo:+.3f}, {cmp.hi:+.3f}]" in text and f"{cmp.diff:+.3f}" in text
     assert "8/8 stories improved" in text
     assert "copy fraction rose" in text and "| copy fraction | 0.00 | 0.90 | +0.90 |" in text
     assert text.count("- original:") == 3 and "Original 0" in text
     assert "6.0 min (360 s)" in text  # total of the stages
     assert str(tmp_path) in text and "Machine: test" in text
+    assert "| 10 | 0.345 | 0.400 | 0.10 | 8.0 | 50% |" in text  # the trainer's own validations
 
 
 def test_last_checkpoint(tmp_path):
@@ -157,3 +161,32 @@ def test_sigterm_stops_the_demo_and_its_server(tmp_path, stories_path):
     assert proc.returncode != 0
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/health", timeout=2.0)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_demo_end_to_end_on_the_tiny_recipe_then_resume(tmp_path, monkeypatch, capsys):
+    """Every stage for real on models/tiny (a random 2-layer model: it learns nothing, the pipeline is the test)."""
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path))
+    args = demo.DemoArgs(recipe=str(demo.ROOT / "recipes" / "tiny.yaml"), fresh=True, show_titles=2)
+    recipe = demo.load_recipe(args.recipe)
+    cmp = demo.main(args)
+    out = capsys.readouterr().out
+    base, trained = tmp_path / "base-tiny", tmp_path / "trl-tiny"
+    report = (trained / demo.REPORT_FILE).read_text()
+    assert "Paired difference" in report and f"over {cmp.n} stories" in report and cmp.n == recipe.max_val_stories
+    base_rows, _ = utils.read_metrics(base)
+    assert [(r["method"], r["step"], r["split"]) for r in base_rows] == [("base", 0, "val")]
+    after_rows, _ = utils.read_metrics(trained / demo.AFTER_DIR)
+    assert [(r["method"], r["step"]) for r in after_rows] == [("trl", recipe.max_steps)]
+    assert (trained / "demo_train.log").read_text().strip()  # the trainer's output was kept
+    url = next(line.split()[3] for line in out.splitlines() if line.startswith("started local_reward.py at "))
+    with pytest.raises(httpx.TransportError):  # stopped after a successful run too
+        httpx.get(f"{url}/health", timeout=2.0)
+
+    # A rerun without --fresh resumes: nothing is retrained, the baseline is redone (still one row).
+    train_rows = [r for r in utils.read_metrics(trained)[0] if r["split"] == "train"]
+    demo.main(dataclasses.replace(args, fresh=False))
+    assert [r for r in utils.read_metrics(trained)[0] if r["split"] == "train"] == train_rows
+    assert len(utils.read_metrics(base)[0]) == 1
+    assert len(utils.read_metrics(trained / demo.AFTER_DIR)[0]) == 1
