@@ -34,6 +34,7 @@ class CompareArgs:
     out_dir: str = field(default="", metadata={"help": "Where compare.md and the PNGs go (default: <runs_dir>/compare)."})
     n_boot: int = field(default=2000, metadata={"help": "Bootstrap resamples for the 95 percent interval over val stories."})
     plots: bool = field(default=True, metadata={"help": "Draw the PNGs (--no_plots for the table only)."})
+    panels: bool = field(default=True, metadata={"help": "Besides compare.png, one PNG per panel (--no_panels: compare.png only)."})
     examples: int = field(default=4, metadata={"help": "Val stories shown with each run's greedy title (0 = none)."})
 
 
@@ -399,8 +400,8 @@ def draw_panel(ax, panel: str, runs: list[Run], colors: dict[str, str], n_boot: 
     ax.grid(alpha=0.3)
 
 
-def plot(runs: list[Run], out_dir: Path, n_boot: int) -> list[Path]:
-    """compare.png (all panels, one legend) and one PNG per panel."""
+def plot(runs: list[Run], out_dir: Path, n_boot: int, panels: bool = True) -> list[Path]:
+    """compare.png (all panels, one legend) and, if asked, one PNG per panel."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display on servers and in CI
@@ -420,7 +421,7 @@ def plot(runs: list[Run], out_dir: Path, n_boot: int) -> list[Path]:
     paths.append(out_dir / "compare.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
-    for panel in PANELS:
+    for panel in PANELS if panels else ():
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         draw_panel(ax, panel, runs, colors, n_boot)
         ax.legend(handles=handles, fontsize=7, loc="best")
@@ -469,7 +470,7 @@ def main(args: CompareArgs, run_paths: list[str] | None = None) -> dict:
     summaries = [summarize(r, args.n_boot) for r in runs if r.exists]
     out_dir.mkdir(parents=True, exist_ok=True)
     plotted = [r for r in runs if r.rows]
-    pngs = plot(plotted, out_dir, args.n_boot) if args.plots and plotted else []
+    pngs = plot(plotted, out_dir, args.n_boot, args.panels) if args.plots and plotted else []
     text = report(runs, summaries, pngs, args.examples)
     (out_dir / "compare.md").write_text(text, encoding="utf-8")
     print(text)

@@ -124,6 +124,12 @@ def test_pngs_are_real_images(result):
     assert "![comparison](compare.png)" in result["markdown"]
 
 
+def test_compare_png_only(tmp_path):
+    res = compare.main(compare.CompareArgs(out_dir=str(tmp_path), panels=False, n_boot=100), [str(FIXTURES / "trl-tiny")])
+    assert [p.name for p in res["pngs"]] == ["compare.png"] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "compare.md", "compare.png"]
+
+
 def _write(path: Path, rows: list[dict], tail: str = "") -> None:
     path.mkdir(parents=True, exist_ok=True)
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
