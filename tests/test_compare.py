@@ -208,7 +208,7 @@ def test_one_folder_with_several_series(tmp_path, rows, expected):
 def test_cli_positional_runs(tmp_path):
     out = subprocess.run([sys.executable, "compare.py", str(FIXTURES / "trl-tiny"), str(FIXTURES / "base-tiny"),
                           "--out_dir", str(tmp_path), "--no_plots"],
-                         cwd=Path(compare.__file__).parent, capture_output=True, text=True, timeout=120)
+                         cwd=Path(compare.__file__).parent, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     assert sorted(table_cells(out.stdout)) == ["base-tiny", "trl-tiny"]
     assert not math.isnan(float(table_cells(out.stdout)["trl-tiny"]["Tokens/s"]))

@@ -97,7 +97,7 @@ def _cli(args, env_extra, stdin=""):
            # set (even empty) so that a developer's .env cannot fill them in
            "OPENAI_API_KEY": "", "OPENAI_BASE_URL": "", "OPENAI_MODEL": "", **env_extra}
     return subprocess.run([sys.executable, "openai_generator.py", *args], cwd=ROOT, env=env, input=stdin,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
 
 
 def test_cli_unreachable_is_one_line_without_traceback():

@@ -111,6 +111,6 @@ def test_cli(reward_server, article):
     # what `make titles ARTICLE=... ARGS=...` runs
     out = subprocess.run([sys.executable, "titles.py", "--recipe", "recipes/tiny.yaml", "--article", str(article),
                           "--reward_url", reward_server, "--n", "1"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "candidates from" in out.stdout and " 1 " in out.stdout
