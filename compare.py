@@ -474,7 +474,7 @@ def main(args: CompareArgs, run_paths: list[str] | None = None) -> dict:
     text = report(runs, summaries, pngs, args.examples)
     (out_dir / "compare.md").write_text(text, encoding="utf-8")
     print(text)
-    print(f"wrote {_display(out_dir / 'compare.md')}" + (f" and {len(pngs)} PNGs ({_display(pngs[0])}, ...)" if pngs else ""))
+    print(f"wrote {_display(out_dir / 'compare.md')}" + (f" and {', '.join(_display(p) for p in pngs)}" if pngs else ""))
     return {"runs": runs, "summaries": summaries, "pngs": pngs, "markdown": text, "out_dir": out_dir}
 
 
