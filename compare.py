@@ -394,6 +394,12 @@ def draw_panel(ax, panel: str, runs: list[Run], colors: dict[str, str], n_boot: 
                 ax.fill_between(xs, [c[0] for c in cis], [c[1] for c in cis], color=color, alpha=0.15, linewidth=0)
     if not drawn:
         ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="gray")
+    # Every panel spans from 0 to the furthest any run got, so a baseline alone or a run that
+    # has not validated yet still shows on the scale of the training so far.
+    seen = [r for run in runs if not run.is_reference for r in run.rows if _finite(r.get(x))]
+    right = max((r[x] / 60 if x == "wall_time" else r[x] for r in seen), default=0)
+    if right > 0:
+        ax.set_xlim(-0.03 * right, right * 1.03)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("wall-clock (minutes)" if x == "wall_time" else "step")
     ax.set_ylabel(ylabel, fontsize=8)
