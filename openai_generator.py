@@ -71,13 +71,13 @@ class OpenAIGenerator:
     def _create(self, messages: list[dict], n: int, temperature: float, max_tokens: int):
         import openai
 
-        kwargs = {"model": self.model, "messages": messages, "n": n, "temperature": temperature,
-                  self._token_param: max_tokens}
+        param = self._token_param  # read once: another thread may switch it meanwhile
+        kwargs = {"model": self.model, "messages": messages, "n": n, "temperature": temperature, param: max_tokens}
         try:
             return self.client.chat.completions.create(**kwargs)
         except openai.BadRequestError as e:
             # Newer hosted models reject max_tokens in favour of max_completion_tokens; vLLM takes both.
-            if self._token_param == "max_tokens" and "max_completion_tokens" in str(e.message):
+            if param == "max_tokens" and "max_completion_tokens" in str(e.message):
                 self._token_param = "max_completion_tokens"
                 return self._create(messages, n, temperature, max_tokens)
             raise self._error(e) from None

@@ -2,7 +2,8 @@
 openai_generator.py, evaluate.py --generator openai and titles.py.
 
 - FakeChat: POST /v1/chat/completions with `n` choices (an OpenAI-compatible endpoint);
-  knobs to cap the choices, fail with 503 first, or demand a key. Records every request.
+  knobs to cap the choices, fail with 503 first, demand a key, or refuse `max_tokens` (as
+  OpenAI does for newer models). Records every request.
 - FakeReward: POST /score_batch {"stories": [...]} -> {"scores": [...]}, POST /score and
   GET /health (the reward server's protocol) with a deterministic score.
 """
@@ -66,6 +67,10 @@ class _ChatHandler(_Handler):
                 owner.fail_first -= 1
                 # retry-after-ms keeps the client's backoff short in tests
                 return self._reply(503, {"error": {"message": "overloaded"}}, {"retry-after-ms": "10"})
+        if owner.new_token_param and "max_tokens" in req:  # as OpenAI answers for its newer models
+            return self._reply(400, {"error": {"message": "Unsupported parameter: 'max_tokens' is not supported with this "
+                                                          "model. Use 'max_completion_tokens' instead.",
+                                               "type": "invalid_request_error", "param": "max_tokens"}})
         if req.get("model") != owner.model:
             return self._reply(404, {"error": {"message": f"The model `{req.get('model')}` does not exist."}})
         n = int(req.get("n") or 1)
@@ -89,8 +94,10 @@ class FakeChat(_Server):
 
     handler = _ChatHandler
 
-    def __init__(self, model: str = "fake-model", api_key: str = "", max_choices: int = 1000, fail_first: int = 0):
+    def __init__(self, model: str = "fake-model", api_key: str = "", max_choices: int = 1000, fail_first: int = 0,
+                 new_token_param: bool = False):
         self.model, self.api_key, self.max_choices, self.fail_first = model, api_key, max_choices, fail_first
+        self.new_token_param = new_token_param  # reject max_tokens, want max_completion_tokens
         self.requests: list[dict] = []
         self.counter = 0
         self.lock = threading.Lock()

@@ -56,6 +56,16 @@ def test_endpoint_that_ignores_n_is_asked_again():
     assert [r["n"] for r in server.requests] == [3, 2, 1]
 
 
+def test_endpoint_that_wants_max_completion_tokens():
+    with FakeChat(new_token_param=True) as server:
+        g = gen(server)
+        assert g.generate(CONVS, n=1, temperature=0.0, max_tokens=8) == [["Greedy Alpha beta gamma"], ["Greedy Zeta eta theta"]]
+    # the first (concurrent) requests are refused, once each; then the other parameter is used
+    old = [r for r in server.requests if "max_tokens" in r]
+    new = [r for r in server.requests if r.get("max_completion_tokens") == 8 and "max_tokens" not in r]
+    assert 1 <= len(old) <= len(CONVS) and len(new) == len(CONVS)
+
+
 def test_transient_5xx_is_retried_by_the_client():
     with FakeChat(fail_first=2) as server:
         out = gen(server, max_retries=2).generate(CONVS[:1], n=1, temperature=0.0, max_tokens=8)
