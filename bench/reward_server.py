@@ -5,7 +5,9 @@
 
 Ratios are measured in one run (these machines are shared and noisy; absolute times are not
 comparable between runs, ratios within one run are). Ratios are medians over --repeats interleaved
-repeats; "(scorer)" is the time the server spent inside the scorer (its Server-Timing header).
+repeats; "(scorer)" is the time the server spent inside the scorer (its Server-Timing header), and
+"(outside scorer)" the rest of the same request (HTTP, JSON, validation) relative to it: unlike the
+in-process comparison, it cannot be skewed by other processes' load between two measurements.
 
 - batch speed-up: 64 single POST /score requests over one kept-alive connection, divided by one
   POST /score_batch of the same 64 stories (goal >= 10x);
@@ -119,12 +121,17 @@ def main(args: BenchArgs) -> dict:
             results[f"{name}_scorer_in_server_s"] = statistics.median(in_server)
             results[f"{name}_batch_speedup"] = statistics.median(s / b for s, b in zip(singles, batch, strict=True))
             results[f"{name}_server_overhead"] = statistics.median(b / i - 1 for b, i in zip(batch, inproc, strict=True))
+            # The same request's own split (immune to load changing between measurements): everything
+            # outside the scorer (HTTP, JSON, validation) over the time inside it.
+            results[f"{name}_http_overhead"] = statistics.median(b / i - 1 for b, i in zip(batch, in_server, strict=True))
     print()
-    print(f"{'':6s} {'batch req':>10s} {'(scorer)':>9s} {'singles':>9s} {'in-process':>11s} {'speed-up':>9s} {'overhead':>9s}")
+    print(f"{'':6s} {'batch req':>10s} {'(scorer)':>9s} {'singles':>9s} {'in-process':>11s} {'speed-up':>9s} "
+          f"{'overhead':>9s} {'(outside scorer)':>17s}")
     for name in ("cold", "grpo"):
         r = {k.removeprefix(name + "_"): v for k, v in results.items() if k.startswith(name)}
         print(f"{name:6s} {r['batch_s']:9.3f}s {r['scorer_in_server_s']:8.3f}s {r['singles_s']:8.3f}s "
-              f"{r['inprocess_s']:10.3f}s {r['batch_speedup']:8.1f}x {100 * r['server_overhead']:+8.1f}%")
+              f"{r['inprocess_s']:10.3f}s {r['batch_speedup']:8.1f}x {100 * r['server_overhead']:+8.1f}% "
+              f"{100 * r['http_overhead']:+16.1f}%")
     print(f"\n{args.n} stories; batch speed-up goal >= 10x, server overhead goal <= 15%; "
           f"{args.repeats} repeats, medians; {'gunicorn' if args.prod else 'flask'} server.")
     print(json.dumps({k: round(v, 4) for k, v in results.items()}))
