@@ -501,6 +501,8 @@ def create_app(args: ServerArgs | None = None, scorer: Scorer | None = None):
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise BadRequest(f"request body is not valid JSON ({e})"[:300], "request", 400) from None
+        except RecursionError:  # "[[[[...]]]]" nested deeper than the parser's stack
+            raise BadRequest("request body is nested too deeply", "request", 400) from None
 
     def run(stories: list[dict]) -> tuple[list[float], list[dict]]:
         def timed_score():

@@ -122,6 +122,8 @@ BAD_SCORE = [
     ('"a title"', 400, "request"),
     # a number
     ("42", 400, "request"),
+    # JSON nested deeper than the parser's stack (a RecursionError, not a ValueError)
+    ("[" * 30000 + "]" * 30000, 400, "request"),
     # invalid UTF-8 bytes
     (b'{"title": "\xff\xfe"}', 400, "request"),
     # each required field missing
