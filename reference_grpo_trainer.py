@@ -215,6 +215,8 @@ def build_callbacks(*, recipe: utils.Recipe, args: TrlArgs, run_dir: Path, token
                      "reward_requests": client_stats().get("requests", 0), "epoch": state.epoch,
                      "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
             reward_log.seconds = 0.0
+            if not state.is_world_process_zero:
+                return  # multi-process (accelerate): one writer; the row covers rank 0's completions
             self.writer.write(utils.metrics_row(method="trl", step=state.global_step, split="train", scored=scored,
                                                 wall_time=timer(), run=run_dir.name, extra=extra))
 
@@ -244,6 +246,9 @@ def build_callbacks(*, recipe: utils.Recipe, args: TrlArgs, run_dir: Path, token
 
         def validate(self, model, step: int) -> None:
             import evaluate
+
+            if self.trainer is not None and not self.trainer.is_world_process_zero():
+                return  # validate once, on rank 0 (inference only: the other ranks just wait at the next step)
 
             client = utils.RewardClient(recipe.reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
             generator = evaluate.HFGenerator(model, tokenizer, batch_size=args.eval_batch_size, name="trl")
@@ -378,6 +383,9 @@ def grpo_config(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backe
         max_grad_norm=recipe.max_grad_norm,
         loss_type=recipe.loss_type,
         beta=recipe.beta,
+        # CISPO clips the detached importance weight; TRL's default cap is epsilon (0.2), ART's is
+        # 1 + epsilon_high (5). One shared knob keeps the two methods' updates the same size.
+        **({"epsilon_high": recipe.cispo_max_weight} if recipe.loss_type == "cispo" else {}),
         max_steps=recipe.max_steps,
         save_strategy="steps",
         save_steps=recipe.save_every,
@@ -515,7 +523,7 @@ def recipe_path_from(argv: Sequence[str] | None) -> str | None:
     import os
 
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--recipe", default=os.environ.get("RECIPE", "recipes/cpu.yaml"))
+    pre.add_argument("--recipe", default=os.environ.get("RECIPE") or "recipes/cpu.yaml")
     return pre.parse_known_args(argv)[0].recipe
 
 

@@ -151,20 +151,18 @@ def internal_config(recipe: utils.Recipe, args: ArtArgs) -> dict:
     )
 
 
-CISPO_MAX_WEIGHT = 5.0  # upper bound of CISPO's importance weight (TRL's recommended epsilon_high for cispo)
-
-
 def train_kwargs(recipe: utils.Recipe, args: ArtArgs) -> dict:
     """Keyword arguments of backend.train: the loss is explicit (ART defaults to cispo, TRL to dapo).
 
     For cispo ART clips the detached importance weight to [1 - epsilon, 1 + epsilon_high];
     TRL 1.14 clamps it to at most its epsilon_high. The bounds are written out (they equal
-    ART's defaults, 1.0 and 4.0) so the weight's range, [0, CISPO_MAX_WEIGHT], is visible.
+    ART's defaults, 1.0 and 4.0, for the default cispo_max_weight 5) so the weight's range,
+    [0, recipe.cispo_max_weight], is the same as TRL's.
     """
     kwargs = {"learning_rate": recipe.learning_rate, "loss_fn": recipe.loss_type,
               "kl_penalty_coef": recipe.beta, "scale_rewards": args.scale_rewards}
     if recipe.loss_type == "cispo":
-        kwargs.update(epsilon=1.0, epsilon_high=CISPO_MAX_WEIGHT - 1.0)
+        kwargs.update(epsilon=1.0, epsilon_high=recipe.cispo_max_weight - 1.0)
     return kwargs
 
 

@@ -85,6 +85,7 @@ class Recipe:
     max_grad_norm: float = field(default=0.1, metadata={"help": "Gradient clipping."})
     loss_type: str = field(default="cispo", metadata={"help": "Policy loss; 'cispo' exists in TRL and ART."})
     beta: float = field(default=0.0, metadata={"help": "KL coefficient (TRL beta, ART kl_penalty_coef)."})
+    cispo_max_weight: float = field(default=5.0, metadata={"help": "CISPO's cap on the importance weight (TRL epsilon_high; ART 1 + epsilon_high)."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})

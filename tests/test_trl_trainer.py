@@ -172,6 +172,9 @@ def test_grpo_config_follows_the_recipe(tmp_path):
     assert (config.max_completion_length, config.learning_rate, config.max_grad_norm) == (17, 3e-4, 0.2)
     assert (config.loss_type, config.beta, config.max_steps, config.save_steps, config.seed) == ("cispo", 0.01, 7, 5, 3)
     assert config.lr_scheduler_type == "constant"
+    # CISPO's weight cap comes from the shared recipe (ART gets 1 + epsilon_high = the same cap);
+    # TRL's own default would be epsilon = 0.2, five times smaller updates than ART's.
+    assert config.epsilon_high == recipe.cispo_max_weight == 5.0
     assert config.use_cpu and not config.bf16 and not config.use_vllm
     assert config.gradient_checkpointing is False  # TRL's default is True; measured slower on CPU
     assert config.report_to == [] or config.report_to == "none" or config.report_to == ["none"]
