@@ -88,9 +88,9 @@ class ServerArgs:
 
 def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
     """Flags over environment (.env included) over defaults."""
+    utils.load_env()  # first: HF_HUB_OFFLINE/HF_TOKEN in .env must be set before transformers reads them
     from transformers import HfArgumentParser
 
-    utils.load_env()
     parser = HfArgumentParser(ServerArgs, description=__doc__.split("\n\n")[0])
     types = {f.name: f.type for f in ServerArgs.__dataclass_fields__.values()}
     defaults: dict[str, Any] = {}

@@ -827,6 +827,8 @@ def bootstrap_mean_diff(after: Sequence[float], before: Sequence[float], n_boot:
     """Paired bootstrap over stories: mean(after - before) and its 95% interval."""
     import numpy as np
 
+    if len(after) != len(before) or not len(after):
+        raise ValueError(f"paired bootstrap needs two equal, non-empty lists (got {len(after)} and {len(before)})")
     diff = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(diff), size=(n_boot, len(diff)))
