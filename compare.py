@@ -380,18 +380,24 @@ def draw_panel(ax, panel: str, runs: list[Run], colors: dict[str, str], n_boot: 
         color = colors[run.label]
         xs = [r[x] / 60 if x == "wall_time" else r[x] for r in rows]
         ys = [r[y] for r in rows]
+        cis = [spread(r, n_boot)[1] for r in rows] if y == "reward_mean" and split == "val" else []
         if split == "val" and run.is_reference:
-            # A baseline is one point; a horizontal line makes it a reference for every step.
-            # On the time axis it sits at 0: its wall_time is its own evaluation, not training.
+            # A baseline is one point; a horizontal line (and its interval as a band) makes it
+            # a reference for every step. On the time axis it sits at 0: its wall_time is its
+            # own evaluation, not training.
             ax.axhline(ys[0], color=color, linestyle="--", linewidth=1.2)
+            if cis and cis[0] is not None:
+                ax.axhspan(cis[0][0], cis[0][1], color=color, alpha=0.12, linewidth=0)
             ax.plot([0] if x == "wall_time" else xs, ys, marker="D", color=color, linestyle="none")
             continue
         ax.plot(xs, ys, marker="o" if split == "val" else None, markersize=4, color=color,
                 linewidth=1.5 if split == "val" else 1.0, alpha=1.0 if split == "val" else 0.8)
-        if y == "reward_mean" and split == "val":
-            cis = [spread(r, n_boot)[1] for r in rows]
-            if all(ci is not None for ci in cis):
-                ax.fill_between(xs, [c[0] for c in cis], [c[1] for c in cis], color=color, alpha=0.15, linewidth=0)
+        if cis and all(ci is not None for ci in cis):
+            lo, hi = [c[0] for c in cis], [c[1] for c in cis]
+            if len(xs) > 1:
+                ax.fill_between(xs, lo, hi, color=color, alpha=0.15, linewidth=0)
+            else:  # one validation so far: an error bar
+                ax.errorbar(xs, ys, yerr=[[ys[0] - lo[0]], [hi[0] - ys[0]]], color=color, capsize=4, linestyle="none")
     if not drawn:
         ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="gray")
     # Every panel spans from 0 to the furthest any run got, so a baseline alone or a run that
