@@ -140,19 +140,9 @@ def summary(result: utils.EvalResult) -> str:
             f"copy {sum(s.copy for s in scored) / n:.2f}, trailing {sum(s.trailing for s in scored) / n:.0%}")
 
 
-def main(recipe: utils.Recipe, args: EvalArgs) -> utils.EvalResult:
-    utils.set_seed(recipe.seed)
-    if args.generator == "openai":
-        return main_openai(recipe, args)
-    if args.generator != "hf":
-        raise SystemExit(f"unknown --generator {args.generator!r} (use hf or openai)")
-    model, tokenizer = load_policy(recipe.model, args.adapter)
-    val, report = utils.load_split(recipe, recipe.val_split, tokenizer, recipe.max_val_stories)
-    print(report.summary())
+def score_val(recipe: utils.Recipe, generator, val, validator) -> utils.EvalResult:
+    """The shared validation (utils.evaluate_generator) against the recipe's reward server."""
     client = utils.RewardClient(recipe.reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
-    validator = make_validator(recipe, model, tokenizer)
-    generator = HFGenerator(model, tokenizer, args.batch_size)
-    timer = utils.Timer()
 
     async def run():
         try:
@@ -163,7 +153,21 @@ def main(recipe: utils.Recipe, args: EvalArgs) -> utils.EvalResult:
         finally:
             await client.aclose()
 
-    result = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def main(recipe: utils.Recipe, args: EvalArgs) -> utils.EvalResult:
+    utils.set_seed(recipe.seed)
+    if args.generator == "openai":
+        return main_openai(recipe, args)
+    if args.generator != "hf":
+        raise SystemExit(f"unknown --generator {args.generator!r} (use hf or openai)")
+    model, tokenizer = load_policy(recipe.model, args.adapter)
+    val, report = utils.load_split(recipe, recipe.val_split, tokenizer, recipe.max_val_stories)
+    print(report.summary())
+    validator = make_validator(recipe, model, tokenizer)
+    timer = utils.Timer()
+    result = score_val(recipe, HFGenerator(model, tokenizer, args.batch_size), val, validator)
     run_dir = utils.run_dir_for(recipe, "eval")
     row = utils.eval_metrics_row(result, method=args.method, step=args.step, wall_time=timer(),
                                  run=run_dir.name, extra={"label": args.label, "adapter": args.adapter,
@@ -198,21 +202,10 @@ def main_openai(recipe: utils.Recipe, args: EvalArgs) -> utils.EvalResult:
         model, tokenizer = None, AutoTokenizer.from_pretrained(recipe.model)
     val, report = utils.load_split(recipe, recipe.val_split, tokenizer, recipe.max_val_stories)
     print(report.summary())
-    client = utils.RewardClient(recipe.reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
     validator = make_validator(recipe, model, tokenizer)
     timer = utils.Timer()
-
-    async def run():
-        try:
-            await client.health()
-            return await utils.evaluate_generator(
-                generator, list(val), client, validator, recipe.eval_samples,
-                recipe.max_completion_tokens, recipe.temperature, recipe.trailing_penalty)
-        finally:
-            await client.aclose()
-
     try:
-        result = asyncio.run(run())
+        result = score_val(recipe, generator, val, validator)
     except (OpenAIGeneratorError, utils.RewardServerError) as e:
         raise SystemExit(f"error: {e}") from None
     run_dir = utils.run_dir_for(recipe, "eval")
