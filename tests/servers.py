@@ -9,50 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 120.0,
-                 log_path: Path | None = None, headers: dict | None = None) -> dict:
-    """Poll GET /health until it answers 200; fail early (with the server's log) if it exits."""
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"reward server exited with code {proc.returncode} before becoming healthy:\n"
-                               f"{_tail(log_path)}")
-        try:
-            resp = httpx.get(url + "/health", timeout=2.0, headers=headers)
-            if resp.status_code == 200:
-                return resp.json()
-            last = f"HTTP {resp.status_code}"
-        except httpx.TransportError as e:
-            last = type(e).__name__
-        time.sleep(0.2)
-    raise TimeoutError(f"reward server at {url} not healthy after {timeout:.0f}s ({last}):\n{_tail(log_path)}")
-
-
-def _tail(path: Path | None, chars: int = 4000) -> str:
-    if path is None or not path.exists():
-        return "(no log)"
-    return path.read_text(errors="replace")[-chars:]
+sys.path.insert(0, str(ROOT))
+from demo import free_port, wait_healthy  # noqa: E402  (one implementation: the demo's)
 
 
 @contextlib.contextmanager
@@ -76,7 +41,7 @@ def reward_server_process(port: int | None = None, args: Sequence[str] = (), env
             proc = subprocess.Popen([sys.executable, str(ROOT / "local_reward.py"), "--port", str(port), *argv],
                                     cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            wait_healthy(url, proc, timeout, log_path)
+            wait_healthy(url, timeout, proc, log_path)
             yield url
         finally:
             proc.terminate()

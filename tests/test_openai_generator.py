@@ -2,25 +2,19 @@
 `evaluate.py --generator openai` end to end into a run dir that compare.py reads."""
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from fake_endpoints import FakeChat, FakeReward, fake_score
+from servers import free_port
 
 import utils
 from openai_generator import OpenAIGenerator, OpenAIGeneratorError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVS = [utils.title_messages("Alpha beta gamma delta."), utils.title_messages("Zeta eta theta iota.")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def gen(server: FakeChat, **kw) -> OpenAIGenerator:

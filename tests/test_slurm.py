@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_DIR = ROOT / "slurm"
@@ -142,12 +143,6 @@ def test_accelerate_config_is_multi_gpu_ddp():
 # --------------------------------------------------------------------------------------
 # A real Slurm
 # --------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_closed(port: int) -> bool:
