@@ -20,6 +20,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -185,9 +186,11 @@ def cluster(tmp_path_factory):
         pytest.skip("Slurm is not installed and there is no apt-get to install it")
     if os.geteuid() != 0:
         pytest.skip("the local cluster's daemons run as root (SlurmUser=root)")
-    # Under slurm/.state (git-ignored): munged wants every parent of its socket reachable by
-    # the munge user, which pytest's private tmp dirs are not.
-    state = SLURM_DIR / ".state" / f"pytest-{os.getpid()}"
+    # munged wants every parent of its socket reachable by the munge user. Neither pytest's
+    # private tmp dirs nor a clone inside a 0700 directory (e.g. `mktemp -d`) are, so the state
+    # lives in its own world-traversable directory under /tmp.
+    state = Path(tempfile.mkdtemp(prefix="slurm-local-", dir="/tmp"))
+    state.chmod(0o755)
     env = clean_env(SLURM_LOCAL_STATE=str(state), SLURM_CTLD_PORT=str(free_port()),
                     SLURM_SLURMD_PORT=str(free_port()), FAKE_GPUS="4", OVERSUBSCRIBE="FORCE:4",
                     KILL_WAIT="10", MIN_JOB_AGE="600")
