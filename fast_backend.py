@@ -72,9 +72,9 @@ class Backend:
         elif self.name == "trl-vllm":
             what = f"transformers + PEFT on CUDA, generation with TRL's vLLM ({self.vllm_mode} mode)"
         elif self.device == "cpu":
-            what = "transformers + PEFT on CPU (fp32), generation with HF generate; no Unsloth/vLLM on CPU"
+            what = "transformers + PEFT on CPU (fp32), generation with HF generate (one prefill per distinct prompt); no Unsloth/vLLM on CPU"
         else:
-            what = "transformers + PEFT on CUDA, generation with HF generate"
+            what = "transformers + PEFT on CUDA, generation with HF generate (one prefill per distinct prompt)"
         return f"backend {self.name}: {what}" + "".join(f" ({n})" for n in self.notes)
 
 
@@ -228,6 +228,106 @@ def grpo_overrides(backend: Backend, args) -> dict:
         elif args.vllm_server_base_url:
             out["vllm_server_base_url"] = args.vllm_server_base_url
     return out
+
+
+
+# --------------------------------------------------------------------------------------
+# Plain-transformers generation: one prefill per distinct prompt
+# --------------------------------------------------------------------------------------
+
+
+def generate_shared_prefix(model, prompt_ids: Sequence[Sequence[int]], pad_token_id: int, **generate_kwargs):
+    """New tokens for each row of `prompt_ids`, prefilling each distinct prompt only once.
+
+    HF generate (and so TRL's transformers path) prefills every row, and a GRPO group is
+    num_generations copies of one prompt. On a CPU the prefill of a ~400-token prompt costs
+    ~17 decode steps, so a group of 4 paid ~75% of its generation time for copies. Here the
+    distinct prompts are left-padded and run once without their last token, the KV cache is
+    copied out to every row, and generate() continues from it: the same sampling and the same
+    tokens under greedy decoding (tests/test_fast_backend.py checks both).
+
+    Returns a LongTensor (rows, new tokens), right-padded with pad_token_id by generate().
+    """
+    import torch
+    from transformers import DynamicCache
+
+    rows = [tuple(p) for p in prompt_ids]
+    distinct = list(dict.fromkeys(rows))
+    index = torch.tensor([distinct.index(r) for r in rows])
+    width = max(len(p) for p in distinct)
+    device = model.device
+    ids = torch.full((len(distinct), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(distinct), width), dtype=torch.long)
+    for i, p in enumerate(distinct):  # left padding, as generate() expects for decoder-only models
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    if width < 2:  # nothing to share
+        out = model.generate(input_ids=ids[index], attention_mask=mask[index], pad_token_id=pad_token_id,
+                             **generate_kwargs)
+        return out[:, width:]
+    # Positions exactly as generate() derives them from the mask, so the cache matches.
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+              past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache.reorder_cache(index.to(device))  # row r gets the cache of its distinct prompt
+    out = model.generate(input_ids=ids[index.to(device)], attention_mask=mask[index.to(device)],
+                         past_key_values=cache, pad_token_id=pad_token_id, **generate_kwargs)
+    return out[:, width:]
+
+
+def trainer_class(backend: Backend):
+    """The GRPOTrainer class for `backend`: TRL's own for vLLM engines (Unsloth patches it in
+    place), the shared-prefix subclass for plain transformers generation."""
+    if backend.use_vllm or backend.name == "unsloth":
+        from trl import GRPOTrainer
+
+        return GRPOTrainer
+    return shared_prefix_trainer_class()
+
+
+def shared_prefix_trainer_class():
+    """GRPOTrainer whose plain-transformers generation prefills each distinct prompt once.
+
+    Only `_generate_single_turn`'s regular path changes (trl 1.14.2: vLLM, continuous batching,
+    multimodal and tool calls go to TRL's own code). The output contract is TRL's: completion
+    ids cut after the first EOS (kept), logprobs None.
+    """
+    import torch
+    from trl import GRPOTrainer
+    from trl.models import unwrap_model_for_generation
+
+    class SharedPrefixGRPOTrainer(GRPOTrainer):
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
+                                  has_tool_images=False):
+            if (self.use_vllm or self.use_transformers_continuous_batching or images is not None
+                    or multimodal_fields or has_tool_images):
+                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                     has_tool_images)
+            with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                              gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                                              generation_kwargs=self.generation_kwargs) as model,
+                  torch.no_grad(),
+                  self._dist.summon_full_params(self.model_wrapped, recurse=False)):
+                new = generate_shared_prefix(model, prompt_ids, self._tokenizer.pad_token_id,
+                                             generation_config=self.generation_config)
+            return [cut_after_eos(row, self.eos_token_ids) for row in new.cpu().tolist()], None
+
+    return SharedPrefixGRPOTrainer
+
+
+def cut_after_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
+    """Token ids up to and including the first EOS (TRL's completion mask, as a list).
+
+    >>> cut_after_eos([5, 6, 2, 0, 0], [2]), cut_after_eos([5, 6], [2])
+    ([5, 6, 2], [5, 6])
+    """
+    for i, t in enumerate(ids):
+        if t in eos_ids:
+            return list(ids[:i + 1])
+    return list(ids)
 
 
 if __name__ == "__main__":

@@ -454,7 +454,7 @@ def main(recipe: utils.Recipe, args: TrlArgs, recipe_path: str | None = None) ->
     validator = _make_validator(recipe, model, tokenizer)
     print(f"[trl] model, data and validator ({recipe.validator}) ready in {time.perf_counter() - t_load:.1f}s")
 
-    from trl import GRPOTrainer
+    GRPOTrainer = fast_backend.trainer_class(backend)  # noqa: N806 (a class)
 
     timer = utils.Timer(offset)
     reward_log = RewardLog()

@@ -73,8 +73,8 @@ def test_select_backend_errors(requested, machine, kwargs, message):
 
 def test_this_cpu_machine_says_what_runs():
     backend = fb.select_backend("auto")  # the real machine: no CUDA here
-    assert backend.describe() == ("backend cpu: transformers + PEFT on CPU (fp32), generation with HF generate; "
-                                  "no Unsloth/vLLM on CPU")
+    assert backend.describe() == ("backend cpu: transformers + PEFT on CPU (fp32), generation with HF generate "
+                                  "(one prefill per distinct prompt); no Unsloth/vLLM on CPU")
     with pytest.raises(BackendError, match="needs an NVIDIA GPU with CUDA"):
         fb.select_backend("unsloth")
 
@@ -178,3 +178,62 @@ def test_import_unsloth_first(fake_unsloth, monkeypatch):
     monkeypatch.delitem(sys.modules, "transformers")
     monkeypatch.delitem(sys.modules, "trl", raising=False)
     assert fb.import_unsloth_first(["--recipe", "recipes/gpu.yaml"]) is True
+
+
+# --------------------------------------------------------------------------------------
+# One prefill per distinct prompt (the CPU generation path of training and evaluation)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm(smollm_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm_model)
+    model = AutoModelForCausalLM.from_pretrained(smollm_model).eval()
+    bodies = ["Researchers found that a decades-old sorting routine in the C library had a quadratic worst "
+              "case that attackers could trigger with crafted input.",
+              "We rewrote our build system in a weekend and cut CI times from forty minutes to six."]
+    prompts = [tok.apply_chat_template(utils.title_messages(b), add_generation_prompt=True, tokenize=False)
+               for b in bodies]
+    return model, tok, [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+def test_shared_prefix_greedy_equals_plain_generate(smollm):
+    import torch
+
+    model, tok, ids = smollm
+    rows = [ids[0]] * 3 + [ids[1]] * 2  # unequal groups, prompts of different lengths (left padding)
+    assert len(ids[0]) != len(ids[1])
+    with torch.no_grad():
+        shared = fb.generate_shared_prefix(model, rows, tok.pad_token_id, max_new_tokens=12, do_sample=False)
+        tok.padding_side = "left"
+        enc = tok.pad({"input_ids": rows}, return_tensors="pt")
+        plain = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert torch.equal(shared, plain[:, enc["input_ids"].shape[1]:])
+
+
+def test_shared_prefix_sampling_is_per_row(smollm):
+    import torch
+
+    model, tok, ids = smollm
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = fb.generate_shared_prefix(model, [ids[0]] * 4, tok.pad_token_id, max_new_tokens=8,
+                                        do_sample=True, temperature=1.0, top_k=None, top_p=None)
+    assert out.shape[0] == 4
+    assert len({tuple(r) for r in out.tolist()}) > 1  # the rows share a prefill, not their samples
+
+
+def test_cut_after_eos_matches_trl_mask():
+    assert fb.cut_after_eos([7, 2, 2, 2], [2]) == [7, 2]
+    assert fb.cut_after_eos([7, 8, 9], [2, 3]) == [7, 8, 9]
+    assert fb.cut_after_eos([3, 9], [2, 3]) == [3]
+
+
+def test_trainer_class_per_backend():
+    from trl import GRPOTrainer
+
+    cpu = fb.trainer_class(Backend("cpu", "cpu", use_vllm=False))
+    assert issubclass(cpu, GRPOTrainer) and cpu is not GRPOTrainer
+    assert fb.trainer_class(Backend("trl-vllm", "cuda", use_vllm=True, vllm_mode="colocate")) is GRPOTrainer
