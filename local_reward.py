@@ -210,6 +210,20 @@ not no isn't aren't wasn't weren't don't doesn't didn't won't can't couldn't sho
 just also only even still again ever never very too more most less least much many few
 """.split())
 
+# Describing the article instead of titling it: "The article discusses ...", "This post explains
+# ...", "I'm an expert ...". Once copying was closed, this is what a small policy learned first
+# under this reward (the validator accepts such lines and they are safely on topic: demo of
+# 2026-11-22, "The article discusses ..." in 12/12 trained greedy titles). HN titles never do it.
+_META = re.compile(
+    r"\b(?:article|post|text|essay|piece|author|writer)\s+(?:(?:also|then|further|mainly|briefly)\s+)?"
+    r"(?:discuss|describ|explain|talk|cover|explor|highlight|mention|present|detail|focus|delv|provid|examin"
+    r"|outlin|is about|is written)\w*"
+    r"|^\W*(?:here(?:'s|’s| is)\b|i(?:'m|’m| am) an? (?:expert|ai|assistant|language model)\b"
+    r"|as an? (?:ai|expert|language model)\b|in this (?:article|post|piece|essay)\b"
+    r"|(?:an?|the|this) (?:article|post|piece|essay) (?:about|on)\b)",
+    re.IGNORECASE,
+)
+
 # Emoji and pictographs (not every "symbol": ° in "42°C" or € in prices are fine in a title).
 _EMOJI = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\uFE0F\u200D]")
 
@@ -223,9 +237,11 @@ def style_terms(title: str) -> dict[str, float]:
     """Hacker News title conventions, each a penalty in [0, 1] (0 = follows the convention).
 
     >>> style_terms("Rust 1.80 ships LazyCell")
-    {'shout': 0.0, 'clickbait': 0.0, 'period': 0.0, 'run_on': 0.0, 'keywords': 0.0}
+    {'shout': 0.0, 'clickbait': 0.0, 'period': 0.0, 'run_on': 0.0, 'keywords': 0.0, 'meta': 0.0}
     >>> style_terms("YOU WON'T BELIEVE THIS COMPILER!!")
-    {'shout': 1.0, 'clickbait': 1.0, 'period': 0.0, 'run_on': 0.0, 'keywords': 0.0}
+    {'shout': 1.0, 'clickbait': 1.0, 'period': 0.0, 'run_on': 0.0, 'keywords': 0.0, 'meta': 0.0}
+    >>> style_terms("The article discusses a faster grep")["meta"]
+    1.0
     """
     tokens = [t.strip("\"'“”‘’()[],:;!?.") for t in title.split()]
     lettered = [re.sub(r"['’]s$", "", t) for t in tokens if sum(c.isalpha() for c in t) >= 2]
@@ -254,11 +270,12 @@ def style_terms(title: str) -> dict[str, float]:
     ws = [w.lower().strip("\"'“”‘’()[],:;!?.") for w in title.split()]
     counts = [ws.count(w) for w in set(ws) if w and w not in FUNCTION_WORDS]
     keywords = 1.0 if (len(ws) >= 5 and not FUNCTION_WORDS.intersection(ws)) or max(counts, default=0) >= 3 else 0.0
+    meta = 1.0 if _META.search(title) else 0.0
     return {"shout": float(shout), "clickbait": float(min(1.0, bait)), "period": period, "run_on": run_on,
-            "keywords": keywords}
+            "keywords": keywords, "meta": meta}
 
 
-STYLE_WEIGHTS = {"shout": 0.5, "clickbait": 0.5, "period": 0.15, "run_on": 0.3, "keywords": 0.5}
+STYLE_WEIGHTS = {"shout": 0.5, "clickbait": 0.5, "period": 0.15, "run_on": 0.3, "keywords": 0.5, "meta": 0.6}
 LENGTH_BAND = (4, 14)  # words; HN titles are short (the site caps them at 80 characters)
 OFF_BAND = 0.25  # relevance multiplier outside the band: the fix that stopped first-sentence copying
 COPY_FREE = 0.5  # copy fraction tolerated before the copy factor starts to fall
@@ -284,13 +301,15 @@ class MiniLMScorer:
     - relevance = clip(cosine(MiniLM(title), MiniLM(body)), 0, 1); 0 for an empty body
       (all-MiniLM-L6-v2, mean pooled, body truncated to 256 tokens).
     - length = 1 if 4 <= title_length(title) <= 14 else 0.25 (whitespace tokens with a letter or digit).
-    - style = max(0, 1 - 0.5 shout - 0.5 clickbait - 0.15 period - 0.3 run_on - 0.5 keywords), each term in
+    - style = max(0, 1 - 0.5 shout - 0.5 clickbait - 0.15 period - 0.3 run_on - 0.5 keywords - 0.6 meta), each term in
       [0, 1] (see style_terms): shout = 1 if >= 60% of the (>= 3) words are ALL CAPS, else
       0.5 per long (>= 5 letters) all-caps word beyond the first (acronyms pass); clickbait = sum,
       capped at 1, of: doubled !/? (!!, ?!) 0.6 or a lone ! 0.3, a bait phrase ("you won't believe",
       "this one trick", ...) 0.6, emoji 0.6, a trailing ellipsis 0.3; period = 1 for a trailing ".";
       run_on = 1 for more than one sentence or > 20 words; keywords = 1 for a keyword list (>= 5
-      words and no English function word such as of/in/the/is/after, or a content word used 3+ times).
+      words and no English function word such as of/in/the/is/after, or a content word used 3+ times);
+      meta = 1 when the title describes the article instead of titling it ("The article discusses",
+      "This post explains", "I'm an ...", "Here's ...").
     - copy_factor = 1 - 0.9 clip((copy - 0.5) / 0.5, 0, 1), copy = utils.copy_fraction(title, body)
       (longest verbatim word run shared with the body / title words): a title that is a body span
       keeps at most 10% of its score. This and the length gate are what stopped a policy copying

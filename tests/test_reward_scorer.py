@@ -5,7 +5,8 @@ broken titles (shouting, clickbait, run-on) and titles copied from the body, on 
 at least WIN_RATE of the stories. Measured on data/stories.jsonl (78 stories with a body,
 2026-11-21): every variant lost on 100% of stories; mean margins real - variant: shuffled +0.53,
 shout +0.32, clickbait +0.48, run-on +0.53, first sentence +0.62, first 12 words +0.58
-(real titles average 0.64 on a 0..1 scale); a keyword list also lost on 100% (+0.33).
+(real titles average 0.64 on a 0..1 scale); a keyword list also lost on 100% (+0.33), and
+"The article discusses <real title>" (the meta term, 2026-11-22) on 100%.
 
 HF: a tiny random sequence-classification model (and a LoRA adapter) built in tmp_path.
 """
@@ -72,6 +73,8 @@ VARIANTS = {
     # the body's 10 most frequent content words: as close to the body in embedding space as a real
     # title (before the keywords term such lists won on half the stories); the likely next hack
     "keyword_list": lambda i, rows: keyword_list(rows[i]["scraped_body"]),
+    # describing the article instead of titling it: what the demo's policy learned before the meta term
+    "meta": lambda i, rows: "The article discusses " + rows[i]["title"][:1].lower() + rows[i]["title"][1:],
 }
 # Known soft spot: a keyword list salted with one function word escapes the keywords term; such
 # lists (a 75-word stop list) still lost on 62/78 stories (mean margin +0.18), against 39/78 before it.
@@ -170,6 +173,15 @@ def test_empty_body_scores_zero(minilm):
     ("Superconductor paper retracted after failed replications", {"keywords": 0}),
     # short titles are not judged as keyword lists
     ("Rust ships LazyCell", {"keywords": 0}),
+    # describing the article instead of titling it
+    ("The article discusses a faster grep", {"meta": 1}),
+    ("This post also explains how we cut CI time", {"meta": 1}),
+    ("An article about medieval negative numbers", {"meta": 1}),
+    ("I'm an expert at writing Hacker News titles", {"meta": 1}),
+    ("Here's a rewritten version of the title", {"meta": 1}),
+    # ... but a real title may start with I'm, or name a post office
+    ("I'm stepping down as maintainer of fastcsv", {"meta": 0}),
+    ("The Post Office Horizon scandal explained", {"meta": 0}),
 ])
 def test_style_terms(title, expected):
     terms = lr.style_terms(title)
