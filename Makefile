@@ -75,6 +75,7 @@ titles: setup
 bench: setup
 	$(PYTHON) bench/reward_server.py
 	$(PYTHON) bench/grpo_step.py
+	$(PYTHON) bench/generation.py
 
 lint: setup
 	$(BIN)/ruff check .

@@ -133,8 +133,6 @@ class StepTimer:
 
 def run_variant(name: str, recipe: utils.Recipe, trl_args, reward_url: str, steps: int, warmup: int) -> list[dict]:
     """Build the trainer the way reference_grpo_trainer.main does; time `steps` steps after `warmup`."""
-    from trl import GRPOTrainer
-
     import fast_backend
     import reference_grpo_trainer as rgt
 
@@ -164,7 +162,10 @@ def run_variant(name: str, recipe: utils.Recipe, trl_args, reward_url: str, step
             callbacks.append(train_rows)  # the repo's per-step metrics row is part of its step
         else:
             reward_funcs = [constant_reward]
-        trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs, args=config, train_dataset=train_ds,
+        # Both variants generate with the trainer's own class (one prefill per distinct prompt):
+        # the comparison isolates the reward path. bench/generation.py times that class's gain.
+        trainer_cls = fast_backend.trainer_class(backend)
+        trainer = trainer_cls(model=model, reward_funcs=reward_funcs, args=config, train_dataset=train_ds,
                               processing_class=tokenizer, callbacks=callbacks)
         timer.wrap(trainer)
         print(f"[{name}] {warmup} warm-up + {steps} timed steps ...", flush=True)
