@@ -262,9 +262,10 @@ def generate_shared_prefix(model, prompt_ids: Sequence[Sequence[int]], pad_token
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
+    if "generation_config" not in generate_kwargs:  # a GenerationConfig carries its own pad id
+        generate_kwargs["pad_token_id"] = pad_token_id
     if width < 2:  # nothing to share
-        out = model.generate(input_ids=ids[index], attention_mask=mask[index], pad_token_id=pad_token_id,
-                             **generate_kwargs)
+        out = model.generate(input_ids=ids[index], attention_mask=mask[index], **generate_kwargs)
         return out[:, width:]
     # Positions exactly as generate() derives them from the mask, so the cache matches.
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
@@ -274,7 +275,7 @@ def generate_shared_prefix(model, prompt_ids: Sequence[Sequence[int]], pad_token
               past_key_values=cache, use_cache=True, logits_to_keep=1)
     cache.reorder_cache(index.to(device))  # row r gets the cache of its distinct prompt
     out = model.generate(input_ids=ids[index.to(device)], attention_mask=mask[index.to(device)],
-                         past_key_values=cache, pad_token_id=pad_token_id, **generate_kwargs)
+                         past_key_values=cache, **generate_kwargs)
     return out[:, width:]
 
 
