@@ -43,13 +43,19 @@ class HFGenerator:
     def __init__(self, model, tokenizer, batch_size: int = 8, name: str = "hf", progress: bool = True):
         self.model, self.tokenizer, self.batch_size, self.name = model, tokenizer, batch_size, name
         self.progress = progress
+        self._stop_ids: dict[tuple[str, ...], list[int]] = {}  # computed once per stop set (a vocab scan)
         tokenizer.padding_side = "left"  # decoder-only generation pads on the left
 
     def generate(self, conversations: Sequence[list[dict]], n: int, temperature: float,
-                 max_tokens: int) -> list[list[str]]:
+                 max_tokens: int, stop: Sequence[str] = ()) -> list[list[str]]:
         import torch
         from tqdm.auto import tqdm
 
+        eos = {}
+        if stop:  # EOS or any token holding a stop string ends a row
+            if tuple(stop) not in self._stop_ids:
+                self._stop_ids[tuple(stop)] = utils.stop_token_ids(self.tokenizer, stop)
+            eos = {"eos_token_id": [self.tokenizer.eos_token_id, *self._stop_ids[tuple(stop)]]}
         out: list[list[str]] = []
         greedy = temperature <= 0
         batches = range(0, len(conversations), self.batch_size)
@@ -65,7 +71,7 @@ class HFGenerator:
                     gen = fast_backend.generate_shared_prefix(
                         self.model, [p for p in ids for _ in range(n)], self.tokenizer.pad_token_id,
                         max_new_tokens=max_tokens, do_sample=not greedy,
-                        temperature=temperature if not greedy else None, top_p=None, top_k=None)
+                        temperature=temperature if not greedy else None, top_p=None, top_k=None, **eos)
                 texts = self.tokenizer.batch_decode(gen, skip_special_tokens=True)
                 out.extend(texts[j * n:(j + 1) * n] for j in range(len(convs)))
         finally:
@@ -151,7 +157,7 @@ def score_val(recipe: utils.Recipe, generator, val, validator) -> utils.EvalResu
             await client.health()
             return await utils.evaluate_generator(
                 generator, list(val), client, validator, recipe.eval_samples,
-                recipe.max_completion_tokens, recipe.temperature, recipe.trailing_penalty)
+                recipe.max_completion_tokens, recipe.temperature, recipe.trailing_penalty, utils.stop_strings(recipe))
         finally:
             await client.aclose()
 

@@ -279,6 +279,22 @@ def generate_shared_prefix(model, prompt_ids: Sequence[Sequence[int]], pad_token
     return out[:, width:]
 
 
+def stop_at_tokens(backend: Backend, model, stop_ids: Sequence[int]) -> dict:
+    """Make `stop_ids` end a completion like EOS does; returns GRPOConfig overrides.
+
+    TRL reads the model's generation_config eos ids when the trainer is built: they stop HF
+    generate and cut the completion mask (after the stop token, kept) on every engine. vLLM
+    stops on its own SamplingParams, which TRL builds from generation_kwargs.
+    """
+    if not stop_ids:
+        return {}
+    config = model.generation_config
+    eos = config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    config.eos_token_id = list(dict.fromkeys([*eos, *stop_ids]))
+    return {"generation_kwargs": {"stop_token_ids": list(stop_ids)}} if backend.use_vllm else {}
+
+
 def trainer_class(backend: Backend):
     """The GRPOTrainer class for `backend`: TRL's own for vLLM engines (Unsloth patches it in
     place), the shared-prefix subclass for plain transformers generation."""

@@ -68,18 +68,20 @@ class OpenAIGenerator:
 
     # -- one conversation ---------------------------------------------------------------
 
-    def _create(self, messages: list[dict], n: int, temperature: float, max_tokens: int):
+    def _create(self, messages: list[dict], n: int, temperature: float, max_tokens: int, stop: Sequence[str] = ()):
         import openai
 
         param = self._token_param  # read once: another thread may switch it meanwhile
         kwargs = {"model": self.model, "messages": messages, "n": n, "temperature": temperature, param: max_tokens}
+        if stop:
+            kwargs["stop"] = list(stop)
         try:
             return self.client.chat.completions.create(**kwargs)
         except openai.BadRequestError as e:
             # Newer hosted models reject max_tokens in favour of max_completion_tokens; vLLM takes both.
             if param == "max_tokens" and "max_completion_tokens" in str(e.message):
                 self._token_param = "max_completion_tokens"
-                return self._create(messages, n, temperature, max_tokens)
+                return self._create(messages, n, temperature, max_tokens, stop)
             raise self._error(e) from None
         except openai.OpenAIError as e:
             raise self._error(e) from None
@@ -103,11 +105,12 @@ class OpenAIGenerator:
             return OpenAIGeneratorError(f"{where}: HTTP {e.status_code}: {_one_line(e.message)}")
         return OpenAIGeneratorError(f"{where}: {type(e).__name__}: {_one_line(e)}")
 
-    def _complete(self, messages: list[dict], n: int, temperature: float, max_tokens: int) -> list[str]:
+    def _complete(self, messages: list[dict], n: int, temperature: float, max_tokens: int,
+                  stop: Sequence[str] = ()) -> list[str]:
         out: list[str] = []
         # At most n requests: each must return at least one choice or we stop with an error.
         for _ in range(n):
-            resp = self._create(messages, n - len(out), temperature, max_tokens)
+            resp = self._create(messages, n - len(out), temperature, max_tokens, stop)
             choices = sorted(resp.choices or [], key=lambda c: c.index)
             texts = [(c.message.content or "") if c.message else "" for c in choices][:n - len(out)]
             with self._lock:
@@ -126,8 +129,9 @@ class OpenAIGenerator:
     # -- utils.Generator ----------------------------------------------------------------
 
     def generate(self, conversations: Sequence[list[dict]], n: int, temperature: float,
-                 max_tokens: int) -> list[list[str]]:
-        """`n` completions per conversation, in order; temperature 0 means greedy."""
+                 max_tokens: int, stop: Sequence[str] = ()) -> list[list[str]]:
+        """`n` completions per conversation, in order; temperature 0 means greedy; `stop` is the
+        API's stop list (the endpoint drops the stop string from the text)."""
         from tqdm.auto import tqdm
 
         if n <= 0:
@@ -138,7 +142,7 @@ class OpenAIGenerator:
         # Sync client in threads: evaluate_generator calls generate() from inside an event loop.
         pool = ThreadPoolExecutor(max_workers=self.concurrency)
         try:
-            futures = {pool.submit(self._complete, list(c), n, 0.0 if greedy else temperature, max_tokens): i
+            futures = {pool.submit(self._complete, list(c), n, 0.0 if greedy else temperature, max_tokens, stop): i
                        for i, c in enumerate(conversations)}
             bar = tqdm(total=len(futures), desc=f"{self.name} n={n}{' greedy' if greedy else ''}",
                        disable=not self.progress, leave=False)

@@ -258,7 +258,7 @@ def build_callbacks(*, recipe: utils.Recipe, args: TrlArgs, run_dir: Path, token
                 try:
                     return await utils.evaluate_generator(
                         generator, val_rows, client, validator, recipe.eval_samples, recipe.max_completion_tokens,
-                        recipe.temperature, recipe.trailing_penalty)
+                        recipe.temperature, recipe.trailing_penalty, utils.stop_strings(recipe))
                 finally:
                     await client.aclose()
 
@@ -364,7 +364,8 @@ def record_failure(run_dir: Path, step: int, error: Exception, stats: dict) -> i
 # --------------------------------------------------------------------------------------
 
 
-def grpo_config(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend, run_dir: Path):
+def grpo_config(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend, run_dir: Path,
+                extra: dict | None = None):
     """GRPOConfig from the shared recipe + TRL knobs (trl 1.14: no max_prompt_length; prompts
     are length-filtered in utils.load_split)."""
     from trl import GRPOConfig
@@ -399,6 +400,7 @@ def grpo_config(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backe
         dataloader_num_workers=0,
     )
     kwargs.update(fast_backend.grpo_overrides(backend, args))
+    kwargs.update(extra or {})
     return GRPOConfig(**kwargs)
 
 
@@ -451,6 +453,9 @@ def main(recipe: utils.Recipe, args: TrlArgs, recipe_path: str | None = None) ->
         print(f"error: {len(train_ds)} train stories left after filtering, fewer than prompts_per_step "
               f"({recipe.prompts_per_step})", file=sys.stderr)
         return EXIT_USAGE
+    # The title is the first line: with stop_at_newline a line break ends the completion (utils.Recipe).
+    stop_overrides = fast_backend.stop_at_tokens(
+        backend, model, utils.stop_token_ids(tokenizer, utils.stop_strings(recipe)))
     validator = _make_validator(recipe, model, tokenizer)
     print(f"[trl] model, data and validator ({recipe.validator}) ready in {time.perf_counter() - t_load:.1f}s")
 
@@ -466,7 +471,7 @@ def main(recipe: utils.Recipe, args: TrlArgs, recipe_path: str | None = None) ->
         model=model,
         reward_funcs=[make_reward_func(client, validator, recipe.trailing_penalty, reward_log,
                                        recipe.max_completion_tokens)],
-        args=grpo_config(recipe, args, backend, run_dir),
+        args=grpo_config(recipe, args, backend, run_dir, stop_overrides),
         train_dataset=train_ds,
         processing_class=tokenizer,
         callbacks=[stopper, train_rows, validate],

@@ -92,11 +92,11 @@ def generate(generator, body: str, args: TitlesArgs, recipe: utils.Recipe) -> li
     """(completion, source) pairs: the greedy one first, then the samples."""
     conv = [utils.title_messages(body)]
     out = []
+    kw = {"max_tokens": recipe.max_completion_tokens, "stop": utils.stop_strings(recipe)}
     if args.greedy:
-        out += [(c, "greedy") for c in generator.generate(conv, n=1, temperature=0.0, max_tokens=recipe.max_completion_tokens)[0]]
+        out += [(c, "greedy") for c in generator.generate(conv, n=1, temperature=0.0, **kw)[0]]
     if args.n > 0:
-        out += [(c, "sampled") for c in generator.generate(conv, n=args.n, temperature=recipe.temperature,
-                                                            max_tokens=recipe.max_completion_tokens)[0]]
+        out += [(c, "sampled") for c in generator.generate(conv, n=args.n, temperature=recipe.temperature, **kw)[0]]
     return out
 
 

@@ -257,7 +257,7 @@ async def rollout_group(client, model_name: str, row: dict, index: int, recipe: 
     messages = utils.title_messages(row["scraped_body"])
     resp = await client.chat.completions.create(
         model=model_name, messages=messages, n=recipe.num_generations, max_tokens=recipe.max_completion_tokens,
-        temperature=recipe.temperature, logprobs=True)
+        temperature=recipe.temperature, logprobs=True, **({"stop": list(stop)} if (stop := utils.stop_strings(recipe)) else {}))
     trajectories = [art.Trajectory(messages_and_choices=[*messages, choice], reward=math.nan,
                                    metadata={"story_id": str(row.get("id"))})
                     for choice in sorted(resp.choices, key=lambda c: c.index)]
@@ -422,7 +422,8 @@ class Trainer:
         generator = server_generator(self.model, name, self.args)
         result = await utils.evaluate_generator(
             generator, self.val_rows, self.reward, self.validator, self.recipe.eval_samples,
-            self.recipe.max_completion_tokens, self.recipe.temperature, self.recipe.trailing_penalty)
+            self.recipe.max_completion_tokens, self.recipe.temperature, self.recipe.trailing_penalty,
+            utils.stop_strings(self.recipe))
         row = utils.eval_metrics_row(result, method=METHOD, step=step, wall_time=self.timer(), run=self.run_dir.name,
                                      extra={"art_step": art_step, "model": self.recipe.model, "policy": name,
                                             "eval_seconds": round(time.perf_counter() - t0, 1)})

@@ -99,6 +99,10 @@ class Recipe:
     save_every: int = field(default=10, metadata={"help": "Checkpoint every N steps."})
     validator: str = field(default="embedding", metadata={"help": "'model' (base model answers True/False), 'embedding' or 'none'."})
     validator_threshold: float = field(default=0.25, metadata={"help": "Cosine(title, body) needed by the embedding validator."})
+    stop_at_newline: bool = field(default=True, metadata={
+        "help": "End every completion at its first line break: the title is the first line, so nothing after it is "
+                "generated (saves tokens) and nothing can trail it. False: generate up to the cap and take the "
+                "first non-empty line (trailing_penalty then applies)."})
     trailing_penalty: float = field(default=0.0, metadata={"help": "Subtracted from the reward when text follows the title line."})
     reward_url: str = field(default=DEFAULT_REWARD_URL, metadata={"help": "Base URL of local_reward.py."})
     reward_timeout: float = field(default=60.0, metadata={"help": "Seconds per reward request."})
@@ -743,14 +747,35 @@ async def score_completions(client: RewardClient, validator, rows: Sequence[dict
             for (t, tr), rm, m, b in zip(pairs, rm_scores, matches, bodies, strict=True)]
 
 
+STOP_AT_NEWLINE = ("\n",)  # the stop strings of recipe.stop_at_newline
+
+
+def stop_strings(recipe: Recipe) -> tuple[str, ...]:
+    """What ends a completion besides EOS and the token cap, per the recipe."""
+    return STOP_AT_NEWLINE if recipe.stop_at_newline else ()
+
+
+def stop_token_ids(tokenizer, stops: Sequence[str]) -> list[int]:
+    """Vocabulary ids whose text contains a stop string: generating one ends the completion.
+
+    HF generate and vLLM stop on token ids; a line break hides in many tokens ("\n", "\n\n",
+    ".\n", "\r\n", ...), so all of them count.
+    """
+    if not stops:
+        return []
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return [i for i, t in enumerate(texts) if any(s in t for s in stops)]
+
+
 class Generator(Protocol):
     """Anything that writes completions for chat prompts (HF model, OpenAI-compatible API)."""
 
     name: str
 
     def generate(self, conversations: Sequence[list[dict]], n: int, temperature: float,
-                 max_tokens: int) -> list[list[str]]:
-        """`n` completions per conversation; temperature 0 means greedy."""
+                 max_tokens: int, stop: Sequence[str] = ()) -> list[list[str]]:
+        """`n` completions per conversation; temperature 0 means greedy; a completion ends after
+        the first token that contains a `stop` string (the string is kept in the text)."""
         ...
 
 
@@ -778,12 +803,14 @@ class EvalResult:
 
 async def evaluate_generator(generator: Generator, rows: Sequence[dict], client: RewardClient, validator,
                              samples: int, max_tokens: int, temperature: float = 1.0,
-                             trailing_penalty: float = 0.0) -> EvalResult:
+                             trailing_penalty: float = 0.0, stop: Sequence[str] = ()) -> EvalResult:
     """The one validation procedure every method and baseline goes through."""
     rows = [dict(r) for r in rows]
     convs = [title_messages(r["scraped_body"]) for r in rows]
-    greedy = [c[0] for c in generator.generate(convs, n=1, temperature=0.0, max_tokens=max_tokens)]
-    sampled = generator.generate(convs, n=samples, temperature=temperature, max_tokens=max_tokens) if samples else [[] for _ in rows]
+    stop = tuple(stop)
+    greedy = [c[0] for c in generator.generate(convs, n=1, temperature=0.0, max_tokens=max_tokens, stop=stop)]
+    sampled = (generator.generate(convs, n=samples, temperature=temperature, max_tokens=max_tokens, stop=stop)
+               if samples else [[] for _ in rows])
     flat_rows = rows + [r for r, cs in zip(rows, sampled, strict=True) for _ in cs]
     flat = greedy + [c for cs in sampled for c in cs]
     scored = await score_completions(client, validator, flat_rows, flat, trailing_penalty)

@@ -143,7 +143,8 @@ def run_variant(name: str, recipe: utils.Recipe, trl_args, reward_url: str, step
     with tempfile.TemporaryDirectory(prefix=f"grpo-bench-{name}-") as tmp:
         run_dir = Path(tmp)
         recipe_run = dataclasses.replace(recipe, max_steps=warmup + steps, save_every=10 ** 6, reward_url=reward_url)
-        config = rgt.grpo_config(recipe_run, trl_args, backend, run_dir)
+        stops = fast_backend.stop_at_tokens(backend, model, utils.stop_token_ids(tokenizer, utils.stop_strings(recipe)))
+        config = rgt.grpo_config(recipe_run, trl_args, backend, run_dir, stops)
         timer = StepTimer()
         callbacks = [timer.callback()]
         client = None

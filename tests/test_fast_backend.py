@@ -237,3 +237,50 @@ def test_trainer_class_per_backend():
     cpu = fb.trainer_class(Backend("cpu", "cpu", use_vllm=False))
     assert issubclass(cpu, GRPOTrainer) and cpu is not GRPOTrainer
     assert fb.trainer_class(Backend("trl-vllm", "cuda", use_vllm=True, vllm_mode="colocate")) is GRPOTrainer
+
+
+def test_stop_token_ids_are_every_token_with_a_line_break(smollm):
+    _, tok, _ = smollm
+    ids = utils.stop_token_ids(tok, ("\n",))
+    assert tok.convert_tokens_to_ids(tok.tokenize("\n"))[0] in ids
+    assert all("\n" in tok.decode([i]) for i in ids) and len(ids) > 10  # "\n\n", ".\n", "\r\n", ...
+    assert utils.stop_token_ids(tok, ()) == []
+
+
+def test_stop_at_tokens_sets_eos_for_every_engine():
+    from transformers import GenerationConfig
+
+    class Model:
+        generation_config = GenerationConfig(eos_token_id=2)
+
+    cpu, vllm = Model(), Model()
+    vllm.generation_config = GenerationConfig(eos_token_id=[2, 7])
+    assert fb.stop_at_tokens(Backend("cpu", "cpu", use_vllm=False), cpu, [11, 12]) == {}
+    assert cpu.generation_config.eos_token_id == [2, 11, 12]
+    over = fb.stop_at_tokens(Backend("trl-vllm", "cuda", use_vllm=True, vllm_mode="colocate"), vllm, [7, 11])
+    assert over == {"generation_kwargs": {"stop_token_ids": [7, 11]}}
+    assert vllm.generation_config.eos_token_id == [2, 7, 11]
+    untouched = Model()
+    untouched.generation_config = GenerationConfig(eos_token_id=2)
+    assert fb.stop_at_tokens(Backend("cpu", "cpu", use_vllm=False), untouched, []) == {}
+    assert untouched.generation_config.eos_token_id == 2
+
+
+def test_hf_generator_stops_at_the_first_line_break(smollm):
+    import evaluate
+
+    model, tok, _ = smollm
+    convs = [utils.title_messages("We rewrote our build system in a weekend and cut CI times from forty minutes "
+                                  "to six. Here is what we changed and what we would not do again.")]
+    import torch
+
+    torch.manual_seed(0)
+    g = evaluate.HFGenerator(model, tok, progress=False)
+    stopped = g.generate(convs, n=6, temperature=1.0, max_tokens=40, stop=("\n",))[0]
+    torch.manual_seed(0)
+    free = g.generate(convs, n=6, temperature=1.0, max_tokens=40)[0]
+    for text in stopped:  # nothing after the first line break
+        assert "\n" not in text.rstrip("\n"), text
+    # the same samples up to the first break: stopping changes where they end, not what they say
+    for s, f in zip(stopped, free, strict=True):
+        assert f.startswith(s.rstrip("\n")), (s, f)

@@ -188,3 +188,11 @@ def test_evaluate_openai_errors_exit_cleanly(tmp_path, monkeypatch, tiny_model):
         evaluate.main(recipe, evaluate.EvalArgs(generator="openai", openai_model="m"))
     with pytest.raises(SystemExit, match="unknown --generator 'vllm'"):
         evaluate.main(recipe, evaluate.EvalArgs(generator="vllm"))
+
+
+def test_stop_strings_are_sent_only_when_asked():
+    with FakeChat() as server:
+        gen(server).generate(CONVS[:1], n=1, temperature=0.0, max_tokens=8, stop=("\n",))
+        gen(server).generate(CONVS[:1], n=1, temperature=0.0, max_tokens=8)
+    assert server.requests[0]["stop"] == ["\n"]
+    assert "stop" not in server.requests[1]  # endpoints that reject `stop` still work without it

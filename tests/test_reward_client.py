@@ -415,7 +415,7 @@ class StubGenerator:
     def __init__(self):
         self.calls = []
 
-    def generate(self, conversations, n, temperature, max_tokens):
+    def generate(self, conversations, n, temperature, max_tokens, stop=()):
         self.calls.append((len(conversations), n, temperature, max_tokens))
         ids = [int(c[1]["content"].split()[1]) for c in conversations]  # "Body <i> about compilers"
         if temperature == 0:
