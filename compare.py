@@ -29,8 +29,9 @@ TOKENS_PER_S_KEYS = ("tokens_per_s", "tokens_per_second", "completion_tokens_per
 
 @dataclass
 class CompareArgs:
-    runs_dir: str = field(default=os.environ.get("RUNS_DIR", str(utils.ROOT / "runs")),
-                          metadata={"help": "Where to look for runs when none are given (every folder with metrics.jsonl or config.json)."})
+    # Not a default read from os.environ here: that would run at import, before parse() loads .env.
+    runs_dir: str = field(default="", metadata={"help": "Where to look for runs when none are given (every folder with metrics.jsonl "
+                                                        "or config.json; default: RUNS_DIR from the environment or .env, else runs/)."})
     out_dir: str = field(default="", metadata={"help": "Where compare.md and the PNGs go (default: <runs_dir>/compare)."})
     n_boot: int = field(default=2000, metadata={"help": "Bootstrap resamples for the 95 percent interval over val stories."})
     plots: bool = field(default=True, metadata={"help": "Draw the PNGs (--no_plots for the table only)."})
@@ -472,7 +473,7 @@ def report(runs: list[Run], summaries: list[dict], pngs: list[Path], examples: i
 
 
 def main(args: CompareArgs, run_paths: list[str] | None = None) -> dict:
-    runs_dir = Path(args.runs_dir)
+    runs_dir = Path(args.runs_dir or os.environ.get("RUNS_DIR") or utils.ROOT / "runs")
     out_dir = Path(args.out_dir) if args.out_dir else runs_dir / "compare"
     paths = [Path(p) for p in run_paths] if run_paths else find_runs(runs_dir, exclude=out_dir)
     if not paths:
@@ -491,6 +492,7 @@ def main(args: CompareArgs, run_paths: list[str] | None = None) -> dict:
 
 
 def parse(argv: list[str] | None = None) -> tuple[CompareArgs, list[str]]:
+    utils.load_env()  # RUNS_DIR may be set only in .env; main() reads it
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(CompareArgs, description=__doc__.splitlines()[0])

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt
-import hashlib
 import hmac
 import ipaddress
 import json
@@ -38,7 +37,6 @@ import os
 import re
 import sys
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -323,43 +321,15 @@ class MiniLMScorer:
     version = "minilm-hn-v1"
 
     def __init__(self, path: str | None = None, batch_size: int = 64, cache_size: int = 4096):
-        self.embedder = utils.Embedder(path or None)
+        self.embedder = utils.Embedder(path or None, cache_size=cache_size)
         self.model = self.embedder.path
         self.batch_size = batch_size
-        self.cache_size = cache_size
-        self._cache: OrderedDict[str, Any] = OrderedDict()
-
-    def _encode_sorted(self, texts: Sequence[str]):
-        """Encode in length order (less padding), return rows in input order."""
-        import torch
-
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = self.embedder.encode([texts[i] for i in order], batch_size=self.batch_size)
-        result = torch.empty_like(out)
-        result[torch.tensor(order)] = out
-        return result
-
-    def _body_vectors(self, bodies: Sequence[str]):
-        import torch
-
-        keys = [hashlib.sha1(b.encode("utf-8")).hexdigest() for b in bodies]
-        missing = list(dict.fromkeys(k for k in keys if k not in self._cache))
-        if missing:
-            text_of = dict(zip(keys, bodies, strict=True))
-            vectors = self._encode_sorted([text_of[k] for k in missing])
-            for k, v in zip(missing, vectors, strict=True):
-                self._cache[k] = v
-        for k in keys:
-            self._cache.move_to_end(k)
-        rows = torch.stack([self._cache[k] for k in keys])
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
-        return rows
 
     def score(self, stories: Sequence[dict]) -> list[tuple[float, dict[str, float]]]:
         titles = [s["title"] for s in stories]
         bodies = [s["scraped_body"] for s in stories]
-        cos = (self._encode_sorted(titles) * self._body_vectors(bodies)).sum(-1).tolist()
+        vectors = self.embedder.encode(titles, batch_size=self.batch_size)
+        cos = (vectors * self.embedder.encode_cached(bodies, batch_size=self.batch_size)).sum(-1).tolist()
         return [minilm_formula(c, t, b) for c, t, b in zip(cos, titles, bodies, strict=True)]
 
 

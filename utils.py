@@ -19,12 +19,14 @@ import argparse
 import asyncio
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import math
 import os
 import random
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -663,29 +665,63 @@ def minilm_path() -> str:
 
 
 class Embedder:
-    """all-MiniLM-L6-v2 sentence embeddings: AutoModel + mean pooling, L2-normalised."""
+    """all-MiniLM-L6-v2 sentence embeddings: AutoModel + mean pooling, L2-normalised.
 
-    def __init__(self, path: str | None = None, max_length: int = 256):
+    `encode_cached` keeps the vectors of texts seen before (keyed by sha1 of the text, at most
+    `cache_size`, least recently used dropped first): a GRPO batch repeats each body
+    num_generations times and validation reuses the same bodies, so embedding each distinct body
+    once is most of the reward server's and the validator's time.
+    """
+
+    def __init__(self, path: str | None = None, max_length: int = 256, cache_size: int = 4096):
         from transformers import AutoModel, AutoTokenizer
 
         self.path = path or minilm_path()
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model = AutoModel.from_pretrained(self.path).eval()
         self.max_length = max_length
+        self.cache_size = cache_size
+        self.cache: OrderedDict[str, Any] = OrderedDict()  # sha1(text) -> vector, least recently used first
 
     def encode(self, texts: Sequence[str], batch_size: int = 64):
+        """One row per text, in input order. Batches are formed in length order (less padding)."""
         import torch
 
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         chunks = []
         with torch.inference_mode():
-            for i in range(0, len(texts), batch_size):
-                enc = self.tokenizer(list(texts[i:i + batch_size]), padding=True, truncation=True,
-                                     max_length=self.max_length, return_tensors="pt")
+            for i in range(0, len(order), batch_size):
+                batch = [texts[j] for j in order[i:i + batch_size]]
+                enc = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_length,
+                                     return_tensors="pt")
                 hidden = self.model(**enc).last_hidden_state
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 chunks.append(torch.nn.functional.normalize(pooled, dim=-1))
-        return torch.cat(chunks) if chunks else torch.zeros(0, 384)
+        if not chunks:
+            return torch.zeros(0, self.model.config.hidden_size)
+        out = torch.cat(chunks)
+        result = torch.empty_like(out)
+        result[torch.tensor(order)] = out
+        return result
+
+    def encode_cached(self, texts: Sequence[str], batch_size: int = 64):
+        """Like `encode`, but each distinct text not in the cache is embedded once and kept."""
+        import torch
+
+        keys = [hashlib.sha1(t.encode("utf-8")).hexdigest() for t in texts]
+        missing = {k: t for k, t in zip(keys, texts, strict=True) if k not in self.cache}
+        if missing:
+            vectors = self.encode(list(missing.values()), batch_size=batch_size)
+            self.cache.update(zip(missing, vectors, strict=True))
+        for k in keys:
+            self.cache.move_to_end(k)
+        if not keys:
+            return torch.zeros(0, self.model.config.hidden_size)
+        rows = torch.stack([self.cache[k] for k in keys])  # before eviction: a batch may exceed cache_size
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return rows
 
     def cosine(self, titles: Sequence[str], bodies: Sequence[str]) -> list[float]:
         """Pairwise cosine(title_i, body_i)."""
@@ -696,32 +732,14 @@ class Embedder:
 class EmbeddingValidator:
     """CPU stand-in for the LLM validator: supported iff cosine(title, body) >= threshold."""
 
-    def __init__(self, threshold: float = 0.25, embedder: Embedder | None = None, cache_size: int = 4096):
+    def __init__(self, threshold: float = 0.25, embedder: Embedder | None = None):
         self.threshold = threshold
         self.embedder = embedder or Embedder()
-        # A GRPO batch repeats each body num_generations times and validation reuses the same
-        # val bodies: embedding each distinct body once is most of the validator's time.
-        self.cache_size, self._bodies = cache_size, {}
-
-    def _body_vectors(self, bodies: Sequence[str]):
-        import hashlib
-
-        import torch
-
-        keys = [hashlib.sha1(b.encode("utf-8")).hexdigest() for b in bodies]
-        missing = {k: b for k, b in zip(keys, bodies, strict=True) if k not in self._bodies}
-        if missing:
-            for k, v in zip(missing, self.embedder.encode(list(missing.values())), strict=True):
-                self._bodies[k] = v
-        rows = torch.stack([self._bodies[k] for k in keys])
-        while len(self._bodies) > self.cache_size:  # dicts keep insertion order: drop the oldest
-            self._bodies.pop(next(iter(self._bodies)))
-        return rows
 
     def __call__(self, bodies: Sequence[str], titles: Sequence[str]) -> list[bool]:
         if not titles:
             return []
-        sims = (self.embedder.encode(titles) * self._body_vectors(bodies)).sum(-1).tolist()
+        sims = (self.embedder.encode(titles) * self.embedder.encode_cached(bodies)).sum(-1).tolist()
         return [bool(t.strip()) and s >= self.threshold for t, s in zip(titles, sims, strict=True)]
 
 

@@ -8,8 +8,11 @@
 #   slurm/local_cluster.sh status   # daemons, node state, queue
 #   slurm/local_cluster.sh down     # cancel jobs, stop the daemons this script started
 #
-# Everything lives in $SLURM_LOCAL_STATE (default slurm/.state, git-ignored): the rendered
-# slurm.conf (from slurm/slurm.conf.in), a munge key and socket, pid files, logs, spool.
+# Everything lives in $SLURM_LOCAL_STATE: the rendered slurm.conf (from slurm/slurm.conf.in),
+# a munge key and socket, pid files, logs, spool. The default is /tmp/hn-slurm-<hash of this
+# checkout's path>, one per checkout, mode 0755: munged runs as user munge and must traverse
+# every parent of its socket, which a checkout inside a 0700 directory (a private home,
+# `mktemp -d`) does not allow. `up` refuses a state dir that is a symlink or not its own.
 # `down` stops only the processes whose pid files are there; nothing is killed by name,
 # and no system service or /etc file is touched (clients find the cluster via SLURM_CONF).
 #
@@ -23,7 +26,9 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-STATE="${SLURM_LOCAL_STATE:-$HERE/.state}"
+# pwd -P: the same checkout reached through a symlink gets the same state dir.
+CHECKOUT_ID="$(cd "$HERE/.." && pwd -P | sha1sum | cut -c1-12)"
+STATE="${SLURM_LOCAL_STATE:-/tmp/hn-slurm-$CHECKOUT_ID}"
 CONF="$STATE/slurm.conf"
 CTLD_PORT="${SLURM_CTLD_PORT:-16817}"
 SLURMD_PORT="${SLURM_SLURMD_PORT:-16818}"
@@ -137,10 +142,21 @@ node_ready() {
     [[ "$state" == idle* || "$state" == mixed* || "$state" == allocated* ]]
 }
 
+# The state dir, 0755. It holds the config and munge key of daemons that run as root, so in
+# a shared place like /tmp one that someone else made (or a symlink) is refused, not used.
+make_state_dir() {
+    mkdir -p "$(dirname "$STATE")"
+    mkdir -m 755 "$STATE" 2>/dev/null || true
+    [[ -d "$STATE" && ! -L "$STATE" && -O "$STATE" ]] \
+        || die "$STATE is a symlink or not a directory owned by $(id -un); remove it or set SLURM_LOCAL_STATE"
+    chmod 755 "$STATE"  # an existing dir too: munged must reach $STATE/munge
+}
+
 cmd_up() {
-    mkdir -p "$STATE"
-    install_packages
+    # First: a state dir made by a non-root attempt would be refused by the root one after it.
     [[ $EUID -eq 0 ]] || die "the daemons run as root (SlurmUser=root); run as root"
+    make_state_dir
+    install_packages
     if running_pid slurmctld >/dev/null && running_pid slurmd >/dev/null && running_pid munged >/dev/null; then
         log "already up; SLURM_CONF=$CONF"
         return 0

@@ -10,69 +10,46 @@ openai_generator.py, evaluate.py --generator openai and titles.py.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-
-class _Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args):  # keep pytest output clean
-        pass
-
-    def _reply(self, status: int, payload: dict, headers: dict | None = None) -> None:
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _json(self) -> dict:
-        return json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+from servers import JsonHandler, serve
 
 
 class _Server:
-    handler: type[_Handler]
+    """Context manager running `handler` (which reads its knobs from `self.server.owner`)."""
+
+    handler: type[JsonHandler]
 
     def __enter__(self):
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self.handler)
-        self.httpd.owner = self
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
+        self._stack = contextlib.ExitStack()
+        self.httpd, self.url = self._stack.enter_context(serve(self.handler, owner=self))
         return self
 
     def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    @property
-    def url(self) -> str:
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        self._stack.close()
 
 
-class _ChatHandler(_Handler):
+class _ChatHandler(JsonHandler):
     def do_POST(self):
         owner: FakeChat = self.server.owner
         if self.path != "/v1/chat/completions":
-            return self._reply(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
+            return self.reply(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
         if owner.api_key and self.headers.get("Authorization") != f"Bearer {owner.api_key}":
-            return self._reply(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
-        req = self._json()
+            return self.reply(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
+        req = self.read_json({})
         with owner.lock:
             owner.requests.append(req)
             if owner.fail_first > 0:
                 owner.fail_first -= 1
                 # retry-after-ms keeps the client's backoff short in tests
-                return self._reply(503, {"error": {"message": "overloaded"}}, {"retry-after-ms": "10"})
+                return self.reply(503, {"error": {"message": "overloaded"}}, {"retry-after-ms": "10"})
         if owner.new_token_param and "max_tokens" in req:  # as OpenAI answers for its newer models
-            return self._reply(400, {"error": {"message": "Unsupported parameter: 'max_tokens' is not supported with this "
+            return self.reply(400, {"error": {"message": "Unsupported parameter: 'max_tokens' is not supported with this "
                                                           "model. Use 'max_completion_tokens' instead.",
                                                "type": "invalid_request_error", "param": "max_tokens"}})
         if req.get("model") != owner.model:
-            return self._reply(404, {"error": {"message": f"The model `{req.get('model')}` does not exist."}})
+            return self.reply(404, {"error": {"message": f"The model `{req.get('model')}` does not exist."}})
         n = int(req.get("n") or 1)
         returned = min(n, owner.max_choices)
         user = next(m["content"] for m in req["messages"] if m["role"] == "user")
@@ -84,7 +61,7 @@ class _ChatHandler(_Handler):
                     "message": {"role": "assistant",
                                 "content": f"Greedy {topic}" if greedy else f"Sample {first + i} {topic}\nextra line"}}
                    for i in range(returned)]
-        self._reply(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": owner.model,
+        self.reply(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": owner.model,
                           "choices": choices,
                           "usage": {"prompt_tokens": 10, "completion_tokens": 5 * returned, "total_tokens": 10 + 5 * returned}})
 
@@ -112,25 +89,25 @@ def fake_score(title: str) -> float:
     return round(0.1 * len(title.split()) + 0.01 * len(title), 4)
 
 
-class _RewardHandler(_Handler):
+class _RewardHandler(JsonHandler):
     def do_GET(self):
         if self.path == "/health":
-            return self._reply(200, {"status": "ok", "model": "fake"})
-        self._reply(404, {"error": "not found"})
+            return self.reply(200, {"status": "ok", "model": "fake"})
+        self.reply(404, {"error": "not found"})
 
     def do_POST(self):
         owner: FakeReward = self.server.owner
-        req = self._json()
+        req = self.read_json({})
         if self.path == "/score_batch":
             stories = req.get("stories")
             if not isinstance(stories, list):
-                return self._reply(400, {"error": "field 'stories' must be a list"})
+                return self.reply(400, {"error": "field 'stories' must be a list"})
             owner.scored.extend(stories)
-            return self._reply(200, {"scores": [fake_score(s["title"]) for s in stories]})
+            return self.reply(200, {"scores": [fake_score(s["title"]) for s in stories]})
         if self.path == "/score":
             owner.scored.append(req)
-            return self._reply(200, {"score": fake_score(req["title"])})
-        self._reply(404, {"error": "not found"})
+            return self.reply(200, {"score": fake_score(req["title"])})
+        self.reply(404, {"error": "not found"})
 
 
 class FakeReward(_Server):

@@ -24,12 +24,14 @@ article body, so a test can plan which groups have equal rewards:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from servers import JsonHandler, serve
 
 import utils
 
@@ -69,23 +71,16 @@ class FakeOpenAI:
         self.requests: list[dict] = []
         self.fail_if: Callable[[dict], bool] = lambda request: False  # requests answered with HTTP 500
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}/v1"
+        self._stack = contextlib.ExitStack()
+        self.base_url = ""  # "http://127.0.0.1:<port>/v1" once started
 
     def start(self) -> FakeOpenAI:
-        self._thread.start()
+        _, url = self._stack.enter_context(serve(_Handler, owner=self))
+        self.base_url = url + "/v1"
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._stack.close()
 
     def __enter__(self) -> FakeOpenAI:
         return self.start()
@@ -133,47 +128,32 @@ class FakeOpenAI:
                   "parent": self.base_model} for name in sorted(self.adapters)]
         return {"object": "list", "data": data}
 
-    def _handler(self):
-        fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep test output clean
-                pass
+class _Handler(JsonHandler):
+    def _authorized(self) -> bool:
+        fake: FakeOpenAI = self.server.owner
+        if fake.api_key and self.headers.get("Authorization") != f"Bearer {fake.api_key}":
+            self.reply(401, {"error": {"message": "bad api key"}})
+            return False
+        return True
 
-            def _reply(self, status: int, payload: dict) -> None:
-                body = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+    def do_GET(self):
+        if not self._authorized():
+            return
+        if self.path.rstrip("/") == "/v1/models":
+            self.reply(200, self.server.owner.models())
+        else:
+            self.reply(404, {"error": {"message": f"no route {self.path}"}})
 
-            def _authorized(self) -> bool:
-                if fake.api_key and self.headers.get("Authorization") != f"Bearer {fake.api_key}":
-                    self._reply(401, {"error": {"message": "bad api key"}})
-                    return False
-                return True
-
-            def do_GET(self):
-                if not self._authorized():
-                    return
-                if self.path.rstrip("/") == "/v1/models":
-                    self._reply(200, fake.models())
-                else:
-                    self._reply(404, {"error": {"message": f"no route {self.path}"}})
-
-            def do_POST(self):
-                if not self._authorized():
-                    return
-                length = int(self.headers.get("Content-Length") or 0)
-                try:
-                    request = json.loads(self.rfile.read(length) or b"{}")
-                except json.JSONDecodeError:
-                    self._reply(400, {"error": {"message": "body is not JSON"}})
-                    return
-                if self.path.rstrip("/") != "/v1/chat/completions":
-                    self._reply(404, {"error": {"message": f"no route {self.path}"}})
-                    return
-                self._reply(*fake.completion(request))
-
-        return Handler
+    def do_POST(self):
+        if not self._authorized():
+            return
+        try:
+            request = self.read_json({})
+        except json.JSONDecodeError:
+            self.reply(400, {"error": {"message": "body is not JSON"}})
+            return
+        if self.path.rstrip("/") != "/v1/chat/completions":
+            self.reply(404, {"error": {"message": f"no route {self.path}"}})
+            return
+        self.reply(*self.server.owner.completion(request))

@@ -1,19 +1,32 @@
-"""Start the real reward server (local_reward.py) as a subprocess for tests and benches.
+"""Servers for tests and benches: the real reward server as a subprocess, and in-process JSON stubs.
 
     from servers import reward_server_process   # tests/ is on sys.path under pytest
     with reward_server_process() as url:       # free port, MiniLM scorer, offline
         httpx.get(url + "/health")
+
+    class Record(JsonHandler):                 # an HTTP test double is one handler class
+        def do_POST(self):
+            self.server.owner.append(self.read_json())  # owner: whatever serve() was given
+            self.reply(200, {"ok": True})
+
+    seen = []
+    with serve(Record, owner=seen) as (server, url):  # threaded, 127.0.0.1, a free port
+        httpx.post(url + "/x", json={"a": 1})      # seen == [{"a": 1}]
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -50,3 +63,58 @@ def reward_server_process(port: int | None = None, args: Sequence[str] = (), env
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=15)
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """Base for in-process HTTP test doubles: read a JSON body, answer JSON, log nothing.
+
+    Subclasses write do_GET/do_POST; `self.server.owner` is the object given to `serve`
+    (where a stub keeps its knobs and records requests).
+    """
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except ConnectionError:  # a client that timed out or was stopped hung up: expected in tests
+            pass
+
+    def read_json(self, default: Any = None) -> Any:
+        """The request body parsed as JSON, or `default` when there is none (raises on bad JSON)."""
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        return json.loads(raw) if raw else default
+
+    def reply_raw(self, status: int, data: bytes, headers: dict | None = None) -> None:
+        """Send `data` as an application/json body (tests also send bodies that are not JSON)."""
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def reply(self, status: int, payload: Any, headers: dict | None = None) -> None:
+        self.reply_raw(status, json.dumps(payload).encode(), headers)
+
+
+@contextlib.contextmanager
+def serve(handler_cls: type[BaseHTTPRequestHandler], owner: Any = None) -> Iterator[tuple[ThreadingHTTPServer, str]]:
+    """Serve `handler_cls` on 127.0.0.1 (a free port, a thread per connection) until the block ends.
+
+    Yields the server (`server.owner` is `owner`) and its base URL "http://127.0.0.1:<port>".
+    """
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_cls)  # daemon threads: a stuck handler cannot hang exit
+    server.owner = owner
+    # A short poll interval: shutdown() waits up to one interval, once per test.
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

@@ -9,18 +9,18 @@ the real openai clients; rewards come from a small /score_batch server in this f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from fake_openai import FakeOpenAI, default_script
+from servers import JsonHandler, serve
 
 import utils
 
@@ -91,6 +91,24 @@ class FakeBackend:
         self.closed = True
 
 
+class RewardStubHandler(JsonHandler):
+    def do_GET(self):
+        self.reply(200, {"status": "ok"})
+
+    def do_POST(self):
+        stub: RewardStub = self.server.owner
+        stub.requests += 1
+        stories = self.read_json()["stories"]
+        if stub.mode == "503":
+            return self.reply(503, {"error": "overloaded"})
+        if stub.mode == "400":
+            return self.reply(400, {"error": "field 'title' is missing"})
+        if stub.mode == "short":
+            return self.reply(200, {"scores": [1.0]})
+        stub.batches.append(stories)
+        self.reply(200, {"scores": [0.5 * len(s["title"].split()) for s in stories]})
+
+
 class RewardStub:
     """POST /score_batch {"stories": [...]} -> {"scores": [0.5 x words in title]}; GET /health.
 
@@ -100,42 +118,11 @@ class RewardStub:
 
     def __init__(self):
         self.mode, self.batches, self.requests = "ok", [], 0
-        stub = self
+        self._stack = contextlib.ExitStack()
+        self.server, self.url = self._stack.enter_context(serve(RewardStubHandler, owner=self))
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _reply(self, status, payload):
-                body = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self):
-                self._reply(200, {"status": "ok"})
-
-            def do_POST(self):
-                stub.requests += 1
-                stories = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["stories"]
-                if stub.mode == "503":
-                    return self._reply(503, {"error": "overloaded"})
-                if stub.mode == "400":
-                    return self._reply(400, {"error": "field 'title' is missing"})
-                if stub.mode == "short":
-                    return self._reply(200, {"scores": [1.0]})
-                stub.batches.append(stories)
-                self._reply(200, {"scores": [0.5 * len(s["title"].split()) for s in stories]})
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
+    def stop(self):  # safe to call twice ("stop" mode stops it mid-test, the fixture again)
+        self._stack.close()
 
 
 @pytest.fixture

@@ -183,6 +183,38 @@ def test_default_finds_every_run_and_skips_its_own_output(tmp_path):
     assert (runs / "compare" / "compare.md").exists()
 
 
+
+# Each place RUNS_DIR can come from holds a different fixture run, so the table says which was read.
+SOURCE_RUN = {"shell": "trl-tiny", "dotenv": "art-tiny", "flag": "base-tiny"}
+
+
+@pytest.mark.parametrize("sources, expected", [
+    # RUNS_DIR set only in .env, which parse() loads after `import compare`
+    (["dotenv"], "dotenv"),
+    # set in the process environment after import
+    (["shell"], "shell"),
+    # the process environment wins over .env (load_env never overrides)
+    (["shell", "dotenv"], "shell"),
+    # --runs_dir wins over both
+    (["shell", "dotenv", "flag"], "flag"),
+])
+def test_runs_dir_is_read_after_dotenv_is_loaded(tmp_path, monkeypatch, sources, expected):
+    dirs = {name: tmp_path / name for name in SOURCE_RUN}
+    for name, run in SOURCE_RUN.items():
+        shutil.copytree(FIXTURES / run, dirs[name] / run)
+    monkeypatch.setenv("RUNS_DIR", "placeholder")  # registered, so monkeypatch also removes what load_env sets
+    monkeypatch.delenv("RUNS_DIR")
+    if "shell" in sources:
+        monkeypatch.setenv("RUNS_DIR", str(dirs["shell"]))
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"RUNS_DIR={dirs['dotenv']}\n" if "dotenv" in sources else "")
+    real_load_env = utils.load_env
+    monkeypatch.setattr(utils, "load_env", lambda path=None: real_load_env(path or env_file))  # not the repo's .env
+    args, paths = compare.parse(["--no_plots", *(["--runs_dir", str(dirs["flag"])] if "flag" in sources else [])])
+    res = compare.main(args, paths)
+    assert list(table_cells(res["markdown"])) == [SOURCE_RUN[expected]]
+    assert res["out_dir"] == dirs[expected] / "compare"
+
 def test_no_runs_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no runs found under"):
         compare.main(compare.CompareArgs(runs_dir=str(tmp_path / "nothing")))

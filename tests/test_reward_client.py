@@ -8,15 +8,16 @@ request, so retry counts are checked on the server side, not trusted from the cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import socket
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from servers import JsonHandler, serve
 
 import utils
 
@@ -38,66 +39,46 @@ def default_reply(path: str, payload: dict) -> dict:
     return {"status": "ok", "scorer": "scripted"}
 
 
+class ScriptedHandler(JsonHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, so connection reuse is observable
+
+    def _serve(self, method):
+        server: ScriptedServer = self.server.owner
+        payload = self.read_json()
+        with server.lock:
+            index = len(server.requests)
+            server.requests.append({"method": method, "path": self.path, "headers": dict(self.headers),
+                                    "json": payload, "client_port": self.client_address[1]})
+            action = server.script[min(index, len(server.script) - 1)]
+        if action.delay:
+            time.sleep(action.delay)
+        if action.body is None:
+            self.reply(action.status, default_reply(self.path, payload or {}))
+        elif isinstance(action.body, str):
+            self.reply_raw(action.status, action.body.encode())
+        else:
+            self.reply(action.status, action.body)  # NaN is written as the bare token NaN, as Python does
+
+    def do_POST(self):
+        self._serve("POST")
+
+    def do_GET(self):
+        self._serve("GET")
+
+
 class ScriptedServer:
     def __init__(self):
         self.script: list[Action] = [Action()]
         self.requests: list[dict] = []
         self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive, so connection reuse is observable
-
-            def _serve(self, method):
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                with server.lock:
-                    index = len(server.requests)
-                    server.requests.append({"method": method, "path": self.path, "headers": dict(self.headers),
-                                            "json": json.loads(raw) if raw else None,
-                                            "client_port": self.client_address[1]})
-                    action = server.script[min(index, len(server.script) - 1)]
-                if action.delay:
-                    time.sleep(action.delay)
-                if action.body is None:
-                    text = json.dumps(default_reply(self.path, server.requests[index]["json"] or {}))
-                elif isinstance(action.body, str):
-                    text = action.body
-                else:
-                    text = json.dumps(action.body)  # NaN is written as the bare token NaN, as Python does
-                data = text.encode()
-                self.send_response(action.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_POST(self):
-                self._serve("POST")
-
-            def do_GET(self):
-                self._serve("GET")
-
-            def log_message(self, *args):  # keep test output clean
-                pass
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request, client_address):  # a client that timed out hung up: expected
-                pass
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-        self.thread.start()
+        self._stack = contextlib.ExitStack()
+        _, self.url = self._stack.enter_context(serve(ScriptedHandler, owner=self))
 
     def paths(self) -> list[str]:
         return [r["path"] for r in self.requests]
 
     def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._stack.close()
 
 
 @pytest.fixture

@@ -109,14 +109,14 @@ def test_scores_in_range_and_deterministic(minilm, rows, real_scores):
 
 def test_batch_equals_single(minilm, rows):
     batch = [story(r["title"], r) for r in rows[:8]]
-    saved = dict(minilm._cache)
-    minilm._cache.clear()  # compute the bodies in this batch, not reuse earlier vectors
+    saved = dict(minilm.embedder.cache)
+    minilm.embedder.cache.clear()  # compute the bodies in this batch, not reuse earlier vectors
     together = [s for s, _ in minilm.score(batch)]
     alone = []
     for s in batch:
-        minilm._cache.clear()
+        minilm.embedder.cache.clear()
         alone.append(minilm.score([s])[0][0])
-    minilm._cache.update(saved)
+    minilm.embedder.cache.update(saved)
     assert together == pytest.approx(alone, abs=1e-5)
 
 

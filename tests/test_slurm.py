@@ -90,6 +90,29 @@ def test_train_sbatch_requeue_directives():
         assert wanted in directives
 
 
+
+def cluster_conf(script: Path, **env: str) -> str:
+    """What `local_cluster.sh env` prints (it only computes paths; no cluster needed)."""
+    proc = subprocess.run(["bash", str(script), "env"], env=clean_env(**env), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_local_cluster_state_dir(tmp_path):
+    script = SLURM_DIR / "local_cluster.sh"
+    here = cluster_conf(script)
+    # Default: under /tmp, not in the checkout (munged cannot reach a socket under a 0700 dir).
+    assert re.fullmatch(r"export SLURM_CONF=/tmp/hn-slurm-[0-9a-f]{12}/slurm\.conf", here), here
+    # Another checkout gets another state dir.
+    (tmp_path / "clone" / "slurm").mkdir(parents=True)
+    shutil.copy(script, tmp_path / "clone" / "slurm")
+    assert cluster_conf(tmp_path / "clone" / "slurm" / "local_cluster.sh") != here
+    # The same checkout reached through a symlink gets the same one.
+    (tmp_path / "link").symlink_to(ROOT)
+    assert cluster_conf(tmp_path / "link" / "slurm" / "local_cluster.sh") == here
+    # SLURM_LOCAL_STATE overrides the default.
+    assert cluster_conf(script, SLURM_LOCAL_STATE=str(tmp_path / "s")) == f"export SLURM_CONF={tmp_path}/s/slurm.conf"
+
 def dry_run(**env: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SLURM_DIR / "train.sbatch"), "--max_steps", "3"], cwd=ROOT,
                           env=clean_env(DRY_RUN="1", **env), capture_output=True, text=True, timeout=60)

@@ -7,15 +7,16 @@ The end-to-end runs call `cli()` in-process, the same entry point as `make train
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from servers import JsonHandler, serve
 
 import reference_grpo_trainer as rgt
 import utils
@@ -28,6 +29,22 @@ pytestmark = pytest.mark.slow
 # --------------------------------------------------------------------------------------
 
 
+class FlakyRewardHandler(JsonHandler):
+    def do_GET(self):
+        self.reply(200, {"status": "ok"})
+
+    def do_POST(self):
+        outer: FlakyRewardServer = self.server.owner
+        payload = self.read_json()
+        if outer.batches >= outer.ok_batches:
+            outer.failed += 1
+            self.reply(503, {"error": "overloaded"})
+            return
+        outer.batches += 1
+        # Deterministic: longer titles up to 8 words score higher.
+        self.reply(200, {"scores": [min(len(s["title"].split()), 8) / 8 for s in payload["stories"]]})
+
+
 class FlakyRewardServer:
     """A local reward server that scores `ok_batches` batches, then answers 503 forever.
 
@@ -37,44 +54,14 @@ class FlakyRewardServer:
 
     def __init__(self, ok_batches: int):
         self.ok_batches, self.batches, self.failed = ok_batches, 0, 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _send(self, code: int, obj: dict) -> None:
-                body = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self):
-                self._send(200, {"status": "ok"})
-
-            def do_POST(self):
-                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                if outer.batches >= outer.ok_batches:
-                    outer.failed += 1
-                    self._send(503, {"error": "overloaded"})
-                    return
-                outer.batches += 1
-                # Deterministic: longer titles up to 8 words score higher.
-                self._send(200, {"scores": [min(len(s["title"].split()), 8) / 8 for s in payload["stories"]]})
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self):
-        self.thread.start()
+        _, self.url = self._stack.enter_context(serve(FlakyRewardHandler, owner=self))
         return self
 
     def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._stack.close()
 
 
 def tiny_argv(runs_dir: Path, url: str, *extra: str) -> list[str]:

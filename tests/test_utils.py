@@ -2,9 +2,11 @@
 
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import math
 import textwrap
+from collections import OrderedDict
 
 import pytest
 
@@ -368,6 +370,34 @@ def test_timer_offset(monkeypatch):
     timer = utils.Timer(offset=50.0)  # a resumed run continues from its last wall_time
     assert timer() == pytest.approx(53.5)
 
+
+
+class LengthEmbedder(utils.Embedder):
+    """Embedder.encode_cached's bookkeeping without the model: a text's vector is [len(text)]."""
+
+    def __init__(self, cache_size: int):  # no model: only the cache state encode_cached uses
+        self.cache_size, self.cache, self.calls = cache_size, OrderedDict(), []
+
+    def encode(self, texts, batch_size=64):
+        import torch
+
+        self.calls.append(list(texts))
+        return torch.tensor([[float(len(t))] for t in texts])
+
+
+def test_encode_cached_dedups_keeps_order_and_drops_least_recent():
+    e = LengthEmbedder(cache_size=2)
+    key = {t: hashlib.sha1(t.encode()).hexdigest() for t in ["aa", "b", "ccc"]}
+    assert e.encode_cached(["aa", "b", "aa"]).flatten().tolist() == [2.0, 1.0, 2.0]
+    assert e.calls == [["aa", "b"]]  # a repeated text is embedded once
+    assert e.encode_cached(["b"]).flatten().tolist() == [1.0] and len(e.calls) == 1  # a hit: no encode
+    e.encode_cached(["ccc"])  # third distinct text: "aa" was used least recently ("b" was just read)
+    assert list(e.cache) == [key["b"], key["ccc"]]
+    e.encode_cached(["aa"])
+    assert e.calls[-1] == ["aa"]  # dropped, so embedded again
+    # A batch larger than the cache still gets all its rows; only the cache is cut back.
+    assert e.encode_cached(["x", "yy", "zzz", "x"]).flatten().tolist() == [1.0, 2.0, 3.0, 1.0]
+    assert len(e.cache) == 2
 
 # --------------------------------------------------------------------------------------
 # parse_args: dataclass defaults < recipe (shared, then section) < environment < CLI
