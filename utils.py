@@ -218,11 +218,17 @@ VALIDATOR_SYSTEM_PROMPT = (
 )
 
 
+# Repeated after the article: a small model reads a long user turn as text to continue, not as
+# a request. On SmolLM2-135M (12 val stories, greedy + 4 samples at T=1, cut at the first line) it
+# raised the untrained greedy reward from 0.05 to 0.23 and titles of <= 14 words from 38% to 62%.
+TITLE_INSTRUCTION = "Write a Hacker News title for the article above, at most 12 words. Reply with the title only."
+
+
 def title_messages(body: str) -> list[dict[str, str]]:
-    """Chat messages asking for a title for `body`."""
+    """Chat messages asking for a title for `body`: the article first, the request last."""
     return [
         {"role": "system", "content": TITLE_SYSTEM_PROMPT},
-        {"role": "user", "content": body},
+        {"role": "user", "content": f"{body}\n\n{TITLE_INSTRUCTION}"},
     ]
 
 

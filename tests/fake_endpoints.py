@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import threading
 
+from fake_openai import apply_stop
 from servers import JsonHandler, serve
 
 
@@ -59,7 +60,8 @@ class _ChatHandler(JsonHandler):
             first, owner.counter = owner.counter, owner.counter + returned
         choices = [{"index": i, "finish_reason": "stop",
                     "message": {"role": "assistant",
-                                "content": f"Greedy {topic}" if greedy else f"Sample {first + i} {topic}\nextra line"}}
+                                "content": apply_stop(f"Greedy {topic}" if greedy else f"Sample {first + i} {topic}\nextra line",
+                                                      req.get("stop"))}}
                    for i in range(returned)]
         self.reply(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": owner.model,
                           "choices": choices,

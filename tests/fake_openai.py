@@ -54,6 +54,13 @@ def default_script(request: dict) -> list[str]:
     return [" ".join(WORDS[:i + 2]) for i in range(n)]
 
 
+def apply_stop(text: str, stop) -> str:
+    """The text up to the first stop string, which is dropped (as OpenAI and vLLM do)."""
+    for s in [stop] if isinstance(stop, str) else stop or []:
+        text = text.split(s, 1)[0]
+    return text
+
+
 def _tokens(text: str) -> list[str]:
     """Whitespace-attached pieces, like BPE tokens (their concatenation is the text)."""
     return re.findall(r"\s*\S+", text) or ([text] if text else [])
@@ -104,6 +111,7 @@ class FakeOpenAI:
         max_tokens = request.get("max_tokens") or request.get("max_completion_tokens") or 1 << 30
         choices, completion_tokens = [], 0
         for i, text in enumerate(self.script(request)):
+            text = apply_stop(text, request.get("stop"))
             pieces = _tokens(text)
             finish = "length" if len(pieces) > max_tokens else "stop"
             pieces = pieces[:max_tokens]

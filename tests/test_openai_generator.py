@@ -169,7 +169,9 @@ def test_evaluate_with_openai_generator_lands_in_compare(tmp_path, monkeypatch, 
     assert [s.title for s in result.greedy] == ["Greedy SQLite stores tables", "Greedy A new Rust",
                                                 "Greedy Researchers build a"]
     assert result.greedy[0].reward == fake_score("Greedy SQLite stores tables")
-    assert all(s.trailing for ss in result.sampled for s in ss)  # "extra line" after the title
+    # stop_at_newline (the default): the endpoint was asked to stop at "\n", so "extra line" never came
+    assert not any(s.trailing for ss in result.sampled for s in ss)
+    assert {tuple(r["stop"]) for r in llm.requests} == {("\n",)}
     run = tmp_path / "runs" / "prompted-big-model"
     row = json.loads((run / "metrics.jsonl").read_text())
     assert row["method"] == "openai" and row["extra"]["model"] == "big-model"

@@ -27,9 +27,10 @@ def article(tmp_path) -> Path:
 
 
 def tiny_recipe(tiny_model, reward_url: str, **over) -> utils.Recipe:
-    # the tiny recipe's knobs: embedding validator, 8-token completions
+    # the tiny recipe's knobs: embedding validator, 8-token completions; generation not stopped at
+    # line breaks, so the trailing-text path (and its penalty) is exercised
     base = dict(model=str(tiny_model), reward_url=reward_url, max_completion_tokens=8, validator="embedding",
-                trailing_penalty=0.2, reward_retries=0)
+                trailing_penalty=0.2, reward_retries=0, stop_at_newline=False)
     return utils.Recipe(**{**base, **over})
 
 

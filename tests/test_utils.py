@@ -141,7 +141,7 @@ def test_combine_reward(rm, matches, trailing, penalty, expected):
 def test_title_and_validator_messages():
     msgs = utils.title_messages("Body text")
     assert [m["role"] for m in msgs] == ["system", "user"]
-    assert msgs[1]["content"] == "Body text"
+    assert msgs[1]["content"].startswith("Body text\n\n") and msgs[1]["content"].endswith(utils.TITLE_INSTRUCTION)
     assert "title" in msgs[0]["content"].lower()
     vmsgs = utils.validator_messages("The body", "The title")
     assert "The body" in vmsgs[1]["content"] and "The title" in vmsgs[1]["content"]
