@@ -306,7 +306,10 @@ def render_report(cmp: Comparison, before: utils.EvalResult, after: utils.EvalRe
         "",
         f"Model `{recipe.model}`, {cmp.n} val stories x {samples} titles each (1 greedy + {recipe.eval_samples} "
         f"sampled at T={recipe.temperature}, <= {recipe.max_completion_tokens} tokens), validator `{recipe.validator}`, "
-        f"trailing penalty {recipe.trailing_penalty}, seed {recipe.seed}. Title = first non-empty line of the completion.",
+        f"seed {recipe.seed}. " + ("Title = the first line: generation stops at the first line break."
+                                   if recipe.stop_at_newline else
+                                   f"Title = first non-empty line of the completion; text after it costs "
+                                   f"{recipe.trailing_penalty}."),
         "",
         "## Val reward, untrained vs trained",
         "",
