@@ -473,7 +473,8 @@ def report(runs: list[Run], summaries: list[dict], pngs: list[Path], examples: i
 
 
 def main(args: CompareArgs, run_paths: list[str] | None = None) -> dict:
-    runs_dir = Path(args.runs_dir or os.environ.get("RUNS_DIR") or utils.ROOT / "runs")
+    # resolved like the trainers' runs_dir, so `compare` finds what they wrote from any directory
+    runs_dir = utils.resolve_runs_dir(args.runs_dir or os.environ.get("RUNS_DIR") or str(utils.ROOT / "runs"))
     out_dir = Path(args.out_dir) if args.out_dir else runs_dir / "compare"
     paths = [Path(p) for p in run_paths] if run_paths else find_runs(runs_dir, exclude=out_dir)
     if not paths:

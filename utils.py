@@ -167,6 +167,17 @@ def parse_args(types: Sequence[type], section: str, argv: Sequence[str] | None =
     return tuple(objs)
 
 
+def resolve_runs_dir(value: str) -> Path:
+    """A relative runs dir that does not exist here means the repo's (as the trainers resolve it).
+
+    >>> resolve_runs_dir("runs") == ROOT / "runs" or Path("runs").exists()
+    True
+    """
+    if value and not os.path.isabs(value) and not os.path.exists(value):
+        return ROOT / value
+    return Path(value)
+
+
 def _resolve_repo_paths(obj: Any) -> None:
     """Recipes name repo files relatively (models/tiny); make them work from any directory."""
     for name in ("model", "dataset", "runs_dir"):

@@ -215,6 +215,14 @@ def test_runs_dir_is_read_after_dotenv_is_loaded(tmp_path, monkeypatch, sources,
     assert list(table_cells(res["markdown"])) == [SOURCE_RUN[expected]]
     assert res["out_dir"] == dirs[expected] / "compare"
 
+def test_relative_runs_dir_is_the_repos_from_anywhere(tmp_path, monkeypatch):
+    # as the trainers resolve it: a relative runs_dir that does not exist here is under the repo
+    monkeypatch.chdir(tmp_path)
+    rel = FIXTURES.relative_to(utils.ROOT)
+    res = compare.main(compare.CompareArgs(runs_dir=str(rel), out_dir=str(tmp_path / "out"), plots=False))
+    assert sorted(table_cells(res["markdown"])) == sorted(RUNS)
+
+
 def test_no_runs_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no runs found under"):
         compare.main(compare.CompareArgs(runs_dir=str(tmp_path / "nothing")))

@@ -11,13 +11,12 @@ import asyncio
 import contextlib
 import json
 import math
-import socket
 import threading
 import time
 from dataclasses import dataclass
 
 import pytest
-from servers import JsonHandler, serve
+from servers import JsonHandler, free_port, serve
 
 import utils
 
@@ -114,9 +113,7 @@ def stories(n: int) -> list[dict]:
 
 
 def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nobody listens once the socket is closed
+    return free_port()  # nobody listens once its probe socket is closed
 
 
 # --------------------------------------------------------------------------------------
