@@ -43,7 +43,6 @@ class HFGenerator:
     def __init__(self, model, tokenizer, batch_size: int = 8, name: str = "hf", progress: bool = True):
         self.model, self.tokenizer, self.batch_size, self.name = model, tokenizer, batch_size, name
         self.progress = progress
-        self._stop_ids: dict[tuple[str, ...], list[int]] = {}  # computed once per stop set (a vocab scan)
         tokenizer.padding_side = "left"  # decoder-only generation pads on the left
 
     def generate(self, conversations: Sequence[list[dict]], n: int, temperature: float,
@@ -53,9 +52,7 @@ class HFGenerator:
 
         eos = {}
         if stop:  # EOS or any token holding a stop string ends a row
-            if tuple(stop) not in self._stop_ids:
-                self._stop_ids[tuple(stop)] = utils.stop_token_ids(self.tokenizer, stop)
-            eos = {"eos_token_id": [self.tokenizer.eos_token_id, *self._stop_ids[tuple(stop)]]}
+            eos = {"eos_token_id": [self.tokenizer.eos_token_id, *utils.stop_token_ids(self.tokenizer, stop)]}
         out: list[list[str]] = []
         greedy = temperature <= 0
         batches = range(0, len(conversations), self.batch_size)

@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import math
@@ -173,16 +174,19 @@ def resolve_runs_dir(value: str) -> Path:
     >>> resolve_runs_dir("runs") == ROOT / "runs" or Path("runs").exists()
     True
     """
-    if value and not os.path.isabs(value) and not os.path.exists(value):
-        return ROOT / value
-    return Path(value)
+    return ROOT / value if _maybe_repo_relative(value) else Path(value)
+
+
+def _maybe_repo_relative(value: str) -> bool:
+    """A relative path that does not exist from here: it may name something in the repo."""
+    return bool(value) and not os.path.isabs(value) and not os.path.exists(value)
 
 
 def _resolve_repo_paths(obj: Any) -> None:
     """Recipes name repo files relatively (models/tiny); make them work from any directory."""
     for name in ("model", "dataset", "runs_dir"):
         value = getattr(obj, name, None)
-        if isinstance(value, str) and value and not os.path.isabs(value) and not os.path.exists(value):
+        if isinstance(value, str) and _maybe_repo_relative(value):
             candidate = ROOT / value
             if candidate.exists() or name == "runs_dir":
                 setattr(obj, name, str(candidate))
@@ -796,10 +800,15 @@ def stop_token_ids(tokenizer, stops: Sequence[str]) -> list[int]:
     HF generate and vLLM stop on token ids; a line break hides in many tokens ("\n", "\n\n",
     ".\n", "\r\n", ...), so all of them count.
     """
-    if not stops:
-        return []
+    return list(_stop_token_ids(tokenizer, tuple(stops))) if stops else []
+
+
+@functools.lru_cache(maxsize=8)
+def _stop_token_ids(tokenizer, stops: tuple[str, ...]) -> tuple[int, ...]:
+    # a scan of the whole vocabulary (~0.2 s for 49k tokens): once per tokenizer and stop set,
+    # however many generators and validations ask
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    return [i for i, t in enumerate(texts) if any(s in t for s in stops)]
+    return tuple(i for i, t in enumerate(texts) if any(s in t for s in stops))
 
 
 class Generator(Protocol):
