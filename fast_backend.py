@@ -236,6 +236,19 @@ def grpo_overrides(backend: Backend, args) -> dict:
 # --------------------------------------------------------------------------------------
 
 
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int):
+    """(ids, attention mask) LongTensors, left-padded as generate() expects for decoder-only models."""
+    import torch
+
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
 def generate_shared_prefix(model, prompt_ids: Sequence[Sequence[int]], pad_token_id: int, **generate_kwargs):
     """New tokens for each row of `prompt_ids`, prefilling each distinct prompt only once.
 
@@ -251,17 +264,10 @@ def generate_shared_prefix(model, prompt_ids: Sequence[Sequence[int]], pad_token
     import torch
     from transformers import DynamicCache
 
-    rows = [tuple(p) for p in prompt_ids]
-    distinct = list(dict.fromkeys(rows))
-    index = torch.tensor([distinct.index(r) for r in rows])
-    width = max(len(p) for p in distinct)
-    device = model.device
-    ids = torch.full((len(distinct), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(distinct), width), dtype=torch.long)
-    for i, p in enumerate(distinct):  # left padding, as generate() expects for decoder-only models
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    position = {}  # distinct prompt -> its row in the prefill, first-seen order
+    index = torch.tensor([position.setdefault(tuple(p), len(position)) for p in prompt_ids], device=model.device)
+    ids, mask = (t.to(model.device) for t in left_pad(list(position), pad_token_id))
+    width = ids.shape[1]
     if "generation_config" not in generate_kwargs:  # a GenerationConfig carries its own pad id
         generate_kwargs["pad_token_id"] = pad_token_id
     if width < 2:  # nothing to share
@@ -273,9 +279,8 @@ def generate_shared_prefix(model, prompt_ids: Sequence[Sequence[int]], pad_token
     with torch.no_grad():
         model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
               past_key_values=cache, use_cache=True, logits_to_keep=1)
-    cache.reorder_cache(index.to(device))  # row r gets the cache of its distinct prompt
-    out = model.generate(input_ids=ids[index.to(device)], attention_mask=mask[index.to(device)],
-                         past_key_values=cache, **generate_kwargs)
+    cache.reorder_cache(index)  # row r gets the cache of its distinct prompt
+    out = model.generate(input_ids=ids[index], attention_mask=mask[index], past_key_values=cache, **generate_kwargs)
     return out[:, width:]
 
 

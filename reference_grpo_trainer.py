@@ -250,20 +250,10 @@ def build_callbacks(*, recipe: utils.Recipe, args: TrlArgs, run_dir: Path, token
             if self.trainer is not None and not self.trainer.is_world_process_zero():
                 return  # validate once, on rank 0 (inference only: the other ranks just wait at the next step)
 
-            client = utils.RewardClient(recipe.reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
             generator = evaluate.HFGenerator(model, tokenizer, batch_size=args.eval_batch_size, name="trl")
             t0 = time.perf_counter()
-
-            async def run():
-                try:
-                    return await utils.evaluate_generator(
-                        generator, val_rows, client, validator, recipe.eval_samples, recipe.max_completion_tokens,
-                        recipe.temperature, recipe.trailing_penalty, utils.stop_strings(recipe))
-                finally:
-                    await client.aclose()
-
             self.current = step
-            result = asyncio.run(run())
+            result = evaluate.score_val(recipe, generator, val_rows, validator)
             self.current = None
             row = utils.eval_metrics_row(result, method="trl", step=step, wall_time=timer(), run=run_dir.name,
                                          extra={"eval_seconds": round(time.perf_counter() - t0, 1)})

@@ -43,14 +43,10 @@ class GenBenchArgs:
 
 def plain_generate(model, rows, pad_id: int, **kw):
     """What TRL's transformers path does: left-pad every row and call generate."""
-    import torch
+    import fast_backend
 
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
-    return model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad_id, **kw)[:, width:]
+    ids, mask = fast_backend.left_pad(rows, pad_id)
+    return model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad_id, **kw)[:, ids.shape[1]:]
 
 
 def time_call(fn) -> tuple[float, float]:
