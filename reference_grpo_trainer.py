@@ -377,6 +377,7 @@ def grpo_config(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backe
         # CISPO clips the detached importance weight; TRL's default cap is epsilon (0.2), ART's is
         # 1 + epsilon_high (5). One shared knob keeps the two methods' updates the same size.
         **({"epsilon_high": recipe.cispo_max_weight} if recipe.loss_type == "cispo" else {}),
+        **optimizer_kwargs(recipe),
         max_steps=recipe.max_steps,
         save_strategy="steps",
         save_steps=recipe.save_every,
@@ -392,6 +393,27 @@ def grpo_config(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backe
     kwargs.update(fast_backend.grpo_overrides(backend, args))
     kwargs.update(extra or {})
     return GRPOConfig(**kwargs)
+
+
+TRL_OPTIMIZERS = {"adamw": "adamw_torch", "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
+
+
+def optimizer_kwargs(recipe: utils.Recipe) -> dict:
+    """GRPOConfig fields for the recipe's optimizer knobs; a knob left empty keeps TRL's default
+    (transformers' AdamW, weight decay 0.0, betas 0.9/0.999; Unsloth's GRPOConfig changes the
+    optimizer to adamw_8bit and weight decay to 0.001).
+
+    >>> optimizer_kwargs(utils.Recipe(optimizer="adamw", weight_decay=0.1, adam_beta2=0.99))
+    {'optim': 'adamw_torch', 'weight_decay': 0.1, 'adam_beta2': 0.99}
+    """
+    utils.check_optimizer_knobs(recipe)
+    if recipe.optimizer_steps == "per_sequence":
+        raise ValueError("optimizer_steps 'per_sequence' is not available in the TRL trainer yet "
+                         "(TRL takes one optimizer step per generation batch: use 'per_step' or leave it empty)")
+    out = {"optim": TRL_OPTIMIZERS[recipe.optimizer]} if recipe.optimizer else {}
+    out.update({k: getattr(recipe, k) for k in ("weight_decay", "adam_beta1", "adam_beta2")
+                if getattr(recipe, k) is not None})
+    return out
 
 
 def print_args(*objs) -> None:

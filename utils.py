@@ -89,6 +89,14 @@ class Recipe:
     loss_type: str = field(default="cispo", metadata={"help": "Policy loss; 'cispo' exists in TRL and ART."})
     beta: float = field(default=0.0, metadata={"help": "KL coefficient (TRL beta, ART kl_penalty_coef)."})
     cispo_max_weight: float = field(default=5.0, metadata={"help": "CISPO's cap on the importance weight (TRL epsilon_high; ART 1 + epsilon_high)."})
+    # The optimizer knobs: None = each library's own default (the "framework defaults" setting),
+    # a value = both trainers use it (the "aligned" setting). What each engine really used is
+    # written to the run's config.json.
+    optimizer: str | None = field(default=None, metadata={"help": "'adamw' (torch AdamW), 'adamw_8bit' or 'paged_adamw_8bit' (bitsandbytes, GPU only); empty = each library's default."})
+    weight_decay: float | None = field(default=None, metadata={"help": "AdamW weight decay; empty = each library's default (TRL 0.0, Unsloth 0.001, ART 0.1)."})
+    adam_beta1: float | None = field(default=None, metadata={"help": "AdamW beta1; empty = each library's default (0.9 everywhere)."})
+    adam_beta2: float | None = field(default=None, metadata={"help": "AdamW beta2; empty = each library's default (TRL 0.999, ART 0.99)."})
+    optimizer_steps: str | None = field(default=None, metadata={"help": "'per_step' (one optimizer step per GRPO step, TRL's way) or 'per_sequence' (one per trajectory, ART LocalBackend's way); empty = each library's default."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
@@ -113,6 +121,29 @@ class Recipe:
     runs_dir: str = field(default=str(ROOT / "runs"), metadata={"help": "Parent of the run directories."})
     run_name: str = field(default="", metadata={"help": "Run directory name (default: <method>-<recipe>)."})
     seed: int = field(default=42, metadata={"help": "Random seed."})
+
+
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+OPTIMIZER_STEPS = ("per_step", "per_sequence")
+
+
+def check_optimizer_knobs(recipe: Recipe) -> None:
+    """Refuse optimizer knobs no engine understands (a typo must not fall back to a default).
+
+    >>> check_optimizer_knobs(Recipe(optimizer="adam"))
+    Traceback (most recent call last):
+    ...
+    ValueError: optimizer 'adam' is not one of ('adamw', 'adamw_8bit', 'paged_adamw_8bit') (or empty for each library's default)
+    """
+    if recipe.optimizer not in (None, *OPTIMIZERS):
+        raise ValueError(f"optimizer {recipe.optimizer!r} is not one of {OPTIMIZERS} (or empty for each library's default)")
+    if recipe.optimizer_steps not in (None, *OPTIMIZER_STEPS):
+        raise ValueError(f"optimizer_steps {recipe.optimizer_steps!r} is not one of {OPTIMIZER_STEPS} "
+                         "(or empty for each library's default)")
+    for name in ("weight_decay", "adam_beta1", "adam_beta2"):
+        value = getattr(recipe, name)
+        if value is not None and not (0.0 <= value < 1.0 or (name == "weight_decay" and value >= 0)):
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
 
 
 def read_recipe(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
