@@ -150,8 +150,13 @@ def parse_story(obj: Any, where: str, args: ServerArgs) -> dict:
             raise BadRequest(f"field '{name}' must be a string, got {type(value).__name__}", where + name)
         _check_text(value, where + name)
     title = obj["title"].strip()
-    if not title:
-        raise BadRequest("field 'title' is empty", where + "title")
+    # Whitespace, control characters (NUL) or zero-width characters only: no text to judge, and any
+    # score for it would be made up (MiniLM gave such titles ~0.0 with a 200).
+    if not utils.has_text(title):
+        raise BadRequest("field 'title' is empty (no visible character)", where + "title")
+    if not utils.has_text(obj["scraped_body"]):
+        raise BadRequest("field 'scraped_body' is empty (no visible character): a title cannot be judged "
+                         "against no article", where + "scraped_body")
     if len(title) > args.max_title_chars:
         raise BadRequest(f"field 'title' is longer than {args.max_title_chars} characters", where + "title", 413)
     try:

@@ -315,6 +315,17 @@ def _unquote(text: str) -> str:
     return text
 
 
+def has_text(value: str | None) -> bool:
+    """True when `value` has a visible character: not only whitespace, control characters
+    (NUL, escape), zero-width or other format characters. Such strings are no title and no
+    article: the reward server refuses them and the data filters drop them.
+
+    >>> has_text("Rust 1.80"), has_text(" \\n\\t"), has_text("\\x00\\x1b"), has_text("\\u200b"), has_text(None)
+    (True, False, False, False, False)
+    """
+    return bool(value) and any(c.isprintable() and not c.isspace() for c in value)
+
+
 def extract_title(completion: str) -> tuple[str, bool]:
     """The title is the first non-empty line, cleaned; the flag says more text followed it.
 
@@ -333,7 +344,7 @@ def extract_title(completion: str) -> tuple[str, bool]:
         return "", False
     title = _unquote(_TITLE_PREFIX.sub("", lines[0]))
     trailing = any(line.strip() for line in lines[1:])
-    return title, trailing
+    return (title if has_text(title) else ""), trailing
 
 
 _WORD = re.compile(r"[\w'’+#.-]+", re.UNICODE)
@@ -521,14 +532,18 @@ def prompt_token_counts(tokenizer, bodies: Sequence[str], batch_size: int = 64) 
 
 def filter_stories(ds, tokenizer, split: str, min_score: int = 20,
                    max_prompt_tokens: int = MAX_PROMPT_TOKENS):
-    """The original example's filters, each counted: score, empty body, prompt length."""
+    """The original example's filters, each counted: score, empty body, prompt length; and an
+    empty title (one with no visible character, e.g. NUL), which the reward server refuses."""
     report = FilterReport(split=split, rows_in=len(ds))
     keep_score = [i for i, s in enumerate(ds["score"]) if s >= min_score]
     report.dropped[f"score < {min_score}"] = len(ds) - len(keep_score)
     ds = ds.select(keep_score)
-    keep_body = [i for i, b in enumerate(ds["scraped_body"]) if b and b.strip()]
+    keep_body = [i for i, b in enumerate(ds["scraped_body"]) if has_text(b)]
     report.dropped["empty body"] = len(ds) - len(keep_body)
     ds = ds.select(keep_body)
+    keep_title = [i for i, t in enumerate(ds["title"]) if has_text(t)]
+    report.dropped["empty title"] = len(ds) - len(keep_title)
+    ds = ds.select(keep_title)
     counts = prompt_token_counts(tokenizer, ds["scraped_body"]) if len(ds) else []
     report.measured_tokens = counts
     keep_len = [i for i, n in enumerate(counts) if n <= max_prompt_tokens]

@@ -207,19 +207,23 @@ def test_filter_counts_each_reason_in_order(tmp_path, tiny_tokenizer):
         story(5, scraped_body="word " * 400),       # too long for the limit below
         story(6, score=20),                         # exactly min_score is kept
         story(7, scraped_body=NON_ASCII_BODY),      # kept, text intact
+        story(8, scraped_body="\x00\x01 \x00"),     # control characters only: no text, an empty body
+        story(9, title="\x00"),                     # a NUL title: nothing the reward server will score
+        story(10, title="  \u200b "),               # blank / zero-width title
     ]
     path = write_jsonl(tmp_path / "s.jsonl", rows)
     ds = utils.load_stories(str(path), "train")
     lengths = utils.prompt_token_counts(tiny_tokenizer, [r["scraped_body"] for r in rows[:1] + rows[5:6]])
     limit = (lengths[0] + lengths[1]) // 2  # between a normal story and the long one
     kept, report = utils.filter_stories(ds, tiny_tokenizer, "train", min_score=20, max_prompt_tokens=limit)
-    assert report.dropped == {"score < 20": 2, "empty body": 2, f"prompt > {limit} tokens": 1}
-    assert (report.rows_in, report.rows_out) == (8, 3)
+    assert report.dropped == {"score < 20": 2, "empty body": 3, "empty title": 2, f"prompt > {limit} tokens": 1}
+    assert (report.rows_in, report.rows_out) == (11, 3)
     assert kept["id"] == [1000, 1006, 1007]
     assert kept["scraped_body"][2] == NON_ASCII_BODY
     assert kept["prompt_tokens"] == report.prompt_tokens
     assert len(report.measured_tokens) == 4 and max(report.measured_tokens) == lengths[1]
-    assert report.summary() == f"train: 8 rows -> 3 kept (dropped score < 20: 2, empty body: 2, prompt > {limit} tokens: 1)"
+    assert report.summary() == (f"train: 11 rows -> 3 kept (dropped score < 20: 2, empty body: 3, empty title: 2, "
+                                f"prompt > {limit} tokens: 1)")
 
 
 def test_filter_everything_dropped(tmp_path, tiny_tokenizer):
@@ -271,7 +275,7 @@ def test_filter_shipped_stories(shipped_rows, stories_path, tiny_tokenizer, spli
     ds = utils.load_stories(str(stories_path), split)
     assert len(ds) == len(rows)
     kept, report = utils.filter_stories(ds, tiny_tokenizer, split)
-    assert report.dropped == {"score < 20": expected["score"], "empty body": expected["empty"],
+    assert report.dropped == {"score < 20": expected["score"], "empty body": expected["empty"], "empty title": 0,
                               f"prompt > {utils.MAX_PROMPT_TOKENS} tokens": expected["long"]}
     assert report.rows_out == len(rows) - sum(expected.values()) == len(kept)
     # what survives is byte-for-byte what the file holds (non-ASCII included)

@@ -79,8 +79,8 @@ def test_score_openpipe_shape(client):
     {"time": "2024-07-25T17:00:00+02:00"},
     # a date alone is ISO 8601 too
     {"time": "2024-07-25"},
-    # an empty body is allowed (scores 0 relevance)
-    {"scraped_body": ""},
+    # a body with one visible character is text, however short
+    {"scraped_body": "x"},
 ])
 def test_score_accepts(client, change):
     story = without("url") if change == "drop-url" else with_(**change)
@@ -141,6 +141,15 @@ BAD_SCORE = [
     # empty and blank titles
     (dumps(with_(title="")), 422, "title"),
     (dumps(with_(title="   \n")), 422, "title"),
+    # titles with no visible character: control characters (NUL), a zero-width space; scoring them
+    # would make up a number (the MiniLM scorer gave ~0.0 here before they were refused)
+    (dumps(with_(title="\x00")), 422, "title"),
+    (dumps(with_(title="\x00\x01\x1f \x7f")), 422, "title"),
+    (dumps(with_(title="\u200b\u200b")), 422, "title"),
+    # an empty, whitespace-only or control-character body: nothing to judge a title against
+    (dumps(with_(scraped_body="")), 422, "scraped_body"),
+    (dumps(with_(scraped_body=" \n\t  ")), 422, "scraped_body"),
+    (dumps(with_(scraped_body="\x00\x00")), 422, "scraped_body"),
     # times that are not ISO 8601
     (dumps(with_(time="yesterday")), 422, "time"),
     (dumps(with_(time="25/07/2024")), 422, "time"),
@@ -185,6 +194,10 @@ BAD_BATCH = [
     (dumps({"stories": [STORY, STORY, with_(time="soon")]}), 422, "stories[2].time"),
     # a number where a story should be
     (dumps({"stories": [STORY, 3]}), 422, "stories[1]"),
+    # a blank body in the second story names that story's field
+    (dumps({"stories": [STORY, with_(scraped_body="  ")]}), 422, "stories[1].scraped_body"),
+    # a NUL-only title likewise
+    (dumps({"stories": [with_(title="\x00"), STORY]}), 422, "stories[0].title"),
     # an oversized request
     (dumps({"stories": [with_(scraped_body="y" * LIMITS["max_bytes"])]}), 413, "request"),
 ]

@@ -358,9 +358,9 @@ def test_score_completions_without_validator(server):
 
 
 def test_score_completions_all_empty_sends_nothing(server):
-    scored = run(client_for(server), lambda c: utils.score_completions(c, StubValidator(), ROWS[:2], ["", "\n"]))
-    assert server.requests == []
-    assert [s.reward for s in scored] == [0.0, 0.0]
+    scored = run(client_for(server), lambda c: utils.score_completions(c, StubValidator(), ROWS[:3], ["", "\n", "\x00"]))
+    assert server.requests == []  # a NUL-only title is no title either: the server would refuse it
+    assert [s.reward for s in scored] == [0.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize("action", [

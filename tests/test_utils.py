@@ -55,6 +55,10 @@ import utils
     ("  \n \n", "", False),
     # nothing but quotes
     ('""', "", False),
+    # nothing visible: control characters (NUL, escape) or zero-width spaces are no title
+    ("\x00\x00", "", False),
+    ("\x1b\x00\n", "", False),
+    ("\u200b \u200b", "", False),
     # non-ASCII passes through
     ("Zürich trams, 東京 rail", "Zürich trams, 東京 rail", False),
 ])
