@@ -188,6 +188,10 @@ def build_callbacks(*, recipe: utils.Recipe, args: TrlArgs, run_dir: Path, token
                 control.should_save = True
                 control.should_training_stop = True
 
+        def on_save(self, args_, state, control, **kw):
+            if self.received:  # it arrived during the save: that checkpoint is complete, stop now
+                control.should_training_stop = True
+
     stopper = StopOnSignal()
 
     class TrainRows(TrainerCallback):
@@ -199,6 +203,7 @@ def build_callbacks(*, recipe: utils.Recipe, args: TrlArgs, run_dir: Path, token
 
         def on_step_begin(self, args_, state, control, **kw):
             self.t0, self.cpu0 = time.perf_counter(), time.process_time()
+            utils.fault_pause("step", state.global_step + 1, until=lambda: stopper.received)
 
         def on_step_end(self, args_, state, control, **kw):
             # With steps_per_generation > 1 one generation batch feeds several steps; each row
@@ -253,6 +258,7 @@ def build_callbacks(*, recipe: utils.Recipe, args: TrlArgs, run_dir: Path, token
             generator = evaluate.HFGenerator(model, tokenizer, batch_size=args.eval_batch_size, name="trl")
             t0 = time.perf_counter()
             self.current = step
+            utils.fault_pause("validation", step, until=lambda: stopper.received)
             result = evaluate.score_val(recipe, generator, val_rows, validator)
             self.current = None
             row = utils.eval_metrics_row(result, method="trl", step=step, wall_time=timer(), run=run_dir.name,
@@ -296,18 +302,88 @@ def build_callbacks(*, recipe: utils.Recipe, args: TrlArgs, run_dir: Path, token
 # --------------------------------------------------------------------------------------
 
 
-def resume_point(run_dir: Path, resume: bool) -> tuple[str | None, int]:
-    """(checkpoint folder or None, its step). Refuses to silently overwrite a resumable run."""
-    from transformers.trainer_utils import get_last_checkpoint
+# What a checkpoint needs to resume from. transformers writes trainer_state.json last, after the
+# adapter, optimizer, scheduler and RNG state: a process killed while saving leaves a folder without
+# it (or with a cut-off one).
+CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
 
-    last = get_last_checkpoint(str(run_dir)) if run_dir.exists() else None
-    if last and not resume:
-        raise SystemExit(f"{run_dir} already has {Path(last).name}; resume (the default) or choose "
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` (checkpoint-N) cannot be resumed from, or None when it is complete."""
+    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    if missing:
+        return f"no {', '.join(missing)}"
+    try:
+        step = json.loads((path / "trainer_state.json").read_text())["global_step"]
+    except (ValueError, KeyError, TypeError):
+        return "trainer_state.json is cut off"
+    if f"checkpoint-{step}" != path.name:
+        return f"trainer_state.json says step {step}"
+    return None
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """checkpoint-N folders, newest first."""
+    found = [(int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*")
+             if p.is_dir() and p.name.split("-")[1].isdigit()]
+    return sorted(found, reverse=True)
+
+
+def resume_point(run_dir: Path, resume: bool) -> tuple[str | None, int]:
+    """(newest complete checkpoint folder or None, its step). Refuses to silently overwrite a
+    resumable run. Newer incomplete checkpoints (a kill during a save) are moved aside to
+    incomplete-checkpoint-N-<time>, where neither a resume nor TRL's rotation sees them."""
+    found = checkpoints(run_dir) if run_dir.exists() else []
+    if found and not resume:
+        raise SystemExit(f"{run_dir} already has {found[0][1].name}; resume (the default) or choose "
                          "another --run_name (refusing to mix two runs in one directory)")
-    if not last:
-        return None, 0
-    state = json.loads((Path(last) / "trainer_state.json").read_text())
-    return last, int(state["global_step"])
+    for step, path in found:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path), step
+        aside = path.with_name(f"incomplete-{path.name}-{time.strftime('%Y%m%dT%H%M%S')}")
+        path.rename(aside)
+        print(f"[trl] {path.name} is incomplete ({problem}; the process stopped while saving it): "
+              f"moved to {aside.name}, resuming from an earlier one")
+    return None, 0
+
+
+# The run's adapter for `make eval`: the last checkpoint's files without the training state.
+TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "rng_state")
+
+
+def final_complete(run_dir: Path) -> bool:
+    return all((run_dir / "final" / name).is_file() for name in ("adapter_config.json", "adapter_model.safetensors"))
+
+
+def save_final(run_dir: Path, checkpoint: Path, stopper) -> Path:
+    """final/ = the last checkpoint minus its training state, swapped in whole: a signal or a
+    kill during the copy leaves the previous final/ (or none), never half of one."""
+    import shutil
+
+    final, tmp, old = run_dir / "final", run_dir / "final.tmp", run_dir / "final.old"
+    for path in (tmp, old):
+        shutil.rmtree(path, ignore_errors=True)
+    tmp.mkdir()
+    for src in checkpoint.iterdir():
+        if src.is_file() and not src.name.startswith(TRAINING_STATE):
+            shutil.copy2(src, tmp / src.name)
+    utils.fault_pause("final", until=lambda: stopper.received)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_adapter_weights(model, checkpoint: str) -> None:
+    """The checkpoint's LoRA weights into the policy (to validate a run whose training is done)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    loaded = set_peft_model_state_dict(model, load_file(str(Path(checkpoint) / "adapter_model.safetensors")))
+    if getattr(loaded, "unexpected_keys", None):
+        raise RuntimeError(f"{checkpoint}: adapter weights do not fit the model ({loaded.unexpected_keys[:3]})")
 
 
 def trim_metrics(run_dir: Path, keep_until: int) -> tuple[float, set[int], int]:
@@ -429,10 +505,51 @@ def main(recipe: utils.Recipe, args: TrlArgs, recipe_path: str | None = None) ->
         return EXIT_USAGE
     print(f"[trl] {backend.describe()}")
     run_dir = utils.run_dir_for(recipe, "trl", recipe_path)
+    try:
+        with utils.RunLock(run_dir, "trl"), _refuse_signals_while_starting():
+            return train(recipe, args, backend, run_dir, recipe_path)
+    except utils.RunDirBusy as e:
+        print(f"error: {e} (exit {utils.EXIT_RUN_DIR_BUSY})", file=sys.stderr)
+        return utils.EXIT_RUN_DIR_BUSY
+    except StartInterrupted as e:
+        print(f"[trl] {e} outside the training loop (while loading): stopped at once, no checkpoint was being "
+              f"written. Rerun the same command to start or resume (exit {EXIT_INTERRUPTED}).", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+class StartInterrupted(Exception):
+    """A stop signal while loading: nothing is being written yet, so stop at once."""
+
+
+@contextlib.contextmanager
+def _refuse_signals_while_starting():
+    """SIGTERM/SIGUSR1/SIGINT before training starts raise StartInterrupted (the training loop
+    installs its own checkpoint-then-stop handler over this one); old handlers come back after."""
+    def refuse(signum, frame):
+        raise StartInterrupted(signal.Signals(signum).name)
+
+    sigs = [s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT) if s]
+    old = {sig: signal.signal(sig, refuse) for sig in sigs}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def train(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend, run_dir: Path,
+          recipe_path: str | None) -> int:
+    """Everything main() does while holding the run directory."""
     print_args(recipe, args, backend)
-    utils.save_config(run_dir, recipe=recipe, trl=args, backend=backend, recipe_path=recipe_path)
     checkpoint, start_step = resume_point(run_dir, args.resume)
     offset, val_done, dropped = trim_metrics(run_dir, start_step)
+    # A run whose steps are all trained: a rerun trains nothing (TRL's loop would take one more step).
+    finished = checkpoint is not None and start_step >= recipe.max_steps
+    if finished and start_step in val_done and final_complete(run_dir):
+        print(f"[trl] nothing to do: {run_dir} is finished at step {start_step} (max_steps={recipe.max_steps}); "
+              "raise --max_steps to train further")
+        return EXIT_OK
+    utils.save_config(run_dir, recipe=recipe, trl=args, backend=backend, recipe_path=recipe_path)
     if checkpoint:
         print(f"[trl] resuming from {checkpoint} (step {start_step}); dropped {dropped} metrics rows past it")
     elif dropped:
@@ -453,6 +570,7 @@ def main(recipe: utils.Recipe, args: TrlArgs, recipe_path: str | None = None) ->
     print(f"[trl] reward server {recipe.reward_url}: {json.dumps(health)[:200]}")
 
     t_load = time.perf_counter()
+    utils.fault_pause("load")
     model, tokenizer = fast_backend.load_policy(backend, recipe, args)
     try:
         train_ds, report = utils.load_split(recipe, recipe.train_split, tokenizer, recipe.max_train_stories)
@@ -486,12 +604,26 @@ def main(recipe: utils.Recipe, args: TrlArgs, recipe_path: str | None = None) ->
         args=grpo_config(recipe, args, backend, run_dir, stop_overrides),
         train_dataset=train_ds,
         processing_class=tokenizer,
-        callbacks=[stopper, train_rows, validate],
+        # The stopper last: a signal that arrives during a validation still stops at the end of that step.
+        callbacks=[train_rows, validate, stopper],
     )
     validate.trainer = trainer
+    _pause_inside_saves(trainer, stopper)
     stopper.install()
+    done = False
     try:
-        trainer.train(resume_from_checkpoint=checkpoint)
+        if finished:  # trained to the end before; its final validation or final/ is missing
+            print(f"[trl] step {start_step} of max_steps={recipe.max_steps} is trained: finishing the run, no training")
+            if start_step not in val_done:
+                load_adapter_weights(model, checkpoint)
+                validate.validate(model, start_step)
+        else:
+            trainer.train(resume_from_checkpoint=checkpoint)
+        step = max(trainer.state.global_step, start_step)
+        rank0 = trainer.is_world_process_zero()  # the one that validates and writes final/
+        done = step >= recipe.max_steps and (step in val_done or not rank0)
+        if done and rank0:
+            save_final(run_dir, run_dir / f"checkpoint-{step}", stopper)
     except utils.RewardServerError as e:
         step = validate.current or trainer.state.global_step + 1
         where = f"validation at step {step}" if validate.current else f"step {step}; the step was not trained"
@@ -509,16 +641,33 @@ def main(recipe: utils.Recipe, args: TrlArgs, recipe_path: str | None = None) ->
     finally:
         stopper.uninstall()
         _close_client(trainer, client)
-    if stopper.received:
-        print(f"[trl] stopped by {stopper.received} at step {trainer.state.global_step}; checkpoint saved in "
+    if not done:
+        print(f"[trl] stopped by {stopper.received or 'the trainer'} at step {step}; checkpoint saved in "
               f"{run_dir}. Rerun the same command to resume (exit {EXIT_INTERRUPTED}).")
         return EXIT_INTERRUPTED
-    final = run_dir / "final"
-    trainer.save_model(str(final))  # the adapter (PEFT) + tokenizer, a stable path for `make eval`
-    print(f"[trl] done: step {trainer.state.global_step}, {timer():.0f}s of training wall time; "
-          f"adapter -> {final}; metrics -> {run_dir / utils.METRICS_FILE}")
+    if stopper.received:
+        print(f"[trl] {stopper.received} arrived after the last step: the run is complete")
+    print(f"[trl] done: step {step}, {timer():.0f}s of training wall time; "
+          f"adapter -> {run_dir / 'final'}; metrics -> {run_dir / utils.METRICS_FILE}")
     print(f"run dir: {run_dir}")
     return EXIT_OK
+
+
+def _pause_inside_saves(trainer, stopper) -> None:
+    """Test hook (HN_PAUSE_AT=save[@N]): pause inside a checkpoint save, after the adapter is
+    written and before the optimizer and trainer state, where a kill leaves half a checkpoint."""
+    import os
+
+    if "save" not in os.environ.get(utils.PAUSE_ENV, ""):
+        return
+    save_model = trainer.save_model
+
+    def paused_save_model(output_dir=None, _internal_call=False):
+        save_model(output_dir, _internal_call)
+        if _internal_call:
+            utils.fault_pause("save", trainer.state.global_step, until=lambda: stopper.received)
+
+    trainer.save_model = paused_save_model
 
 
 def _make_validator(recipe: utils.Recipe, model, tokenizer):

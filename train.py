@@ -459,6 +459,7 @@ def main(recipe: utils.Recipe, args: ArtArgs, backend_factory: Callable[[ArtArgs
         backend_factory = make_backend
     utils.set_seed(recipe.seed)
     run_dir = utils.run_dir_for(recipe, METHOD, args.recipe)
+    utils.hold_run_dir(run_dir, METHOD)  # one writer per run directory, or exit 73 naming the holder
     utils.save_config(run_dir, recipe=recipe, art=args, recipe_path=args.recipe, internal_config=internal_config(recipe, args),
                       train_kwargs=train_kwargs(recipe, args))
     log_arguments(recipe=recipe, art=args, train_kwargs=train_kwargs(recipe, args))

@@ -246,7 +246,203 @@ def run_dir_for(recipe: Recipe, method: str, recipe_path: str | None = None) -> 
 def save_config(run_dir: Path, **objs: Any) -> None:
     """Save the resolved configuration next to the checkpoints (as nanoGPT does)."""
     payload = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in objs.items()}
-    (Path(run_dir) / "config.json").write_text(json.dumps(payload, indent=2, default=str))
+    path = Path(run_dir) / "config.json"
+    tmp = path.with_name(f".config.json.{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)  # a signal mid-write leaves the previous config.json, never half of one
+
+
+PAUSE_ENV = "HN_PAUSE_AT"
+_paused: set[str] = set()
+
+
+def fault_pause(phase: str, step: int | None = None, until=None) -> None:
+    """Test hook: hold the process at a named phase so a test can signal it at a known moment.
+
+    With HN_PAUSE_AT="<phase>[@<step>],..." in the environment (phases: load, step,
+    validation, save, final), the first time a listed phase is reached this prints
+    "[pause] <entry> pid <pid>" and waits up to HN_PAUSE_SECONDS (default 120), returning
+    early once `until()` is true (e.g. a signal was received). Without the variable it does
+    nothing. tests/test_faults.py drives the trainers through it.
+    """
+    wanted = [w.strip() for w in os.environ.get(PAUSE_ENV, "").split(",") if w.strip()]
+    keys = {phase} if step is None else {phase, f"{phase}@{step}"}
+    hit = next((w for w in wanted if w in keys and w not in _paused), None)
+    if hit is None:
+        return
+    _paused.add(hit)
+    print(f"[pause] {hit} pid {os.getpid()}", flush=True)
+    deadline = time.monotonic() + float(os.environ.get("HN_PAUSE_SECONDS", "120"))
+    while time.monotonic() < deadline and not (until is not None and until()):
+        time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------------------
+# One writer per run directory
+# --------------------------------------------------------------------------------------
+
+LOCK_FILE = "run.lock"
+EXIT_RUN_DIR_BUSY = 73  # sysexits' EX_CANTCREAT: the run directory cannot be written by this process
+
+
+class RunDirBusy(RuntimeError):
+    """Another live process holds the run directory; the message names it."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+class RunLock:
+    """Exclusive hold on a run directory: `with RunLock(run_dir, "trl"): ...`, or `.acquire()`
+    (released at process exit).
+
+    `<run_dir>/run.lock` is never deleted (deleting it would let two processes lock two
+    different files); the holder keeps a `flock` on it and writes who it is (pid, host,
+    start time, command) into it, and empties it on release. A second process finds the
+    flock taken and stops with RunDirBusy naming the holder. The kernel drops the flock when
+    the holder dies, however it dies (SIGKILL, OOM): the next process takes the directory
+    over and logs whose lock it was.
+
+    Shared filesystems: NFSv4 (and v3 with lockd) implement flock as a whole-file POSIX lock
+    held by the client; if a client machine dies, its lock lasts until the server's lease
+    runs out (~90 s). Where the filesystem has no locking (`nolock` mounts, some Lustre /
+    FUSE setups, flock fails with ENOLCK/EOPNOTSUPP) the file's content decides: a holder
+    on this host whose pid is gone is taken over, a live one or one on another host is
+    busy (delete run.lock by hand once that job is really gone); two starts within the
+    same instant can then both pass. Re-entrant within one process (in-process tests call
+    main() again on the same run directory).
+    """
+
+    _held: dict[str, RunLock] = {}  # resolved lock path -> the lock this process holds
+
+    def __init__(self, run_dir: str | os.PathLike, owner: str = "run"):
+        self.path = Path(run_dir).resolve() / LOCK_FILE
+        self.owner = owner
+        self.fd: int | None = None
+        self.depth = 0
+        self._registered = False
+
+    def info(self) -> dict:
+        import socket
+        import sys
+
+        return {"pid": os.getpid(), "host": socket.gethostname(), "owner": self.owner,
+                "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+                "argv": sys.argv[:12]}
+
+    def acquire(self) -> RunLock:
+        held = RunLock._held.get(str(self.path))
+        if held is not None:
+            held.depth += 1
+            return held
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            locked = self._flock(fd)
+            previous = self._read(fd)
+            self._check_previous(previous, locked)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(self.info()) + "\n").encode(), 0)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd, self.depth = fd, 1
+        RunLock._held[str(self.path)] = self
+        if not self._registered:
+            import atexit
+
+            atexit.register(self._release_all)
+            self._registered = True
+        return self
+
+    def _flock(self, fd: int) -> bool:
+        """True when the kernel lock is ours, False where the filesystem cannot lock; busy raises."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirBusy(self._busy_message(self._read(fd))) from None
+        except OSError:  # ENOLCK / EOPNOTSUPP: no locking on this mount; the content decides
+            return False
+        return True
+
+    def _check_previous(self, previous: dict | None, locked: bool) -> None:
+        if not previous:
+            return
+        import socket
+
+        same_host = previous.get("host") == socket.gethostname()
+        pid = int(previous.get("pid") or 0)
+        alive = _pid_alive(pid) if same_host else None
+        if not locked and alive is not False:
+            raise RunDirBusy(self._busy_message(previous))
+        why = "no longer running" if alive is False else "no longer holding it"
+        print(f"[lock] {self.path.parent}: taking over the lock left by pid {pid} on {previous.get('host')} "
+              f"(started {previous.get('started')}), {why}", flush=True)
+
+    @staticmethod
+    def _read(fd: int) -> dict | None:
+        raw = os.pread(fd, 65536, 0).decode("utf-8", "replace").strip()
+        try:
+            value = json.loads(raw) if raw else None
+        except json.JSONDecodeError:  # a holder killed while writing its own line
+            return None
+        return value if isinstance(value, dict) else None
+
+    def _busy_message(self, holder: dict | None) -> str:
+        who = (f"pid {holder.get('pid')} on {holder.get('host')} ({holder.get('owner')}, started {holder.get('started')})"
+               if holder else "another process (no holder information yet)")
+        return (f"run directory {self.path.parent} is in use by {who}; one run directory has one writer. "
+                f"Wait for it to finish or stop it, or pick another --run_name (lock: {self.path})")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        self.depth -= 1
+        if self.depth > 0:
+            return
+        RunLock._held.pop(str(self.path), None)
+        try:
+            os.ftruncate(self.fd, 0)  # an empty lock file: released cleanly, nobody to take over from
+        finally:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+    def _release_all(self) -> None:
+        self.depth = min(self.depth, 1)
+        self.release()
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        lock = RunLock._held.get(str(self.path), self)
+        lock.release()
+
+
+def hold_run_dir(run_dir: str | os.PathLike, owner: str) -> RunLock:
+    """Hold `run_dir` until this process exits, or exit EXIT_RUN_DIR_BUSY naming its holder.
+
+    The one-line form for a trainer's main(); RunLock is the context-manager form.
+    """
+    import sys
+
+    try:
+        return RunLock(run_dir, owner).acquire()
+    except RunDirBusy as e:
+        print(f"error: {e} (exit {EXIT_RUN_DIR_BUSY})", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_RUN_DIR_BUSY) from None
 
 
 # --------------------------------------------------------------------------------------

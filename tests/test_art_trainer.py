@@ -482,3 +482,44 @@ def test_cpu_machine_stops_with_the_gpu_message():
     assert proc.returncode != 0
     assert "needs a CUDA GPU" in proc.stderr and "make setup-art" in proc.stderr and "sbatch" in proc.stderr
     print(f"exited {proc.returncode} after {time.monotonic() - t0:.1f}s")
+
+
+@pytest.mark.parametrize("max_steps", [
+    # ends mid-epoch (4 stories, 2 per step: 2 steps an epoch)
+    3,
+    # ends on an epoch boundary
+    4,
+])
+def test_rerun_of_a_finished_run_trains_nothing(tmp_path, tiny_model, fake, reward, capsys, max_steps):
+    write_stories(tmp_path / "stories.jsonl", [VARIED + str(i) for i in range(4)], [VARIED])
+    recipe = make_recipe(tmp_path, tiny_model, reward.url, max_steps=max_steps)
+    run_dir, first = run(recipe, fake)
+    assert len(first.calls) == max_steps
+    capsys.readouterr()
+    run_dir, again = run(recipe, fake)
+    assert again.calls == [] and f"nothing to do: {max_steps} of max_steps={max_steps}" in capsys.readouterr().out
+    assert [r["step"] for r in rows_of(run_dir, "train")] == list(range(1, max_steps + 1))
+    assert [r["step"] for r in rows_of(run_dir, "val")] == [max_steps]
+    # Raising max_steps continues from the last step.
+    run_dir, more = run(make_recipe(tmp_path, tiny_model, reward.url, max_steps=max_steps + 1), fake)
+    assert len(more.calls) == 1
+    assert [r["step"] for r in rows_of(run_dir, "train")] == list(range(1, max_steps + 2))
+
+
+def test_a_second_writer_on_the_run_dir_stops_at_once(tmp_path, tiny_model, fake, reward, capsys):
+    write_stories(tmp_path / "stories.jsonl", [VARIED + str(i) for i in range(4)], [VARIED])
+    recipe = make_recipe(tmp_path, tiny_model, reward.url)
+    run_dir = Path(recipe.runs_dir) / recipe.run_name
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, utils; utils.RunLock(sys.argv[1], 'trl').acquire(); "
+                               "print('held', flush=True); time.sleep(120)", str(run_dir)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as stop:
+            run(recipe, fake)
+        assert stop.value.code == utils.EXIT_RUN_DIR_BUSY
+        assert f"in use by pid {holder.pid}" in capsys.readouterr().err
+        assert not (run_dir / utils.METRICS_FILE).exists() and not (run_dir / "config.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -5,6 +5,7 @@ import datetime as dt
 import hashlib
 import json
 import math
+import os
 import textwrap
 from collections import OrderedDict
 
@@ -573,3 +574,58 @@ def test_env_example_documents_every_variable(root):
     read = set().union(*(env_vars_read_by(p) for p in sources))
     assert {"MODEL", "DATASET", "REWARD_URL", "REWARD_API_KEY"} <= read  # the scan finds what we know is there
     assert read - documented == set(), "document these in .env.example"
+
+
+# --------------------------------------------------------------------------------------
+# RunLock: one writer per run directory (the cross-process cases are in test_faults.py)
+# --------------------------------------------------------------------------------------
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid  # exited and reaped: no such process (pids are not reused this fast)
+
+
+def test_run_lock_is_reentrant_and_released(tmp_path):
+    with utils.RunLock(tmp_path, "trl") as lock:
+        holder = json.loads((tmp_path / utils.LOCK_FILE).read_text())
+        assert holder["pid"] == os.getpid() and holder["owner"] == "trl" and holder["started"].endswith("Z")
+        with utils.RunLock(tmp_path, "trl") as inner:  # main() called again in one process (tests)
+            assert inner is lock
+        assert lock.fd is not None  # still held by the outer block
+    assert (tmp_path / utils.LOCK_FILE).read_text() == ""  # released: nobody to take over from
+
+
+@pytest.mark.parametrize("kernel_lock, holder, outcome", [
+    # Case: the kernel lock is free and the file names a dead process: taken over, said so.
+    (True, {"pid": "dead", "host": "here"}, "taken"),
+    # Case: the kernel lock is free but the file names a live one (it crashed mid-release): the lock decides.
+    (True, {"pid": "self-parent", "host": "here"}, "taken"),
+    # Case: no kernel locking on this filesystem: a dead pid on this host is taken over ...
+    (False, {"pid": "dead", "host": "here"}, "taken"),
+    # ... a live pid on this host is busy ...
+    (False, {"pid": "self-parent", "host": "here"}, "busy"),
+    # ... and a holder on another host cannot be checked: busy.
+    (False, {"pid": "dead", "host": "elsewhere"}, "busy"),
+])
+def test_run_lock_left_behind(tmp_path, monkeypatch, capsys, kernel_lock, holder, outcome):
+    import socket
+
+    pid = dead_pid() if holder["pid"] == "dead" else os.getppid()
+    host = socket.gethostname() if holder["host"] == "here" else "node-that-is-not-this-one"
+    info = {"pid": pid, "host": host, "owner": "art", "started": "2026-01-01T00:00:00Z"}
+    (tmp_path / utils.LOCK_FILE).write_text(json.dumps(info) + "\n")
+    if not kernel_lock:
+        monkeypatch.setattr(utils.RunLock, "_flock", lambda self, fd: False)
+    if outcome == "busy":
+        with pytest.raises(utils.RunDirBusy, match=f"in use by pid {pid} on {host} \\(art, started 2026-01-01T00:00:00Z\\)"):
+            utils.RunLock(tmp_path, "trl").acquire()
+        assert json.loads((tmp_path / utils.LOCK_FILE).read_text()) == info  # untouched
+        return
+    with utils.RunLock(tmp_path, "trl"):
+        assert f"taking over the lock left by pid {pid} on {host}" in capsys.readouterr().out
+        assert json.loads((tmp_path / utils.LOCK_FILE).read_text())["pid"] == os.getpid()

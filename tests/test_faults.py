@@ -1,0 +1,174 @@
+"""Faults on real processes: reruns of finished runs, a double start, a stale lock, and
+SIGTERM / SIGUSR1 / SIGKILL at each phase of a TRL run (loading, a step, a validation, a
+checkpoint save, the final save), on models/tiny with the real reward server.
+
+Each trainer is a `python reference_grpo_trainer.py` process. The test holds it at a named
+phase with the trainer's test hook (HN_PAUSE_AT=<phase>[@<step>], utils.fault_pause), waits
+for its "[pause] ..." line, then signals it: the signal lands inside that phase every time.
+recipes/tiny.yaml has 8 train stories and 2 per step: an epoch is 4 steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import utils
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+EXIT_INTERRUPTED = 75  # reference_grpo_trainer.EXIT_INTERRUPTED (not imported: TRL costs seconds)
+
+
+class Trainer:
+    """One reference_grpo_trainer.py process on <tmp>/run, its output in a log file."""
+
+    def __init__(self, tmp: Path, url: str, *flags: str, pause: str = "", name: str = "trainer"):
+        self.log = tmp / f"{name}.log"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "HN_PAUSE_SECONDS": "300",
+               utils.PAUSE_ENV: pause}
+        argv = [sys.executable, str(ROOT / "reference_grpo_trainer.py"), "--recipe", str(ROOT / "recipes" / "tiny.yaml"),
+                "--runs_dir", str(tmp), "--run_name", "run", "--reward_url", url, "--validator", "none",
+                "--eval_every", "0", "--torch_threads", "1", *flags]
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, line: str, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while line not in self.text():
+            assert self.proc.poll() is None, f"exited {self.proc.returncode} before {line!r}:\n{self.text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {line!r} within {timeout}s:\n{self.text()[-3000:]}"
+            time.sleep(0.05)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 600) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"still running after {timeout}s:\n{self.text()[-3000:]}") from None
+
+
+def run(tmp: Path, url: str, *flags: str, pause: str = "", sig: int | None = None, name: str = "trainer"
+        ) -> tuple[int, str]:
+    """Run one trainer to its end; with `pause`, send `sig` once it holds at that phase."""
+    t = Trainer(tmp, url, *flags, pause=pause, name=name)
+    if pause:
+        t.wait_for(f"[pause] {pause}")
+        t.signal(sig)
+    return t.wait(), t.text()
+
+
+def steps(run_dir: Path, split: str = "train") -> list[int]:
+    rows, notes = utils.read_metrics(run_dir)
+    assert not notes, notes
+    return [r["step"] for r in rows if r["split"] == split]
+
+
+def checkpoint_names(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.iterdir() if "checkpoint-" in p.name)
+
+
+def state_step(checkpoint: Path) -> int:
+    return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+
+
+def test_rerun_of_a_finished_run_trains_nothing(reward_server, tmp_path):
+    run_dir = tmp_path / "run"
+    # Case: max_steps ends mid-epoch (2 of 4 steps). TRL's loop took one more step on every
+    # rerun here: 2 -> 3 -> 4, each with a metrics row and a checkpoint.
+    code, out = run(tmp_path, reward_server, "--max_steps", "2")
+    assert code == 0 and steps(run_dir) == [1, 2] and steps(run_dir, "val") == [2], out[-2000:]
+    code, out = run(tmp_path, reward_server, "--max_steps", "2")
+    assert code == 0 and "nothing to do" in out and "finished at step 2 (max_steps=2)" in out, out[-2000:]
+    assert steps(run_dir) == [1, 2] and checkpoint_names(run_dir) == ["checkpoint-2"]
+    # Raising max_steps continues from the last step, to an epoch boundary (step 4 = epoch 1.0).
+    code, out = run(tmp_path, reward_server, "--max_steps", "4")
+    assert code == 0 and "resuming from" in out, out[-2000:]
+    assert steps(run_dir) == [1, 2, 3, 4] and steps(run_dir, "val") == [2, 4]
+    rows = utils.read_metrics(run_dir)[0]
+    assert [r["extra"]["epoch"] for r in rows if r["split"] == "train"] == [0.25, 0.5, 0.75, 1.0]
+    # Case: max_steps on an epoch boundary: the rerun trains nothing either.
+    code, out = run(tmp_path, reward_server, "--max_steps", "4")
+    assert code == 0 and "nothing to do" in out, out[-2000:]
+    assert steps(run_dir) == [1, 2, 3, 4] and checkpoint_names(run_dir) == ["checkpoint-2", "checkpoint-4"]
+    assert (run_dir / "final" / "adapter_model.safetensors").exists()
+
+
+def test_one_writer_and_a_signal_at_every_phase(reward_server, tmp_path):
+    run_dir = tmp_path / "run"
+    flags = ("--max_steps", "4", "--save_every", "2", "--eval_every", "2")
+
+    # Loading: a second start on the same run directory stops at once and names the holder.
+    first = Trainer(tmp_path, reward_server, *flags, pause="load", name="first")
+    first.wait_for("[pause] load")
+    code, out = run(tmp_path, reward_server, *flags, name="second")
+    assert code == utils.EXIT_RUN_DIR_BUSY, out[-2000:]
+    assert f"is in use by pid {first.proc.pid} on {socket.gethostname()} (trl, started 20" in out
+    assert first.proc.poll() is None  # refused while the holder still runs
+    # ... and SIGTERM while the holder loads its model: a clean stop, nothing half-written.
+    first.signal(signal.SIGTERM)
+    assert first.wait() == EXIT_INTERRUPTED
+    assert "SIGTERM outside the training loop (while loading)" in first.text()
+    assert checkpoint_names(run_dir) == [] and (run_dir / utils.LOCK_FILE).read_text() == ""  # released
+
+    # A step: SIGUSR1 (Slurm's warning) -> that step's checkpoint, exit 75.
+    code, out = run(tmp_path, reward_server, *flags, pause="step@1", sig=signal.SIGUSR1)
+    assert code == EXIT_INTERRUPTED and "SIGUSR1: saving a checkpoint" in out, out[-2000:]
+    assert checkpoint_names(run_dir) == ["checkpoint-1"] and state_step(run_dir / "checkpoint-1") == 1
+    assert steps(run_dir) == [1]
+
+    # A validation (step 2): it finishes, then the checkpoint of step 2 and no step 3.
+    code, out = run(tmp_path, reward_server, *flags, pause="validation@2", sig=signal.SIGTERM)
+    assert code == EXIT_INTERRUPTED, out[-2000:]
+    assert steps(run_dir) == [1, 2] and steps(run_dir, "val") == [2]
+    assert checkpoint_names(run_dir) == ["checkpoint-1", "checkpoint-2"]
+
+    # A checkpoint save killed outright (SIGKILL: a second signal or Slurm's KILL after the grace
+    # time): checkpoint-4 has its adapter but no optimizer or trainer state.
+    killed = Trainer(tmp_path, reward_server, *flags, pause="save@4", name="killed")
+    killed.wait_for("[pause] save@4")
+    killed.signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL
+    half = run_dir / "checkpoint-4"
+    assert (half / "adapter_model.safetensors").exists() and not (half / "trainer_state.json").exists()
+
+    # The rerun takes the dead process's lock over, sets the half checkpoint aside, resumes from
+    # step 2; a SIGTERM in the last step stops it before the final validation (exit 75).
+    code, out = run(tmp_path, reward_server, *flags, pause="step@4", sig=signal.SIGTERM)
+    assert code == EXIT_INTERRUPTED, out[-2000:]
+    assert f"taking over the lock left by pid {killed.proc.pid}" in out
+    assert "checkpoint-4 is incomplete (no optimizer.pt" in out and "checkpoint-2 (step 2)" in out
+    names = checkpoint_names(run_dir)
+    assert names[:3] == ["checkpoint-1", "checkpoint-2", "checkpoint-4"] and names[3].startswith("incomplete-checkpoint-4-")
+    assert state_step(run_dir / "checkpoint-4") == 4
+    assert steps(run_dir) == [1, 2, 3, 4] and steps(run_dir, "val") == [2] and not (run_dir / "final").exists()
+
+    # The final save: training is done, so the rerun trains nothing, validates step 4, and a
+    # SIGTERM during the final save lets it finish whole (the run is complete: exit 0).
+    code, out = run(tmp_path, reward_server, *flags, pause="final", sig=signal.SIGTERM)
+    assert code == 0 and "finishing the run, no training" in out, out[-2000:]
+    assert "arrived after the last step: the run is complete" in out
+    assert steps(run_dir) == [1, 2, 3, 4] and steps(run_dir, "val") == [2, 4]
+    final = run_dir / "final"
+    assert (final / "adapter_model.safetensors").read_bytes() == (run_dir / "checkpoint-4" / "adapter_model.safetensors").read_bytes()
+    assert not (final / "optimizer.pt").exists() and not (run_dir / "final.tmp").exists()
+
+    # And now there is nothing left to do.
+    code, out = run(tmp_path, reward_server, *flags)
+    assert code == 0 and "nothing to do" in out, out[-2000:]
+    assert steps(run_dir) == [1, 2, 3, 4]
