@@ -155,7 +155,7 @@ def sample_prompt(tokenizer, row: dict, chars: int) -> str:
 def main(recipe: utils.Recipe, args: CheckArgs) -> dict:
     """Print the report and return it as a dict. Raises DatasetError/CheckError on bad input."""
     print(f"dataset: {recipe.dataset}\ntokenizer: {recipe.model}\n"
-          f"filters: score >= {recipe.min_score}, non-empty body, "
+          f"filters: score >= {recipe.min_score}, non-empty body, non-empty title, "
           f"prompt <= {recipe.max_prompt_tokens} tokens (chat template included)\n")
     report: dict = {"dataset": recipe.dataset, "model": recipe.model, "splits": {}}
     samples, ids = [], {}

@@ -12,7 +12,9 @@ API (JSON):
                        (OpenPipe's original HN client works unchanged); a JSON list -> {"scores", "components"}
     POST /score_batch  {"stories": [...]} -> {"scores": [...], "components": [...]} in order
 
-Bad input gets a 4xx JSON error naming the field ({"error", "field"}); a scorer crash gets a 500
+Bad input gets a 4xx JSON error naming the field ({"error", "field"}), a title or body with no
+visible character (empty, whitespace, NUL and other control characters) included: a score for
+it would be made up. A scorer crash gets a 500
 (a server fault, which utils.RewardClient retries). Settings come from the environment / .env
 (REWARD_HOST, REWARD_PORT, REWARD_SCORER, REWARD_MODEL, REWARD_ADAPTER, REWARD_API_KEY,
 REWARD_MAX_BYTES, REWARD_MAX_BATCH, REWARD_WORKERS) and are overridden by flags.

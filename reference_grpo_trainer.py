@@ -17,20 +17,27 @@ end), final/ (the last adapter + tokenizer), metrics.jsonl (one `train` row per 
 step and one `val` row per validation, the schema train.py also writes), eval/step-N.jsonl
 (val titles beside the originals), failures.jsonl (reward-server failures, one line each).
 
-Resume is the default: rerunning the same command continues from the newest checkpoint (the
-step count and wall time continue; metrics rows past that checkpoint are dropped so none
-is duplicated). `--resume false` with an existing checkpoint is refused: pick a new run_name.
+Resume is the default: rerunning the same command continues from the newest complete
+checkpoint (the step count and wall time continue; metrics rows past that checkpoint are
+dropped so none is duplicated; a checkpoint cut off by a kill is moved aside to
+incomplete-checkpoint-N-<time>). A finished run (max_steps trained, validated, final/ saved)
+trains nothing on a rerun; a larger --max_steps continues it. `--resume false` with an
+existing checkpoint is refused: pick a new run_name. One process per run directory (run.lock).
 
 Exit codes:
     0   finished (max_steps reached)
     75  interrupted by SIGTERM / SIGUSR1 / Ctrl-C: a checkpoint was saved at the end of the
-        current step; rerun to resume. Slurm: `#SBATCH --signal=USR1@120` (or plain SIGTERM
-        at the time limit; a batch script that traps the signal must forward it), then
-        requeue when the exit code is 75.
+        current step (or of the validation or save under way); while loading, it stops at
+        once with nothing to save. Rerun to resume. Slurm: `#SBATCH --signal=USR1@120` (or
+        plain SIGTERM at the time limit; a batch script that traps the signal must forward
+        it), then requeue when the exit code is 75. A signal during the final validation or
+        the final save lets them finish: exit 0.
     130 a second signal while stopping: exited at once, no new checkpoint (rerun resumes
         from the previous one).
     3   the reward server failed (after utils.RewardClient's bounded retries); nothing was
         scored as 0. The last checkpoint is intact: restart the server and rerun to resume.
+    73  the run directory is in use by another live process (named in the message); nothing
+        was written. A lock left by a dead process is taken over (utils.RunLock).
     1   bad arguments or backend (e.g. --backend unsloth on a machine without CUDA).
 """
 

@@ -317,7 +317,8 @@ class RunLock:
     on this host whose pid is gone is taken over, a live one or one on another host is
     busy (delete run.lock by hand once that job is really gone); two starts within the
     same instant can then both pass. Re-entrant within one process (in-process tests call
-    main() again on the same run directory).
+    main() again on the same run directory). In a multi-process launch (RANK set by
+    torchrun / accelerate) only rank 0 locks; if it stops as busy, the launcher stops the rest.
     """
 
     _held: dict[str, RunLock] = {}  # resolved lock path -> the lock this process holds
@@ -338,6 +339,8 @@ class RunLock:
                 "argv": sys.argv[:12]}
 
     def acquire(self) -> RunLock:
+        if int(os.environ.get("RANK") or 0) != 0:
+            return self  # torchrun / accelerate workers: rank 0 holds the directory for its job
         held = RunLock._held.get(str(self.path))
         if held is not None:
             held.depth += 1

@@ -111,7 +111,9 @@ def test_rerun_of_a_finished_run_trains_nothing(reward_server, tmp_path):
 
 def test_one_writer_and_a_signal_at_every_phase(reward_server, tmp_path):
     run_dir = tmp_path / "run"
-    flags = ("--max_steps", "4", "--save_every", "2", "--eval_every", "2")
+    # A checkpoint every step (a resume keeps the first run's save interval: transformers restores it
+    # from trainer_state.json), a validation every 2.
+    flags = ("--max_steps", "4", "--save_every", "1", "--eval_every", "2")
 
     # Loading: a second start on the same run directory stops at once and names the holder.
     first = Trainer(tmp_path, reward_server, *flags, pause="load", name="first")
@@ -138,6 +140,11 @@ def test_one_writer_and_a_signal_at_every_phase(reward_server, tmp_path):
     assert steps(run_dir) == [1, 2] and steps(run_dir, "val") == [2]
     assert checkpoint_names(run_dir) == ["checkpoint-1", "checkpoint-2"]
 
+    # A checkpoint save: it finishes, and the run stops right after it.
+    code, out = run(tmp_path, reward_server, *flags, pause="save@3", sig=signal.SIGTERM)
+    assert code == EXIT_INTERRUPTED, out[-2000:]
+    assert state_step(run_dir / "checkpoint-3") == 3 and steps(run_dir) == [1, 2, 3]  # no step 4
+
     # A checkpoint save killed outright (SIGKILL: a second signal or Slurm's KILL after the grace
     # time): checkpoint-4 has its adapter but no optimizer or trainer state.
     killed = Trainer(tmp_path, reward_server, *flags, pause="save@4", name="killed")
@@ -148,13 +155,14 @@ def test_one_writer_and_a_signal_at_every_phase(reward_server, tmp_path):
     assert (half / "adapter_model.safetensors").exists() and not (half / "trainer_state.json").exists()
 
     # The rerun takes the dead process's lock over, sets the half checkpoint aside, resumes from
-    # step 2; a SIGTERM in the last step stops it before the final validation (exit 75).
+    # step 3; a SIGTERM in the last step stops it before the final validation (exit 75).
     code, out = run(tmp_path, reward_server, *flags, pause="step@4", sig=signal.SIGTERM)
     assert code == EXIT_INTERRUPTED, out[-2000:]
     assert f"taking over the lock left by pid {killed.proc.pid}" in out
-    assert "checkpoint-4 is incomplete (no optimizer.pt" in out and "checkpoint-2 (step 2)" in out
+    assert "checkpoint-4 is incomplete (no optimizer.pt" in out and "checkpoint-3 (step 3)" in out
     names = checkpoint_names(run_dir)
-    assert names[:3] == ["checkpoint-1", "checkpoint-2", "checkpoint-4"] and names[3].startswith("incomplete-checkpoint-4-")
+    assert names[:4] == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    assert names[4].startswith("incomplete-checkpoint-4-") and len(names) == 5
     assert state_step(run_dir / "checkpoint-4") == 4
     assert steps(run_dir) == [1, 2, 3, 4] and steps(run_dir, "val") == [2] and not (run_dir / "final").exists()
 
