@@ -135,7 +135,9 @@ def select_backend(requested: str, use_vllm: bool = True, vllm_mode: str = "colo
                            "(slow: recipes/cpu.yaml is sized for a CPU).")
     if requested == "auto":
         if not machine.cuda:
-            return Backend("cpu", "cpu", use_vllm=False)
+            notes = [f"NVIDIA driver {machine.driver} found, but torch {machine.torch_version} cannot use it"] \
+                if machine.driver else []
+            return Backend("cpu", "cpu", use_vllm=False, notes=notes)
         if machine.unsloth and (machine.vllm or not use_vllm):
             requested = "unsloth"
         else:
