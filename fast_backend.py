@@ -288,6 +288,29 @@ def grpo_overrides(backend: Backend, args) -> dict:
     return out
 
 
+def batch_kwargs(completions: int, processes: int = 1, micro_batch: int = 0, steps_per_generation: int = 1) -> dict:
+    """GRPOConfig batch fields for `completions` per optimizer step in total, shared by
+    `processes`, the loss run `micro_batch` completions at a time (0 = all of a process's at once).
+
+    TRL's generation batch is per_device_train_batch_size x processes x steps_per_generation
+    completions and it steps the optimizer every gradient_accumulation_steps micro-batches, so
+    steps_per_generation = accumulation x `steps_per_generation` optimizer steps per generation.
+
+    >>> batch_kwargs(48, 1, 4)
+    {'per_device_train_batch_size': 4, 'gradient_accumulation_steps': 12, 'steps_per_generation': 12}
+    """
+    if completions % processes:
+        raise ValueError(f"prompts_per_step x num_generations = {completions} completions per step cannot be split "
+                         f"evenly over {processes} processes: change prompts_per_step or the process count")
+    per_process = completions // processes
+    micro = micro_batch or per_process
+    if micro < 1 or per_process % micro:
+        raise ValueError(f"loss_micro_batch {micro_batch} must divide the {per_process} completions each "
+                         f"of the {processes} process(es) trains on per step")
+    accumulate = per_process // micro
+    return {"per_device_train_batch_size": micro, "gradient_accumulation_steps": accumulate,
+            "steps_per_generation": accumulate * steps_per_generation}
+
 
 # --------------------------------------------------------------------------------------
 # Plain-transformers generation: one prefill per distinct prompt

@@ -410,26 +410,13 @@ def world_size() -> int:
 
 def batch_kwargs(recipe: utils.Recipe, args: TrlArgs, processes: int) -> dict:
     """GRPOConfig batch fields: prompts_per_step x num_generations completions per optimizer
-    step in total, however many processes share them, with the loss in micro-batches.
-
-    TRL's generation batch is per_device_train_batch_size x processes x steps_per_generation
-    completions, and it takes one optimizer step per gradient_accumulation_steps micro-batches.
+    step in total, however many processes share them, the loss in args.loss_micro_batch pieces.
 
     >>> batch_kwargs(utils.Recipe(prompts_per_step=8, num_generations=6), TrlArgs(loss_micro_batch=4), 2)
     {'per_device_train_batch_size': 4, 'gradient_accumulation_steps': 6, 'steps_per_generation': 6}
     """
-    total = recipe.prompts_per_step * recipe.num_generations
-    if total % processes:
-        raise ValueError(f"prompts_per_step x num_generations = {total} completions per step cannot be split "
-                         f"evenly over {processes} processes: change prompts_per_step or the process count")
-    per_process = total // processes
-    micro = args.loss_micro_batch or per_process
-    if micro < 1 or per_process % micro:
-        raise ValueError(f"loss_micro_batch {args.loss_micro_batch} must divide the {per_process} completions each "
-                         f"of the {processes} process(es) trains on per step")
-    accumulate = per_process // micro
-    return {"per_device_train_batch_size": micro, "gradient_accumulation_steps": accumulate,
-            "steps_per_generation": accumulate * args.steps_per_generation}
+    return fast_backend.batch_kwargs(recipe.prompts_per_step * recipe.num_generations, processes,
+                                     args.loss_micro_batch, args.steps_per_generation)
 
 
 OPTIMIZER_FIELDS = ("optim", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "learning_rate",

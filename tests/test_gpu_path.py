@@ -9,6 +9,7 @@ GRPOConfig defaults, ART 0.5.18's get_model_config merge); the code around them 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -279,3 +280,42 @@ def test_gpu_recipe_bounds_the_loss_pass():
     kwargs = rgt.batch_kwargs(recipe, args, 1)
     assert kwargs["per_device_train_batch_size"] * kwargs["gradient_accumulation_steps"] == 48
     assert kwargs["per_device_train_batch_size"] <= 4
+
+
+# --------------------------------------------------------------------------------------
+# gpu_check.py: refusal on a CPU, and the bare variant's plumbing in a CPU dry run
+# --------------------------------------------------------------------------------------
+
+
+def test_gpu_check_refuses_on_a_cpu_machine_in_seconds():
+    proc = subprocess.run([sys.executable, "gpu_check.py"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=env_without_hub_mode(HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: gpu_check needs an NVIDIA GPU") and proc.stderr.count("\n") == 1
+    assert "make gpu-check-bare" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_bare_dry_run_trains_one_step_on_tiny_qwen_shapes():
+    proc = subprocess.run([sys.executable, "gpu_check.py", "--bare", "--device", "cpu", "--tiny",
+                           "--checks", "transformers,unsloth"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=400, env=env_without_hub_mode(HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "bare (random-init qwen2.5-0.5b-instruct.json)" in lines[0]
+    ok = next(line for line in lines if line.startswith("transformers"))
+    # one line per check: status, times, memory, and the step that ran (micro-batches + checkpointing)
+    assert " ok " in ok and "loss micro-batch 2 x 2, checkpointing True" in ok
+    assert any(line.startswith("unsloth") and " skip " in line and "not part of --bare" in line for line in lines)
+
+
+def test_bare_config_has_qwen2_5_0_5b_shapes():
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    values = {k: v for k, v in json.loads((ROOT / "configs/qwen2.5-0.5b-instruct.json").read_text()).items()
+              if k not in ("architectures", "torch_dtype")}
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(Qwen2Config(**values))
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6) == 494  # Qwen2.5-0.5B: 0.49B parameters
