@@ -319,3 +319,50 @@ def test_bare_config_has_qwen2_5_0_5b_shapes():
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(Qwen2Config(**values))
     assert round(sum(p.numel() for p in model.parameters()) / 1e6) == 494  # Qwen2.5-0.5B: 0.49B parameters
+
+
+# --------------------------------------------------------------------------------------
+# make setup-art's preflight
+# --------------------------------------------------------------------------------------
+
+
+def preflight_machine(**over):
+    import art_preflight
+
+    base = dict(glibc="glibc 2.36", nvidia_smi=True, python312=False, runtime_bin="", reachable=lambda url: True)
+    return art_preflight.Machine(**{**base, **over})
+
+
+@pytest.mark.parametrize("over, expected", [
+    # everything there (uv may download Python 3.12 from GitHub): nothing to say
+    ({}, []),
+    # Debian 11 / Ubuntu 20.04: glibc 2.31 is too old for the runtime's manylinux_2_34 vLLM wheel
+    ({"glibc": "glibc 2.31"}, ["glibc >= 2.34 for ART's vLLM runtime wheel (this system has glibc 2.31"]),
+    # an offline node: every download host is named, and Python 3.12 cannot be fetched either
+    ({"reachable": lambda url: False}, ["Python 3.12 for ART's vLLM runtime", "internet access to https://pypi.org"]),
+    # offline but with python3.12 installed: only the hosts
+    ({"reachable": lambda url: "github" in url, "python312": True}, ["internet access to https://pypi.org/simple/, "
+                                                                      "https://files.pythonhosted.org/, https://wheels"]),
+    # no GPU and an old glibc at once: both, in one message
+    ({"nvidia_smi": False, "glibc": "glibc 2.28"}, ["an NVIDIA GPU and driver", "glibc >= 2.34"]),
+    # a prebuilt runtime: no glibc/Python/runtime-host checks, only that it exists
+    ({"runtime_bin": "/nonexistent/art-vllm", "glibc": "glibc 2.17"},
+     ["ART_VLLM_RUNTIME_BIN=/nonexistent/art-vllm is not an executable file"]),
+])
+def test_art_preflight_names_everything_missing(over, expected):
+    import art_preflight
+
+    found = art_preflight.problems(preflight_machine(**over))
+    assert len(found) == len(expected), found
+    for clause, wanted in zip(found, expected, strict=True):
+        assert clause.startswith(wanted), (clause, wanted)
+
+
+def test_art_preflight_is_one_message(monkeypatch, capsys):
+    import art_preflight
+
+    machine = preflight_machine(nvidia_smi=False, glibc="glibc 2.31")
+    monkeypatch.setattr(art_preflight, "Machine", lambda: machine)
+    assert art_preflight.main([]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("make setup-art cannot work on this machine; it needs: ")
