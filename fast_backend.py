@@ -86,7 +86,7 @@ def unusable_gpu_message(machine: Machine, why: str) -> str:
             "torch.cuda.is_available() is False. torch 2.13 from PyPI is built for CUDA 13, which needs "
             "driver >= 580. Update the driver (or run on a node that has one), or install a torch 2.13.0 "
             "built for your driver's CUDA from https://download.pytorch.org/whl/ (unverified here: vllm "
-            "0.32 wants PyPI's build); to train on the CPU on purpose pass --backend cpu.")
+            "0.30 wants PyPI's build); to train on the CPU on purpose pass --backend cpu.")
 
 
 @dataclass
