@@ -533,11 +533,11 @@ def main(recipe: utils.Recipe, args: TrlArgs, recipe_path: str | None = None) ->
     print(f"[trl] reward server {recipe.reward_url}: {json.dumps(health)[:200]}")
 
     t_load = time.perf_counter()
-    model, tokenizer = fast_backend.load_policy(backend, recipe, args)
     try:
+        model, tokenizer = fast_backend.load_policy(backend, recipe, args)
         train_ds, report = utils.load_split(recipe, recipe.train_split, tokenizer, recipe.max_train_stories)
         val_ds, val_report = utils.load_split(recipe, recipe.val_split, tokenizer, recipe.max_val_stories)
-    except utils.DatasetError as e:
+    except (utils.DatasetError, utils.HubUnavailable) as e:  # one line: a bad file, or a hub id out of reach
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     print(f"[trl] data: {report.summary()}; {val_report.summary()}")

@@ -541,6 +541,8 @@ if __name__ == "__main__":
                                       default_recipe="recipes/cpu.yaml")
     try:
         main(recipe_, args_)
+    except utils.HubUnavailable as e:
+        sys.exit(f"error: {e}")
     except utils.RewardServerError as e:
         sys.exit(f"reward server failed: {e}\nNothing was trained for the failing step; fix the server "
                  "(`make reward`) and rerun the same command to resume from it.")

@@ -139,8 +139,12 @@ def prepare_env(argv: Sequence[str] | None = None, default_recipe: str | None = 
     return set_hub_mode(_recipe_names(argv, default_recipe))
 
 
-class HubUnavailable(SystemExit):
-    """A hub id could not be loaded; the one-line message says how to use a local copy instead."""
+class HubUnavailable(ConnectionError):
+    """A hub id could not be loaded; the one-line message says how to use a local copy instead.
+
+    A ConnectionError (what datasets raises offline), so existing handlers keep working; the
+    trainers' entry points print it as one line.
+    """
 
 
 @contextlib.contextmanager
@@ -154,11 +158,12 @@ def hub_errors(name: str, what: str = "model"):
         if not is_hub_id(name) or not (isinstance(e, OSError) or origin in ("huggingface_hub", "httpx", "requests")):
             raise
         offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-        why = "HF_HUB_OFFLINE=1 and it is not in the local cache" if offline else \
-            f"the Hugging Face Hub could not be reached or refused it ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+        detail = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+        why = f"HF_HUB_OFFLINE=1 and it is not in the local cache ({detail})" if offline else \
+            f"the Hugging Face Hub could not be reached or refused it ({detail})"
         field_name = "dataset" if what == "dataset" else "model"
         raise HubUnavailable(
-            f"error: cannot load the {what} {name!r}: {why}. Point the recipe at a local copy instead "
+            f"cannot load the {what} {name!r}: {why}. Point the recipe at a local copy instead "
             f"({field_name}: /path/to/copy, or {field_name.upper()}=/path/to/copy, or --{field_name} /path/to/copy; "
             f"make one where the Hub is reachable with `hf download {name}{' --repo-type dataset' if field_name == 'dataset' else ''} "
             f"--local-dir <dir>`), or set HF_TOKEN in .env for a gated repo.") from None
