@@ -12,7 +12,7 @@ line when its package is missing:
 - unsloth: Unsloth's FastLanguageModel (+ its vLLM when installed), through fast_backend;
 - trl-vllm: transformers + PEFT, generation with TRL's colocated vLLM;
 - art: ART's LocalBackend from .venv-art (vLLM + Unsloth): one rollout group, one backend.train;
-- shared-prefix: the shared-prefix equivalence tests (`pytest -k shared_prefix`) with
+- shared-prefix: the shared-prefix equivalence tests (tests/test_shared_prefix.py) with
   TEST_DEVICE=cuda.
 
 The model is the GPU recipe's (or --model). `--bare` needs no Hub and no model files: the
@@ -281,18 +281,22 @@ def art_step(args: CheckArgs) -> dict:
     return asyncio.run(run())
 
 
+SHARED_PREFIX_TESTS = "tests/test_shared_prefix.py"
+
+
 def shared_prefix_tests(args: CheckArgs) -> dict:
-    """The shared-prefix equivalence tests on the GPU (TEST_DEVICE=cuda), or a skip if there are none."""
+    """The shared-prefix equivalence tests (outputs and gradients against TRL's path) with
+    TEST_DEVICE set to this check's device, or a skip line when the file is not there."""
+    if not (ROOT / SHARED_PREFIX_TESTS).exists():
+        return {"skip": f"no {SHARED_PREFIX_TESTS} (it comes with the shared-prefix training path)"}
     env = {**os.environ, "TEST_DEVICE": args.device}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-k", "shared_prefix", "tests"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=args.timeout)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", SHARED_PREFIX_TESTS],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
     tail = (proc.stdout.strip().splitlines() or [""])[-1]
-    if proc.returncode == 5:
-        return {"skip": "no shared-prefix tests in tests/ (they come with the shared-prefix training path)"}
     if proc.returncode:
-        raise RuntimeError(f"pytest -k shared_prefix failed: {tail}\n{proc.stdout[-3000:]}")
-    return {"step_s": time.perf_counter() - t0, "detail": tail}
+        raise RuntimeError(f"{SHARED_PREFIX_TESTS} failed: {tail}\n{proc.stdout[-3000:]}")
+    return {"step_s": time.perf_counter() - t0, "detail": f"{SHARED_PREFIX_TESTS} (TEST_DEVICE={args.device}): {tail}"}
 
 
 # --------------------------------------------------------------------------------------

@@ -375,3 +375,62 @@ def test_art_preflight_is_one_message(monkeypatch, capsys):
     assert art_preflight.main([]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("make setup-art cannot work on this machine; it needs: ")
+
+
+# --------------------------------------------------------------------------------------
+# Loss micro-batches change memory, not the update
+# --------------------------------------------------------------------------------------
+
+
+def lengths_reward(completions, **_) -> list[float]:
+    """Varies within a group, so the step has a gradient; no server needed."""
+    return [float(len(c[0]["content"])) for c in completions]
+
+
+def one_step_lora(tiny_model, tmp_path, micro: int, policy) -> dict:
+    import copy
+
+    import torch
+    from transformers import AutoTokenizer
+
+    recipe = utils.Recipe(model=str(tiny_model), dataset=str(ROOT / "data/stories.jsonl"), prompts_per_step=2,
+                          num_generations=4, max_completion_tokens=6, max_steps=1, max_train_stories=4,
+                          learning_rate=0.5, max_grad_norm=1e9, loss_type="cispo", lora_r=4, lora_alpha=8)
+    args = rgt.TrlArgs(loss_micro_batch=micro)
+    backend = fb.Backend("cpu", "cpu", use_vllm=False)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    train_ds, _ = utils.load_split(recipe, "train", tokenizer, recipe.max_train_stories)
+    model = copy.deepcopy(policy)  # the same LoRA init for both runs
+    # plain SGD: the update is lr x gradient, so equal weights mean equal gradients (Adam's first
+    # step would only compare signs)
+    config = rgt.grpo_config(recipe, args, backend, tmp_path / f"m{micro}",
+                             {"optim": "sgd", "save_strategy": "no", "report_to": "none"})
+    trainer = fb.trainer_class(backend)(model=model, reward_funcs=[lengths_reward], args=config,
+                                        train_dataset=train_ds, processing_class=tokenizer)
+    torch.manual_seed(0)
+    trainer.train()
+    return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
+
+
+@pytest.mark.slow
+def test_loss_micro_batches_give_the_same_update(tiny_model, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    policy = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                             task_type="CAUSAL_LM"))
+    with torch.no_grad():  # PEFT starts lora_B at 0, which would make every lora_A gradient 0
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    before = {k: v.detach().clone() for k, v in policy.named_parameters() if "lora_" in k}
+    whole = one_step_lora(tiny_model, tmp_path, 0, policy)    # 8 completions in one loss pass
+    pieces = one_step_lora(tiny_model, tmp_path, 2, policy)   # 4 passes of 2, accumulated
+    moved = max((whole[k] - before[k]).abs().max().item() for k in whole)
+    assert moved > 1e-4  # the step really changed the adapter (A and B)
+    assert all((whole[k] - before[k]).abs().max() > 0 for k in whole)
+    diff = max((whole[k] - pieces[k]).abs().max().item() for k in whole)
+    assert diff <= 1e-5 * moved, (diff, moved)
