@@ -402,10 +402,12 @@ def grpo_config(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backe
 
 
 def world_size() -> int:
-    """Processes training together (accelerate launch / torchrun set WORLD_SIZE; 1 otherwise)."""
-    import os
+    """Processes training together: what the launcher (accelerate launch, torchrun, mpirun) told
+    this process, read the way accelerate reads it. Not PartialState(): building it here would
+    fix the device before GRPOConfig's use_cpu is known."""
+    from accelerate.utils.environment import get_int_from_env
 
-    return int(os.environ.get("WORLD_SIZE") or 1)
+    return get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
 
 
 def batch_kwargs(recipe: utils.Recipe, args: TrlArgs, processes: int) -> dict:
