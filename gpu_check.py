@@ -165,15 +165,16 @@ def word_tokenizer(vocab_size: int):
     """A WordLevel tokenizer over the shipped stories' words (`tokenizers` comes with transformers)."""
     import re
 
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
     text = (ROOT / "data" / "stories.jsonl").read_text(encoding="utf-8")
-    words = sorted(set(re.findall(r"\w+|[^\w\s]", text)))[:max(vocab_size - len(specials) - 2, 0)]
-    vocab = {w: i for i, w in enumerate([*specials, "\n", " ", *words])}
+    words = sorted(set(re.findall(r"\w+|[^\w\s]", text)))[:max(vocab_size - len(specials), 0)]
+    vocab = {w: i for i, w in enumerate([*specials, *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\w+|[^\w\s]|\n"), behavior="isolated")
+    # whitespace separates tokens and is dropped, so decode (which joins with spaces) and encode agree
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>",
                                    additional_special_tokens=["<|im_start|>"])
     fast.chat_template = CHATML
@@ -186,9 +187,9 @@ def prompts(tokenizer, count: int, prompt_tokens: int) -> list[dict]:
     rows = []
     for i in range(count):
         body = stories[i % len(stories)]["scraped_body"] or "An article."
-        while len(tokenizer(body)["input_ids"]) < prompt_tokens - 60:  # room for the template and instruction
+        while len(tokenizer(body)["input_ids"]) < prompt_tokens - 80:  # room for the template and instruction
             body = body + "\n\n" + body
-        ids = tokenizer(body)["input_ids"][:max(prompt_tokens - 60, 8)]
+        ids = tokenizer(body)["input_ids"][:max(prompt_tokens - 80, 8)]
         rows.append({"prompt": utils.title_messages(tokenizer.decode(ids))})
     return rows
 
@@ -218,12 +219,14 @@ def trl_step(args: CheckArgs, engine: str) -> dict:
         model, tokenizer = bare_policy(args, recipe, device)
     else:
         model, tokenizer = fast_backend.load_policy(backend, recipe, ns)
-    config = GRPOConfig(
+    fields = dict(
         output_dir=tempfile.mkdtemp(prefix="gpu-check-"), **fast_backend.batch_kwargs(prompts_n * gens, 1, micro),
         num_generations=gens, max_completion_length=new_tokens, temperature=1.0, learning_rate=recipe.learning_rate,
         lr_scheduler_type="constant", max_grad_norm=recipe.max_grad_norm, loss_type=recipe.loss_type, beta=0.0,
         max_steps=1, save_strategy="no", report_to="none", logging_steps=1, seed=0, dataloader_num_workers=0,
-        gradient_checkpointing=ns.gradient_checkpointing, **fast_backend.grpo_overrides(backend, ns))
+        gradient_checkpointing=ns.gradient_checkpointing)
+    fields.update(fast_backend.grpo_overrides(backend, ns))  # Unsloth's checkpointing lives in its model
+    config = GRPOConfig(**fields)
     trainer = fast_backend.trainer_class(backend)(
         model=model, reward_funcs=[length_reward], args=config, processing_class=tokenizer,
         train_dataset=Dataset.from_list(prompts(tokenizer, prompts_n, prompt_tokens)))
@@ -268,8 +271,9 @@ def art_step(args: CheckArgs) -> dict:
             resp = await model.openai_client().chat.completions.create(
                 model=model.get_inference_name(), messages=messages, n=recipe.num_generations,
                 max_tokens=recipe.max_completion_tokens, temperature=1.0, logprobs=True)
-            trajectories = [art.Trajectory(messages_and_choices=[*messages, c], reward=len(c.message.content or "") / 100)
-                            for c in resp.choices]
+            # rewards that differ within the group (ART drops groups whose rewards are all equal)
+            trajectories = [art.Trajectory(messages_and_choices=[*messages, c], reward=float(i))
+                            for i, c in enumerate(sorted(resp.choices, key=lambda c: c.index))]
             t0 = time.perf_counter()
             result = await backend.train(model, [art.TrajectoryGroup(trajectories)],
                                          **train.train_kwargs(recipe, art_args))
