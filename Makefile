@@ -7,14 +7,15 @@ PY ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON := $(BIN)/python
-export HF_HUB_OFFLINE ?= 1
+# No HF_HUB_OFFLINE here: utils.prepare_env sets it per run (offline for local paths, online for hub ids),
+# unless you set it yourself.
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export LITELLM_LOCAL_MODEL_COST_MAP ?= True
 RECIPE ?= recipes/cpu.yaml
 STAMP := $(VENV)/.setup-$(shell cat requirements.txt | md5sum | cut -c1-8)
 MODEL_DIR := models/smollm2-135m-instruct
 
-.PHONY: setup setup-gpu setup-art check reward reward-prod train-trl train-art eval demo compare titles test lint bench clean
+.PHONY: setup setup-gpu setup-art gpu-check gpu-check-bare check reward reward-prod train-trl train-art eval demo compare titles test lint bench clean
 
 setup: $(STAMP) $(MODEL_DIR)/model.safetensors models/tiny/model.safetensors
 
@@ -38,11 +39,21 @@ setup-gpu: setup
 
 # ART's GPU backend pins torch/transformers/trl versions that clash with the TRL stack: own venv.
 setup-art:
-	@nvidia-smi >/dev/null 2>&1 || { echo "setup-art needs an NVIDIA GPU (nvidia-smi failed)"; exit 1; }
+	@command -v $(PY) >/dev/null || { echo "need $(PY) (set PY=python3.x)"; exit 1; }
+	$(PY) art_preflight.py
 	test -x .venv-art/bin/python || $(PY) -m venv .venv-art
 	.venv-art/bin/pip install "openpipe-art[backend]==0.5.18" -r requirements-art.txt
 	# ART 0.5.18 runs vLLM from its own env, built by `uv sync` on first use: build it now, not mid-run.
 	PATH="$(CURDIR)/.venv-art/bin:$$PATH" .venv-art/bin/python -c "from art.vllm_runtime import ensure_vllm_runtime; print(ensure_vllm_runtime())"
+
+# One short GRPO step per installed engine on the GPU recipe's model (ARGS="--model <folder>" for a
+# cached copy), one line each with time and GPU memory peak. Refuses in seconds without a usable GPU.
+gpu-check: setup
+	$(PYTHON) gpu_check.py $(ARGS)
+
+# A bare CUDA box (torch + transformers + peft + trl, no internet): random-init Qwen2.5-0.5B shapes.
+gpu-check-bare:
+	$(if $(wildcard $(PYTHON)),$(PYTHON),python3) gpu_check.py --bare $(ARGS)
 
 check: setup
 	$(PYTHON) check_dataset.py --recipe $(RECIPE) $(ARGS)

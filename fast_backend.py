@@ -45,15 +45,48 @@ class Machine:
     unsloth: bool
     vllm: bool
     gpu_name: str = ""
+    driver: str = ""  # NVIDIA driver version from nvidia-smi ("" = no driver found)
+    torch_version: str = ""
+    torch_cuda: str = ""  # the CUDA version this torch was built for ("" = a CPU build)
 
     @classmethod
     def detect(cls) -> Machine:
         import torch  # torch only: importing unsloth/vllm here would patch or need a GPU
 
         cuda = torch.cuda.is_available()
+        driver, smi_gpu = nvidia_driver()
         return cls(cuda=cuda, unsloth=importlib.util.find_spec("unsloth") is not None,
                    vllm=importlib.util.find_spec("vllm") is not None,
-                   gpu_name=torch.cuda.get_device_name(0) if cuda else "")
+                   gpu_name=torch.cuda.get_device_name(0) if cuda else smi_gpu,
+                   driver=driver, torch_version=torch.__version__, torch_cuda=torch.version.cuda or "")
+
+
+def nvidia_driver() -> tuple[str, str]:
+    """(driver version, first GPU's name) as nvidia-smi reports them; ("", "") without a driver."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return "", ""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "", ""
+    first = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+    driver, _, name = first.partition(",")
+    return driver.strip(), name.strip()
+
+
+def unusable_gpu_message(machine: Machine, why: str) -> str:
+    """A GPU this torch cannot use, said with both versions and the ways out."""
+    build = f"CUDA {machine.torch_cuda}" if machine.torch_cuda else "a CPU-only build"
+    return (f"{why}, but this machine's NVIDIA GPU is unusable from torch: driver {machine.driver} "
+            f"({machine.gpu_name or 'GPU'}) with torch {machine.torch_version} ({build}); "
+            "torch.cuda.is_available() is False. torch 2.13 from PyPI is built for CUDA 13, which needs "
+            "driver >= 580. Update the driver (or run on a node that has one), or install a torch 2.13.0 "
+            "built for your driver's CUDA from https://download.pytorch.org/whl/ (unverified here: vllm "
+            "0.30 wants PyPI's build); to train on the CPU on purpose pass --backend cpu.")
 
 
 @dataclass
@@ -79,8 +112,12 @@ class Backend:
 
 
 def select_backend(requested: str, use_vllm: bool = True, vllm_mode: str = "colocate",
-                   machine: Machine | None = None) -> Backend:
-    """Resolve `requested` on this machine, or raise BackendError before anything heavy loads."""
+                   machine: Machine | None = None, require_gpu: bool = False) -> Backend:
+    """Resolve `requested` on this machine, or raise BackendError before anything heavy loads.
+
+    `require_gpu` (the GPU recipe sets it) makes `auto` refuse the CPU instead of falling back
+    to it; `cpu` stays an explicit choice.
+    """
     if requested not in BACKENDS:
         raise BackendError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
     if vllm_mode not in VLLM_MODES:
@@ -88,9 +125,19 @@ def select_backend(requested: str, use_vllm: bool = True, vllm_mode: str = "colo
     machine = machine or Machine.detect()
     if requested == "cpu":
         return Backend("cpu", "cpu", use_vllm=False)
+    wants_gpu = requested in ("unsloth", "trl-vllm", "transformers") or require_gpu
+    if not machine.cuda and machine.driver and wants_gpu:
+        why = f"backend '{requested}' asks for the GPU" if requested != "auto" else "this recipe needs a GPU (require_gpu)"
+        raise BackendError(unusable_gpu_message(machine, why))
+    if requested == "auto" and require_gpu and not machine.cuda:
+        raise BackendError("this recipe needs a GPU (require_gpu) and torch sees none (no NVIDIA driver found). "
+                           "Run it on a GPU node, or pass --backend cpu to train on the CPU on purpose "
+                           "(slow: recipes/cpu.yaml is sized for a CPU).")
     if requested == "auto":
         if not machine.cuda:
-            return Backend("cpu", "cpu", use_vllm=False)
+            notes = [f"NVIDIA driver {machine.driver} found, but torch {machine.torch_version} cannot use it"] \
+                if machine.driver else []
+            return Backend("cpu", "cpu", use_vllm=False, notes=notes)
         if machine.unsloth and (machine.vllm or not use_vllm):
             requested = "unsloth"
         else:
@@ -128,6 +175,9 @@ def import_unsloth_first(argv: Sequence[str] | None = None) -> bool:
     command line: an explicit non-unsloth backend skips it, otherwise it imports unsloth
     when it is installed and CUDA is available (what `auto` would pick).
     """
+    import utils  # light: .env and the Hub mode must be set before unsloth imports huggingface_hub
+
+    utils.prepare_env(argv, "recipes/cpu.yaml")  # HF_HOME / HF_TOKEN may exist only in .env
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--backend", default="auto")
     known, _ = pre.parse_known_args(argv)
@@ -155,20 +205,25 @@ def load_policy(backend: Backend, recipe, args):
     load_in_4bit, gradient_checkpointing). The caller hands the returned PeftModel to
     GRPOTrainer without a peft_config.
     """
+    import utils  # a hub id that cannot be fetched is one line, not a traceback
+
     if backend.name == "unsloth":
-        return _load_unsloth(backend, recipe, args)
+        with utils.hub_errors(recipe.model):
+            return _load_unsloth(backend, recipe, args)
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model)
+    with utils.hub_errors(recipe.model):
+        tokenizer = AutoTokenizer.from_pretrained(recipe.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if backend.device == "cpu":
         dtype = torch.float32  # bf16 matmuls are slower than fp32 on most CPUs, and less exact
     else:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    model = AutoModelForCausalLM.from_pretrained(recipe.model, dtype=dtype)
+    with utils.hub_errors(recipe.model):
+        model = AutoModelForCausalLM.from_pretrained(recipe.model, dtype=dtype)
     if backend.device == "cuda":
         model = model.to("cuda")
     lora = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
@@ -186,6 +241,9 @@ def _load_unsloth(backend: Backend, recipe, args):
 
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=recipe.model,
+        # Unsloth maps e.g. Qwen/... to its own unsloth/... upload unless told not to: load exactly
+        # what the recipe names, the weights TRL, ART's trainer and ART's vLLM see too.
+        use_exact_model_name=True,
         max_seq_length=max_seq_length(recipe),
         load_in_4bit=bool(args.load_in_4bit),
         fast_inference=backend.use_vllm,  # Unsloth starts its own vLLM engine on the same GPU
@@ -229,6 +287,29 @@ def grpo_overrides(backend: Backend, args) -> dict:
             out["vllm_server_base_url"] = args.vllm_server_base_url
     return out
 
+
+def batch_kwargs(completions: int, processes: int = 1, micro_batch: int = 0, steps_per_generation: int = 1) -> dict:
+    """GRPOConfig batch fields for `completions` per optimizer step in total, shared by
+    `processes`, the loss run `micro_batch` completions at a time (0 = all of a process's at once).
+
+    TRL's generation batch is per_device_train_batch_size x processes x steps_per_generation
+    completions and it steps the optimizer every gradient_accumulation_steps micro-batches, so
+    steps_per_generation = accumulation x `steps_per_generation` optimizer steps per generation.
+
+    >>> batch_kwargs(48, 1, 4)
+    {'per_device_train_batch_size': 4, 'gradient_accumulation_steps': 12, 'steps_per_generation': 12}
+    """
+    if completions % processes:
+        raise ValueError(f"prompts_per_step x num_generations = {completions} completions per step cannot be split "
+                         f"evenly over {processes} processes: change prompts_per_step or the process count")
+    per_process = completions // processes
+    micro = micro_batch or per_process
+    if micro < 1 or per_process % micro:
+        raise ValueError(f"loss_micro_batch {micro_batch} must divide the {per_process} completions each "
+                         f"of the {processes} process(es) trains on per step")
+    accumulate = per_process // micro
+    return {"per_device_train_batch_size": micro, "gradient_accumulation_steps": accumulate,
+            "steps_per_generation": accumulate * steps_per_generation}
 
 
 # --------------------------------------------------------------------------------------

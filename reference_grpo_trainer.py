@@ -75,6 +75,8 @@ class TrlArgs:
     load_in_4bit: bool = field(default=False, metadata={"help": "Unsloth only: QLoRA (4-bit base weights)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward; TRL turns it on by default, but on CPU with short completions it only costs time."})
     steps_per_generation: int = field(default=1, metadata={"help": "Optimizer steps per generation batch (1 = fully on-policy)."})
+    loss_micro_batch: int = field(default=0, metadata={"help": "Completions per loss forward/backward on each process (0 = the whole step at once). Gradients accumulate to one optimizer step per GRPO step; TRL normalises cispo/dapo by the step's token count, so the update is the same, in less memory."})
+    require_gpu: bool = field(default=False, metadata={"help": "Refuse to fall back to the CPU (the GPU recipe sets it); --backend cpu still runs on the CPU on purpose."})
     logging_steps: int = field(default=1, metadata={"help": "TRL logging interval in steps (metrics.jsonl gets every step regardless)."})
     report_to: str = field(default="none", metadata={"help": "none | tensorboard | wandb (comma-separated for several)."})
     log_completions: bool = field(default=False, metadata={"help": "Print/log a table of sampled completions at each log step."})
@@ -227,8 +229,14 @@ def build_callbacks(*, recipe: utils.Recipe, args: TrlArgs, run_dir: Path, token
                      "reward_requests": client_stats().get("requests", 0), "epoch": state.epoch,
                      "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
             reward_log.seconds = 0.0
+            if args_.world_size > 1:  # every rank scored its share of the step: the row covers them all
+                from accelerate.utils import gather_object
+
+                scored, tokens = gather_object(scored), gather_object(tokens)
+                extra["completion_tokens_mean"] = sum(tokens) / max(len(tokens), 1)
+                extra["hit_token_cap"] = sum(t >= recipe.max_completion_tokens for t in tokens) / max(len(tokens), 1)
             if not state.is_world_process_zero:
-                return  # multi-process (accelerate): one writer; the row covers rank 0's completions
+                return  # multi-process (accelerate): one writer
             self.writer.write(utils.metrics_row(method="trl", step=state.global_step, split="train", scored=scored,
                                                 wall_time=timer(), run=run_dir.name, extra=extra))
 
@@ -445,9 +453,7 @@ def grpo_config(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backe
 
     kwargs = dict(
         output_dir=str(run_dir),
-        per_device_train_batch_size=recipe.prompts_per_step * recipe.num_generations,  # completions per step
-        gradient_accumulation_steps=1,
-        steps_per_generation=args.steps_per_generation,
+        **batch_kwargs(recipe, args, world_size()),
         num_generations=recipe.num_generations,
         max_completion_length=recipe.max_completion_tokens,
         temperature=recipe.temperature,
@@ -478,6 +484,80 @@ def grpo_config(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backe
     return GRPOConfig(**kwargs)
 
 
+def world_size() -> int:
+    """Processes training together: what the launcher (accelerate launch, torchrun, mpirun) told
+    this process, read the way accelerate reads it. Not PartialState(): building it here would
+    fix the device before GRPOConfig's use_cpu is known."""
+    from accelerate.utils.environment import get_int_from_env
+
+    return get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"], 1)
+
+
+def batch_kwargs(recipe: utils.Recipe, args: TrlArgs, processes: int) -> dict:
+    """GRPOConfig batch fields: prompts_per_step x num_generations completions per optimizer
+    step in total, however many processes share them, the loss in args.loss_micro_batch pieces.
+
+    >>> batch_kwargs(utils.Recipe(prompts_per_step=8, num_generations=6), TrlArgs(loss_micro_batch=4), 2)
+    {'per_device_train_batch_size': 4, 'gradient_accumulation_steps': 6, 'steps_per_generation': 6}
+    """
+    return fast_backend.batch_kwargs(recipe.prompts_per_step * recipe.num_generations, processes,
+                                     args.loss_micro_batch, args.steps_per_generation)
+
+
+OPTIMIZER_FIELDS = ("optim", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "learning_rate",
+                    "lr_scheduler_type", "max_grad_norm")
+
+
+def optimizer_used(config) -> dict:
+    """What the trainer's optimizer really gets, read from the built GRPOConfig: a knob left empty
+    in the recipe shows the engine's own default here (Unsloth's GRPOConfig: adamw_8bit, 0.001)."""
+    out = {k: getattr(config, k) for k in OPTIMIZER_FIELDS}
+    out["optim"] = str(getattr(out["optim"], "value", out["optim"]))
+    out["optimizer_steps"] = "per_step"  # one optimizer step per generation batch (steps_per_generation=1)
+    out["engine"] = type(config).__module__ + "." + type(config).__name__
+    return out
+
+
+def record_in_config(run_dir: Path, **entries) -> None:
+    """Add entries to the run's config.json (written by utils.save_config at the start)."""
+    path = run_dir / "config.json"
+    payload = json.loads(path.read_text()) if path.exists() else {}
+    payload.update(entries)
+    path.write_text(json.dumps(payload, indent=2, default=str))
+
+
+def resumable_on_cpu(trainer_cls):
+    """`trainer_cls` that can resume a multi-process CPU run.
+
+    transformers 5.17 loads the optimizer state with map_location=args.device when
+    world_size > 1, and on the CPU that device is `cpu:<rank>`, which torch.load cannot map
+    ("don't know how to restore data location ... cpu:0"). Every CPU tensor lives in one
+    memory, so the load is told plain "cpu"; GPU runs are untouched.
+    """
+    import torch
+
+    class CpuResumable(trainer_cls):
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            device = self.args.device
+            if checkpoint is None or device.type != "cpu" or device.index is None:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            load = torch.load
+
+            def cpu_load(*a, map_location=None, **kw):
+                if isinstance(map_location, torch.device) and map_location.type == "cpu":
+                    map_location = "cpu"
+                return load(*a, map_location=map_location, **kw)
+
+            torch.load = cpu_load
+            try:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            finally:
+                torch.load = load
+
+    CpuResumable.__name__ = CpuResumable.__qualname__ = trainer_cls.__name__
+    return CpuResumable
+
+
 TRL_OPTIMIZERS = {"adamw": "adamw_torch", "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
 
 
@@ -506,8 +586,10 @@ def print_args(*objs) -> None:
 
 def main(recipe: utils.Recipe, args: TrlArgs, recipe_path: str | None = None) -> int:
     try:
-        backend = fast_backend.select_backend(args.backend, args.use_vllm, args.vllm_mode)
-    except fast_backend.BackendError as e:
+        backend = fast_backend.select_backend(args.backend, args.use_vllm, args.vllm_mode,
+                                              require_gpu=args.require_gpu)
+        batch_kwargs(recipe, args, world_size())  # a batch that cannot be split is refused before any load
+    except (ValueError, fast_backend.BackendError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     print(f"[trl] {backend.describe()}")
@@ -578,11 +660,11 @@ def train(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend, ru
 
     t_load = time.perf_counter()
     utils.fault_pause("load")
-    model, tokenizer = fast_backend.load_policy(backend, recipe, args)
     try:
+        model, tokenizer = fast_backend.load_policy(backend, recipe, args)
         train_ds, report = utils.load_split(recipe, recipe.train_split, tokenizer, recipe.max_train_stories)
         val_ds, val_report = utils.load_split(recipe, recipe.val_split, tokenizer, recipe.max_val_stories)
-    except utils.DatasetError as e:
+    except (utils.DatasetError, utils.HubUnavailable) as e:  # one line: a bad file, or a hub id out of reach
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     print(f"[trl] data: {report.summary()}; {val_report.summary()}")
@@ -596,7 +678,7 @@ def train(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend, ru
     validator = _make_validator(recipe, model, tokenizer)
     print(f"[trl] model, data and validator ({recipe.validator}) ready in {time.perf_counter() - t_load:.1f}s")
 
-    GRPOTrainer = fast_backend.trainer_class(backend)  # noqa: N806 (a class)
+    GRPOTrainer = resumable_on_cpu(fast_backend.trainer_class(backend))  # noqa: N806 (a class)
 
     timer = utils.Timer(offset)
     reward_log = RewardLog()
@@ -616,6 +698,11 @@ def train(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend, ru
     )
     validate.trainer = trainer
     _pause_inside_saves(trainer, stopper)
+    if trainer.is_world_process_zero():
+        record_in_config(run_dir, optimizer_used=optimizer_used(trainer.args),
+                         batch={k: getattr(trainer.args, k) for k in ("per_device_train_batch_size",
+                                "gradient_accumulation_steps", "steps_per_generation", "generation_batch_size",
+                                "world_size", "gradient_checkpointing")})
     stopper.install()
     done = False
     try:

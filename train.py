@@ -141,14 +141,50 @@ def internal_config(recipe: utils.Recipe, args: ArtArgs) -> dict:
     from art import dev
 
     return dev.InternalModelConfig(
-        init_args=dev.InitArgs(max_seq_length=utils.MAX_SEQ_TOKENS, load_in_4bit=args.load_in_4bit),
+        # use_exact_model_name: Unsloth would load its own unsloth/... copy of a Qwen/... id otherwise
+        init_args=dev.InitArgs(max_seq_length=utils.MAX_SEQ_TOKENS, load_in_4bit=args.load_in_4bit,
+                               use_exact_model_name=True),
         engine_args=dev.EngineArgs(
             gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=utils.MAX_SEQ_TOKENS,
             max_lora_rank=next((r for r in VLLM_LORA_RANKS if r >= recipe.lora_r), recipe.lora_r)),
         peft_args=dev.PeftArgs(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
                                target_modules=list(recipe.lora_target_modules), random_state=recipe.seed),
-        trainer_args=dev.TrainerArgs(max_grad_norm=recipe.max_grad_norm, seed=recipe.seed),
+        trainer_args=dev.TrainerArgs(max_grad_norm=recipe.max_grad_norm, seed=recipe.seed,
+                                     **local_backend_optimizer(recipe)[0]),
     )
+
+
+# What ART 0.5.18's LocalBackend trains with (art/dev/get_model_config.py defaults, and
+# art/unsloth/train.py run_unsloth_rl_training, which sets every param group's weight decay to
+# 0.1 before each train call, whatever trainer_args say).
+LOCAL_BACKEND_OPTIMIZER = {"optim": "paged_adamw_8bit", "weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.99,
+                           "optimizer_steps": "per_sequence"}
+ART_OPTIMIZERS = {"adamw": "adamw_torch", "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
+
+
+def local_backend_optimizer(recipe: utils.Recipe) -> tuple[dict, dict]:
+    """(trainer_args for the recipe's optimizer knobs, the optimizer LocalBackend really uses).
+
+    optim and the betas reach Unsloth's GRPOConfig through `_internal_config.trainer_args`.
+    Weight decay and the step granularity cannot: 0.5.18 overwrites the decay with 0.1 on
+    every train call and takes one optimizer step per trajectory, so a recipe asking for
+    anything else is refused rather than silently ignored.
+    """
+    utils.check_optimizer_knobs(recipe)
+    if recipe.weight_decay is not None and recipe.weight_decay != LOCAL_BACKEND_OPTIMIZER["weight_decay"]:
+        raise SystemExit(f"weight_decay {recipe.weight_decay} cannot reach ART 0.5.18's LocalBackend: it sets weight "
+                         "decay 0.1 before every train call (art/unsloth/train.py). Set weight_decay: 0.1 in the "
+                         "recipe (both trainers then use it) or leave it empty (each library's default).")
+    if recipe.optimizer_steps == "per_step":
+        raise SystemExit("optimizer_steps 'per_step' is not available with ART 0.5.18's LocalBackend: it takes one "
+                         "optimizer step per trajectory ('per_sequence'); use that or leave it empty")
+    trainer_args = {"optim": ART_OPTIMIZERS[recipe.optimizer]} if recipe.optimizer else {}
+    trainer_args.update({k: getattr(recipe, k) for k in ("weight_decay", "adam_beta1", "adam_beta2")
+                         if getattr(recipe, k) is not None})
+    used = {**LOCAL_BACKEND_OPTIMIZER, **trainer_args, "weight_decay": LOCAL_BACKEND_OPTIMIZER["weight_decay"],
+            "learning_rate": recipe.learning_rate, "max_grad_norm": recipe.max_grad_norm,
+            "engine": "art.local.LocalBackend (openpipe-art 0.5.18)"}
+    return trainer_args, used
 
 
 def train_kwargs(recipe: utils.Recipe, args: ArtArgs) -> dict:
@@ -177,6 +213,7 @@ def check_config(recipe: utils.Recipe, args: ArtArgs) -> None:
         raise SystemExit(f"unknown validator {recipe.validator!r} (use embedding, model or none)")
     if args.backend != "local":
         raise SystemExit(f"unknown backend {args.backend!r} (supported: local)")
+    local_backend_optimizer(recipe)  # refuses optimizer knobs LocalBackend cannot honour
 
 
 # --------------------------------------------------------------------------------------
@@ -461,7 +498,7 @@ def main(recipe: utils.Recipe, args: ArtArgs, backend_factory: Callable[[ArtArgs
     run_dir = utils.run_dir_for(recipe, METHOD, args.recipe)
     utils.hold_run_dir(run_dir, METHOD)  # one writer per run directory, or exit 73 naming the holder
     utils.save_config(run_dir, recipe=recipe, art=args, recipe_path=args.recipe, internal_config=internal_config(recipe, args),
-                      train_kwargs=train_kwargs(recipe, args))
+                      train_kwargs=train_kwargs(recipe, args), optimizer_used=local_backend_optimizer(recipe)[1])
     log_arguments(recipe=recipe, art=args, train_kwargs=train_kwargs(recipe, args))
     # Said, not silently dropped: ART's LocalBackend writes a checkpoint after every step.
     print(f"note: save_every={recipe.save_every} does not apply to ART (a checkpoint per step); "
@@ -469,7 +506,8 @@ def main(recipe: utils.Recipe, args: ArtArgs, backend_factory: Callable[[ArtArgs
 
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model)
+    with utils.hub_errors(recipe.model):
+        tokenizer = AutoTokenizer.from_pretrained(recipe.model)
     train, report = utils.load_split(recipe, recipe.train_split, tokenizer, recipe.max_train_stories)
     print(report.summary())
     val, report = utils.load_split(recipe, recipe.val_split, tokenizer, recipe.max_val_stories)
@@ -504,6 +542,8 @@ if __name__ == "__main__":
                                       default_recipe="recipes/cpu.yaml")
     try:
         main(recipe_, args_)
+    except utils.HubUnavailable as e:
+        sys.exit(f"error: {e}")
     except utils.RewardServerError as e:
         sys.exit(f"reward server failed: {e}\nNothing was trained for the failing step; fix the server "
                  "(`make reward`) and rerun the same command to resume from it.")

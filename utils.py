@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import functools
@@ -66,6 +67,106 @@ def load_env(path: str | os.PathLike | None = None) -> None:
     from dotenv import load_dotenv
 
     load_dotenv(path or ROOT / ".env", override=False)
+
+
+# --------------------------------------------------------------------------------------
+# Hub or offline: decided once per process, before huggingface_hub is imported
+# --------------------------------------------------------------------------------------
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_HUB_MODE_ENV = "HN_HUB_MODE"  # what prepare_env decided (child processes re-decide, not obey)
+
+
+def is_hub_id(name: str | None) -> bool:
+    """'org/name' that is no file or folder here (nor under the repo): something to fetch.
+
+    >>> is_hub_id("Qwen/Qwen2.5-0.5B-Instruct"), is_hub_id("models/tiny"), is_hub_id("/x/y")
+    (True, False, False)
+    """
+    if not name or not _HUB_ID.fullmatch(name):
+        return False
+    return not (Path(name).exists() or (ROOT / name).exists())
+
+
+def _recipe_names(argv: Sequence[str] | None, default_recipe: str | None) -> list[str]:
+    """Every model/dataset a run may load: recipe sections, MODEL/DATASET, --model/--dataset."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe", default=os.environ.get("RECIPE") or default_recipe)
+    for name in ("model", "dataset"):
+        pre.add_argument(f"--{name}")
+    known, _ = pre.parse_known_args(list(argv) if argv is not None else None)
+    names = [known.model, known.dataset, os.environ.get("MODEL"), os.environ.get("DATASET")]
+    if known.recipe and Path(known.recipe).exists():
+        try:
+            sections = read_recipe(known.recipe).values()
+        except ValueError:
+            sections = []  # parse_args reports a malformed recipe with its own message
+        names += [block.get(k) for block in sections for k in ("model", "dataset")]
+    return [n for n in names if isinstance(n, str) and n]
+
+
+def set_hub_mode(names: Sequence[str]) -> str:
+    """Set HF_HUB_OFFLINE for this process from what it will load; returns the mode in words.
+
+    A user's own HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) wins. Otherwise local paths only
+    -> offline (nothing is fetched, and nothing waits on a network that may not exist); any hub
+    id -> online. huggingface_hub reads the variable when it is imported, so call this first;
+    if it was imported already, its constant (and datasets') is updated too.
+    """
+    hub = [n for n in names if is_hub_id(n)]
+    user_set = (os.environ.get(_HUB_MODE_ENV) is None
+                and any(os.environ.get(v) for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")))
+    if user_set:
+        offline = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE", "")).upper() \
+            in ("1", "ON", "YES", "TRUE")
+        how = "set by you"
+    else:
+        offline = not hub
+        os.environ["HF_HUB_OFFLINE"] = "1" if offline else "0"
+        os.environ[_HUB_MODE_ENV] = "offline" if offline else "online"
+        how = f"hub id(s) {hub}" if hub else "local paths only"
+    import sys
+
+    for module, attr in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE")):
+        if module in sys.modules:
+            setattr(sys.modules[module], attr, offline)
+    return f"{'offline' if offline else 'online'} ({how})"
+
+
+def prepare_env(argv: Sequence[str] | None = None, default_recipe: str | None = None) -> str:
+    """`.env` first, then the Hub mode for the recipe/flags: before anything imports the Hub client."""
+    load_env()
+    return set_hub_mode(_recipe_names(argv, default_recipe))
+
+
+class HubUnavailable(ConnectionError):
+    """A hub id could not be loaded; the one-line message says how to use a local copy instead.
+
+    A ConnectionError (what datasets raises offline), so existing handlers keep working; the
+    trainers' entry points print it as one line.
+    """
+
+
+@contextlib.contextmanager
+def hub_errors(name: str, what: str = "model"):
+    """Turn a failed Hub download of `name` into one line (no traceback) that names the id and
+    the way out; errors for local paths, or of other kinds, pass through unchanged."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 (filtered just below)
+        origin = type(e).__module__.split(".")[0]
+        if not is_hub_id(name) or not (isinstance(e, OSError) or origin in ("huggingface_hub", "httpx", "requests")):
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+        detail = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+        why = f"HF_HUB_OFFLINE=1 and it is not in the local cache ({detail})" if offline else \
+            f"the Hugging Face Hub could not be reached or refused it ({detail})"
+        field_name = "dataset" if what == "dataset" else "model"
+        raise HubUnavailable(
+            f"cannot load the {what} {name!r}: {why}. Point the recipe at a local copy instead "
+            f"({field_name}: /path/to/copy, or {field_name.upper()}=/path/to/copy, or --{field_name} /path/to/copy; "
+            f"make one where the Hub is reachable with `hf download {name}{' --repo-type dataset' if field_name == 'dataset' else ''} "
+            f"--local-dir <dir>`), or set HF_TOKEN in .env for a gated repo.") from None
 
 
 @dataclass
@@ -166,7 +267,7 @@ def parse_args(types: Sequence[type], section: str, argv: Sequence[str] | None =
     The recipe's `shared:` block and its `<section>:` block become defaults; keys that match
     no field are an error (a typo must not silently fall back to a default).
     """
-    load_env()  # before importing transformers: huggingface_hub reads HF_HUB_OFFLINE etc. at import
+    prepare_env(argv, default_recipe)  # before transformers: huggingface_hub reads HF_HUB_OFFLINE at import
     from transformers import HfArgumentParser
 
     pre = argparse.ArgumentParser(add_help=False)
@@ -682,7 +783,9 @@ def load_stories(source: str, split: str):
         return _checked(ds, str(path))
     if path.exists() or source.startswith((".", "/")):
         raise DatasetError(f"{source}: unsupported dataset file (use .jsonl, .parquet or a folder)")
-    return _checked(datasets.load_dataset(source, split=split), source)
+    with hub_errors(source, "dataset"):
+        ds = datasets.load_dataset(source, split=split)
+    return _checked(ds, source)
 
 
 def _checked(ds, source: str):

@@ -37,6 +37,7 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
             "DEADLINE", "PREEMPTED"}
 TRL_STEPS = 2  # the plain TRL job: val runs at eval_every=2 (tiny recipe) and at the end
 REQUEUE_STEPS = 8  # long enough that USR1 lands mid-run even on a fast machine
+DDP_STEPS = 6  # two CPU processes (gloo) through accelerate launch: USR1 after a step, requeue, resume
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -127,8 +128,8 @@ def dry_run(**env: str) -> subprocess.CompletedProcess:
     ({"GPUS": "4"}, r"trainer \(accelerate\): \S+/python -m accelerate\.commands\.launch --config_file "
                     r"configs/accelerate_multigpu\.yaml --num_processes 4 --main_process_port \d+ "
                     r"reference_grpo_trainer\.py"),
-    # ART drives its GPUs itself: one process whatever the count
-    ({"GPUS": "4", "METHOD": "art"}, r"trainer \(python\): \S+/python train\.py --recipe recipes/gpu\.yaml"),
+    # ART drives its GPUs itself: one process whatever the count, its venv first on PATH (uv, vLLM runtime)
+    ({"GPUS": "4", "METHOD": "art"}, r"trainer \(python\): env PATH=\S+/bin:\S* \S+/python train\.py --recipe recipes/gpu\.yaml"),
     # the recipe, run name and trainer flags are passed through
     ({"RECIPE": "recipes/tiny.yaml", "RUN_NAME": "x1"},
      r"--recipe recipes/tiny\.yaml --run_name x1 --runs_dir \S+ --reward_url http://127\.0\.0\.1:\d+ --max_steps 3"),
@@ -343,6 +344,11 @@ def jobs(cluster):
                  METHOD="trl", RUN_NAME="trl-requeue")
     submitted["requeuer"] = Requeuer(cluster, jid, cluster["runs"] / "trl-requeue")
     submitted["requeuer"].start()
+    # GPUS=2 on this CPU node: train.sbatch runs `accelerate launch --num_processes 2`, DDP over gloo.
+    jid = submit("ddp", "train.sbatch", "--max_steps", str(DDP_STEPS), "--eval_every", str(DDP_STEPS),
+                 "--save_every", "1", METHOD="trl", RUN_NAME="trl-ddp", GPUS="2")
+    submitted["ddp_requeuer"] = Requeuer(cluster, jid, cluster["runs"] / "trl-ddp")
+    submitted["ddp_requeuer"].start()
     submitted["reward_env"] = cluster["runs"] / "reward.env"
     submit("reward", "reward.sbatch", REWARD_ENV_FILE=str(submitted["reward_env"]))
     try:
@@ -351,7 +357,7 @@ def jobs(cluster):
         proc = submitted["trl_proc"]
         if proc.poll() is None:
             proc.kill()
-        for name in ("art", "requeue", "reward"):
+        for name in ("art", "requeue", "ddp", "reward"):
             subprocess.run(["scancel", submitted[name]], env=cluster["env"], timeout=30)
 
 
@@ -427,6 +433,33 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, jobs):
     assert REQUEUE_STEPS in [r["step"] for r in rows if r["split"] == "val"]
     assert len(re.findall(r"reward server started", log)) == 2
     assert_server_gone(log)
+
+
+@pytest.mark.integration
+def test_two_process_ddp_requeues_and_resumes(cluster, jobs):
+    """Two DDP processes on the CPU: USR1 -> both checkpoint, requeue, resume; every step once."""
+    run_dir = cluster["runs"] / "trl-ddp"
+    jid, requeuer = jobs["ddp"], jobs["ddp_requeuer"]
+    requeuer.join(timeout=420)
+    assert requeuer.sent_at is not None and not requeuer.error, \
+        requeuer.error + log_of(cluster, "hn-grpo", jid)[-3000:]
+    info = wait_job(cluster, jid, timeout=420)
+    log = log_of(cluster, "hn-grpo", jid)
+    print(f"\n[slurm] ddp job {jid}: USR1 at {requeuer.sent_at:.0f}s, {info.get('JobState')} after {elapsed(jobs)}")
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-4000:]
+    assert "trainer (accelerate):" in log and "--num_processes 2" in log
+    assert info.get("Restarts") == "1" and f"requeueing job {jid} (restart 1)" in log, log[-4000:]
+    # Both workers resumed from the same checkpoint (the storage-location error is gone).
+    resumed = re.findall(r"resuming from \S+/checkpoint-(\d+) \(step (\d+)\)", log)
+    assert len(resumed) == 2 and len(set(resumed)) == 1, log[-4000:]
+    assert 1 <= int(resumed[0][1]) < DDP_STEPS
+    rows = metrics(run_dir)
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, DDP_STEPS + 1))  # one writer, every step once
+    # prompts_per_step means the whole step: 2 prompts x 2 generations split over the 2 processes.
+    assert {r["n"] for r in train} == {4}
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["batch"]["world_size"] == 2 and config["batch"]["per_device_train_batch_size"] == 2
 
 
 @pytest.mark.integration

@@ -270,6 +270,10 @@ def test_two_steps_then_sigterm_then_resume(tiny_model, reward_server, tmp_path,
     assert all(r["extra"]["step_seconds"] > 0 and r["extra"]["completion_tokens_mean"] > 0 for r in train)
     config = json.loads((run_dir / "config.json").read_text())
     assert config["recipe"]["num_generations"] == 2 and config["recipe"]["max_steps"] == end
+    # what the optimizer really got (empty recipe knobs: TRL's defaults), and the batch it trained on
+    assert config["optimizer_used"]["weight_decay"] == 0.0 and config["optimizer_used"]["adam_beta2"] == 0.999
+    assert config["optimizer_used"]["optimizer_steps"] == "per_step"
+    assert config["batch"]["per_device_train_batch_size"] == 4 and config["batch"]["world_size"] == 1
 
 
 def metric_steps_safe(run_dir: Path) -> list[int]:
