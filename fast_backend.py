@@ -10,7 +10,12 @@ overrides. Backends:
   engine) and Unsloth's LoRA; GRPOConfig `use_vllm=True`. Needs CUDA + requirements-gpu.txt.
 - `trl-vllm`: transformers + PEFT for training, TRL's own vLLM integration for generation
   (`vllm_mode` "colocate" in-process, or "server" = `trl vllm-serve` started separately).
-- `auto`: unsloth on a CUDA machine that has it installed, else transformers (cpu without CUDA).
+- `auto`: unsloth on a CUDA machine that has it installed, else transformers (cpu without CUDA;
+  a recipe with `require_gpu` refuses instead).
+
+A machine whose NVIDIA driver works but whose torch cannot see the GPU (torch 2.13 from PyPI
+is built for CUDA 13: driver >= 580) stops every GPU request with both versions; only an
+explicit `--backend cpu` trains on its CPU.
 
 Unsloth patches transformers/TRL/PEFT when it is imported, so it must be imported before
 them: `import_unsloth_first(argv)` does that from the trainer's `__main__`.
