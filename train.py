@@ -205,7 +205,8 @@ def local_backend_optimizer(recipe: utils.Recipe) -> tuple[dict, dict]:
                          "recipe (both trainers then use it) or leave it empty (each library's default).")
     if recipe.optimizer_steps == "per_step":
         raise SystemExit("optimizer_steps 'per_step' is not available with ART 0.5.18's LocalBackend: it takes one "
-                         "optimizer step per trajectory ('per_sequence'); use that or leave it empty")
+                         "optimizer step per trajectory ('per_sequence'); use that, leave it empty, or use "
+                         "--backend cpu (per_step exists only on the CPU engine)")
     trainer_args = optimizer_args(recipe)
     used = {**LOCAL_BACKEND_OPTIMIZER, **trainer_args, "weight_decay": LOCAL_BACKEND_OPTIMIZER["weight_decay"],
             "learning_rate": recipe.learning_rate, "max_grad_norm": recipe.max_grad_norm,

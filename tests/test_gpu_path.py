@@ -252,7 +252,7 @@ def test_art_refuses_knobs_local_backend_cannot_honour(knobs, message):
     import train
 
     with pytest.raises(SystemExit, match=message):
-        train.check_config(utils.Recipe(**knobs), train.ArtArgs())
+        train.check_config(utils.Recipe(**knobs), train.ArtArgs(backend="local"))  # the CPU engine honours both
 
 
 # --------------------------------------------------------------------------------------
