@@ -351,15 +351,16 @@ def main(args: BenchArgs) -> str:
             steps, peak = in_child(variant_child, name, args.recipe, url, args.steps, args.warmup, args.threads)
             results[name] += steps
             rss[name] = max(rss[name], peak)
+            for s in steps:  # as soon as it is known: a later run can still be killed (e.g. out of memory)
+                print(f"[{name}] peak RSS {peak:.0f} MB, step: " + ", ".join(f"{k} {v:.2f}s" for k, v in s.items()),
+                      flush=True)
     long = None
     if args.long_prompt_tokens:
         long = {}
         for kind in ("repo", "trl"):
             print(f"[long prompt] {kind} loss pass ...", flush=True)
             long[kind] = in_child(long_loss_child, kind, args.recipe, args.long_prompt_tokens, args.threads)
-    for name, steps in results.items():
-        for i, s in enumerate(steps):
-            print(f"[{name}] step {i + 1}: " + ", ".join(f"{k} {v:.2f}s" for k, v in s.items()))
+            print(f"[long prompt] {kind}: {long[kind]}", flush=True)
     import torch
 
     text = report(summarize_steps(results["repo"]), summarize_steps(results["bare"]), recipe,
