@@ -387,9 +387,10 @@ def stop_at_tokens(backend: Backend, model, stop_ids: Sequence[int]) -> dict:
 
 
 def trainer_class(backend: Backend):
-    """The GRPOTrainer class for `backend`: TRL's own for vLLM engines (Unsloth patches it in
-    place), the shared-prefix subclass for plain transformers generation."""
-    if backend.use_vllm or backend.name == "unsloth":
+    """The GRPOTrainer class for `backend`: TRL's own under Unsloth (which patches it in place
+    and ships its own shared-prefix loss, PrefixGrouper), the shared-prefix subclass otherwise
+    (cpu, transformers, trl-vllm: there its generation is TRL's vLLM path, its loss ours)."""
+    if backend.name == "unsloth":
         from trl import GRPOTrainer
 
         return GRPOTrainer
@@ -397,17 +398,26 @@ def trainer_class(backend: Backend):
 
 
 def shared_prefix_trainer_class():
-    """GRPOTrainer whose plain-transformers generation prefills each distinct prompt once.
+    """GRPOTrainer that encodes each distinct prompt once, in the loss and in plain-transformers rollouts.
 
-    Only `_generate_single_turn`'s regular path changes (trl 1.14.2: vLLM, continuous batching,
-    multimodal and tool calls go to TRL's own code). The output contract is TRL's: completion
-    ids cut after the first EOS (kept), logprobs None.
+    - `_get_per_token_logps_and_entropies` (the loss, and the old/reference logprob passes TRL
+      runs when steps_per_generation > 1, beta > 0 or under vLLM importance sampling):
+      shared_prefix.per_token_logps, one prompt pass per distinct prompt with its KV states
+      shared by the group; TRL's own path, with a one-line log, for what it does not cover.
+    - `_generate_single_turn`'s regular path: one prefill per distinct prompt
+      (generate_shared_prefix) with the LoRA folded into the weights (shared_prefix.merged_lora).
+      vLLM, continuous batching, multimodal and tool calls go to TRL's own code (trl 1.14.2).
+      The output contract is TRL's: completion ids cut after the first EOS (kept), logprobs None.
     """
     import torch
     from trl import GRPOTrainer
     from trl.models import unwrap_model_for_generation
 
+    import shared_prefix
+
     class SharedPrefixGRPOTrainer(GRPOTrainer):
+        _shared_prefix_fallbacks: set
+
         def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
                                   has_tool_images=False):
             if (self.use_vllm or self.use_transformers_continuous_batching or images is not None
@@ -418,10 +428,50 @@ def shared_prefix_trainer_class():
                                               gather_deepspeed3_params=self.args.ds3_gather_for_generation,
                                               generation_kwargs=self.generation_kwargs) as model,
                   torch.no_grad(),
-                  self._dist.summon_full_params(self.model_wrapped, recurse=False)):
+                  self._dist.summon_full_params(self.model_wrapped, recurse=False),
+                  shared_prefix.merged_lora(model)):
                 new = generate_shared_prefix(model, prompt_ids, self._tokenizer.pad_token_id,
                                              generation_config=self.generation_config)
             return [cut_after_eos(row, self.eos_token_ids) for row in new.cpu().tolist()], None
+
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                               batch_size=None, compute_entropy=False, compute_aux_loss=False,
+                                               **extra):
+            unwrapped = self.accelerator.unwrap_model(model)
+            groups = self._shared_prefix_groups(unwrapped, input_ids, attention_mask, logits_to_keep,
+                                                compute_aux_loss, extra)
+            if isinstance(groups, str):
+                return super()._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                    compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
+            kwargs = dict(groups=groups, temperature=self.temperature, compute_entropy=compute_entropy,
+                          entropy_requires_grad=self._entropy_bonus_enabled)
+            if model is not unwrapped or self.is_fsdp_enabled:
+                # DDP/FSDP hooks run around the wrapper's forward: both passes go through one call of it.
+                from trl.models.utils import _ForwardRedirection
+
+                logps, ents = _ForwardRedirection()(model, unwrapped, shared_prefix.per_token_logps, unwrapped,
+                                                    input_ids, attention_mask, logits_to_keep, **kwargs)
+            else:
+                logps, ents = shared_prefix.per_token_logps(unwrapped, input_ids, attention_mask, logits_to_keep,
+                                                            **kwargs)
+            return logps, ents, None
+
+        def _shared_prefix_groups(self, model, input_ids, attention_mask, logits_to_keep, compute_aux_loss, extra):
+            """shared_prefix.Group list, or why TRL's own path runs (logged once per reason)."""
+            extras = sorted(k for k, v in extra.items() if v is not None)
+            reason = ("multimodal inputs " + ", ".join(extras) if extras
+                      else "MoE aux loss" if compute_aux_loss
+                      else "Liger kernel" if self.use_liger_kernel
+                      else "the model has no logits_to_keep" if "logits_to_keep" not in self.model_kwarg_keys
+                      else shared_prefix.model_reason(model))
+            groups = reason or shared_prefix.group_rows(input_ids, attention_mask, logits_to_keep)
+            if isinstance(groups, str):
+                seen = self.__dict__.setdefault("_shared_prefix_fallbacks", set())
+                if groups not in seen:
+                    seen.add(groups)
+                    print(f"[trl] shared-prefix loss off for this batch ({groups}): TRL's own logprob path")
+            return groups
 
     return SharedPrefixGRPOTrainer
 

@@ -1,25 +1,35 @@
-"""Time a TRL GRPO step on the CPU recipe: where it goes, and what the repo's reward path costs.
+"""Time a TRL GRPO step on the CPU recipe: the repo's trainer against TRL's own GRPOTrainer.
 
-Two GRPOTrainers on the same model, data and GRPOConfig (the trainer's own `grpo_config`):
+Two trainers on the same model, data and GRPOConfig (reference_grpo_trainer.grpo_config):
 
-- repo: reference_grpo_trainer.py's reward function (validator + batched reward-server
-  request + the shared reward rule) and its per-step metrics callback;
-- bare: a constant reward (0.0 for every completion), nothing else.
+- repo: the repo's trainer class (fast_backend.trainer_class: each distinct prompt encoded once
+  in the loss, one prefill per prompt and the LoRA folded into the weights in rollouts) with its
+  reward function (validator + batched reward-server request + the shared reward rule) and its
+  per-step metrics callback;
+- bare: TRL's `GRPOTrainer`, unmodified, with a constant reward (0.0 for every completion).
 
-Each trainer runs `--warmup` untimed steps then `--steps` timed ones, `--rounds` times per variant
-in the order repo, bare, bare, repo (a load that drifts hits both alike). A step is split into
-generation (GRPOTrainer._generate), reward (GRPOTrainer._calculate_rewards: validator +
-server), the rest of the rollout bookkeeping (tokenising, padding, advantages) and the
-optimizer part (loss forward + backward + optimizer step: the remainder of the step).
-Printed: the split as shares of the repo step, the reward share (goal <= 10%), and repo / bare
-step time (goal <= 1.15x), and generation alone (the same code in both: a difference there comes
-from completion lengths, since the repo policy moves after the warm-up and the bare one cannot:
-its advantages are all 0). Starts and stops its own
-reward server. Wall time and CPU time (this process + the reward server) are both reported: on
-a shared machine wall time follows the load, CPU time the work. One run, ratios.
+Each trainer runs in its own process (so each one's peak RSS is its own): `--warmup` untimed
+steps then `--steps` timed ones, `--rounds` times per variant in the order repo, bare, bare,
+repo (a load that drifts hits both alike). A step is split into generation
+(GRPOTrainer._generate), reward (_calculate_rewards: validator + server), the rest of the
+rollout bookkeeping (tokenising, padding, advantages) and the loss part (forward + backward +
+optimizer step: the remainder of the step). The bare trainer's constant reward gives zero
+advantages, so its policy cannot move; the repo's can, and its completion lengths drift.
+
+Then the loss pass alone on a long-prompt shape (`--long_prompt_tokens` of article, the
+recipe's num_generations completions of max_completion_tokens each): TRL's own logprob
+computation against the repo's, forward + backward, each in its own process. TRL's batched
+path keeps every row's full attention matrices for the backward (about 35 GB for 8 rows of
+2,000 tokens on SmolLM2-135M), so it runs one row at a time, the way it fits in memory; the
+gradients are the same sum.
+
+Wall time and CPU time (this process + the reward server) are both reported: on a shared
+machine wall time follows the load, CPU time the work. One run, ratios. The last line is
+`step speedup vs bare GRPOTrainer: N.NNx wall`.
 
     python bench/grpo_step.py                           # recipes/cpu.yaml: repo, bare, bare, repo; 1 warm-up + 1 timed step each
     python bench/grpo_step.py --threads 1               # on a machine busy with other jobs
+    python bench/grpo_step.py --rounds 1 --long_prompt_tokens 0   # the step only
     python bench/grpo_step.py --rounds 4 --steps 2 --recipe recipes/tiny.yaml
 """
 
@@ -27,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import multiprocessing
 import os
 import statistics
 import sys
@@ -52,6 +63,7 @@ class BenchArgs:
     warmup: int = field(default=1, metadata={"help": "Untimed steps first (allocator, caches, lazy imports)."})
     reward_url: str = field(default="", metadata={"help": "Use this running reward server instead of starting one."})
     threads: int = field(default=0, metadata={"help": "Torch CPU threads (0 = torch's default); 1 on a busy machine."})
+    long_prompt_tokens: int = field(default=2000, metadata={"help": "Prompt length of the long-prompt loss shape (0 = skip it)."})
 
 
 def constant_reward(completions, **kwargs) -> list[float]:
@@ -60,17 +72,35 @@ def constant_reward(completions, **kwargs) -> list[float]:
 
 
 def server_cpu() -> float:
-    """CPU seconds used so far by this process's children (the reward server we started)."""
+    """CPU seconds used so far by the reward server the bench started (a child of the bench's
+    main process; the trainers run in sibling processes)."""
     import psutil
 
     total = 0.0
-    for child in psutil.Process().children(recursive=True):
+    root = psutil.Process(os.getppid()) if multiprocessing.parent_process() else psutil.Process()
+    for proc in root.children(recursive=True):
         try:
-            t = child.cpu_times()
-            total += t.user + t.system
+            if any("local_reward" in part for part in proc.cmdline()):
+                t = proc.cpu_times()
+                total += t.user + t.system
         except psutil.Error:
             pass
     return total
+
+
+def max_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def in_child(fn, *args):
+    """fn(*args) in a fresh process: its own peak RSS, nothing left over from the previous run."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 class StepTimer:
@@ -131,6 +161,16 @@ class StepTimer:
         return Cb()
 
 
+def variant_child(name: str, recipe_path: str, reward_url: str, steps: int, warmup: int,
+                  threads: int) -> tuple[list[dict], float]:
+    """run_variant in this (child) process: (timed steps, peak RSS in MB)."""
+    import reference_grpo_trainer as rgt
+
+    demo.set_threads(threads)
+    recipe, trl_args = utils.parse_args((utils.Recipe, rgt.TrlArgs), "trl", ["--recipe", recipe_path])
+    return run_variant(name, recipe, trl_args, reward_url, steps, warmup), max_rss_mb()
+
+
 def run_variant(name: str, recipe: utils.Recipe, trl_args, reward_url: str, steps: int, warmup: int) -> list[dict]:
     """Build the trainer the way reference_grpo_trainer.main does; time `steps` steps after `warmup`."""
     import fast_backend
@@ -163,9 +203,10 @@ def run_variant(name: str, recipe: utils.Recipe, trl_args, reward_url: str, step
             callbacks.append(train_rows)  # the repo's per-step metrics row is part of its step
         else:
             reward_funcs = [constant_reward]
-        # Both variants generate with the trainer's own class (one prefill per distinct prompt):
-        # the comparison isolates the reward path. bench/generation.py times that class's gain.
-        trainer_cls = fast_backend.trainer_class(backend)
+        if name == "repo":
+            trainer_cls = fast_backend.trainer_class(backend)
+        else:  # TRL's own class, unmodified: what the repo's subclass is measured against
+            from trl import GRPOTrainer as trainer_cls
         trainer = trainer_cls(model=model, reward_funcs=reward_funcs, args=config, train_dataset=train_ds,
                               processing_class=tokenizer, callbacks=callbacks)
         timer.wrap(trainer)
@@ -178,6 +219,62 @@ def run_variant(name: str, recipe: utils.Recipe, trl_args, reward_url: str, step
     return timer.steps[warmup:]
 
 
+def long_prompt(tokenizer, stories: list[str], tokens: int) -> list[int]:
+    """A title prompt whose article is the shipped stories' bodies joined and cut to ~`tokens` tokens."""
+    body_ids = tokenizer("\n\n".join(stories), add_special_tokens=False)["input_ids"]
+    overhead = len(tokenizer(tokenizer.apply_chat_template(utils.title_messages(""), add_generation_prompt=True,
+                                                            tokenize=False), add_special_tokens=False)["input_ids"])
+    body = tokenizer.decode(body_ids[:max(tokens - overhead, 1)])
+    text = tokenizer.apply_chat_template(utils.title_messages(body), add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def long_loss_child(kind: str, recipe_path: str, tokens: int, threads: int) -> dict:
+    """Forward + backward of the policy logprobs on one long prompt x num_generations completions.
+
+    kind "trl": GRPOTrainer's own _get_per_token_logps_and_entropies, one row at a time;
+    kind "repo": the repo trainer's, the whole group at once. Returns wall/CPU seconds, peak RSS.
+    """
+    import torch
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    import fast_backend
+    import reference_grpo_trainer as rgt
+
+    demo.set_threads(threads)
+    recipe, trl_args = utils.parse_args((utils.Recipe, rgt.TrlArgs), "trl", ["--recipe", recipe_path])
+    utils.set_seed(recipe.seed)
+    backend = fast_backend.select_backend("cpu")
+    model, tok = fast_backend.load_policy(backend, recipe, trl_args)
+    bodies = [r["scraped_body"] for r in utils.load_stories(recipe.dataset, recipe.train_split)]
+    prompt = long_prompt(tok, bodies, tokens)
+    g, n = recipe.num_generations, recipe.max_completion_tokens
+    gen = torch.Generator().manual_seed(0)
+    completions = torch.randint(3, len(tok) - 1, (g, n), generator=gen)  # full length: no padding anywhere
+    ids = torch.cat([torch.tensor([prompt] * g), completions], dim=1)
+    mask = torch.ones_like(ids)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = rgt.grpo_config(recipe, trl_args, backend, Path(tmp))
+        trainer = fast_backend.shared_prefix_trainer_class()(
+            model=model, reward_funcs=[constant_reward], args=config, processing_class=tok,
+            train_dataset=Dataset.from_list([{"prompt": utils.title_messages("x")}]))
+    stock = GRPOTrainer._get_per_token_logps_and_entropies
+
+    def loss_pass(rows: slice) -> None:
+        fn = stock if kind == "trl" else type(trainer)._get_per_token_logps_and_entropies
+        logps, _, _ = fn(trainer, trainer.model, ids[rows], mask[rows], n, compute_entropy=True)
+        logps.sum().backward()
+
+    loss_pass(slice(0, 1))  # warm-up (allocator, lazy init) on one row
+    trainer.model.zero_grad()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for rows in ([slice(i, i + 1) for i in range(g)] if kind == "trl" else [slice(0, g)]):
+        loss_pass(rows)
+    return {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu, "rss_mb": max_rss_mb(),
+            "prompt_tokens": len(prompt), "rows": g, "completion_tokens": n}
+
+
 def summarize_steps(steps: list[dict]) -> dict[str, float]:
     """Wall parts from the fastest step (the one other jobs disturbed least), CPU parts as medians."""
     fastest = min(steps, key=lambda s: s["wall_total"])
@@ -185,34 +282,44 @@ def summarize_steps(steps: list[dict]) -> dict[str, float]:
 
 
 def report(repo: dict[str, float], bare: dict[str, float], recipe: utils.Recipe, steps: int,
-           load: tuple[float, float], threads: int) -> str:
+           load: tuple[float, float], threads: int, rss: dict[str, float], long: dict | None) -> str:
     lines = [
         f"GRPO step on {Path(recipe.model).name}: {recipe.prompts_per_step} prompts x {recipe.num_generations} "
         f"generations, <= {recipe.max_completion_tokens} tokens, LoRA r{recipe.lora_r}; {steps} timed steps "
         f"per variant, order repo, bare, bare, repo (wall: the fastest step, CPU: the median); "
         f"{os.cpu_count()} cores, {threads} torch threads, "
         f"load average {load[0]:.1f} -> {load[1]:.1f}",
-        f"{'part':<16}{'repo wall s':>12}{'share':>8}{'bare wall s':>12}{'repo CPU s':>12}{'bare CPU s':>12}",
+        "repo: the repo's trainer (shared-prefix loss and rollouts, reward server + validator); "
+        "bare: TRL's GRPOTrainer unmodified, constant reward; same GRPOConfig",
+        f"{'part':<16}{'repo wall s':>12}{'share':>8}{'bare wall s':>12}{'speedup':>9}{'repo CPU s':>12}{'bare CPU s':>12}",
     ]
     for part in PARTS:
         rc = repo[f"cpu_{part}"] + (repo["cpu_server"] if part == "reward" else 0.0)
         bc = bare[f"cpu_{part}"] + (bare["cpu_server"] if part == "reward" else 0.0)
-        lines.append(f"{part:<16}{repo[f'wall_{part}']:>12.2f}{repo[f'wall_{part}'] / repo['wall_total']:>8.1%}"
-                     f"{bare[f'wall_{part}']:>12.2f}{rc:>12.2f}{bc:>12.2f}")
+        rw, bw = repo[f"wall_{part}"], bare[f"wall_{part}"]
+        speed = f"{bw / rw:>8.2f}x" if min(rw, bw) >= 0.01 else f"{'-':>9}"
+        lines.append(f"{part:<16}{rw:>12.2f}{rw / repo['wall_total']:>8.1%}{bw:>12.2f}{speed}{rc:>12.2f}{bc:>12.2f}")
     repo_cpu, bare_cpu = repo["cpu_total"] + repo["cpu_server"], bare["cpu_total"] + bare["cpu_server"]
-    lines.append(f"{'step':<16}{repo['wall_total']:>12.2f}{1:>8.0%}{bare['wall_total']:>12.2f}"
+    ratio, ratio_cpu = bare["wall_total"] / repo["wall_total"], bare_cpu / repo_cpu
+    lines.append(f"{'step':<16}{repo['wall_total']:>12.2f}{1:>8.0%}{bare['wall_total']:>12.2f}{ratio:>8.2f}x"
                  f"{repo_cpu:>12.2f}{bare_cpu:>12.2f}")
     share = repo["wall_reward"] / repo["wall_total"]
-    share_cpu = (repo["cpu_reward"] + repo["cpu_server"]) / repo_cpu
-    ratio, ratio_cpu = repo["wall_total"] / bare["wall_total"], repo_cpu / bare_cpu
     ok = lambda met: "met" if met else "NOT met"  # noqa: E731
     lines += [
-        f"reward share of the repo step: {share:.1%} of wall time, {share_cpu:.1%} of CPU time incl. the server "
-        f"(goal <= 10%: {ok(max(share, share_cpu) <= 0.10)})",
-        f"repo step / bare step: {ratio:.2f}x wall, {ratio_cpu:.2f}x CPU incl. the server (goal <= 1.15x: "
-        f"{ok(ratio <= 1.15)} by wall, {ok(ratio_cpu <= 1.15)} by CPU); generation alone {repo['wall_generation'] / bare['wall_generation']:.2f}x "
-        f"wall, {repo['cpu_generation'] / bare['cpu_generation']:.2f}x CPU (same code: the policies' completion lengths differ)",
+        f"reward share of the repo step: {share:.1%} of wall time (goal <= 10%: {ok(share <= 0.10)})",
+        f"peak RSS of the process (model, validator, steps): repo {rss['repo'] / 1024:.2f} GB, bare "
+        f"{rss['bare'] / 1024:.2f} GB (goal <= 4 GB: {ok(rss['repo'] <= 4096)})",
     ]
+    if long:
+        t, r = long["trl"], long["repo"]
+        lines.append(
+            f"long-prompt loss pass ({r['prompt_tokens']}-token prompt x {r['rows']} completions of "
+            f"{r['completion_tokens']} tokens, forward + backward): TRL {t['wall']:.1f} s (one row at a time), "
+            f"repo {r['wall']:.1f} s: {t['wall'] / r['wall']:.2f}x wall, {t['cpu'] / r['cpu']:.2f}x CPU "
+            f"(goal >= 5x: {ok(t['wall'] / r['wall'] >= 5)}); peak RSS TRL {t['rss_mb'] / 1024:.2f} GB, "
+            f"repo {r['rss_mb'] / 1024:.2f} GB")
+    lines.append(f"step CPU speedup (incl. the reward server): {ratio_cpu:.2f}x (goal >= 3x: {ok(ratio >= 3)} by wall)")
+    lines.append(f"step speedup vs bare GRPOTrainer: {ratio:.2f}x wall")
     return "\n".join(lines)
 
 
@@ -229,12 +336,11 @@ def run_order(rounds: int) -> list[str]:
 
 
 def main(args: BenchArgs) -> str:
-    import reference_grpo_trainer as rgt
-
     demo.set_threads(args.threads)
-    recipe, trl_args = utils.parse_args((utils.Recipe, rgt.TrlArgs), "trl", ["--recipe", args.recipe])
+    recipe = utils.parse_args((utils.Recipe,), "trl", ["--recipe", args.recipe])[0]
     load0 = os.getloadavg()
     results: dict[str, list[dict]] = {"repo": [], "bare": []}
+    rss: dict[str, float] = {"repo": 0.0, "bare": 0.0}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         if args.reward_url:
             url = args.reward_url.rstrip("/")
@@ -242,14 +348,23 @@ def main(args: BenchArgs) -> str:
         else:  # stopped when the block exits, also on failure
             url, _ = stack.enter_context(demo.reward_server(Path(tmp) / "reward_server.log"))
         for name in run_order(args.rounds):
-            results[name] += run_variant(name, recipe, trl_args, url, args.steps, args.warmup)
-    for name, steps in results.items():
-        for i, s in enumerate(steps):
-            print(f"[{name}] step {i + 1}: " + ", ".join(f"{k} {v:.2f}s" for k, v in s.items()))
+            steps, peak = in_child(variant_child, name, args.recipe, url, args.steps, args.warmup, args.threads)
+            results[name] += steps
+            rss[name] = max(rss[name], peak)
+            for s in steps:  # as soon as it is known: a later run can still be killed (e.g. out of memory)
+                print(f"[{name}] peak RSS {peak:.0f} MB, step: " + ", ".join(f"{k} {v:.2f}s" for k, v in s.items()),
+                      flush=True)
+    long = None
+    if args.long_prompt_tokens:
+        long = {}
+        for kind in ("repo", "trl"):
+            print(f"[long prompt] {kind} loss pass ...", flush=True)
+            long[kind] = in_child(long_loss_child, kind, args.recipe, args.long_prompt_tokens, args.threads)
+            print(f"[long prompt] {kind}: {long[kind]}", flush=True)
     import torch
 
     text = report(summarize_steps(results["repo"]), summarize_steps(results["bare"]), recipe,
-                  len(results["repo"]), (load0[0], os.getloadavg()[0]), torch.get_num_threads())
+                  len(results["repo"]), (load0[0], os.getloadavg()[0]), torch.get_num_threads(), rss, long)
     print(text)
     return text
 

@@ -236,7 +236,9 @@ def test_trainer_class_per_backend():
 
     cpu = fb.trainer_class(Backend("cpu", "cpu", use_vllm=False))
     assert issubclass(cpu, GRPOTrainer) and cpu is not GRPOTrainer
-    assert fb.trainer_class(Backend("trl-vllm", "cuda", use_vllm=True, vllm_mode="colocate")) is GRPOTrainer
+    # trl-vllm: TRL's vLLM generation, the shared-prefix loss; only Unsloth keeps TRL's class
+    assert fb.trainer_class(Backend("trl-vllm", "cuda", use_vllm=True, vllm_mode="colocate")) is not GRPOTrainer
+    assert fb.trainer_class(Backend("unsloth", "cuda", use_vllm=True)) is GRPOTrainer
 
 
 def test_stop_token_ids_are_every_token_with_a_line_break(smollm):
