@@ -471,9 +471,31 @@ def verdict(cmp: Comparison, name: str, ref: str) -> str:
     return out
 
 
-def mean_extra(rows: Sequence[dict], key: str) -> float | None:
-    vals = [(r.get("extra") or {}).get(key) for r in rows]
-    vals = [float(v) for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+# Where each cost lives in a train row's extras: our own key first, then ART's metrics of the
+# step (LocalBackend reports gradient steps and the assistant tokens it packed for training).
+COST_KEYS = {"optimizer_steps": ("optimizer_steps", "train_metrics/data/step_num_gradient_steps"),
+             "trained_tokens": ("trained_tokens", "train_metrics/data/step_trainer_tokens"),
+             "step_seconds": ("step_seconds",), "step_cpu_seconds": ("step_cpu_seconds",)}
+
+
+def _number(x) -> float | None:
+    ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return float(x) if ok else None
+
+
+def row_cost(row: dict, name: str) -> float | None:
+    """One cost of one train row (COST_KEYS), None when the trainer did not log it."""
+    extra = row.get("extra") or {}
+    for key in COST_KEYS[name]:
+        section, _, sub = key.partition("/")
+        value = (extra.get(section) or {}).get(sub) if sub else extra.get(key)
+        if _number(value) is not None:
+            return _number(value)
+    return None
+
+
+def mean_cost(rows: Sequence[dict], name: str) -> float | None:
+    vals = [v for v in (row_cost(r, name) for r in rows) if v is not None]
     return sum(vals) / len(vals) if vals else None
 
 
@@ -483,10 +505,7 @@ def cost(mr: MethodRun) -> dict:
     by_step = {r["step"]: r for r in rows if r["split"] == "train" and r["method"] == mr.method.name}
     train = [by_step[k] for k in sorted(by_step)]
     val = [r for r in rows if r["split"] == "val" and r["method"] == mr.method.name]
-    return {"steps": len(train), "step_seconds": mean_extra(train, "step_seconds"),
-            "step_cpu_seconds": mean_extra(train, "step_cpu_seconds"),
-            "optimizer_steps": mean_extra(train, "optimizer_steps"),
-            "trained_tokens": mean_extra(train, "trained_tokens"),
+    return {"steps": len(train), **{name: mean_cost(train, name) for name in COST_KEYS},
             "val_seconds": sum((r.get("extra") or {}).get("eval_seconds") or 0.0 for r in val), "vals": len(val),
             "stage_wall": mr.train_wall, "stage_cpu": mr.train_cpu}
 
