@@ -56,9 +56,11 @@ reward-prod: setup
 train-trl: setup
 	$(PYTHON) reference_grpo_trainer.py --recipe $(RECIPE) $(ARGS)
 
-# With .venv-art (GPU node) it runs there; otherwise train.py in .venv says what it needs and stops.
-train-art: $(if $(wildcard .venv-art/bin/python),,setup)
-	$(if $(wildcard .venv-art/bin/python),PATH="$(CURDIR)/.venv-art/bin:$$PATH" .venv-art/bin/python,$(PYTHON)) train.py --recipe $(RECIPE) $(ARGS)
+# ART's loop: LocalBackend (vLLM + Unsloth) from .venv-art on a GPU node that has it (`make setup-art`),
+# otherwise the CPU engine (art_cpu_backend.py) in .venv. Needs the reward server (`make reward`) either way.
+ART_GPU = $(shell test -x .venv-art/bin/python && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+train-art: $(if $(ART_GPU),,setup)
+	$(if $(ART_GPU),PATH="$(CURDIR)/.venv-art/bin:$$PATH" .venv-art/bin/python,$(PYTHON)) train.py --recipe $(RECIPE) $(ARGS)
 
 eval: setup
 	$(PYTHON) evaluate.py --recipe $(RECIPE) $(ARGS)

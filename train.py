@@ -1,27 +1,41 @@
 """GRPO with OpenPipe ART (0.5.18): rollouts through the model's OpenAI-compatible server,
 validator + reward server, trajectory groups, `backend.train`, validation every N steps.
 
-Needs a CUDA GPU: ART's LocalBackend runs vLLM (rollouts) and Unsloth (training) on it, from
-its own virtualenv (`make setup-art`; its torch/transformers/trl pins clash with the TRL
-stack). On a machine without one this script stops before loading anything heavy.
+Two engines under the same loop (`--backend`):
+- `cpu`: ART's LocalBackend with a CPU ModelService (art_cpu_backend.py): ART's own
+  tokenization, packing, loss and checkpoints; a PEFT LoRA model in fp32 and a loopback
+  OpenAI-compatible server instead of Unsloth + vLLM. Runs in the main .venv.
+- `local`: ART's LocalBackend as shipped (vLLM + Unsloth on a CUDA GPU, from .venv-art,
+  `make setup-art`; its torch/transformers/trl pins clash with the TRL stack).
+- `auto` (default): local when CUDA is usable and ART's GPU extra (unsloth) is importable
+  here, i.e. when run from .venv-art on a GPU node; cpu otherwise.
 
-    make setup-art                                      # once per GPU node: .venv-art
     make reward                                         # in another shell: the reward server
-    make train-art RECIPE=recipes/gpu.yaml              # = .venv-art/bin/python train.py --recipe ...
-    python train.py --recipe recipes/gpu.yaml --max_steps 200 --eval_every 25
+    make train-art                                      # recipes/cpu.yaml on the CPU engine
+    python train.py --recipe recipes/tiny.yaml --backend cpu --max_steps 2
+    make setup-art && make train-art RECIPE=recipes/gpu.yaml    # a GPU node: LocalBackend
     METHOD=art sbatch slurm/train.sbatch                # through Slurm
 
 The recipe's `shared:` block holds the knobs both trainers read (model, data, group size,
-completion length, learning rate, loss, KL, LoRA, steps, eval); `art:` holds ArtArgs.
+completion length, learning rate, loss, KL, LoRA, optimizer, steps, eval); `art:` holds ArtArgs.
 Everything goes to runs/art-<recipe>/: metrics.jsonl (the schema reference_grpo_trainer.py
-writes), eval/step-NNNNN.jsonl, config.json and ART's own directory art/ (checkpoints,
-history.jsonl, trajectories). Rerunning the same command resumes from ART's last checkpoint.
+writes), eval/step-NNNNN.jsonl, config.json (with the engine settings really used) and ART's
+own directory art/ (checkpoints, history.jsonl, trajectories). Rerunning the same command
+resumes from ART's last checkpoint; rerunning a finished run trains nothing.
 
 Failures: a reward-server error (after RewardClient's bounded retries on transport errors and
 5xx) stops the run with the error before anything of that step is trained or logged, and a
 rerun resumes at that step; it never becomes a reward. A step whose groups cannot teach (all
 rewards equal, or fewer than 2 trajectories) is skipped untrained with the reason in its
 metrics row. Failed rollout requests fail the step unless --max_exceptions allows some.
+
+Exit codes:
+    0   finished (max_steps reached), or nothing left to do
+    75  SIGTERM / SIGUSR1 / Ctrl-C: the current step was finished (trained, checkpointed, its
+        row written), then the run stopped; rerun to resume
+    130 a second signal while stopping: exited at once (rerun resumes from the last checkpoint)
+    3   the reward server failed or is unreachable (start it with `make reward`, rerun)
+    1   bad settings, or the local backend on a machine without a usable GPU
 """
 
 from __future__ import annotations
@@ -30,6 +44,7 @@ import asyncio
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -39,19 +54,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import art_cpu_backend
 import utils
 
 METHOD = "art"
+BACKENDS = ("auto", "local", "cpu")
+EXIT_OK, EXIT_USAGE, EXIT_REWARD_SERVER, EXIT_INTERRUPTED, EXIT_ABORTED = 0, 1, 3, 75, 130
 ART_LOSSES = ("cispo", "ppo")  # what LocalBackend.train(loss_fn=...) accepts in 0.5.18
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
 GPU_HELP = """\
-train.py (ART) needs a CUDA GPU: {problem}.
+train.py --backend local (ART's LocalBackend) needs a CUDA GPU: {problem}.
 ART's LocalBackend generates with vLLM and trains with Unsloth on the GPU; neither runs on a CPU.
   On a GPU node:  make setup-art                          # once: .venv-art with openpipe-art[backend]
                   make reward                             # in another shell: the reward server
                   make train-art RECIPE=recipes/gpu.yaml
   Through Slurm:  METHOD=art RECIPE=recipes/gpu.yaml sbatch slurm/train.sbatch  (starts the reward server too)
-On this machine, the TRL trainer runs on the CPU: make train-trl (recipes/cpu.yaml)."""
+On this machine, ART's loop runs on the CPU engine: --backend cpu (or auto), as `make train-art` does."""
 
 
 @dataclass
@@ -61,7 +79,8 @@ class ArtArgs:
     recipe: ClassVar[str | None] = None  # set by utils.parse_args (the --recipe path)
     project: str = field(default="hn-titles", metadata={"help": "ART project (folder under the run's art/ directory)."})
     model_name: str = field(default="", metadata={"help": "ART model name (default: the run directory's name)."})
-    backend: str = field(default="local", metadata={"help": "ART backend: 'local' (LocalBackend: vLLM + Unsloth on this node's GPU)."})
+    backend: str = field(default="auto", metadata={"help": "'cpu' (ART's loop on the CPU engine, art_cpu_backend.py), 'local' (ART's LocalBackend: vLLM + Unsloth on this node's GPU) or 'auto' (local with a usable GPU and ART's GPU extra installed, else cpu)."})
+    pack_groups: bool = field(default=False, metadata={"help": "CPU engine: ART's packer shares rows, a group's prompt stored once (LocalBackend on a GPU: one trajectory per row)."})
     gpu_memory_utilization: float = field(default=0.75, metadata={"help": "vLLM's share of GPU memory (the original example used 0.75)."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Load the base model in 4 bit (ART's default is True; False matches the TRL side)."})
     max_exceptions: float = field(default=0, metadata={"help": "Rollout groups allowed to fail per step (count, or a fraction < 1); failed groups are dropped and counted."})
@@ -96,39 +115,36 @@ def gpu_problem() -> str | None:
     return None
 
 
-def import_art():
-    """`import art`, undoing its transformers patch where the patch does not fit.
-
-    art/__init__.py replaces transformers.masking_utils._preprocess_mask_arguments with a
-    wrapper written for the transformers ART pins (5.2.0: seven arguments, cache_position
-    among them). Under the CPU stack's transformers 5.17 (no cache_position) that wrapper
-    breaks every later model forward in the process (the embedding validator's BERT first),
-    so there the original is put back; in .venv-art it stays.
-    """
-    import art
-
-    try:
-        import inspect
-
-        from art.transformers import patches
-        from transformers import masking_utils
-    except ImportError:  # no transformers: nothing was patched
-        return art
-    original = patches._preprocess_mask_arguments
-    if (masking_utils._preprocess_mask_arguments is patches._patched_preprocess_mask_arguments
-            and "cache_position" not in inspect.signature(original).parameters):
-        masking_utils._preprocess_mask_arguments = original
-    return art
+import_art = art_cpu_backend.import_art  # `import art` minus its transformers patch (see there)
 
 
-def make_backend(args: ArtArgs, art_path: Path):
-    """The one place the GPU backend is built; tests pass a double through main(backend_factory=)."""
+def resolve_backend(args: ArtArgs) -> str:
+    """'auto' -> 'local' where ART's GPU stack can run (CUDA + unsloth importable), else 'cpu'."""
+    if args.backend != "auto":
+        return args.backend
+    import importlib.util
+
+    if importlib.util.find_spec("unsloth") is None or gpu_problem() is not None:
+        return "cpu"
+    return "local"
+
+
+def engine_options(recipe: utils.Recipe, args: ArtArgs) -> art_cpu_backend.EngineOptions:
+    """The CPU engine's knobs: ART's GPU behaviour unless the recipe asks otherwise."""
+    return art_cpu_backend.EngineOptions(pack_groups=args.pack_groups,
+                                         optimizer_steps=recipe.optimizer_steps or "per_sequence")
+
+
+def make_backend(args: ArtArgs, art_path: Path, recipe: utils.Recipe):
+    """The one place a backend is built; tests of the GPU wiring pass a double through main(backend_factory=)."""
     if args.backend == "local":
         import_art()
         from art.local import LocalBackend
 
         return LocalBackend(path=str(art_path))
-    raise ValueError(f"unknown backend {args.backend!r} (supported: local)")
+    if args.backend == "cpu":
+        return art_cpu_backend.cpu_backend_class()(path=str(art_path), options=engine_options(recipe, args))
+    raise ValueError(f"unknown backend {args.backend!r} (supported: {BACKENDS})")
 
 
 def internal_config(recipe: utils.Recipe, args: ArtArgs) -> dict:
@@ -147,8 +163,25 @@ def internal_config(recipe: utils.Recipe, args: ArtArgs) -> dict:
             max_lora_rank=next((r for r in VLLM_LORA_RANKS if r >= recipe.lora_r), recipe.lora_r)),
         peft_args=dev.PeftArgs(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
                                target_modules=list(recipe.lora_target_modules), random_state=recipe.seed),
-        trainer_args=dev.TrainerArgs(max_grad_norm=recipe.max_grad_norm, seed=recipe.seed),
+        trainer_args=dev.TrainerArgs(max_grad_norm=recipe.max_grad_norm, seed=recipe.seed, **optimizer_args(recipe)),
     )
+
+
+ART_OPTIMIZERS = {"adamw": "adamw_torch", "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
+
+
+def optimizer_args(recipe: utils.Recipe) -> dict:
+    """ART TrainerArgs for the recipe's optimizer knobs; an empty knob keeps ART's default
+    (paged_adamw_8bit, betas 0.9/0.99; weight decay 0.1, which ART's GPU trainer forces anyway).
+
+    >>> optimizer_args(utils.Recipe(optimizer="adamw", adam_beta2=0.999))
+    {'optim': 'adamw_torch', 'adam_beta2': 0.999}
+    """
+    utils.check_optimizer_knobs(recipe)
+    out = {"optim": ART_OPTIMIZERS[recipe.optimizer]} if recipe.optimizer else {}
+    out.update({k: getattr(recipe, k) for k in ("weight_decay", "adam_beta1", "adam_beta2")
+                if getattr(recipe, k) is not None})
+    return out
 
 
 def train_kwargs(recipe: utils.Recipe, args: ArtArgs) -> dict:
@@ -175,8 +208,19 @@ def check_config(recipe: utils.Recipe, args: ArtArgs) -> None:
         raise SystemExit("num_generations must be >= 2: a group of one has no advantage to learn from")
     if recipe.validator not in ("embedding", "model", "none"):
         raise SystemExit(f"unknown validator {recipe.validator!r} (use embedding, model or none)")
-    if args.backend != "local":
-        raise SystemExit(f"unknown backend {args.backend!r} (supported: local)")
+    if args.backend not in BACKENDS:
+        raise SystemExit(f"unknown backend {args.backend!r} (supported: {', '.join(BACKENDS)})")
+    try:
+        optimizer_args(recipe)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    backend = resolve_backend(args)
+    if backend == "local" and (recipe.optimizer_steps == "per_step" or args.pack_groups):
+        raise SystemExit("optimizer_steps=per_step and pack_groups exist only on the CPU engine (--backend cpu): "
+                         "ART's LocalBackend takes one optimizer step per trajectory, one trajectory per row")
+    if backend == "cpu" and recipe.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        raise SystemExit(f"optimizer {recipe.optimizer!r} needs bitsandbytes on CUDA; on the CPU engine use 'adamw' "
+                         "(or leave it empty: ART's default, replaced by torch AdamW on the CPU and said so)")
 
 
 # --------------------------------------------------------------------------------------
@@ -312,14 +356,19 @@ class Trainer:
     """State of one run: the model, its clients, the data and the metrics writer."""
 
     def __init__(self, recipe: utils.Recipe, args: ArtArgs, run_dir: Path, train_rows: list[dict],
-                 val_rows: list[dict], model, backend, reward: utils.RewardClient, validator):
+                 val_rows: list[dict], model, backend, reward: utils.RewardClient, validator,
+                 stopper: StopOnSignal | None = None):
         self.recipe, self.args, self.run_dir = recipe, args, run_dir
+        self.stopper = stopper
         self.train_rows, self.val_rows = train_rows, val_rows
         self.model, self.backend, self.reward, self.validator = model, backend, reward, validator
         self.writer = utils.MetricsWriter(run_dir)
         rows, _ = utils.read_metrics(run_dir)
         self.logged = {(r["split"], r["step"]) for r in rows if r["method"] == METHOD}
         self.timer = utils.Timer(max((r["wall_time"] for r in rows), default=0.0))
+
+    def stopping(self) -> bool:
+        return bool(self.stopper and self.stopper.received)
 
     async def done_steps(self) -> tuple[int, list[int]]:
         """Steps already consumed: ART's checkpoint step (trained) + the steps skipped untrained.
@@ -351,7 +400,7 @@ class Trainer:
         bar = tqdm(total=recipe.max_steps, initial=done, desc="art steps", unit="step")
         for batch in batches:
             step = batch.step + 1
-            if step > recipe.max_steps:
+            if step > recipe.max_steps or self.stopping():
                 break
             inference_name = self.model.get_inference_name()
             t0 = time.perf_counter()
@@ -364,7 +413,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", match=f"{row['match_rate']:.2f}",
                             trained=row["extra"]["trainable_groups"])
-            if is_eval_step(step, recipe):
+            if is_eval_step(step, recipe) and not self.stopping():  # a resume validates it first
                 await self.validate(step)
         bar.close()
 
@@ -449,20 +498,72 @@ def log_arguments(**objs: Any) -> None:
         print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
 
 
-def main(recipe: utils.Recipe, args: ArtArgs, backend_factory: Callable[[ArtArgs, Path], Any] | None = None) -> Path:
-    """Train; returns the run directory. `backend_factory` is the seam tests use."""
+class Stopped(Exception):
+    """A signal stopped the run after a finished step (exit 75)."""
+
+
+class StopOnSignal:
+    """SIGTERM/SIGUSR1/SIGINT -> finish the current step (trained, checkpointed, row written),
+    then stop; a second signal stops at once (KeyboardInterrupt, exit 130)."""
+
+    SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT) if s)
+
+    def __init__(self):
+        self.received: str | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> StopOnSignal:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received:
+            self.__exit__()
+            raise KeyboardInterrupt(f"second signal ({name})")
+        self.received = name
+        print(f"\n[art] {name}: finishing this step (checkpoint + metrics row), then stopping "
+              f"(exit {EXIT_INTERRUPTED}; send it again to quit at once)", flush=True)
+
+
+def engine_config(recipe: utils.Recipe, args: ArtArgs) -> dict:
+    """What trains, with the values it really uses (saved in config.json, printed once)."""
+    if args.backend == "cpu":
+        return art_cpu_backend.engine_settings(internal_config(recipe, args), engine_options(recipe, args))
+    return {"engine": "art.local.LocalBackend (vLLM + Unsloth on CUDA)", "optimizer": "ART's trainer_args "
+            "(default paged_adamw_8bit, betas 0.9/0.99)", "weight_decay": art_cpu_backend.ART_RL_WEIGHT_DECAY,
+            "optimizer_steps": "per_sequence", "rows": "one trajectory per row"}
+
+
+def main(recipe: utils.Recipe, args: ArtArgs, backend_factory: Callable[[ArtArgs, Path], Any] | None = None,
+         stopper: StopOnSignal | None = None) -> Path:
+    """Train; returns the run directory (raises Stopped after a signal). `backend_factory` is
+    the seam the tests of the GPU wiring use."""
     check_config(recipe, args)
+    args.backend = resolve_backend(args)
     if backend_factory is None:
-        problem = gpu_problem()
-        if problem:
+        if args.backend == "local" and (problem := gpu_problem()):
             raise SystemExit(GPU_HELP.format(problem=problem))
-        backend_factory = make_backend
+        backend_factory = lambda a, p: make_backend(a, p, recipe)  # noqa: E731
     utils.set_seed(recipe.seed)
     run_dir = utils.run_dir_for(recipe, METHOD, args.recipe)
+    engine = engine_config(recipe, args)
     utils.save_config(run_dir, recipe=recipe, art=args, recipe_path=args.recipe, internal_config=internal_config(recipe, args),
-                      train_kwargs=train_kwargs(recipe, args))
-    log_arguments(recipe=recipe, art=args, train_kwargs=train_kwargs(recipe, args))
-    # Said, not silently dropped: ART's LocalBackend writes a checkpoint after every step.
+                      train_kwargs=train_kwargs(recipe, args), engine=engine)
+    log_arguments(recipe=recipe, art=args, train_kwargs=train_kwargs(recipe, args), engine=engine)
+    if engine.get("requested_optim", "").endswith("8bit"):
+        print(f"note: ART's optimizer {engine['requested_optim']} needs CUDA; the CPU engine uses {engine['optimizer']} "
+              f"with weight decay {engine['weight_decay']} and betas {engine['adam_betas']}")
+    # Said, not silently dropped: ART writes a checkpoint after every step.
     print(f"note: save_every={recipe.save_every} does not apply to ART (a checkpoint per step); "
           + ("each validation keeps only the best and latest" if args.keep_best else "all are kept (--no_keep_best)"))
 
@@ -475,34 +576,53 @@ def main(recipe: utils.Recipe, args: ArtArgs, backend_factory: Callable[[ArtArgs
     print(report.summary())
     if not len(train) or not len(val):
         raise SystemExit(f"{recipe.dataset}: nothing left to train or validate on after filtering")
-    asyncio.run(_run(recipe, args, run_dir, [dict(r) for r in train], [dict(r) for r in val], backend_factory))
+    stopper = stopper or StopOnSignal()
+    asyncio.run(_run(recipe, args, run_dir, [dict(r) for r in train], [dict(r) for r in val], backend_factory, stopper))
     print(f"metrics -> {run_dir / utils.METRICS_FILE}")
+    if stopper.received:
+        raise Stopped(f"stopped by {stopper.received}; rerun the same command to resume ({run_dir})")
     return run_dir
 
 
-async def _run(recipe, args, run_dir: Path, train_rows, val_rows, backend_factory) -> None:
+async def _run(recipe, args, run_dir: Path, train_rows, val_rows, backend_factory, stopper) -> None:
     art = import_art()
     art_path = run_dir / "art"
-    backend = backend_factory(args, art_path)
     model = art.TrainableModel(name=args.model_name or run_dir.name, project=args.project, base_model=recipe.model,
                                base_path=str(art_path), _internal_config=internal_config(recipe, args))
     reward = utils.RewardClient(recipe.reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
+    backend = None
     try:
-        await reward.health()  # before the GPU spins up: a missing server is a one-line error
+        await reward.health()  # before the model loads: a missing server is a one-line error
+        backend = backend_factory(args, art_path)
         await model.register(backend)
         validator = make_validator(recipe, args, model)
-        await Trainer(recipe, args, run_dir, train_rows, val_rows, model, backend, reward, validator).run()
+        await Trainer(recipe, args, run_dir, train_rows, val_rows, model, backend, reward, validator, stopper).run()
     finally:
         await reward.aclose()
-        await backend.close()
+        if backend is not None:
+            await backend.close()
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """Parse `--recipe` + flags, train; returns the exit code."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # ART imports litellm; no network for its price map
+    recipe, args = utils.parse_args((utils.Recipe, ArtArgs), METHOD, argv, description=__doc__.splitlines()[0],
+                                    default_recipe="recipes/cpu.yaml")
+    with StopOnSignal() as stopper:
+        try:
+            main(recipe, args, stopper=stopper)
+        except utils.RewardServerError as e:
+            print(f"error: reward server failed: {e}\nNothing was trained for the failing step; fix the server "
+                  "(`make reward`) and rerun the same command to resume from it.", file=sys.stderr)
+            return EXIT_REWARD_SERVER
+        except Stopped as e:
+            print(f"[art] {e} (exit {EXIT_INTERRUPTED})")
+            return EXIT_INTERRUPTED
+        except KeyboardInterrupt:
+            print("\n[art] aborted by a second signal; rerun to resume from the last checkpoint", file=sys.stderr)
+            return EXIT_ABORTED
+    return EXIT_OK
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # ART imports litellm; no network for its price map
-    recipe_, args_ = utils.parse_args((utils.Recipe, ArtArgs), METHOD, description=__doc__.splitlines()[0],
-                                      default_recipe="recipes/cpu.yaml")
-    try:
-        main(recipe_, args_)
-    except utils.RewardServerError as e:
-        sys.exit(f"reward server failed: {e}\nNothing was trained for the failing step; fix the server "
-                 "(`make reward`) and rerun the same command to resume from it.")
+    sys.exit(cli())
