@@ -486,6 +486,8 @@ def _number(x) -> float | None:
 def row_cost(row: dict, name: str) -> float | None:
     """One cost of one train row (COST_KEYS), None when the trainer did not log it."""
     extra = row.get("extra") or {}
+    if extra.get("skipped") and name in ("optimizer_steps", "trained_tokens"):
+        return 0.0  # an ART step whose groups could not teach: skipped untrained
     for key in COST_KEYS[name]:
         section, _, sub = key.partition("/")
         value = (extra.get(section) or {}).get(sub) if sub else extra.get(key)
