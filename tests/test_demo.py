@@ -213,6 +213,18 @@ def test_report_when_one_method_fails_mid_run(tmp_path):
     assert demo.exit_code(s, strict=False) == 1
 
 
+@pytest.mark.parametrize("extra, name, expected", [
+    ({"optimizer_steps": 1, "trained_tokens": 96}, "trained_tokens", 96.0),              # TRL's own keys
+    ({"train_metrics": {"data/step_num_gradient_steps": 8.0}}, "optimizer_steps", 8.0),  # ART's step metrics
+    ({"train_metrics": {"data/step_trainer_tokens": 70.0}}, "trained_tokens", 70.0),
+    ({"skipped": "no group can teach", "step_seconds": 3.0}, "optimizer_steps", 0.0),   # skipped: nothing trained
+    ({"skipped": "no group can teach", "step_seconds": 3.0}, "step_seconds", 3.0),      # ... but it took time
+    ({}, "step_cpu_seconds", None),                                                      # not logged: n/a
+])
+def test_row_cost(extra, name, expected):
+    assert demo.row_cost({"extra": extra}, name) == expected
+
+
 def test_train_method_records_a_failure_mid_run(tmp_path):
     """A trainer that logs two steps and then dies: the demo records how far it got and why."""
     script = tmp_path / "fake_trainer.py"
@@ -308,7 +320,7 @@ def test_sigterm_stops_the_demo_and_its_server(tmp_path, stories_path):
         httpx.get(f"{url}/health", timeout=2.0)
 
 
-METHODS_E2E = "trl"  # both once the ART CPU engine is in
+METHODS_E2E = "trl,art"  # ART: train.py --backend cpu
 
 
 @pytest.mark.slow
