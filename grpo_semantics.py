@@ -28,16 +28,16 @@ TABLE: tuple[Difference, ...] = (
     Difference(
         "optimizer",
         "transformers' default `adamw_torch_fused` (torch AdamW); Unsloth's GRPOConfig: `adamw_8bit`",
-        "LocalBackend: `paged_adamw_8bit` (art/dev/get_model_config.py); the CPU engine: torch AdamW "
-        "(8-bit optimizers need bitsandbytes on CUDA)",
-        "`optimizer` (`adamw` = torch AdamW on both; TRL gets `optim=adamw_torch`). Reaches TRL, Unsloth and "
-        "the ART CPU engine; LocalBackend through its trainer_args",
+        "LocalBackend: `paged_adamw_8bit` (art/dev/get_model_config.py); the CPU engine: torch AdamW in fp32 "
+        "(8-bit optimizers need bitsandbytes on CUDA; it says so when it replaces one)",
+        "`optimizer` (`adamw` = torch AdamW on both; TRL gets `optim=adamw_torch`). Reaches TRL, Unsloth, the "
+        "CPU engine and LocalBackend (through ART's trainer_args); the CPU engine refuses the 8-bit ones",
         ("optimizer",)),
     Difference(
         "weight decay",
         "0.0 (TrainingArguments); Unsloth's GRPOConfig: 0.001",
         "0.1: LocalBackend sets it on every param group at each `train` call (unsloth/train.py "
-        "run_unsloth_rl_training)",
+        "run_unsloth_rl_training); the CPU engine does the same unless the recipe sets it",
         "`weight_decay`. Reaches TRL, Unsloth and the CPU engine; it cannot reach LocalBackend, which overwrites "
         "the value on every call",
         ("weight_decay",)),
@@ -50,8 +50,9 @@ TABLE: tuple[Difference, ...] = (
         "one per generation batch (steps_per_generation 1, no gradient accumulation)",
         "LocalBackend: one per packed row, and it packs one trajectory per row "
         "(`_supports_result_packing = False`): prompts_per_step x num_generations steps per ART step",
-        "`optimizer_steps`: `per_step` (TRL's way) or `per_sequence` (LocalBackend's). TRL cannot take "
-        "`per_sequence` (refused); LocalBackend cannot take `per_step`; the CPU engine does both",
+        "`optimizer_steps`: `per_step` (TRL's way: the CPU engine averages the rows' gradients, one step) or "
+        "`per_sequence` (LocalBackend's). TRL cannot take `per_sequence` and LocalBackend cannot take `per_step`: "
+        "both refuse, so `aligned` means `per_step` on TRL and the CPU engine",
         ("optimizer_steps",)),
     Difference(
         "advantage scaling",
@@ -95,15 +96,16 @@ TABLE: tuple[Difference, ...] = (
     Difference(
         "prompt packing",
         "every completion is a row with its full left-padded prompt",
-        "LocalBackend: one trajectory per row, full prompt each; ART's packer can store a group's prompt once "
-        "(`pack_results`)",
-        "none needed: layouts change cost, not the math (the same tokens get the same logprobs)",
-        ()),
+        "LocalBackend: one trajectory per row, full prompt each; the CPU engine the same, or with `pack_groups` "
+        "ART's packer puts a group's trajectories in one row with the prompt stored once",
+        "`pack_groups` (ArtArgs, CPU engine only). Layouts change cost, not the math (the same tokens get the "
+        "same logprobs), but under `per_sequence` a packed row is one optimizer step for several trajectories",
+        ("pack_groups",)),
     Difference(
         "generation engine",
         "CPU: transformers `generate` in the trainer (fast_backend.py); GPU: vLLM (Unsloth's or TRL's)",
         "rollouts through the model's OpenAI-compatible server: the CPU engine serves the current adapter "
-        "with transformers; LocalBackend with vLLM",
+        "with transformers (the same shared-prefix generation as TRL's CPU path); LocalBackend with vLLM",
         "same sampling parameters from the recipe (`temperature`, `max_completion_tokens`, `stop_at_newline`); "
         "the engines' samplers differ in RNG, not in distribution",
         ("temperature", "max_completion_tokens", "stop_at_newline")),
@@ -133,4 +135,7 @@ def main() -> str:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()  # --help; no options
     main()

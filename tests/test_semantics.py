@@ -67,3 +67,8 @@ def test_markdown_has_one_row_per_difference():
     assert len(text.splitlines()) == 2 + len(grpo_semantics.TABLE)
     lines = text.splitlines()
     assert all(row.count(" | ") == 3 for row in lines[:1] + lines[2:])  # no stray pipes inside cells
+
+
+def test_readme_carries_the_table():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert grpo_semantics.markdown() in readme, "README is out of date: paste `python grpo_semantics.py`"
