@@ -444,10 +444,33 @@ def test_train_kwargs_come_from_the_recipe(loss, clip):
     ({"loss_type": "dapo"}, "not available in ART"),          # TRL-only loss
     ({"num_generations": 1}, "num_generations must be >= 2"),  # no group, no advantage
     ({"validator": "judge"}, "unknown validator"),             # typo
+    ({"optimizer": "adamw_8bit"}, "needs bitsandbytes on CUDA"),  # the CPU engine has no 8-bit optimizer
+    ({"optimizer": "adam"}, "is not one of"),                   # typo in a shared optimizer knob
 ])
 def test_bad_settings_fail_before_anything_starts(over, message):
     with pytest.raises(SystemExit, match=message):
-        train.check_config(utils.Recipe(**over), train.ArtArgs())
+        train.check_config(utils.Recipe(**over), train.ArtArgs(backend="cpu"))
+
+
+@pytest.mark.parametrize("over, args", [
+    ({"optimizer_steps": "per_step"}, {}),   # LocalBackend steps once per trajectory
+    ({}, {"pack_groups": True}),             # LocalBackend does not pack
+])
+def test_cpu_engine_knobs_are_refused_for_the_gpu_backend(over, args):
+    with pytest.raises(SystemExit, match="only on the CPU engine"):
+        train.check_config(utils.Recipe(**over), train.ArtArgs(backend="local", **args))
+
+
+def test_optimizer_knobs_reach_arts_trainer_args_and_the_engine():
+    recipe = utils.Recipe(optimizer="adamw", weight_decay=0.0, adam_beta2=0.999)
+    cfg = train.internal_config(recipe, train.ArtArgs())
+    assert {k: cfg["trainer_args"][k] for k in ("optim", "weight_decay", "adam_beta2")} == {
+        "optim": "adamw_torch", "weight_decay": 0.0, "adam_beta2": 0.999}
+    engine = train.engine_config(recipe, train.ArtArgs(backend="cpu"))
+    assert engine["weight_decay"] == 0.0 and engine["adam_betas"] == [0.9, 0.999] and engine["optimizer"] == "torch AdamW"
+    default = train.engine_config(utils.Recipe(), train.ArtArgs(backend="cpu"))  # ART's own values
+    assert default["weight_decay"] == 0.1 and default["adam_betas"] == [0.9, 0.99]
+    assert default["optimizer_steps"] == "per_sequence" and "paged_adamw_8bit" in default["optimizer"]
 
 
 def test_recipe_parsing_reads_shared_and_art_blocks():
@@ -475,10 +498,11 @@ def test_gpu_problem_names_what_is_missing(tmp_path, monkeypatch, smi, expected)
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has an NVIDIA driver")
-def test_cpu_machine_stops_with_the_gpu_message():
+def test_local_backend_on_a_cpu_machine_stops_with_the_gpu_message():
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "train.py", "--recipe", "recipes/tiny.yaml"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "train.py", "--recipe", "recipes/tiny.yaml", "--backend", "local"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "needs a CUDA GPU" in proc.stderr and "make setup-art" in proc.stderr and "sbatch" in proc.stderr
+    assert "--backend cpu" in proc.stderr  # and says what runs here instead
     print(f"exited {proc.returncode} after {time.monotonic() - t0:.1f}s")

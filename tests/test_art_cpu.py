@@ -1,0 +1,363 @@
+"""ART's loop on the CPU engine (art_cpu_backend.py): the server, logprob fidelity, and train.py
+end to end in real processes (a reward server process killed mid-run, SIGTERM, resume, rerun).
+
+The tiny random model cannot write a supported title, so the end-to-end runs use validator
+'none' and a reward server process that scores 0.5 x the words of the title: rewards differ
+inside a group and every step trains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+import utils
+
+ROOT = Path(__file__).resolve().parents[1]
+train = pytest.importorskip("train")
+art = train.import_art()
+import art_cpu_backend as acb  # noqa: E402  (after import_art: ART's transformers patch undone)
+
+# --------------------------------------------------------------------------------------
+# The server, in this process, on the tiny model
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tiny_model):
+    svc = acb.CpuModelService("t", str(tiny_model), {"peft_args": {"r": 4, "lora_alpha": 8}},
+                              str(tmp_path_factory.mktemp("art") / "t"))
+    host, port = asyncio.run(svc.start_openai_server(None))
+    svc.url = f"http://{host}:{port}"
+    yield svc
+    svc.close()
+
+
+def chat(service, body: dict | bytes, **kw) -> httpx.Response:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(service.url + "/v1/chat/completions", content=data,
+                      headers={"Content-Type": "application/json"}, timeout=120, **kw)
+
+
+MESSAGES = utils.title_messages("A new compiler for Rust ships today with faster builds.")
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"model": "nope@0", "messages": MESSAGES}, 404, "model"),                 # a model nobody serves
+    ({"model": "t@7", "messages": MESSAGES}, 404, "model"),                    # a step that is not the current one
+    ({"model": "t@0", "messages": MESSAGES, "n": 0}, 400, "n"),                # n < 1
+    ({"model": "t@0", "messages": MESSAGES, "n": "2"}, 400, "n"),              # n of the wrong type
+    ({"model": "t@0", "messages": []}, 400, "messages"),                       # nothing to answer
+    ({"model": "t@0", "messages": [{"role": "user"}]}, 400, "messages"),       # a message without content
+    ({"model": "t@0", "messages": MESSAGES, "temperature": -1}, 400, "temperature"),
+    ({"model": "t@0", "messages": MESSAGES, "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "t@0", "messages": MESSAGES, "max_completion_tokens": 10 ** 9}, 400, "max_completion_tokens"),
+    ({"model": "t@0", "messages": MESSAGES, "stop": [1]}, 400, "stop"),
+    ({"model": "t@0", "messages": MESSAGES, "top_logprobs": 5}, 400, "top_logprobs"),
+    ({"model": "t@0", "messages": MESSAGES, "seed": "x"}, 400, "seed"),
+    (b"{not json", 400, "body"),                                                # bad JSON
+    (b"[1, 2]", 400, "body"),                                                   # JSON, but not an object
+    (b"x" * (acb.MAX_BODY_BYTES + 1), 413, "body"),                             # oversized body
+])
+def test_requests_it_cannot_serve_get_a_4xx_naming_the_field(service, body, status, param):
+    resp = chat(service, body)
+    assert resp.status_code == status
+    error = resp.json()["error"]
+    assert error["param"] == param and error["message"]
+
+
+def test_models_lists_the_policy_and_the_base(service, tiny_model):
+    data = httpx.get(service.url + "/v1/models", timeout=30).json()["data"]
+    assert {m["id"]: m["parent"] for m in data} == {str(tiny_model): None, "t@0": str(tiny_model)}
+    # train.py's model validator finds the base among them as the one root model
+    from openai_generator import OpenAIGenerator
+
+    probe = OpenAIGenerator(model="probe", base_url=service.url + "/v1", api_key="x", progress=False)
+    assert train.base_model_name(probe) == str(tiny_model)
+
+
+def test_completions_carry_token_ids_logprobs_and_stop(service):
+    resp = chat(service, {"model": "t@0", "messages": MESSAGES, "n": 3, "max_tokens": 6, "temperature": 1.0,
+                          "logprobs": True, "stop": ["\n"], "seed": 7})
+    assert resp.status_code == 200
+    body = resp.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    for c in body["choices"]:
+        tokens = c["logprobs"]["content"]
+        assert 1 <= len(tokens) <= 6 and all(t["token"].startswith("token_id:") and t["logprob"] <= 0 for t in tokens)
+        assert "\n" not in c["message"]["content"]  # the stop string ends the text and is left out
+        assert c["finish_reason"] == ("length" if len(tokens) == 6 else "stop")
+    again = chat(service, {"model": "t@0", "messages": MESSAGES, "n": 3, "max_tokens": 6, "temperature": 1.0,
+                           "logprobs": True, "stop": ["\n"], "seed": 7}).json()
+    assert [c["message"] for c in again["choices"]] == [c["message"] for c in body["choices"]]  # seed repeats
+    base = chat(service, {"model": service.base_model, "messages": MESSAGES, "max_completion_tokens": 4,
+                          "temperature": 0}).json()
+    assert base["choices"][0]["logprobs"] is None and base["usage"]["completion_tokens"] <= 4
+
+
+def test_concurrent_requests_are_all_answered(service):
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [{"model": "t@0", "messages": utils.title_messages(f"Story {i} about databases."), "n": 2,
+               "max_tokens": 4, "temperature": 0.0} for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(lambda b: chat(service, b), bodies))
+    assert all(r.status_code == 200 and len(r.json()["choices"]) == 2 for r in replies)
+
+
+# --------------------------------------------------------------------------------------
+# Fidelity: the trainer's logprobs of a served completion equal the server's
+# --------------------------------------------------------------------------------------
+
+
+def served_group(service, n: int = 3, max_tokens: int = 8):
+    """A TrajectoryGroup from one served request, rewards i**2 (none at the mean: every trajectory trains)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=service.url + "/v1", api_key="x")
+    resp = client.chat.completions.create(model=f"{service.model_name}@{service.step}", messages=MESSAGES, n=n,
+                                          max_tokens=max_tokens, temperature=1.0, logprobs=True, seed=3)
+    return art.TrajectoryGroup([art.Trajectory(messages_and_choices=[*MESSAGES, c], reward=float(i * i))
+                                for i, c in enumerate(resp.choices)])
+
+
+def packed_rows(service, groups, pack: bool) -> list[dict]:
+    """ART's own tokenization and packing, as LocalBackend._get_packed_tensors does them."""
+    from art.preprocessing.pack import packed_tensors_from_tokenized_results
+    from art.preprocessing.tokenize import tokenize_trajectory_groups
+
+    results = list(tokenize_trajectory_groups(service.tokenizer, groups, False, True))
+    packed = packed_tensors_from_tokenized_results(results, 2048, pad_token_id=service.tokenizer.eos_token_id,
+                                                   truncate_long_results=False, pack_results=pack)
+    return packed, acb.trimmed_rows(packed)
+
+
+def max_logprob_gap(service, rows) -> tuple[float, int]:
+    import torch
+
+    gap, n = 0.0, 0
+    for row in rows:
+        new, _ = acb.row_logprobs(service.model, row, reference=False)
+        with torch.no_grad():
+            old = row["logprobs"][0, 1:]  # logprobs[t + 1] was served for the token at t + 1
+            mask = row["assistant_mask"][0, 1:]
+            gap = max(gap, float((new[0, :-1][mask] - old[mask]).abs().max()))
+            n += int(mask.sum())
+    return gap, n
+
+
+def test_trainer_logprobs_match_the_servers_before_any_update(service):
+    group = served_group(service)
+    _, rows = packed_rows(service, [group], pack=False)
+    gap, tokens = max_logprob_gap(service, rows)
+    assert tokens == sum(len(t.messages_and_choices[-1].logprobs.content) for t in group.trajectories)
+    assert gap < 1e-4, f"trainer vs server logprobs differ by {gap:.2e}"
+    # Packed rows (a group's prompt once, ART's block mask and positions) give the same logprobs.
+    _, packed = packed_rows(service, [group], pack=True)
+    assert len(packed) == 1 and max_logprob_gap(service, packed)[0] < 1e-4
+
+
+@pytest.mark.slow
+def test_fidelity_on_smollm2(smollm_model, tmp_path):
+    svc = acb.CpuModelService("s", str(smollm_model), {"peft_args": {"r": 16, "lora_alpha": 32}}, str(tmp_path / "s"))
+    host, port = asyncio.run(svc.start_openai_server(None))
+    svc.url = f"http://{host}:{port}"
+    try:
+        _, rows = packed_rows(svc, [served_group(svc, n=2, max_tokens=12)], pack=False)
+        gap, _ = max_logprob_gap(svc, rows)
+        assert gap < 1e-4, f"trainer vs server logprobs differ by {gap:.2e}"
+    finally:
+        svc.close()
+
+
+def test_trimmed_rows_give_the_padded_rows_loss_and_gradients(service):
+    """Cutting ART's 2048-token padding and computing the LM head only where the loss looks
+    changes nothing: loss and LoRA gradients equal ART's full-row computation."""
+    import torch
+    from art.loss import loss_fn
+
+    packed, rows = packed_rows(service, [served_group(service)], pack=False)
+    config, dev_config = _configs()
+    lora = [p for n, p in service.model.named_parameters() if "lora_" in n]
+    saved = [p.detach().clone() for p in lora]
+    with torch.no_grad():
+        for p in lora:  # PEFT starts lora_B at 0, which would make every lora_A gradient 0
+            p.add_(torch.randn_like(p) * 0.05)
+    try:
+        for i, row in enumerate(rows):
+            full = {k: v[i:i + 1] for k, v in packed.items() if hasattr(v, "dim") and v.dim() == 2}
+            logits = service.model(input_ids=full["tokens"]).logits.float()
+            logp = torch.log_softmax(logits, -1)
+            nxt = torch.nn.functional.pad(full["tokens"][:, 1:], (0, 1))
+            new = logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+            ref = loss_fn(full, new, None, None, dev_config).policy_loss
+            ref_grads = torch.autograd.grad(ref, lora)
+            ours, _ = acb.row_loss(service.model, row, config, dev_config)
+            grads = torch.autograd.grad(ours, lora)
+            assert float(ours.detach()) == pytest.approx(float(ref.detach()), rel=1e-5, abs=1e-6)
+            for a, b in zip(grads, ref_grads, strict=True):
+                assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    finally:
+        with torch.no_grad():
+            for p, s in zip(lora, saved, strict=True):
+                p.copy_(s)
+
+
+def _configs():
+    from art._backend_training import build_rl_train_configs
+
+    return build_rl_train_configs(learning_rate=1e-3, epsilon=1.0, epsilon_high=4.0)
+
+
+# --------------------------------------------------------------------------------------
+# train.py end to end, real processes
+# --------------------------------------------------------------------------------------
+
+REWARD_SCRIPT = """
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def _send(self, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(200); self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data))); self.end_headers(); self.wfile.write(data)
+    def do_GET(self): self._send({"status": "ok"})
+    def do_POST(self):
+        stories = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["stories"]
+        self._send({"scores": [0.5 * len(s["title"].split()) for s in stories]})
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+@contextlib.contextmanager
+def reward_process():
+    """A reward server process (0.5 x title words): yields (url, process)."""
+    from servers import free_port, wait_healthy
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", REWARD_SCRIPT, str(port)])
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", 30, proc)
+        yield f"http://127.0.0.1:{port}", proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def train_cmd(tmp_path: Path, reward_url: str, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "train.py"), "--recipe", str(ROOT / "recipes" / "tiny.yaml"), "--backend", "cpu",
+            "--validator", "none", "--reward_url", reward_url, "--reward_retries", "1", "--runs_dir", str(tmp_path),
+            "--run_name", "r", "--eval_every", "0", "--eval_samples", "1", "--max_val_stories", "2", *extra]
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_for_train_row(run_dir: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if rows_of(run_dir, "train"):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no train row appeared (exit {proc.poll()})")
+
+
+def rows_of(run_dir: Path, split: str) -> list[dict]:
+    rows, _ = utils.read_metrics(run_dir)
+    return [r for r in rows if r["split"] == split]
+
+
+def checkpoints(run_dir: Path) -> list[int]:
+    folder = run_dir / "art" / "hn-titles" / "models" / "r" / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 600) -> tuple[int, str]:
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, log.read_text()
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_exits_75_then_the_rerun_continues(tmp_path):
+    """cispo, ART's defaults: SIGTERM after the first row -> exit 75; the rerun trains the
+    remaining steps once each; a third run of the finished run trains nothing."""
+    run_dir = tmp_path / "r"
+    with reward_process() as (url, _):
+        proc = start(train_cmd(tmp_path, url, "--max_steps", "4"), tmp_path / "1.log")
+        wait_for_train_row(run_dir, proc)
+        proc.send_signal(signal.SIGTERM)
+        code, log = finish(proc, tmp_path / "1.log")
+        assert code == 75, log[-3000:]
+        done = [r["step"] for r in rows_of(run_dir, "train")]
+        assert done == list(range(1, len(done) + 1)) and len(done) < 4
+        assert checkpoints(run_dir)[-1] == rows_of(run_dir, "train")[-1]["extra"]["art_step"]
+
+        code, log = finish(start(train_cmd(tmp_path, url, "--max_steps", "4"), tmp_path / "2.log"), tmp_path / "2.log")
+        assert code == 0, log[-3000:]
+        rows = rows_of(run_dir, "train")
+        assert [r["step"] for r in rows] == [1, 2, 3, 4]  # each step's row exactly once
+        assert [r["extra"]["art_step"] for r in rows] == [1, 2, 3, 4] and checkpoints(run_dir)[-1] == 4
+        assert all(r["method"] == "art" and r["extra"]["train_metrics"]["loss/grad_norm"] > 0 for r in rows)
+        assert [r["step"] for r in rows_of(run_dir, "val")] == [4]
+        config = json.loads((run_dir / "config.json").read_text())
+        assert config["engine"]["optimizer_steps"] == "per_sequence" and config["engine"]["weight_decay"] == 0.1
+        assert config["art"]["backend"] == "cpu"
+
+        # A finished run: nothing trains, nothing is written (in this process: no second model-loading subprocess).
+        before = (run_dir / utils.METRICS_FILE).read_text()
+        recipe, args = utils.parse_args((utils.Recipe, train.ArtArgs), "art", train_cmd(tmp_path, url, "--max_steps", "4")[2:])
+        train.main(recipe, args)
+        assert (run_dir / utils.METRICS_FILE).read_text() == before and checkpoints(run_dir)[-1] == 4
+
+
+@pytest.mark.slow
+def test_reward_server_killed_mid_run_stops_the_step_and_the_rerun_resumes(tmp_path):
+    """ppo, packed rows, one optimizer step per ART step: the reward server process dies
+    mid-run -> the step is not trained, exit 3 with the error; a rerun resumes at that step."""
+    run_dir = tmp_path / "r"
+    knobs = ("--loss_type", "ppo", "--pack_groups", "true", "--optimizer_steps", "per_step", "--max_steps", "6")
+    with reward_process() as (url, server):
+        proc = start(train_cmd(tmp_path, url, *knobs), tmp_path / "1.log")
+        wait_for_train_row(run_dir, proc)
+        server.kill()
+        code, log = finish(proc, tmp_path / "1.log")
+    assert code == 3, log[-3000:]
+    assert "reward server failed" in log and "make reward" in log
+    rows = rows_of(run_dir, "train")
+    trained = [r["step"] for r in rows]
+    assert trained == list(range(1, len(trained) + 1)) and len(trained) < 6
+    assert checkpoints(run_dir)[-1] == len(trained)  # the failing step left no checkpoint
+    with reward_process() as (url, _):
+        code, log = finish(start(train_cmd(tmp_path, url, *knobs), tmp_path / "2.log"), tmp_path / "2.log")
+    assert code == 0, log[-3000:]
+    rows = rows_of(run_dir, "train")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(r["extra"]["train_metrics"]["data/step_num_gradient_steps"] == 1.0 for r in rows)  # per_step
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["engine"]["pack_groups"] is True and config["train_kwargs"]["loss_fn"] == "ppo"
+
+
+def test_unreachable_reward_server_says_to_start_it(tmp_path, capsys):
+    from servers import free_port
+
+    argv = train_cmd(tmp_path, f"http://127.0.0.1:{free_port()}", "--max_steps", "1")[2:]
+    assert train.cli(argv) == train.EXIT_REWARD_SERVER  # before any model loads
+    assert "make reward" in capsys.readouterr().err
+    assert not (tmp_path / "r" / utils.METRICS_FILE).exists()
