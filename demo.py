@@ -352,10 +352,21 @@ TRAINER_EXITS = {3: "the reward server failed; no reward was made up",
                  75: "interrupted; a checkpoint was saved, rerun to resume"}
 
 
+def exit_reason(code: int) -> str:
+    """A signal's name for a negative exit code (SIGKILL without a Ctrl-C is usually the OOM killer)."""
+    if code >= 0:
+        return ""
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return f"killed by {name}" + (" (out of memory? the kernel's OOM killer sends it)" if -code == signal.SIGKILL else "")
+
+
 def last_line(log: Path) -> str:
-    """The log's last non-empty line (usually the trainer's one-line error), without progress-bar redraws."""
-    lines = [ln.split("\r")[-1].strip() for ln in _tail(log, 40).splitlines()]
-    lines = [ln for ln in lines if ln]
+    """The log's last non-empty line (usually the trainer's one-line error), without progress bars."""
+    lines = [ln.strip() for raw in _tail(log, 40).splitlines() for ln in raw.split("\r")]
+    lines = [ln for ln in lines if ln and not ("%|" in ln and "it/s" in ln or "it]" in ln)]
     return lines[-1][:300] if lines else "no output"
 
 
@@ -371,7 +382,8 @@ def train_method(mr: MethodRun, recipe_path: str, url: str, flags: Sequence[str]
     mr.checkpoint = find_checkpoint(mr.run_dir)
     log = mr.run_dir / "demo_train.log"
     if mr.code != 0:
-        why = TRAINER_EXITS.get(mr.code, f"{script.name} not found" if mr.code == 127 else last_line(log))
+        why = TRAINER_EXITS.get(mr.code, f"{script.name} not found" if mr.code == 127 else
+                                exit_reason(mr.code) or last_line(log))
         mr.error = f"training failed at step {mr.step} of {max_steps} (exit {mr.code}: {why}); log: {log}"
     elif mr.checkpoint is None:
         mr.error = f"training finished but {mr.run_dir} holds no adapter checkpoint; log: {log}"

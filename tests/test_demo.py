@@ -245,6 +245,8 @@ def test_train_method_records_a_failure_mid_run(tmp_path):
         os.environ["PYTHONPATH"] = env_path
     assert mr.code == 3 and mr.step == 2 and mr.checkpoint is None
     assert mr.error.startswith("training failed at step 2 of 4 (exit 3: the reward server failed")
+    assert demo.exit_reason(-9).startswith("killed by SIGKILL (out of memory?")
+    assert demo.exit_reason(-15) == "killed by SIGTERM" and demo.exit_reason(1) == ""
     missing = demo.MethodRun(demo.Method("art", "ART", str(tmp_path / "nope.py")), tmp_path / "art-y")
     demo.train_method(missing, "recipes/tiny.yaml", "http://127.0.0.1:1", [], max_steps=4)
     assert missing.code == 127 and "nope.py not found" in missing.error
