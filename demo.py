@@ -110,6 +110,10 @@ class DemoArgs:
     server_args: str = field(default="", metadata={"help": "Extra flags for local_reward.py (e.g. '--rm_path dir')."})
     server_timeout: float = field(default=300.0, metadata={"help": "Seconds to wait for the started server's /health."})
     trainer_args: str = field(default="", metadata={"help": "Extra flags for both trainers (e.g. '--max_steps 10')."})
+    trl_args: str = field(default="", metadata={
+        "help": "Extra flags for the TRL trainer only (e.g. '--gradient_checkpointing true': the same math in a "
+                "fraction of the memory, slower)."})
+    art_args: str = field(default="", metadata={"help": "Extra flags for the ART trainer only (e.g. '--pack_groups true')."})
     threads: int = field(default=0, metadata={
         "help": "Torch CPU threads for evaluation and training (0 = torch's default, one per core). On a machine "
                 "busy with other jobs, 1 avoids threads waiting on each other and is often several times faster."})
@@ -800,7 +804,8 @@ def main(args: DemoArgs) -> Summary:
         for mr in runs:
             with stages(f"train {mr.method.title}"):
                 t0, c0 = time.perf_counter(), cpu_seconds()
-                train_method(mr, args.recipe, recipe.reward_url, flags, recipe.max_steps)
+                own = shlex.split({"trl": args.trl_args, "art": args.art_args}.get(mr.method.name, ""))
+                train_method(mr, args.recipe, recipe.reward_url, flags + own, recipe.max_steps)
                 mr.train_wall, mr.train_cpu = time.perf_counter() - t0, cpu_seconds() - c0
         for mr in runs:
             if not mr.error:
