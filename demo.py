@@ -118,6 +118,9 @@ class DemoArgs:
         "help": "Torch CPU threads for evaluation and training (0 = torch's default, one per core). On a machine "
                 "busy with other jobs, 1 avoids threads waiting on each other and is often several times faster."})
     show_titles: int = field(default=5, metadata={"help": "Val stories whose titles the report shows."})
+    report_only: bool = field(default=False, metadata={
+        "help": "Train and evaluate nothing: rebuild the report and plot from the evaluations already on disk "
+                "(runs/base-<recipe>/eval/before.jsonl, <run>/demo-eval/eval/after.jsonl)."})
     strict: bool = field(default=False, metadata={
         "help": "Exit 1 unless every method is measurably better than the untrained model (interval above 0)."})
 
@@ -785,8 +788,60 @@ def server_url(args: DemoArgs, log: Path) -> Iterator[str]:
         yield url
 
 
+def read_eval(run_dir: Path, label: str) -> utils.EvalResult | None:
+    path = run_dir / "eval" / f"{label}.jsonl"
+    if not path.exists():
+        return None
+    import json
+
+    return utils.EvalResult.from_records([json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x])
+
+
+def report_only(args: DemoArgs) -> Summary:
+    """The report from the evaluations on disk (no server, no training, no generation)."""
+    if args.setting not in SETTINGS:
+        raise SystemExit(f"--setting {args.setting!r}: use one of {', '.join(SETTINGS)}")
+    recipe = load_recipe(args.recipe, SETTINGS[args.setting])
+    dirs = {k: Path(recipe.runs_dir) / v for k, v in run_names(args.recipe, args.setting).items()}
+    before = read_eval(dirs["base"], "before")
+    if before is None:
+        raise SystemExit(f"{dirs['base']}/eval/before.jsonl not found: run the demo first")
+    runs = [MethodRun(METHODS[m], dirs[m]) for m in parse_methods(args.methods)]
+    for mr in runs:
+        mr.step, mr.checkpoint = trained_steps(mr.run_dir, mr.method.name), find_checkpoint(mr.run_dir)
+        mr.result = read_eval(mr.run_dir / AFTER_DIR, "after")
+        if mr.result is None:
+            mr.error = f"no evaluation at {mr.run_dir / AFTER_DIR} (training failed or not run)"
+    summary = compute(Summary(recipe=recipe, recipe_path=args.recipe, setting=args.setting, before=before, runs=runs,
+                              machine="Rebuilt from the evaluations on disk (--report_only): no stage times."))
+    return finish(summary, args, dirs, curve_note(curve_flags(recipe, args.curve_points)))
+
+
+def curve_note(flags: Sequence[str]) -> str:
+    if "--eval_every" not in flags:
+        return "Curves: the recipe's own validations (eval_every, eval_samples)."
+    return (f"Curves: validation during training every {flags[list(flags).index('--eval_every') + 1]} steps on the "
+            "greedy titles only (one per story; the full protocol costs ~5x more), against the untrained model's "
+            "greedy titles (band: its 95% interval). The tables above use the full protocol.")
+
+
+def finish(summary: Summary, args: DemoArgs, dirs: dict[str, Path], curve: str) -> Summary:
+    """Plot, render, write and print the report."""
+    summary.curve = curve
+    summary.pngs = plot_curves(summary, dirs["base"], dirs["demo"])
+    text = render_report(summary, args.show_titles)
+    summary.report_path = dirs["demo"] / REPORT_FILE
+    summary.report_path.parent.mkdir(parents=True, exist_ok=True)
+    summary.report_path.write_text(text + "\n", encoding="utf-8")
+    print("\n" + text)
+    print(f"report -> {summary.report_path}" + (f"; plot -> {summary.pngs[0]}" if summary.pngs else ""))
+    return summary
+
+
 def main(args: DemoArgs) -> Summary:
     utils.load_env()
+    if args.report_only:
+        return report_only(args)
     set_threads(args.threads)
     recipe, dirs, runs = prepare(args)
     flags = [a for k, v in SETTINGS[args.setting].items() for a in (f"--{k}", v)]
@@ -814,17 +869,7 @@ def main(args: DemoArgs) -> Summary:
 
     summary = compute(Summary(recipe=recipe, recipe_path=args.recipe, setting=args.setting, before=before, runs=runs,
                               stages=stages.done, cpu=stages.cpu, machine=machine_note(load0)))
-    summary.curve = (f"Curves: validation during training every {flags[flags.index('--eval_every') + 1]} steps on the "
-                     "greedy titles only (one per story; the full protocol costs ~5x more), against the untrained "
-                     "model's greedy titles (band: its 95% interval). The tables above use the full protocol."
-                     if "--eval_every" in flags else "Curves: the recipe's own validations (eval_every, eval_samples).")
-    summary.pngs = plot_curves(summary, dirs["base"], dirs["demo"])
-    text = render_report(summary, args.show_titles)
-    summary.report_path = dirs["demo"] / REPORT_FILE
-    summary.report_path.write_text(text + "\n", encoding="utf-8")
-    print("\n" + text)
-    print(f"report -> {summary.report_path}" + (f"; plot -> {summary.pngs[0]}" if summary.pngs else ""))
-    return summary
+    return finish(summary, args, dirs, curve_note(flags))
 
 
 def exit_code(summary: Summary, strict: bool) -> int:

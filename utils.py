@@ -939,6 +939,16 @@ class EvalResult:
                 "template_share": share, "template_top": top,
                 "original_template_share": orig_share, "original_template_top": orig_top}
 
+    @classmethod
+    def from_records(cls, records: Sequence[dict]) -> EvalResult:
+        """The inverse of records(): an evaluation read back from its eval/<label>.jsonl."""
+        def scored(d: dict) -> Scored:
+            return Scored(**{f.name: d[f.name] for f in dataclasses.fields(Scored) if f.name in d})
+
+        return cls(greedy=[scored(r["greedy"]) for r in records],
+                   sampled=[[scored(s) for s in r["samples"]] for r in records],
+                   rows=[{"id": r.get("id"), "title": r.get("original")} for r in records])
+
     def records(self) -> list[dict]:
         """One JSON-able record per story: original title beside what the policy wrote."""
         return [{"id": r.get("id"), "original": r.get("title"), "greedy": dataclasses.asdict(g),

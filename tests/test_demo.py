@@ -367,3 +367,19 @@ def test_demo_end_to_end_on_the_tiny_recipe_then_resume(tmp_path, monkeypatch, c
         assert [r for r in utils.read_metrics(mr.run_dir)[0] if r["split"] == "train"] == train_rows[mr.method.name]
         assert len(utils.read_metrics(mr.run_dir / demo.AFTER_DIR)[0]) == 1
     assert len(utils.read_metrics(tmp_path / "base-tiny")[0]) == 2
+
+
+def test_report_only_rebuilds_from_disk(tmp_path, monkeypatch):
+    """--report_only: the evaluations read back (records -> EvalResult) give the same comparison."""
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path))
+    before, after = _result(BEFORE), _result([b + 0.1 for b in BEFORE])
+    assert utils.EvalResult.from_records(after.records()).per_story_reward() == after.per_story_reward()
+    for run_dir, label, res in ((tmp_path / "base-tiny", "before", before),
+                                (tmp_path / "trl-tiny" / demo.AFTER_DIR, "after", after)):
+        (run_dir / "eval").mkdir(parents=True)
+        (run_dir / "eval" / f"{label}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in res.records()))
+    s = demo.main(demo.DemoArgs(recipe=str(demo.ROOT / "recipes" / "tiny.yaml"), report_only=True))
+    gain = utils.bootstrap_mean_diff(after.per_story_reward(), before.per_story_reward(), seed=0)
+    assert (s.gains["trl"].diff, s.gains["trl"].lo) == pytest.approx(gain[:2])
+    assert [mr.method.name for mr in s.failed] == ["art"] and "no evaluation at" in s.failed[0].error
+    assert s.report_path == tmp_path / "demo-tiny" / demo.REPORT_FILE and "## Failed" in s.report_path.read_text()
