@@ -305,14 +305,14 @@ def greedy_only(result: utils.EvalResult) -> utils.EvalResult:
     return utils.EvalResult(greedy=list(result.greedy), sampled=[[] for _ in result.rows], rows=list(result.rows))
 
 
-def write_curve_baseline(base_dir: Path, before: utils.EvalResult) -> None:
+def write_curve_baseline(base_dir: Path, before: utils.EvalResult, model: str = "") -> None:
     """The untrained model's greedy titles as their own row, so the curves have a baseline band
     on their own protocol (greedy decoding is deterministic: no second generation needed)."""
     import evaluate
 
     result = greedy_only(before)
     row = utils.eval_metrics_row(result, method="base", step=0, wall_time=0.0, run=base_dir.name,
-                                 extra={"label": CURVE_LABEL, "derived_from": "before"})
+                                 extra={"label": CURVE_LABEL, "derived_from": "before", "model": model})
     evaluate.write_eval(base_dir, CURVE_LABEL, result, row)
 
 
@@ -855,7 +855,7 @@ def main(args: DemoArgs) -> Summary:
             check_data(recipe)
         with stages("evaluate untrained (baseline)"):
             before = evaluate_policy(recipe, dirs["base"].name, "before", "base", 0)
-            write_curve_baseline(dirs["base"], before)
+            write_curve_baseline(dirs["base"], before, recipe.model)
         for mr in runs:
             with stages(f"train {mr.method.title}"):
                 t0, c0 = time.perf_counter(), cpu_seconds()
