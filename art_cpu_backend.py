@@ -368,13 +368,13 @@ def attention_for(row: dict):
     """
     import torch
 
-    group, parent = row["group_ids"][0], row["parent_ids"][0]
-    if bool((group == group[0]).all()):
-        return None, None  # one segment: the model's own causal mask, positions 0..L-1
+    group, parent, positions = row["group_ids"][0], row["parent_ids"][0], row["input_pos"][0]
     length = group.shape[0]
+    if bool((positions == torch.arange(length)).all()):
+        return None, None  # one trajectory (positions never restart): the block mask is the causal one
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     mask = causal & ((group[:, None] == group[None, :]) | (parent[:, None] == group[None, :]))
-    return mask[None, None], row["input_pos"]
+    return mask[None, None], positions[None]
 
 
 def row_logprobs(model, row: dict, *, reference: bool = False):

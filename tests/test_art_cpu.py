@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -41,6 +42,10 @@ def service(tmp_path_factory, tiny_model):
     svc.url = f"http://{host}:{port}"
     yield svc
     svc.close()
+    # The server stops with the service: no thread of it outlives the backend.
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("art-cpu")]
+    with pytest.raises(httpx.TransportError):
+        httpx.get(svc.url + "/health", timeout=5)
 
 
 def chat(service, body: dict | bytes, **kw) -> httpx.Response:
@@ -162,6 +167,7 @@ def test_trainer_logprobs_match_the_servers_before_any_update(service):
     gap, tokens = max_logprob_gap(service, rows)
     assert tokens == sum(len(t.messages_and_choices[-1].logprobs.content) for t in group.trajectories)
     assert gap < 1e-4, f"trainer vs server logprobs differ by {gap:.2e}"
+    print(f"tiny: {tokens} completion tokens, max |trainer - server| logprob {gap:.2e}")
     # Packed rows (a group's prompt once, ART's block mask and positions) give the same logprobs.
     _, packed = packed_rows(service, [group], pack=True)
     assert len(packed) == 1 and max_logprob_gap(service, packed)[0] < 1e-4
@@ -174,7 +180,8 @@ def test_fidelity_on_smollm2(smollm_model, tmp_path):
     svc.url = f"http://{host}:{port}"
     try:
         _, rows = packed_rows(svc, [served_group(svc, n=2, max_tokens=12)], pack=False)
-        gap, _ = max_logprob_gap(svc, rows)
+        gap, tokens = max_logprob_gap(svc, rows)
+        print(f"SmolLM2: {tokens} completion tokens, max |trainer - server| logprob {gap:.2e}")
         assert gap < 1e-4, f"trainer vs server logprobs differ by {gap:.2e}"
     finally:
         svc.close()
@@ -224,7 +231,7 @@ def _configs():
 # --------------------------------------------------------------------------------------
 
 REWARD_SCRIPT = """
-import json, sys
+import json, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class H(BaseHTTPRequestHandler):
     def log_message(self, *a): pass
@@ -234,6 +241,7 @@ class H(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data))); self.end_headers(); self.wfile.write(data)
     def do_GET(self): self._send({"status": "ok"})
     def do_POST(self):
+        time.sleep(float(sys.argv[2]))  # a step lasts long enough for the test to act mid-run
         stories = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["stories"]
         self._send({"scores": [0.5 * len(s["title"].split()) for s in stories]})
 ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
@@ -241,12 +249,12 @@ ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 
 
 @contextlib.contextmanager
-def reward_process():
-    """A reward server process (0.5 x title words): yields (url, process)."""
+def reward_process(delay: float = 0.3):
+    """A reward server process (0.5 x title words, `delay` s per request): yields (url, process)."""
     from servers import free_port, wait_healthy
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", REWARD_SCRIPT, str(port)])
+    proc = subprocess.Popen([sys.executable, "-c", REWARD_SCRIPT, str(port), str(delay)])
     try:
         wait_healthy(f"http://127.0.0.1:{port}", 30, proc)
         yield f"http://127.0.0.1:{port}", proc
