@@ -1,6 +1,7 @@
 # Stages of the project, one target each. Every target sets up the environment first
 # (idempotent: a second `make setup` takes seconds).
-#   make demo    - the main job on a fresh CPU machine (setup, server, check, eval, train, eval)
+#   make demo    - the main job on a fresh CPU machine: TRL and ART trained on one recipe, evaluated on the
+#                  same stories, compared (SETTING=aligned for the same optimizer; METHODS=trl for one)
 #   make test    - the full test suite (what CI runs)
 SHELL := /bin/bash
 PY ?= python3.11
@@ -77,7 +78,7 @@ eval: setup
 	$(PYTHON) evaluate.py --recipe $(RECIPE) $(ARGS)
 
 demo: setup
-	$(PYTHON) demo.py $(ARGS)
+	$(PYTHON) demo.py --recipe $(RECIPE) $(if $(SETTING),--setting $(SETTING),) $(if $(METHODS),--methods $(METHODS),) $(ARGS)
 
 compare: setup
 	$(PYTHON) compare.py $(RUNS) $(ARGS)

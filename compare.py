@@ -1,9 +1,10 @@
 """Compare runs of either trainer (and baselines) from their metrics.jsonl: plots and one table.
 
 Reads any number of run directories (default: every run under runs/, e.g. the demo's
-TRL run and its untrained baseline), draws PNG plots (val reward vs step and vs
-wall-clock time, train reward, match rate, title length and copying vs step) and writes a
-markdown table with one row per run. Runs that are still going are fine: a partial last
+TRL and ART runs and their untrained baseline), draws PNG plots (val reward vs step and vs
+wall-clock time, train reward, match rate, title length, copying, ROUGE-L to the real title
+and the top template's share vs step; one colour per method, the untrained baseline as a
+band) and writes a markdown table with one row per run. Runs that are still going are fine: a partial last
 line, a run with only train rows or no metrics yet each give a note, never a crash.
 
     python compare.py                                   # every run under runs/ -> runs/compare/
@@ -60,6 +61,12 @@ class Run:
         and the later row (the run that went on) wins."""
         by_step = {r["step"]: r for r in self.rows if r.get("split") == name}
         return [by_step[k] for k in sorted(by_step)]
+
+    @property
+    def titles_per_story(self) -> int | None:
+        """The validation protocol of the latest val row: 1 = greedy only, 1 + eval_samples otherwise."""
+        val = [r for r in self.split("val") if r.get("n") and (r.get("extra") or {}).get("stories")]
+        return round(val[-1]["n"] / val[-1]["extra"]["stories"]) if val else None
 
     @property
     def is_reference(self) -> bool:
@@ -259,7 +266,8 @@ def summarize(run: Run, n_boot: int = 2000) -> dict:
     val = valid_val(run)
     out = {"run": run.label, "method": run.method, "model": model_of(run), "recipe": recipe_of(run),
            "steps": max((r["step"] for r in run.rows), default=None), "best": None, "final": None,
-           "match_rate": None, "title_len": None, "steps_per_hour": steps_per_hour(run),
+           "match_rate": None, "title_len": None, "rouge_l": None, "template_share": None,
+           "titles_per_story": run.titles_per_story, "steps_per_hour": steps_per_hour(run),
            "tokens_per_s": tokens_per_s(run)}
     if val:
         best = max(val, key=lambda r: r["reward_mean"])  # the earliest step on ties
@@ -269,6 +277,8 @@ def summarize(run: Run, n_boot: int = 2000) -> dict:
             out[key] = {"reward": row["reward_mean"], "step": row["step"], "spread": text, "ci": ci,
                         "std": row.get("reward_std")}
         out["match_rate"], out["title_len"] = final["match_rate"], final["title_len_mean"]
+        extra = final.get("extra") or {}
+        out["rouge_l"], out["template_share"] = extra.get("rouge_l_mean"), extra.get("template_share")
     return out
 
 
@@ -281,14 +291,16 @@ def _reward_cell(v: dict | None) -> str:
 
 
 def table(summaries: list[dict]) -> str:
-    head = ["Run", "Method", "Model", "Recipe", "Steps", "Best val reward", "Final val reward",
-            "Match rate", "Title words", "Steps/h", "Tokens/s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 5 + ["---:"] * 6) + "|"]
+    head = ["Run", "Method", "Model", "Recipe", "Steps", "Titles/story", "Best val reward", "Final val reward",
+            "Match rate", "Title words", "ROUGE-L", "Top template", "Steps/h", "Tokens/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 5 + ["---:"] * 9) + "|"]
     for s in summaries:
         cells = [s["run"], s["method"], s["model"], s["recipe"], "n/a" if s["steps"] is None else str(s["steps"]),
+                 "n/a" if s["titles_per_story"] is None else str(s["titles_per_story"]),
                  _reward_cell(s["best"]), _reward_cell(s["final"]),
                  "n/a" if s["match_rate"] is None else f"{s['match_rate']:.0%}",
-                 _fmt(s["title_len"], ".1f"), _fmt(s["steps_per_hour"], ".1f"), _fmt(s["tokens_per_s"], ".1f")]
+                 _fmt(s["title_len"], ".1f"), _fmt(s["rouge_l"], ".3f"), _fmt(s["template_share"], ".0%"),
+                 _fmt(s["steps_per_hour"], ".1f"), _fmt(s["tokens_per_s"], ".1f")]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
 
@@ -360,38 +372,85 @@ def examples_table(runs: list[Run], k: int) -> str:
 
 PANELS = {
     # file stem: (title, y label, split, x, y)
-    "val_reward_step": ("Val reward vs step", "val reward (greedy + samples)", "val", "step", "reward_mean"),
-    "val_reward_time": ("Val reward vs wall-clock", "val reward (greedy + samples)", "val", "wall_time", "reward_mean"),
+    "val_reward_step": ("Val reward vs step", "val reward (mean over the validated titles)", "val", "step", "reward_mean"),
+    "val_reward_time": ("Val reward vs wall-clock", "val reward (mean over the validated titles)", "val", "wall_time", "reward_mean"),
     "train_reward_step": ("Train reward vs step", "train reward (group mean)", "train", "step", "reward_mean"),
     "match_rate_step": ("Match rate vs step (val)", "titles supported by the body", "val", "step", "match_rate"),
     "title_len_step": ("Title length vs step (val)", "words per title", "val", "step", "title_len_mean"),
     "copy_frac_step": ("Copying vs step (val)", "longest verbatim body run / title words", "val", "step", "copy_frac_mean"),
+    # The reward never sees these two: similarity to the real title, and mode collapse onto one template.
+    "rouge_l_step": ("ROUGE-L to the real title vs step (val)", "ROUGE-L F1 (not in the reward)", "val", "step",
+                     "extra.rouge_l_mean"),
+    "template_share_step": ("Top template's share vs step (val)", "share of titles with the commonest skeleton", "val",
+                            "step", "extra.template_share"),
 }
+METHOD_COLORS = {"trl": "#1f77b4", "art": "#ff7f0e", "base": "#7f7f7f"}  # one colour per method, every plot
+LINESTYLES = ("-", ":", "-.", (0, (5, 1)))  # several runs of one method (e.g. two settings)
 
 
-def draw_panel(ax, panel: str, runs: list[Run], colors: dict[str, str], n_boot: int) -> None:
+def _get(row: dict, key: str):
+    """row[key], or row['extra'][name] for 'extra.name'."""
+    if key.startswith("extra."):
+        return (row.get("extra") or {}).get(key[len("extra."):])
+    return row.get(key)
+
+
+def run_styles(runs: list[Run]) -> dict[str, tuple[str, object]]:
+    """(colour, line style) per run: the colour names the method, the style tells its runs apart."""
+    import matplotlib
+
+    palette = [c for c in matplotlib.colormaps["tab10"].colors[2:]]
+    extra_colors: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    out = {}
+    for run in runs:
+        method = run.method
+        if method not in METHOD_COLORS and method not in extra_colors:
+            extra_colors[method] = matplotlib.colors.to_hex(palette[len(extra_colors) % len(palette)])
+        color = METHOD_COLORS.get(method) or extra_colors[method]
+        i = seen.get(method, 0)
+        seen[method] = i + 1
+        out[run.label] = (color, "--" if run.is_reference else LINESTYLES[i % len(LINESTYLES)])
+    return out
+
+
+def shown_references(runs: list[Run]) -> list[Run]:
+    """Baselines whose validation protocol (titles per story) matches a training curve's.
+
+    A curve validated with greedy titles only is compared with the baseline's greedy titles,
+    not with its greedy + sampled mean (a different number). With no curves, every baseline shows.
+    """
+    curves = {r.titles_per_story for r in runs if not r.is_reference and r.split("val")}
+    refs = [r for r in runs if r.is_reference]
+    return refs if not curves else [r for r in refs if r.titles_per_story in curves]
+
+
+def draw_panel(ax, panel: str, runs: list[Run], styles: dict[str, tuple[str, object]], n_boot: int) -> None:
     title, ylabel, split, x, y = PANELS[panel]
     drawn = False
+    refs = {r.label for r in shown_references(runs)}
     for run in runs:
-        rows = valid_val(run) if split == "val" else [r for r in run.split("train") if _finite(r.get(y))]
-        rows = [r for r in rows if _finite(r.get(x)) and _finite(r.get(y))]
+        if run.is_reference and run.label not in refs:
+            continue
+        rows = valid_val(run) if split == "val" else [r for r in run.split("train") if _finite(_get(r, y))]
+        rows = [r for r in rows if _finite(r.get(x)) and _finite(_get(r, y))]
         if not rows:
             continue
         drawn = True
-        color = colors[run.label]
+        color, style = styles[run.label]
         xs = [r[x] / 60 if x == "wall_time" else r[x] for r in rows]
-        ys = [r[y] for r in rows]
+        ys = [_get(r, y) for r in rows]
         cis = [spread(r, n_boot)[1] for r in rows] if y == "reward_mean" and split == "val" else []
         if split == "val" and run.is_reference:
             # A baseline is one point; a horizontal line (and its interval as a band) makes it
             # a reference for every step. On the time axis it sits at 0: its wall_time is its
             # own evaluation, not training.
-            ax.axhline(ys[0], color=color, linestyle="--", linewidth=1.2)
+            ax.axhline(ys[0], color=color, linestyle=style, linewidth=1.2)
             if cis and cis[0] is not None:
                 ax.axhspan(cis[0][0], cis[0][1], color=color, alpha=0.12, linewidth=0)
             ax.plot([0] if x == "wall_time" else xs, ys, marker="D", color=color, linestyle="none")
             continue
-        ax.plot(xs, ys, marker="o" if split == "val" else None, markersize=4, color=color,
+        ax.plot(xs, ys, marker="o" if split == "val" else None, markersize=4, color=color, linestyle=style,
                 linewidth=1.5 if split == "val" else 1.0, alpha=1.0 if split == "val" else 0.8)
         if cis and all(ci is not None for ci in cis):
             lo, hi = [c[0] for c in cis], [c[1] for c in cis]
@@ -421,22 +480,29 @@ def plot(runs: list[Run], out_dir: Path, n_boot: int, panels: bool = True) -> li
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
-    palette = plt.get_cmap("tab10").colors
-    colors = {run.label: matplotlib.colors.to_hex(palette[i % len(palette)]) for i, run in enumerate(runs)}
-    handles = [Line2D([], [], color=colors[r.label], linestyle="--" if r.is_reference else "-",
-                      marker="D" if r.is_reference else "o", label=f"{r.label} ({r.method})") for r in runs]
+    styles = run_styles(runs)
+    refs = {r.label for r in shown_references(runs)}
+
+    def legend_label(r: Run) -> str:
+        tps = r.titles_per_story
+        protocol = "" if tps is None else f", val {'greedy only' if tps == 1 else f'{tps} titles/story'}"
+        return f"{r.label} ({r.method}{protocol})"
+
+    shown = [r for r in runs if not r.is_reference or r.label in refs]
+    handles = [Line2D([], [], color=styles[r.label][0], linestyle=styles[r.label][1],
+                      marker="D" if r.is_reference else "o", label=legend_label(r)) for r in shown]
     paths = []
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    fig, axes = plt.subplots(2, 4, figsize=(19, 8.5))
     for ax, panel in zip(axes.flat, PANELS, strict=True):
-        draw_panel(ax, panel, runs, colors, n_boot)
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=9, frameon=False)
+        draw_panel(ax, panel, runs, styles, n_boot)
+    fig.legend(handles=handles, loc="lower center", ncol=max(1, min(len(handles), 4)), fontsize=9, frameon=False)
     fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(handles) - 1) // 4), 1, 1))
     paths.append(out_dir / "compare.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     for panel in PANELS if panels else ():
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        draw_panel(ax, panel, runs, colors, n_boot)
+        draw_panel(ax, panel, runs, styles, n_boot)
         ax.legend(handles=handles, fontsize=7, loc="best")
         fig.tight_layout()
         paths.append(out_dir / f"{panel}.png")
@@ -455,7 +521,11 @@ def report(runs: list[Run], summaries: list[dict], pngs: list[Path], examples: i
              "Val reward: mean reward over the greedy and sampled titles of the val stories (the same "
              "validator, reward model and rule for every run); `[a, b]` is a 95% bootstrap interval over "
              "stories, `±` the std over titles when per-story rewards are missing; `@N` is the step. "
-             "Match rate and title words are from the final validation. Steps/h counts wall-clock time "
+             "Titles/story is the validation protocol (1 = greedy only, the demo's cheap in-training curve). "
+             "Match rate, title words, ROUGE-L (F1 of the longest common word subsequence with the story's real "
+             "title) and top template (share of titles with the commonest skeleton: first word, and for 'X: Y' "
+             "titles the first word after the colon) are from the final validation; the reward sees neither of "
+             "the last two. Steps/h counts wall-clock time "
              "including validation; tokens/s is completions' tokens per second of train-step time, shown when the "
              "trainer logs it."]
     shown = examples_table([r for r in runs if r.exists], examples)

@@ -1,29 +1,42 @@
-"""The main job on a fresh CPU machine: reward server, data check, baseline, GRPO, evaluation, report.
+"""The main job: TRL and ART trained on one recipe, measured on the same stories, explained side by side.
 
-`make demo` runs this after `make setup`. The stages, each timed:
+`make demo` runs this after `make setup`. The stages, each timed (wall and CPU seconds):
 
 1. reward server: start `local_reward.py` on a free loopback port and wait for GET /health
    (or, with --reward_url, use a server that is already running and healthy). A server the
    demo started is always stopped at the end, also on failure, Ctrl-C or SIGTERM;
 2. data: load and filter the train and val splits exactly as a trainer would, and report them;
 3. baseline: evaluate the untrained model on val (evaluate.py: greedy + eval_samples sampled
-   titles per story, the trainer's validation code) -> runs/base-<recipe> (method "base", step 0);
-4. train: `reference_grpo_trainer.py --recipe <recipe>` on CPU, its output streamed and kept
-   in <run dir>/demo_train.log -> runs/trl-<recipe>;
-5. after: evaluate the trained adapter (the newest checkpoint) the same way: same stories,
-   samples per story and seed -> <trl run dir>/demo-eval;
-6. report: before/after val reward, the paired difference with a bootstrap 95% interval over
-   stories, stories improved, copy fraction, title length, match and trailing rates (so a gain
-   made by gaming the reward shows), sample titles beside the originals, the run directories
-   and each stage's wall time; printed and written to <trl run dir>/demo_report.md.
+   titles per story, the trainers' validation code) -> runs/base-<recipe>;
+4. train each method (--methods, default both), output streamed and kept in <run>/demo_train.log:
+   TRL = `reference_grpo_trainer.py` -> runs/trl-<recipe>, ART = `train.py --backend cpu` (ART's
+   loop on the CPU engine) -> runs/art-<recipe>. Both validate every max_steps/curve_points steps
+   on greedy titles only (a cheap curve; the full protocol costs ~5x more) for `make compare`;
+5. evaluate each trained adapter (its newest checkpoint) with the full protocol: the same
+   stories, samples per story and seed as the baseline -> <run>/demo-eval;
+6. report -> runs/demo-<recipe>/demo_report.md and compare.png: each method's gain over the
+   untrained model and ART - TRL, each a paired bootstrap 95% interval over stories; ROUGE-L to
+   the real titles and the top template's share (the reward sees neither), copy fraction, title
+   length, match rate; cost per step (wall and CPU seconds, optimizer steps, trained tokens);
+   titles side by side; the curves; what differs between the two libraries' GRPO
+   (grpo_semantics.py) and which setting ran.
 
-A rerun resumes: the trainer continues from the run's last checkpoint (a finished run is not
-retrained) and both evaluations are redone. --fresh deletes the demo's two run directories first.
+Settings (--setting): `defaults` runs each library as a user gets it (the recipe's optimizer
+knobs left empty); `aligned` sets the same optimizer, weight decay, betas and one optimizer
+step per GRPO step on both (SETTINGS below) and writes to runs/<method>-<recipe>-aligned.
 
-    python demo.py                                       # recipes/cpu.yaml (the 15-minute CPU demo)
+A method that fails mid-run does not stop the demo: the report says which, why (exit code,
+log) and how far it got, and compares what finished. A rerun resumes every method from its
+last checkpoint (a finished run is not retrained); the evaluations are redone. --fresh deletes
+the demo's run directories first. Exit code: 0, or 1 when a method failed (or, with --strict,
+when a method is not measurably better than the untrained model).
+
+    python demo.py                                       # recipes/cpu.yaml, both methods, framework defaults
+    python demo.py --setting aligned                     # same optimizer, weight decay, optimizer steps
+    python demo.py --methods trl                         # one method
     python demo.py --fresh                               # retrain from scratch
     python demo.py --reward_url http://127.0.0.1:7000    # score with an already running `make reward`
-    python demo.py --recipe recipes/tiny.yaml --fresh    # every stage in about a minute (learns nothing)
+    python demo.py --recipe recipes/tiny.yaml --fresh    # every stage in a few minutes (learns nothing)
     python demo.py --threads 1                           # on a machine shared with other jobs
 """
 
@@ -33,6 +46,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime as dt
+import math
 import os
 import shlex
 import shutil
@@ -45,30 +59,70 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpo_semantics
 import utils
 
 ROOT = utils.ROOT
-TRAINER = ROOT / "reference_grpo_trainer.py"
 SERVER = ROOT / "local_reward.py"
 REPORT_FILE = "demo_report.md"
-AFTER_DIR = "demo-eval"  # <trl run dir>/demo-eval: the demo's evaluation of the final adapter
+AFTER_DIR = "demo-eval"  # <run dir>/demo-eval: the demo's evaluation of the final adapter
+CURVE_LABEL = "before-greedy"  # the baseline's greedy titles: the in-training curve's protocol
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    title: str
+    script: str
+    args: tuple[str, ...] = ()
+
+
+METHODS = {
+    "trl": Method("trl", "TRL GRPOTrainer", "reference_grpo_trainer.py"),
+    "art": Method("art", "ART loop (CPU engine)", "train.py", ("--backend", "cpu")),
+}
+
+# `aligned`: one optimizer configuration for both. TRL cannot take one step per trajectory
+# (reference_grpo_trainer.optimizer_kwargs refuses it), so both take one per GRPO step, with
+# TRL's CPU optimizer (torch AdamW, no weight decay, betas 0.9 / 0.999).
+SETTINGS: dict[str, dict[str, str]] = {
+    "defaults": {},
+    "aligned": {"optimizer": "adamw", "weight_decay": "0.0", "adam_beta1": "0.9", "adam_beta2": "0.999",
+                "optimizer_steps": "per_step"},
+}
+SETTING_TITLES = {"defaults": "framework defaults (each library as a user gets it)",
+                  "aligned": "aligned (same optimizer, weight decay, betas, one optimizer step per GRPO step)"}
 
 
 @dataclass
 class DemoArgs:
     recipe: str = field(default="recipes/cpu.yaml", metadata={"help": "Recipe YAML shared by training and evaluation."})
+    methods: str = field(default="trl,art", metadata={"help": "Comma-separated methods to train: trl, art."})
+    setting: str = field(default="defaults", metadata={
+        "help": "'defaults' (each library's own optimizer settings) or 'aligned' (the same optimizer, weight decay, "
+                "betas and optimizer steps per batch on both)."})
     fresh: bool = field(default=False, metadata={"help": "Delete the demo's run directories first (default: resume)."})
+    curve_points: int = field(default=4, metadata={
+        "help": "Validations during training (every ceil(max_steps / N) steps), greedy titles only; 0 = the recipe's "
+                "eval_every and eval_samples."})
     reward_url: str = field(default="", metadata={
         "help": "Use this already running reward server (must answer /health) instead of starting one."})
     server_args: str = field(default="", metadata={"help": "Extra flags for local_reward.py (e.g. '--rm_path dir')."})
     server_timeout: float = field(default=300.0, metadata={"help": "Seconds to wait for the started server's /health."})
-    trainer_args: str = field(default="", metadata={"help": "Extra flags for reference_grpo_trainer.py."})
+    trainer_args: str = field(default="", metadata={"help": "Extra flags for both trainers (e.g. '--max_steps 10')."})
+    trl_args: str = field(default="", metadata={
+        "help": "Extra flags for the TRL trainer only (e.g. '--gradient_checkpointing true': the same math in a "
+                "fraction of the memory, slower)."})
+    art_args: str = field(default="", metadata={"help": "Extra flags for the ART trainer only (e.g. '--pack_groups true')."})
     threads: int = field(default=0, metadata={
         "help": "Torch CPU threads for evaluation and training (0 = torch's default, one per core). On a machine "
                 "busy with other jobs, 1 avoids threads waiting on each other and is often several times faster."})
     show_titles: int = field(default=5, metadata={"help": "Val stories whose titles the report shows."})
+    report_only: bool = field(default=False, metadata={
+        "help": "Train and evaluate nothing: rebuild the report and plot from the evaluations already on disk "
+                "(runs/base-<recipe>/eval/before.jsonl, <run>/demo-eval/eval/after.jsonl)."})
     strict: bool = field(default=False, metadata={
-        "help": "Exit 1 unless the trained model is measurably better (bootstrap interval above 0)."})
+        "help": "Exit 1 unless every method is measurably better than the untrained model (interval above 0)."})
 
 
 # --------------------------------------------------------------------------------------
@@ -196,16 +250,34 @@ def _raise_interrupt(signum, frame):
 # --------------------------------------------------------------------------------------
 
 
-def load_recipe(path: str) -> utils.Recipe:
-    """The recipe as evaluate.py and the trainers resolve it (YAML + environment)."""
-    (recipe,) = utils.parse_args((utils.Recipe,), "eval", ["--recipe", path])
+def load_recipe(path: str, overrides: dict[str, str] | None = None) -> utils.Recipe:
+    """The recipe as evaluate.py and the trainers resolve it (YAML + environment + the setting's flags)."""
+    argv = ["--recipe", path] + [a for k, v in (overrides or {}).items() for a in (f"--{k}", v)]
+    (recipe,) = utils.parse_args((utils.Recipe,), "eval", argv)
     return recipe
 
 
-def run_names(recipe: utils.Recipe, recipe_path: str) -> tuple[str, str]:
-    """(baseline, trained) run directory names: base-<recipe> and the trainer's own trl-<recipe>."""
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods or len(set(methods)) != len(methods):
+        raise SystemExit(f"--methods {text!r}: give one or more of {', '.join(METHODS)}, comma-separated, once each")
+    return methods
+
+
+def run_names(recipe_path: str, setting: str = "defaults") -> dict[str, str]:
+    """Run directory names: base-<recipe>, <method>-<recipe>[-<setting>], demo-<recipe>[-<setting>]."""
     stem = Path(recipe_path).stem
-    return f"base-{stem}", recipe.run_name or f"trl-{stem}"
+    tag = "" if setting == "defaults" else f"-{setting}"
+    return {"base": f"base-{stem}", "demo": f"demo-{stem}{tag}", **{m: f"{m}-{stem}{tag}" for m in METHODS}}
+
+
+def curve_flags(recipe: utils.Recipe, points: int) -> list[str]:
+    """Trainer flags for the in-training curve: `points` validations on greedy titles only."""
+    if points <= 0:
+        return []
+    every = max(1, math.ceil(recipe.max_steps / points))
+    return ["--eval_every", str(every), "--eval_samples", "0"]
 
 
 def check_data(recipe: utils.Recipe) -> dict:
@@ -221,28 +293,133 @@ def check_data(recipe: utils.Recipe) -> dict:
 
 
 def evaluate_policy(recipe: utils.Recipe, run_name: str, label: str, method: str, step: int, adapter: str = ""):
-    """evaluate.py's main on `recipe` into runs/<run_name>: the trainer's validation procedure."""
+    """evaluate.py's main on `recipe` into runs/<run_name>: the trainers' validation procedure."""
     import evaluate
 
     recipe = dataclasses.replace(copy.deepcopy(recipe), run_name=run_name)
     return evaluate.main(recipe, evaluate.EvalArgs(adapter=adapter, label=label, method=method, step=step))
 
 
-def last_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint-N folder holding an adapter."""
-    ckpts = [p for p in run_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-             and (p / "adapter_config.json").exists()]
-    return max(ckpts, key=lambda p: int(p.name.split("-")[-1]), default=None)
+def greedy_only(result: utils.EvalResult) -> utils.EvalResult:
+    """The greedy part of an evaluation: what a greedy-only validation of the same policy scores."""
+    return utils.EvalResult(greedy=list(result.greedy), sampled=[[] for _ in result.rows], rows=list(result.rows))
+
+
+def write_curve_baseline(base_dir: Path, before: utils.EvalResult, model: str = "") -> None:
+    """The untrained model's greedy titles as their own row, so the curves have a baseline band
+    on their own protocol (greedy decoding is deterministic: no second generation needed)."""
+    import evaluate
+
+    result = greedy_only(before)
+    row = utils.eval_metrics_row(result, method="base", step=0, wall_time=0.0, run=base_dir.name,
+                                 extra={"label": CURVE_LABEL, "derived_from": "before", "model": model})
+    evaluate.write_eval(base_dir, CURVE_LABEL, result, row)
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The newest adapter folder of a run: TRL's checkpoint-N, or ART's checkpoints/NNNN (any depth)."""
+    def step_of(p: Path) -> int | None:
+        tail = p.name.split("-")[-1]
+        return int(tail) if tail.isdigit() and (p.name.isdigit() or p.name.startswith("checkpoint-")) else None
+
+    found = [p.parent for p in run_dir.rglob("adapter_config.json")
+             if step_of(p.parent) is not None and AFTER_DIR not in p.parts]
+    return max(found, key=lambda p: (step_of(p), str(p)), default=None)
+
+
+last_checkpoint = find_checkpoint  # the old name
+
+
+def trained_steps(run_dir: Path, method: str) -> int:
+    """The last step the run logged (its train rows; an ART step skipped untrained counts too)."""
+    rows, _ = utils.read_metrics(run_dir)
+    return max((r["step"] for r in rows if r["split"] == "train" and r["method"] == method), default=0)
+
+
+@dataclass
+class MethodRun:
+    """One method's part of the demo: training outcome, evaluation, cost."""
+
+    method: Method
+    run_dir: Path
+    code: int | None = None       # the trainer's exit code (None: not run)
+    error: str = ""               # why it failed; empty when it finished
+    step: int = 0                 # last step logged
+    checkpoint: Path | None = None
+    result: utils.EvalResult | None = None
+    train_wall: float = 0.0       # this invocation's training stage
+    train_cpu: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and self.result is not None
+
+
+TRAINER_EXITS = {3: "the reward server failed; no reward was made up",
+                 75: "interrupted; a checkpoint was saved, rerun to resume"}
+
+
+def exit_reason(code: int) -> str:
+    """A signal's name for a negative exit code (SIGKILL without a Ctrl-C is usually the OOM killer)."""
+    if code >= 0:
+        return ""
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return f"killed by {name}" + (" (out of memory? the kernel's OOM killer sends it)" if -code == signal.SIGKILL else "")
+
+
+def last_line(log: Path) -> str:
+    """The log's last non-empty line (usually the trainer's one-line error), without progress bars."""
+    lines = [ln.strip() for raw in _tail(log, 40).splitlines() for ln in raw.split("\r")]
+    lines = [ln for ln in lines if ln and not ("%|" in ln and "it/s" in ln or "it]" in ln)]
+    return lines[-1][:300] if lines else "no output"
+
+
+def train_method(mr: MethodRun, recipe_path: str, url: str, flags: Sequence[str], max_steps: int) -> None:
+    """Run the method's trainer to the end; on failure record why (the demo goes on)."""
+    script = ROOT / mr.method.script
+    cmd = [sys.executable, str(script), "--recipe", recipe_path, "--reward_url", url,
+           "--run_name", mr.run_dir.name, *mr.method.args, *flags]
+    print("$ " + shlex.join(cmd), flush=True)
+    mr.run_dir.mkdir(parents=True, exist_ok=True)
+    mr.code = stream(cmd, mr.run_dir / "demo_train.log") if script.exists() else 127
+    mr.step = trained_steps(mr.run_dir, mr.method.name)
+    mr.checkpoint = find_checkpoint(mr.run_dir)
+    log = mr.run_dir / "demo_train.log"
+    if mr.code != 0:
+        why = TRAINER_EXITS.get(mr.code, f"{script.name} not found" if mr.code == 127 else
+                                exit_reason(mr.code) or last_line(log))
+        mr.error = f"training failed at step {mr.step} of {max_steps} (exit {mr.code}: {why}); log: {log}"
+    elif mr.checkpoint is None:
+        mr.error = f"training finished but {mr.run_dir} holds no adapter checkpoint; log: {log}"
+    elif mr.step < max_steps:
+        mr.error = f"training stopped at step {mr.step} of {max_steps} (exit 0); log: {log}"
+    if mr.error:
+        print(f"\n[{mr.method.name}] {mr.error}", flush=True)
+
+
+def evaluate_method(mr: MethodRun, recipe: utils.Recipe) -> None:
+    """The full-protocol evaluation of the method's newest adapter; a failure is recorded, not raised."""
+    # Its own run dir inside the training run: the trainer already logged a val row at this step.
+    shutil.rmtree(mr.run_dir / AFTER_DIR, ignore_errors=True)  # redone on every run, like the baseline
+    try:
+        mr.result = evaluate_policy(recipe, f"{mr.run_dir.name}/{AFTER_DIR}", "after", mr.method.name, mr.step,
+                                    adapter=str(mr.checkpoint))
+    except (Exception, SystemExit) as e:  # one method's broken adapter must not cost the other's report
+        mr.error = f"evaluation of {mr.checkpoint} failed: {type(e).__name__}: {e}"
+        print(f"\n[{mr.method.name}] {mr.error}", flush=True)
 
 
 # --------------------------------------------------------------------------------------
-# Report
+# Comparison
 # --------------------------------------------------------------------------------------
 
 
 @dataclass
 class Comparison:
-    """Trained vs untrained on the same val stories."""
+    """Paired comparison of two evaluations on the same val stories (`after` - `before`)."""
 
     before: dict
     after: dict
@@ -252,6 +429,9 @@ class Comparison:
     improved: int
     worse: int
     n: int
+    rouge_diff: float = float("nan")
+    rouge_lo: float = float("nan")
+    rouge_hi: float = float("nan")
 
     @property
     def significant(self) -> bool:
@@ -261,104 +441,264 @@ class Comparison:
     def copy_rose(self) -> bool:
         return self.after["copy_frac_mean"] > self.before["copy_frac_mean"] + 1e-9
 
+    @property
+    def template_rose(self) -> bool:
+        """The commonest title skeleton gained 10 points or more: titles collapsing onto one form."""
+        return self.after["template_share"] > self.before["template_share"] + 0.1
+
+    @property
+    def rouge_confirms(self) -> bool:
+        return self.rouge_lo > 0
+
 
 def summarize(result: utils.EvalResult) -> dict:
-    """The shared-schema numbers of one evaluation, plus the greedy-only mean."""
+    """The shared-schema numbers of one evaluation, the greedy-only mean and the independent metrics."""
     row = utils.metrics_row(method="", step=0, split="val", scored=result.all_scored(), wall_time=0)
     row["greedy_reward_mean"] = utils.stats(s.reward for s in result.greedy)["mean"]
+    row.update(result.independent())
     return row
 
 
 def compare(before: utils.EvalResult, after: utils.EvalResult, seed: int = 0) -> Comparison:
     ids_b, ids_a = [r.get("id") for r in before.rows], [r.get("id") for r in after.rows]
     if ids_b != ids_a:
-        raise ValueError("before and after were evaluated on different stories; a paired comparison needs the same")
+        raise ValueError("the two evaluations cover different stories; a paired comparison needs the same")
     b, a = before.per_story_reward(), after.per_story_reward()
     diff, lo, hi = utils.bootstrap_mean_diff(a, b, seed=seed)
+    rd, rlo, rhi = utils.bootstrap_mean_diff(after.per_story_rouge_l(), before.per_story_rouge_l(), seed=seed)
     return Comparison(before=summarize(before), after=summarize(after), diff=diff, lo=lo, hi=hi,
-                      improved=sum(x > y for x, y in zip(a, b)), worse=sum(x < y for x, y in zip(a, b)), n=len(a))
+                      improved=sum(x > y for x, y in zip(a, b)), worse=sum(x < y for x, y in zip(a, b)), n=len(a),
+                      rouge_diff=rd, rouge_lo=rlo, rouge_hi=rhi)
 
 
-def trainer_val_rows(run_dir: Path) -> list[dict]:
-    """The trainer's own validations (one row per step, the last one logged wins)."""
-    rows, _ = utils.read_metrics(run_dir)
-    by_step = {r["step"]: r for r in rows if r["split"] == "val" and r["method"] == "trl"}
-    return [by_step[k] for k in sorted(by_step)]
+def verdict(cmp: Comparison, name: str, ref: str) -> str:
+    """One sentence on `name` vs `ref` and what the independent metrics say about it."""
+    if cmp.significant:
+        out = f"**{name} is measurably better than {ref}** (the interval excludes 0)."
+    elif cmp.hi < 0:
+        out = f"**{name} is measurably worse than {ref}** (the interval is below 0)."
+    else:
+        out = f"**No measurable difference between {name} and {ref}** (the interval includes 0)."
+    if cmp.significant and not cmp.rouge_confirms:
+        out += (f" **The reward gain does not show on ROUGE-L** ({cmp.rouge_diff:+.3f} [{cmp.rouge_lo:+.3f}, "
+                f"{cmp.rouge_hi:+.3f}]): the titles did not get closer to the real ones.")
+    if cmp.template_rose:
+        out += (f" **Titles collapsed toward one template**: `{cmp.after['template_top']}` "
+                f"{cmp.before['template_share']:.0%} -> {cmp.after['template_share']:.0%}.")
+    if cmp.copy_rose and cmp.significant:
+        out += " **The copy fraction rose**: part of the gain may come from copying the article."
+    return out
+
+
+# Where each cost lives in a train row's extras: our own key first, then ART's metrics of the
+# step (LocalBackend reports gradient steps and the assistant tokens it packed for training).
+COST_KEYS = {"optimizer_steps": ("optimizer_steps", "train_metrics/data/step_num_gradient_steps"),
+             "trained_tokens": ("trained_tokens", "train_metrics/data/step_trainer_tokens"),
+             "step_seconds": ("step_seconds",), "step_cpu_seconds": ("step_cpu_seconds",)}
+
+
+def _number(x) -> float | None:
+    ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return float(x) if ok else None
+
+
+def row_cost(row: dict, name: str) -> float | None:
+    """One cost of one train row (COST_KEYS), None when the trainer did not log it."""
+    extra = row.get("extra") or {}
+    if extra.get("skipped") and name in ("optimizer_steps", "trained_tokens"):
+        return 0.0  # an ART step whose groups could not teach: skipped untrained
+    for key in COST_KEYS[name]:
+        section, _, sub = key.partition("/")
+        value = (extra.get(section) or {}).get(sub) if sub else extra.get(key)
+        if _number(value) is not None:
+            return _number(value)
+    return None
+
+
+def mean_cost(rows: Sequence[dict], name: str) -> float | None:
+    vals = [v for v in (row_cost(r, name) for r in rows) if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def cost(mr: MethodRun) -> dict:
+    """Per-step cost from the run's own train rows (every step it ever trained), and this invocation's stage."""
+    rows, _ = utils.read_metrics(mr.run_dir)
+    by_step = {r["step"]: r for r in rows if r["split"] == "train" and r["method"] == mr.method.name}
+    train = [by_step[k] for k in sorted(by_step)]
+    val = [r for r in rows if r["split"] == "val" and r["method"] == mr.method.name]
+    return {"steps": len(train), **{name: mean_cost(train, name) for name in COST_KEYS},
+            "val_seconds": sum((r.get("extra") or {}).get("eval_seconds") or 0.0 for r in val), "vals": len(val),
+            "stage_wall": mr.train_wall, "stage_cpu": mr.train_cpu}
+
+
+def _fmt(x, spec: str) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
 def _fmt_duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min ({seconds:.0f} s)" if seconds >= 60 else f"{seconds:.0f} s"
 
 
-def render_report(cmp: Comparison, before: utils.EvalResult, after: utils.EvalResult, *, recipe: utils.Recipe,
-                  recipe_path: str, run_dirs: dict[str, Path], stages: Sequence[tuple[str, float]],
-                  show_titles: int = 5, machine: str = "", trainer_val: Sequence[dict] = (),
-                  cpu: Sequence[float] | None = None) -> str:
-    """The demo's report as Markdown (what it prints and writes to demo_report.md)."""
-    samples = 1 + recipe.eval_samples
-    verdict = ("**Trained is measurably better**: the 95% interval of the paired difference excludes 0."
-               if cmp.significant else
-               "**Not measurably better**: the 95% interval of the paired difference includes 0 (or is below it).")
-    copy_note = ("**The copy fraction rose**: part of the gain may come from copying the article."
-                 if cmp.copy_rose else "The copy fraction did not rise.")
-    lines = [
-        f"# Demo report: {Path(recipe_path).name}",
-        "",
-        f"Model `{recipe.model}`, {cmp.n} val stories x {samples} titles each (1 greedy + {recipe.eval_samples} "
-        f"sampled at T={recipe.temperature}, <= {recipe.max_completion_tokens} tokens), validator `{recipe.validator}`, "
-        f"seed {recipe.seed}. " + ("Title = the first line: generation stops at the first line break."
-                                   if recipe.stop_at_newline else
-                                   f"Title = first non-empty line of the completion; text after it costs "
-                                   f"{recipe.trailing_penalty}."),
-        "",
-        "## Val reward, untrained vs trained",
-        "",
-        f"Paired difference (trained - untrained) of the mean reward per story: **{cmp.diff:+.3f}**, "
-        f"bootstrap 95% interval [{cmp.lo:+.3f}, {cmp.hi:+.3f}] over {cmp.n} stories; "
-        f"{cmp.improved}/{cmp.n} stories improved, {cmp.worse} got worse.",
-        "",
-        verdict + " " + copy_note,
-        "",
-        "| metric | untrained | trained | change |",
-        "|---|---|---|---|",
-    ]
-    rows = [("reward mean (all titles)", "reward_mean", "{:.3f}"), ("reward std", "reward_std", "{:.3f}"),
-            ("reward p5 / median / p95", None, None), ("greedy reward mean", "greedy_reward_mean", "{:.3f}"),
-            ("reward-model score mean", "rm_mean", "{:.3f}"), ("match rate (validator)", "match_rate", "{:.0%}"),
-            ("copy fraction", "copy_frac_mean", "{:.2f}"), ("title length (words)", "title_len_mean", "{:.1f}"),
-            ("trailing-text rate", "trailing_rate", "{:.0%}")]
-    for label, key, fmt in rows:
-        if key is None:
-            b, a = cmp.before, cmp.after
-            lines.append(f"| {label} | {b['reward_p5']:.3f} / {b['reward_median']:.3f} / {b['reward_p95']:.3f} "
-                         f"| {a['reward_p5']:.3f} / {a['reward_median']:.3f} / {a['reward_p95']:.3f} | |")
+def _interval(c: Comparison) -> str:
+    return f"{c.diff:+.3f} [{c.lo:+.3f}, {c.hi:+.3f}]"
+
+
+def _rouge_interval(c: Comparison) -> str:
+    return f"{c.rouge_diff:+.3f} [{c.rouge_lo:+.3f}, {c.rouge_hi:+.3f}]"
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    """Everything the report shows; main() returns it."""
+
+    recipe: utils.Recipe
+    recipe_path: str
+    setting: str
+    before: utils.EvalResult
+    runs: list[MethodRun]
+    gains: dict[str, Comparison] = field(default_factory=dict)
+    art_vs_trl: Comparison | None = None
+    stages: list[tuple[str, float]] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    machine: str = ""
+    curve: str = ""                 # how the in-training curve was validated
+    pngs: list[Path] = field(default_factory=list)
+    report_path: Path | None = None
+
+    @property
+    def failed(self) -> list[MethodRun]:
+        return [mr for mr in self.runs if not mr.ok]
+
+
+def compute(summary: Summary) -> Summary:
+    """Each finished method vs the untrained model, and ART - TRL when both finished."""
+    done = {mr.method.name: mr for mr in summary.runs if mr.ok}
+    summary.gains = {m: compare(summary.before, mr.result) for m, mr in done.items()}
+    if "trl" in done and "art" in done:
+        summary.art_vs_trl = compare(done["trl"].result, done["art"].result)
+    return summary
+
+
+def _header(s: Summary) -> list[str]:
+    r = s.recipe
+    overrides = SETTINGS[s.setting]
+    knobs = ", ".join(f"`{k}: {v}`" for k, v in overrides.items()) or "none: every optimizer knob left to each library"
+    return [
+        f"# Demo report: {', '.join(mr.method.title for mr in s.runs)} on {Path(s.recipe_path).name}", "",
+        f"Setting: **{SETTING_TITLES[s.setting]}**; recipe overrides: {knobs}.", "",
+        f"Model `{r.model}`, {r.max_steps} GRPO steps of {r.prompts_per_step} x {r.num_generations} completions, "
+        f"lr {r.learning_rate:g}, loss {r.loss_type}, beta {r.beta:g}, LoRA r{r.lora_r}/a{r.lora_alpha}. "
+        f"Evaluation: {len(s.before.rows)} val stories x {1 + r.eval_samples} titles (1 greedy + {r.eval_samples} "
+        f"sampled at T={r.temperature}, <= {r.max_completion_tokens} tokens), validator `{r.validator}`, seed "
+        f"{r.seed}, the same stories, samples per story and seed for every policy. Intervals: paired bootstrap "
+        "95% over stories.", ""]
+
+
+def _gains(s: Summary) -> list[str]:
+    lines = ["## Gains", "", "| method | steps | val reward: untrained -> trained | gain [95% interval] | "
+             "stories better / worse | ROUGE-L gain [95% interval] |", "|---|---|---|---|---|---|"]
+    for mr in s.runs:
+        c = s.gains.get(mr.method.name)
+        if c is None:
+            lines.append(f"| {mr.method.title} | {mr.step} | **failed** (see below) | n/a | n/a | n/a |")
             continue
-        b, a = cmp.before[key], cmp.after[key]
-        lines.append(f"| {label} | {fmt.format(b)} | {fmt.format(a)} | {fmt.replace('{:', '{:+').format(a - b)} |")
-    if trainer_val:
-        lines += ["", "Validation inside the training run (same code and stories; the sampling RNG is the "
-                  "training run's, so the last row differs a little from the evaluation above):", "",
-                  "| step | reward mean | greedy reward | copy fraction | title words | trailing |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['step']} | {r['reward_mean']:.3f} | {r['extra'].get('greedy_reward_mean', float('nan')):.3f} "
-                  f"| {r['copy_frac_mean']:.2f} | {r['title_len_mean']:.1f} | {r['trailing_rate']:.0%} |" for r in trainer_val]
-    lines += ["", "## Sample titles (greedy)", ""]
-    for rb, ra in list(zip(before.records(), after.records()))[:show_titles]:
-        gb, ga = rb["greedy"], ra["greedy"]
-        lines += [f"- original:  {rb['original']}",
-                  f"  - untrained: {gb['title'] or '(empty)'}  (reward {gb['reward']:.2f}, copy {gb['copy']:.2f})",
-                  f"  - trained:   {ga['title'] or '(empty)'}  (reward {ga['reward']:.2f}, copy {ga['copy']:.2f})"]
-    lines += ["", "## Runs", ""]
-    lines += [f"- {name}: `{path}`" for name, path in run_dirs.items()]
-    cpu = list(cpu or [])
-    lines += ["", "## Wall time", "", "| stage | wall time | CPU time |", "|---|---|---|"]
-    lines += [f"| {name} | {_fmt_duration(sec)} | {f'{cpu[i]:.0f} s' if i < len(cpu) else ''} |"
-              for i, (name, sec) in enumerate(stages)]
-    lines += [f"| **total** | **{_fmt_duration(sum(sec for _, sec in stages))}** | "
-              f"{f'{sum(cpu):.0f} s' if cpu else ''} |", "",
-              "CPU time = user + system seconds of the demo and the trainer (not the reward server); on a busy "
-              "machine the wall time grows with the load while the CPU time stays roughly the work done.", ""]
-    if machine:
-        lines += [machine, ""]
+        lines.append(f"| {mr.method.title} | {mr.step} | {c.before['reward_mean']:.3f} -> {c.after['reward_mean']:.3f} "
+                     f"| **{_interval(c)}** | {c.improved} / {c.worse} of {c.n} | {_rouge_interval(c)} |")
+    if s.art_vs_trl is not None:
+        c = s.art_vs_trl
+        lines.append(f"| **ART - TRL** | | {c.before['reward_mean']:.3f} vs {c.after['reward_mean']:.3f} | "
+                     f"**{_interval(c)}** | ART better on {c.improved}, worse on {c.worse} of {c.n} | {_rouge_interval(c)} |")
+    lines.append("")
+    for mr in s.runs:
+        if mr.method.name in s.gains:
+            lines += [f"- {mr.method.title}: " + verdict(s.gains[mr.method.name], mr.method.title, "the untrained model")]
+    if s.art_vs_trl is not None:
+        lines += ["- ART vs TRL: " + verdict(s.art_vs_trl, "ART", "TRL")]
+    elif len(s.runs) > 1:
+        lines += ["- ART vs TRL: not compared (a method did not finish)."]
+    return lines + [""]
+
+
+METRIC_ROWS = [("reward mean (all titles)", "reward_mean", "{:.3f}"), ("greedy reward mean", "greedy_reward_mean", "{:.3f}"),
+               ("reward-model score mean", "rm_mean", "{:.3f}"), ("match rate (validator)", "match_rate", "{:.0%}"),
+               ("copy fraction", "copy_frac_mean", "{:.2f}"), ("title length (words)", "title_len_mean", "{:.1f}"),
+               ("trailing-text rate", "trailing_rate", "{:.0%}"),
+               ("ROUGE-L to the real title (not in the reward)", "rouge_l_mean", "{:.3f}"),
+               ("top template's share (not in the reward)", "template_share", "{:.0%}")]
+
+
+def _metrics(s: Summary) -> list[str]:
+    cols = [("untrained", summarize(s.before))] + [(mr.method.title, summarize(mr.result)) for mr in s.runs if mr.ok]
+    lines = ["## Every metric", "", "| metric | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---|" * len(cols)]
+    for label, key, fmt in METRIC_ROWS:
+        lines.append(f"| {label} | " + " | ".join(fmt.format(v[key]) for _, v in cols) + " |")
+    lines.append("| top template | " + " | ".join(f"`{v['template_top']}`" for _, v in cols) + " |")
+    b = cols[0][1]
+    lines += ["", f"Original titles: top template `{b['original_template_top']}` on {b['original_template_share']:.0%}. "
+              "Template = a title's first word, plus the first word after the colon for 'X: Y' titles; its share "
+              "is the fraction of all titles (greedy + sampled) with the commonest one. ROUGE-L = F1 of the longest "
+              "common word subsequence with the story's real title.", ""]
+    return lines
+
+
+def _cost(s: Summary) -> list[str]:
+    lines = ["## Cost per method", "", "| method | steps | wall s / step | CPU s / step | optimizer steps / step | "
+             "trained tokens / step | in-training validation | training stage (this run) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for mr in s.runs:
+        c = cost(mr)
+        lines.append(f"| {mr.method.title} | {c['steps']} | {_fmt(c['step_seconds'], '.1f')} | "
+                     f"{_fmt(c['step_cpu_seconds'], '.1f')} | {_fmt(c['optimizer_steps'], '.1f')} | "
+                     f"{_fmt(c['trained_tokens'], '.0f')} | {c['vals']} x, {c['val_seconds']:.0f} s | "
+                     f"{_fmt_duration(c['stage_wall'])}, CPU {c['stage_cpu']:.0f} s |")
+    return lines + ["", "Per step: means over the run's train rows (rollouts, reward and update; validation not "
+                    "included). CPU seconds are the trainer process's own; on a shared machine the wall time grows "
+                    "with the load while CPU time stays the work done. Trained tokens = completion tokens the loss "
+                    "is computed over (ART drops zero-advantage trajectories before that).", ""]
+
+
+def _titles(s: Summary, k: int) -> list[str]:
+    done = [mr for mr in s.runs if mr.ok]
+    head = ["original", "untrained"] + [mr.method.name.upper() for mr in done]
+    lines = ["## Titles side by side (greedy, reward in brackets)", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
+    recs = [s.before.records()] + [mr.result.records() for mr in done]
+
+    def cell(g: dict) -> str:
+        return f"{(g['title'] or '(empty)').replace('|', '/')} ({g['reward']:.2f})"
+
+    for i in range(min(k, len(recs[0]))):
+        lines.append(f"| {str(recs[0][i]['original']).replace('|', '/')} | "
+                     + " | ".join(cell(r[i]["greedy"]) for r in recs) + " |")
+    return lines + [""]
+
+
+def render_report(s: Summary, show_titles: int = 5) -> str:
+    """The demo's report as Markdown (what it prints and writes to demo_report.md)."""
+    lines = _header(s) + _gains(s) + _metrics(s) + _cost(s)
+    if s.pngs:
+        lines += ["## Curves", "", f"![comparison]({s.pngs[0].name})", "", s.curve, ""]
+    lines += _titles(s, show_titles)
+    if s.failed:
+        lines += ["## Failed", ""] + [f"- {mr.method.title}: {mr.error}" for mr in s.failed] + [""]
+    lines += ["## What differs between the two libraries' GRPO", "",
+              f"This run: {SETTING_TITLES[s.setting]}. The other setting is one flag away "
+              f"(`--setting {'aligned' if s.setting == 'defaults' else 'defaults'}`).", "", grpo_semantics.markdown(), ""]
+    lines += ["## Runs and wall time", ""]
+    lines += [f"- {mr.method.title}: `{mr.run_dir}` (adapter `{mr.checkpoint}`)" for mr in s.runs]
+    lines += ["", "| stage | wall time | CPU time |", "|---|---|---|"]
+    lines += [f"| {name} | {_fmt_duration(sec)} | {f'{s.cpu[i]:.0f} s' if i < len(s.cpu) else ''} |"
+              for i, (name, sec) in enumerate(s.stages)]
+    lines += [f"| **total** | **{_fmt_duration(sum(sec for _, sec in s.stages))}** | "
+              f"{f'{sum(s.cpu):.0f} s' if s.cpu else ''} |", "",
+              "CPU time = user + system seconds of the demo and its trainers (not the reward server).", ""]
+    if s.machine:
+        lines += [s.machine, ""]
     return "\n".join(lines)
 
 
@@ -369,13 +709,22 @@ def machine_note(load_before: tuple[float, ...]) -> str:
             f"Finished {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}.")
 
 
+def plot_curves(summary: Summary, base_dir: Path, out_dir: Path) -> list[Path]:
+    """compare.py's plots of this demo's runs: one colour per method, the baseline as a band."""
+    import compare as compare_runs
+
+    runs = [run for p in [base_dir] + [mr.run_dir for mr in summary.runs] for run in compare_runs.load_run(p)]
+    runs = [r for r in runs if r.rows]
+    return compare_runs.plot(runs, out_dir, n_boot=2000, panels=False) if runs else []
+
+
 # --------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process and its finished children (the trainer): a load-independent cost."""
+    """CPU time of this process and its finished children (the trainers): a load-independent cost."""
     import resource
 
     return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
@@ -401,7 +750,7 @@ class Stages:
 
 
 def set_threads(threads: int) -> None:
-    """Pin torch's thread count here and in the trainer (read at import: call before torch loads)."""
+    """Pin torch's thread count here and in the trainers (read at import: call before torch loads)."""
     if threads > 0:
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[name] = str(threads)
@@ -409,73 +758,127 @@ def set_threads(threads: int) -> None:
             sys.modules["torch"].set_num_threads(threads)
 
 
-def main(args: DemoArgs) -> Comparison:
-    utils.load_env()
-    set_threads(args.threads)
-    recipe = load_recipe(args.recipe)
-    base_name, train_name = run_names(recipe, args.recipe)
-    base_dir, train_dir = Path(recipe.runs_dir) / base_name, Path(recipe.runs_dir) / train_name
+def prepare(args: DemoArgs) -> tuple[utils.Recipe, dict[str, Path], list[MethodRun]]:
+    """The recipe with the setting applied, the run directories (emptied by --fresh), one MethodRun per method."""
+    if args.setting not in SETTINGS:
+        raise SystemExit(f"--setting {args.setting!r}: use one of {', '.join(SETTINGS)}")
+    methods = parse_methods(args.methods)
+    recipe = load_recipe(args.recipe, SETTINGS[args.setting])
+    dirs = {k: Path(recipe.runs_dir) / v for k, v in run_names(args.recipe, args.setting).items()}
     if args.fresh:
-        for d in (base_dir, train_dir):
-            shutil.rmtree(d, ignore_errors=True)
+        for key in ("base", "demo", *methods):
+            shutil.rmtree(dirs[key], ignore_errors=True)
     # The baseline is recomputed on every run, so its old rows would only duplicate step 0.
-    shutil.rmtree(base_dir, ignore_errors=True)
-    train_dir.mkdir(parents=True, exist_ok=True)
-    load0, stages = os.getloadavg(), Stages(5)
+    shutil.rmtree(dirs["base"], ignore_errors=True)
+    dirs["demo"].mkdir(parents=True, exist_ok=True)
+    return recipe, dirs, [MethodRun(METHODS[m], dirs[m]) for m in methods]
+
+
+@contextlib.contextmanager
+def server_url(args: DemoArgs, log: Path) -> Iterator[str]:
+    """The reward server's URL: the running one given, or one started (and always stopped) here."""
+    if args.reward_url:
+        url = args.reward_url.rstrip("/")
+        health = wait_healthy(url, timeout=10.0)
+        print(f"using the running server at {url}: {health}")
+        yield url
+        return
+    with reward_server(log, args.server_timeout, shlex.split(args.server_args)) as (url, health):
+        print(f"started local_reward.py at {url} (log {log}): {health}")
+        yield url
+
+
+def read_eval(run_dir: Path, label: str) -> utils.EvalResult | None:
+    path = run_dir / "eval" / f"{label}.jsonl"
+    if not path.exists():
+        return None
+    import json
+
+    return utils.EvalResult.from_records([json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x])
+
+
+def report_only(args: DemoArgs) -> Summary:
+    """The report from the evaluations on disk (no server, no training, no generation)."""
+    if args.setting not in SETTINGS:
+        raise SystemExit(f"--setting {args.setting!r}: use one of {', '.join(SETTINGS)}")
+    recipe = load_recipe(args.recipe, SETTINGS[args.setting])
+    dirs = {k: Path(recipe.runs_dir) / v for k, v in run_names(args.recipe, args.setting).items()}
+    before = read_eval(dirs["base"], "before")
+    if before is None:
+        raise SystemExit(f"{dirs['base']}/eval/before.jsonl not found: run the demo first")
+    runs = [MethodRun(METHODS[m], dirs[m]) for m in parse_methods(args.methods)]
+    for mr in runs:
+        mr.step, mr.checkpoint = trained_steps(mr.run_dir, mr.method.name), find_checkpoint(mr.run_dir)
+        mr.result = read_eval(mr.run_dir / AFTER_DIR, "after")
+        if mr.result is None:
+            mr.error = f"no evaluation at {mr.run_dir / AFTER_DIR} (training failed or not run)"
+    summary = compute(Summary(recipe=recipe, recipe_path=args.recipe, setting=args.setting, before=before, runs=runs,
+                              machine="Rebuilt from the evaluations on disk (--report_only): no stage times."))
+    return finish(summary, args, dirs, curve_note(curve_flags(recipe, args.curve_points)))
+
+
+def curve_note(flags: Sequence[str]) -> str:
+    if "--eval_every" not in flags:
+        return "Curves: the recipe's own validations (eval_every, eval_samples)."
+    return (f"Curves: validation during training every {flags[list(flags).index('--eval_every') + 1]} steps on the "
+            "greedy titles only (one per story; the full protocol costs ~5x more), against the untrained model's "
+            "greedy titles (band: its 95% interval). The tables above use the full protocol.")
+
+
+def finish(summary: Summary, args: DemoArgs, dirs: dict[str, Path], curve: str) -> Summary:
+    """Plot, render, write and print the report."""
+    summary.curve = curve
+    summary.pngs = plot_curves(summary, dirs["base"], dirs["demo"])
+    text = render_report(summary, args.show_titles)
+    summary.report_path = dirs["demo"] / REPORT_FILE
+    summary.report_path.parent.mkdir(parents=True, exist_ok=True)
+    summary.report_path.write_text(text + "\n", encoding="utf-8")
+    print("\n" + text)
+    print(f"report -> {summary.report_path}" + (f"; plot -> {summary.pngs[0]}" if summary.pngs else ""))
+    return summary
+
+
+def main(args: DemoArgs) -> Summary:
+    utils.load_env()
+    if args.report_only:
+        return report_only(args)
+    set_threads(args.threads)
+    recipe, dirs, runs = prepare(args)
+    flags = [a for k, v in SETTINGS[args.setting].items() for a in (f"--{k}", v)]
+    flags += curve_flags(recipe, args.curve_points) + shlex.split(args.trainer_args)
+    load0, stages = os.getloadavg(), Stages(3 + 2 * len(runs))
 
     with contextlib.ExitStack() as stack:
         with stages("reward server"):
-            if args.reward_url:
-                url = args.reward_url.rstrip("/")
-                health = wait_healthy(url, timeout=10.0)
-                print(f"using the running server at {url}: {health}")
-            else:
-                log = train_dir / "demo_reward_server.log"
-                url, health = stack.enter_context(
-                    reward_server(log, args.server_timeout, shlex.split(args.server_args)))
-                print(f"started local_reward.py at {url} (log {log}): {health}")
-        recipe.reward_url = url
-
+            recipe.reward_url = stack.enter_context(server_url(args, dirs["demo"] / "demo_reward_server.log"))
         with stages("data check"):
             check_data(recipe)
-
         with stages("evaluate untrained (baseline)"):
-            before = evaluate_policy(recipe, base_name, "before", "base", 0)
+            before = evaluate_policy(recipe, dirs["base"].name, "before", "base", 0)
+            write_curve_baseline(dirs["base"], before, recipe.model)
+        for mr in runs:
+            with stages(f"train {mr.method.title}"):
+                t0, c0 = time.perf_counter(), cpu_seconds()
+                own = shlex.split({"trl": args.trl_args, "art": args.art_args}.get(mr.method.name, ""))
+                train_method(mr, args.recipe, recipe.reward_url, flags + own, recipe.max_steps)
+                mr.train_wall, mr.train_cpu = time.perf_counter() - t0, cpu_seconds() - c0
+        for mr in runs:
+            if not mr.error:
+                with stages(f"evaluate {mr.method.title}"):
+                    evaluate_method(mr, recipe)
 
-        with stages("train (TRL GRPO, CPU)"):
-            if not TRAINER.exists():
-                raise SystemExit(f"{TRAINER} not found")
-            cmd = [sys.executable, str(TRAINER), "--recipe", args.recipe, "--reward_url", url,
-                   *shlex.split(args.trainer_args)]
-            print("$ " + shlex.join(cmd), flush=True)
-            code = stream(cmd, train_dir / "demo_train.log")
-            if code != 0:
-                why = {3: "the reward server failed; no reward was made up",
-                       75: "interrupted; a checkpoint was saved, rerun to resume"}.get(code, "see the log")
-                raise SystemExit(f"training failed (exit {code}: {why}); log: {train_dir / 'demo_train.log'}")
-            ckpt = last_checkpoint(train_dir)
-            if ckpt is None:
-                raise SystemExit(f"training finished but {train_dir} holds no checkpoint-N with an adapter")
-            step = int(ckpt.name.split("-")[-1])
+    summary = compute(Summary(recipe=recipe, recipe_path=args.recipe, setting=args.setting, before=before, runs=runs,
+                              stages=stages.done, cpu=stages.cpu, machine=machine_note(load0)))
+    return finish(summary, args, dirs, curve_note(flags))
 
-        with stages("evaluate trained"):
-            # Its own run dir inside the training run: the trainer already logged a val row at this
-            # step in runs/trl-*/metrics.jsonl, and a second one there would read as a resumed step.
-            shutil.rmtree(train_dir / AFTER_DIR, ignore_errors=True)  # redone on every run, like the baseline
-            after = evaluate_policy(recipe, f"{train_name}/{AFTER_DIR}", "after", "trl", step, adapter=str(ckpt))
 
-    cmp = compare(before, after)
-    text = render_report(cmp, before, after, recipe=recipe, recipe_path=args.recipe,
-                         run_dirs={"untrained (baseline)": base_dir, "trained (TRL)": train_dir, "adapter": ckpt,
-                                   "evaluation of the adapter": train_dir / AFTER_DIR},
-                         stages=stages.done, show_titles=args.show_titles, machine=machine_note(load0),
-                         trainer_val=trainer_val_rows(train_dir), cpu=stages.cpu)
-    (train_dir / REPORT_FILE).write_text(text + "\n", encoding="utf-8")
-    print("\n" + text)
-    print(f"report -> {train_dir / REPORT_FILE}")
-    if args.strict and not cmp.significant:
-        raise SystemExit(1)
-    return cmp
+def exit_code(summary: Summary, strict: bool) -> int:
+    if summary.failed:
+        print(f"demo: {', '.join(mr.method.name for mr in summary.failed)} failed; the report says why", file=sys.stderr)
+        return 1
+    if strict and not all(c.significant for c in summary.gains.values()):
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
@@ -483,4 +886,5 @@ if __name__ == "__main__":
 
     signal.signal(signal.SIGTERM, _raise_interrupt)  # so every `finally` (server stop) runs on SIGTERM too
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    main(HfArgumentParser(DemoArgs, description=__doc__.splitlines()[0]).parse_args_into_dataclasses()[0])
+    cli_args = HfArgumentParser(DemoArgs, description=__doc__.splitlines()[0]).parse_args_into_dataclasses()[0]
+    sys.exit(exit_code(main(cli_args), cli_args.strict))

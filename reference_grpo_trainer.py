@@ -225,6 +225,10 @@ def build_callbacks(*, recipe: utils.Recipe, args: TrlArgs, run_dir: Path, token
             extra = {"step_seconds": round(step_s, 3), "step_cpu_seconds": round(time.process_time() - self.cpu0, 3),
                      "reward_seconds": round(reward_log.seconds, 3),
                      "completion_tokens_mean": sum(tokens) / max(len(tokens), 1),
+                     # Cost in the units the demo compares across methods: TRL takes one optimizer
+                     # step per step (no gradient accumulation) and computes the loss over every
+                     # completion token of the batch (zero-advantage ones included).
+                     "optimizer_steps": 1, "trained_tokens": sum(tokens),
                      "hit_token_cap": sum(t >= recipe.max_completion_tokens for t in tokens) / max(len(tokens), 1),
                      "reward_requests": client_stats().get("requests", 0), "epoch": state.epoch,
                      "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}

@@ -435,7 +435,7 @@ class Trainer:
             if step > recipe.max_steps or self.stopping():
                 break
             inference_name = self.model.get_inference_name()
-            t0 = time.perf_counter()
+            t0, self.cpu0 = time.perf_counter(), time.process_time()
             groups = await art.gather_trajectory_groups(
                 (rollout_group(self.model.openai_client(), inference_name, row, i, recipe)
                  for i, row in enumerate(batch.items)),
@@ -487,6 +487,8 @@ class Trainer:
             extra.update(art_step=result.step, train_metrics=dict(result.metrics),
                          loss=result.metrics.get("loss/train", result.metrics.get("loss")))
         extra["step_seconds"] = round(time.perf_counter() - t0, 3)
+        # CPU seconds of this process (the CPU engine's server and trainer run in it), as the TRL trainer logs them
+        extra["step_cpu_seconds"] = round(time.process_time() - getattr(self, "cpu0", time.process_time()), 3)
         row = utils.metrics_row(method=METHOD, step=step, split="train", scored=scored, wall_time=self.timer(),
                                 run=self.run_dir.name, extra=extra)
         self.writer.write(row)

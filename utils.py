@@ -655,6 +655,62 @@ def words(text: str) -> list[str]:
     return [w.strip(".'’-").lower() for w in _WORD.findall(text) if w.strip(".'’-")]
 
 
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 of two titles: longest common word subsequence (utils.words) over their lengths.
+
+    A metric the reward never sees: how close a generated title is to the story's real one.
+
+    >>> round(rouge_l("Why SQLite uses B-trees", "Why does SQLite use B-trees?"), 3)
+    0.667
+    >>> rouge_l("", "A title")
+    0.0
+    """
+    a, b = words(candidate), words(reference)
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if not lcs:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def title_template(title: str) -> str:
+    """A title's skeleton: its first word, and for the "X: Y" form the first word after the colon.
+
+    Mode collapse in this task looks like "The Scale: A Smart...", "The Lake: A Time...":
+    every title "the …: a …". Plain titles keep only their first word ("why …").
+
+    >>> title_template("The Power Outage: A Hacker News Solution")
+    'the …: a …'
+    >>> title_template("Why SQLite uses B-trees")
+    'why …'
+    """
+    head, colon, tail = title.partition(":")
+    first = (words(head) or [""])[0]
+    if colon and words(tail):
+        return f"{first} …: {words(tail)[0]} …"
+    return f"{first} …" if first else ""
+
+
+def template_share(titles: Sequence[str]) -> tuple[float, str]:
+    """(share of titles with the most common skeleton, that skeleton); (nan, "") for no titles."""
+    keys = [title_template(t) for t in titles]
+    keys = [k for k in keys if k]
+    if not keys:
+        return float("nan"), ""
+    from collections import Counter
+
+    top, count = Counter(keys).most_common(1)[0]
+    return count / len(keys), top
+
+
 def copy_fraction(title: str, body: str) -> float:
     """Longest run of consecutive title words found verbatim in the body / title words.
 
@@ -1186,6 +1242,30 @@ class EvalResult:
     def all_scored(self) -> list[Scored]:
         return [s for g, ss in zip(self.greedy, self.sampled, strict=True) for s in (g, *ss)]
 
+    def per_story_rouge_l(self) -> list[float]:
+        """Mean ROUGE-L per story of its titles (greedy + samples) against the story's real title."""
+        return [sum(rouge_l(s.title, str(r.get("title") or "")) for s in [g, *ss]) / (1 + len(ss))
+                for r, g, ss in zip(self.rows, self.greedy, self.sampled, strict=True)]
+
+    def independent(self) -> dict:
+        """Metrics the reward never sees: ROUGE-L to the real titles and how much one template dominates."""
+        rouge = self.per_story_rouge_l()
+        share, top = template_share([s.title for s in self.all_scored()])
+        orig_share, orig_top = template_share([str(r.get("title") or "") for r in self.rows])
+        return {"rouge_l_mean": sum(rouge) / len(rouge) if rouge else float("nan"), "story_rouge_l": rouge,
+                "template_share": share, "template_top": top,
+                "original_template_share": orig_share, "original_template_top": orig_top}
+
+    @classmethod
+    def from_records(cls, records: Sequence[dict]) -> EvalResult:
+        """The inverse of records(): an evaluation read back from its eval/<label>.jsonl."""
+        def scored(d: dict) -> Scored:
+            return Scored(**{f.name: d[f.name] for f in dataclasses.fields(Scored) if f.name in d})
+
+        return cls(greedy=[scored(r["greedy"]) for r in records],
+                   sampled=[[scored(s) for s in r["samples"]] for r in records],
+                   rows=[{"id": r.get("id"), "title": r.get("original")} for r in records])
+
     def records(self) -> list[dict]:
         """One JSON-able record per story: original title beside what the policy wrote."""
         return [{"id": r.get("id"), "original": r.get("title"), "greedy": dataclasses.asdict(g),
@@ -1216,11 +1296,13 @@ async def evaluate_generator(generator: Generator, rows: Sequence[dict], client:
 
 def eval_metrics_row(result: EvalResult, *, method: str, step: int, wall_time: float, run: str = "",
                      split: str = "val", extra: dict | None = None) -> dict:
-    """Shared-schema row for a validation: stats over all titles, greedy mean in extras."""
+    """Shared-schema row for a validation: stats over all titles; in extras the greedy mean, the
+    per-story rewards (for bootstrap intervals) and the independent metrics (EvalResult.independent)."""
     greedy = stats(s.reward for s in result.greedy)
     return metrics_row(method=method, step=step, split=split, scored=result.all_scored(), wall_time=wall_time,
                        run=run, extra={"greedy_reward_mean": greedy["mean"], "stories": len(result.rows),
-                                       "story_reward": result.per_story_reward(), **(extra or {})})
+                                       "story_reward": result.per_story_reward(), **result.independent(),
+                                       **(extra or {})})
 
 
 # --------------------------------------------------------------------------------------

@@ -1,33 +1,42 @@
-"""demo.py: the report, the paired comparison, checkpoints, and the reward-server lifecycle.
+"""demo.py: the paired comparisons, the report on fixture runs of both methods (one failing
+mid-run), checkpoints of both layouts, settings, and the reward-server lifecycle; then the whole
+demo on recipes/tiny.yaml with both methods.
 
-The 15-minute CPU run itself is not a test; these check the pieces it is built from, and that
-a server the demo starts is stopped on success, on failure and on SIGTERM.
+Expected numbers are computed here from the raw inputs (utils.bootstrap_mean_diff, the fixture
+JSONL), not through demo.py's helpers.
 """
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
 import demo
+import grpo_semantics
 import utils
+
+FIXTURES = Path(__file__).parent / "fixtures" / "runs"
 
 
 def _scored(reward: float, copy: float = 0.0, title: str = "A title of five words", trailing: bool = False):
     return utils.Scored(title=title, rm=reward, matches=reward > 0, trailing=trailing, reward=reward, copy=copy)
 
 
-def _result(rewards: list[float], copy: float = 0.0, samples: int = 2, ids=None) -> utils.EvalResult:
+def _result(rewards: list[float], copy: float = 0.0, samples: int = 2, ids=None, titles=None) -> utils.EvalResult:
     """An EvalResult whose story i has reward rewards[i] on every title (greedy + samples)."""
     ids = ids or list(range(len(rewards)))
-    rows = [{"id": i, "title": f"Original {i}", "scraped_body": "body"} for i in ids]
-    return utils.EvalResult(greedy=[_scored(r, copy) for r in rewards],
-                            sampled=[[_scored(r, copy) for _ in range(samples)] for r in rewards], rows=rows)
+    titles = titles or ["A title of five words"] * len(rewards)
+    rows = [{"id": i, "title": f"Original title number {i}", "scraped_body": "body"} for i in ids]
+    return utils.EvalResult(greedy=[_scored(r, copy, t) for r, t in zip(rewards, titles)],
+                            sampled=[[_scored(r, copy, t) for _ in range(samples)] for r, t in zip(rewards, titles)],
+                            rows=rows)
 
 
 BEFORE = [0.30, 0.25, 0.40, 0.35, 0.20, 0.33, 0.28, 0.31]
@@ -58,25 +67,32 @@ def test_compare_refuses_different_stories():
         demo.compare(_result([0.1, 0.2], ids=[1, 2]), _result([0.1, 0.2], ids=[1, 3]))
 
 
-def test_report_shows_interval_copy_and_titles(tmp_path):
-    before_r, after_r = _result(BEFORE), _result([b + 0.1 for b in BEFORE], copy=0.9)
-    cmp = demo.compare(before_r, after_r)
-    recipe = utils.Recipe(eval_samples=2)
-    text = demo.render_report(cmp, before_r, after_r, recipe=recipe, recipe_path="recipes/cpu.yaml",
-                              run_dirs={"trained (TRL)": tmp_path}, stages=[("train", 300.0), ("eval", 60.0)],
-                              show_titles=3, machine="Machine: test",
-                              trainer_val=[{"step": 10, "reward_mean": 0.345, "copy_frac_mean": 0.1, "title_len_mean": 8.0,
-                                            "trailing_rate": 0.5, "extra": {"greedy_reward_mean": 0.4}}])
-    assert f"[{cmp.lo:+.3f}, {cmp.hi:+.3f}]" in text and f"{cmp.diff:+.3f}" in text
-    assert "8/8 stories improved" in text
-    assert "copy fraction rose" in text and "| copy fraction | 0.00 | 0.90 | +0.90 |" in text
-    assert text.count("- original:") == 3 and "Original 0" in text
-    assert "6.0 min (360 s)" in text  # total of the stages
-    assert str(tmp_path) in text and "Machine: test" in text
-    assert "| 10 | 0.345 | 0.400 | 0.10 | 8.0 | 50% |" in text  # the trainer's own validations
+COLLAPSED = [f"The Thing {i}: A Story of Stuff" for i in range(8)]  # every title "the …: a …"
+VARIED = ["Original title number 0", "Why we moved", "Show HN: a grep", "Rust ships", "How SQLite works",
+          "Original title number 5", "Ask HN: pipes", "A tiny GPU"]
 
 
-def test_last_checkpoint(tmp_path):
+@pytest.mark.parametrize("titles_before, titles_after, rouge_confirms, collapsed, says", [
+    # reward up, titles no closer to the real ones and collapsed onto one template: both flagged
+    (VARIED, COLLAPSED, False, True, ["does not show on ROUGE-L", "collapsed toward one template", "`the …: a …`"]),
+    # reward up and titles become the real ones: ROUGE-L confirms, nothing flagged
+    (COLLAPSED, [f"Original title number {i}" for i in range(8)], True, True, []),
+])
+def test_verdict_flags_a_gain_the_independent_metrics_do_not_show(titles_before, titles_after, rouge_confirms,
+                                                                   collapsed, says):
+    cmp = demo.compare(_result(BEFORE, titles=titles_before), _result([b + 0.1 for b in BEFORE], titles=titles_after))
+    assert cmp.significant and cmp.rouge_confirms is rouge_confirms
+    text = demo.verdict(cmp, "TRL", "the untrained model")
+    assert text.startswith("**TRL is measurably better than the untrained model**")
+    for s in says:
+        assert s in text
+    if rouge_confirms:
+        assert "ROUGE-L" not in text
+    # "Original title number i" -> first word "original": the template share is 100% there too
+    assert cmp.template_rose is (collapsed and titles_after is COLLAPSED)
+
+
+def test_find_checkpoint_both_layouts(tmp_path):
     for step, adapter in ((5, True), (20, True), (25, False), (100, False)):
         d = tmp_path / f"checkpoint-{step}"
         d.mkdir()
@@ -84,13 +100,156 @@ def test_last_checkpoint(tmp_path):
             (d / "adapter_config.json").write_text("{}")
     (tmp_path / "checkpoint-final").mkdir()
     # The newest checkpoint with an adapter wins; folders without one (being written) are skipped.
-    assert demo.last_checkpoint(tmp_path).name == "checkpoint-20"
-    assert demo.last_checkpoint(tmp_path / "checkpoint-final") is None
+    assert demo.find_checkpoint(tmp_path).name == "checkpoint-20"
+    assert demo.find_checkpoint(tmp_path / "checkpoint-final") is None
+    # ART: <run>/art/<project>/models/<name>/checkpoints/NNNN; the demo's own eval folder never counts
+    art = tmp_path / "art-run"
+    for step in ("0003", "0012"):
+        (art / "art" / "p" / "models" / "m" / "checkpoints" / step).mkdir(parents=True)
+        (art / "art" / "p" / "models" / "m" / "checkpoints" / step / "adapter_config.json").write_text("{}")
+    (art / demo.AFTER_DIR / "checkpoint-99").mkdir(parents=True)
+    (art / demo.AFTER_DIR / "checkpoint-99" / "adapter_config.json").write_text("{}")
+    assert demo.find_checkpoint(art).name == "0012"
 
 
-def test_run_names():
-    assert demo.run_names(utils.Recipe(), "recipes/cpu.yaml") == ("base-cpu", "trl-cpu")
-    assert demo.run_names(utils.Recipe(run_name="mine"), "recipes/cpu.yaml") == ("base-cpu", "mine")
+def test_run_names_settings_and_methods():
+    assert demo.run_names("recipes/cpu.yaml") == {"base": "base-cpu", "demo": "demo-cpu", "trl": "trl-cpu",
+                                                  "art": "art-cpu"}
+    aligned = demo.run_names("recipes/cpu.yaml", "aligned")
+    assert aligned["trl"] == "trl-cpu-aligned" and aligned["art"] == "art-cpu-aligned"
+    assert aligned["base"] == "base-cpu"  # the untrained model does not depend on the optimizer
+    assert demo.parse_methods("trl, art") == ["trl", "art"] and demo.parse_methods("art") == ["art"]
+    for bad in ("", "trl,ppo", "trl,trl"):
+        with pytest.raises(SystemExit, match="--methods"):
+            demo.parse_methods(bad)
+
+
+def test_aligned_setting_reaches_the_recipe_and_both_trainers_flags():
+    recipe = demo.load_recipe(str(demo.ROOT / "recipes" / "tiny.yaml"), demo.SETTINGS["aligned"])
+    assert (recipe.optimizer, recipe.weight_decay, recipe.adam_beta1, recipe.adam_beta2, recipe.optimizer_steps) == (
+        "adamw", 0.0, 0.9, 0.999, "per_step")
+    defaults = demo.load_recipe(str(demo.ROOT / "recipes" / "tiny.yaml"), demo.SETTINGS["defaults"])
+    assert (defaults.optimizer, defaults.weight_decay, defaults.optimizer_steps) == (None, None, None)
+    import reference_grpo_trainer  # TRL maps the aligned knobs without refusing any
+
+    assert reference_grpo_trainer.optimizer_kwargs(recipe) == {"optim": "adamw_torch", "weight_decay": 0.0,
+                                                               "adam_beta1": 0.9, "adam_beta2": 0.999}
+
+
+@pytest.mark.parametrize("max_steps, points, expected", [
+    (20, 4, ["--eval_every", "5", "--eval_samples", "0"]),   # 4 greedy-only validations
+    (4, 4, ["--eval_every", "1", "--eval_samples", "0"]),
+    (10, 3, ["--eval_every", "4", "--eval_samples", "0"]),   # 4, 8 and the end (10)
+    (20, 0, []),                                             # 0: the recipe's own validations
+])
+def test_curve_flags(max_steps, points, expected):
+    assert demo.curve_flags(utils.Recipe(max_steps=max_steps), points) == expected
+
+
+def test_greedy_only_view_and_curve_baseline_row(tmp_path):
+    full = _result([0.1, 0.5, 0.3], samples=3)
+    full.sampled[0][0] = _scored(0.9)  # a sample differs from the greedy title
+    greedy = demo.greedy_only(full)
+    assert greedy.per_story_reward() == [0.1, 0.5, 0.3]
+    demo.write_curve_baseline(tmp_path, full)
+    (row,), _ = utils.read_metrics(tmp_path)
+    assert row["n"] == 3 and row["extra"]["stories"] == 3 and row["extra"]["label"] == demo.CURVE_LABEL
+    assert row["reward_mean"] == pytest.approx(0.3)
+
+
+def _fixture_run(tmp_path: Path, name: str, method: str) -> demo.MethodRun:
+    import shutil
+
+    shutil.copytree(FIXTURES / name, tmp_path / name)
+    return demo.MethodRun(demo.METHODS[method], tmp_path / name)
+
+
+def _summary(tmp_path, art_fails: bool) -> demo.Summary:
+    """Both methods on the fixture runs; ART's run is cut mid-way when art_fails."""
+    trl, art = _fixture_run(tmp_path, "trl-tiny", "trl"), _fixture_run(tmp_path, "art-tiny", "art")
+    trl.step, trl.result, trl.train_wall, trl.train_cpu = 6, _result([b + 0.1 for b in BEFORE]), 130.0, 160.0
+    art.step, art.train_wall, art.train_cpu = 6, 95.0, 120.0
+    if art_fails:
+        art.step, art.code = 2, 3
+        art.error = "training failed at step 2 of 6 (exit 3: the reward server failed; no reward was made up)"
+    else:
+        art.result = _result([b + 0.05 for b in BEFORE])
+    s = demo.Summary(recipe=utils.Recipe(eval_samples=2, max_steps=6), recipe_path="recipes/tiny.yaml",
+                     setting="defaults", before=_result(BEFORE), runs=[trl, art],
+                     stages=[("train TRL", 130.0), ("train ART", 95.0)], cpu=[160.0, 120.0], machine="Machine: test")
+    return demo.compute(s)
+
+
+def test_report_of_both_methods(tmp_path):
+    s = _summary(tmp_path, art_fails=False)
+    text = demo.render_report(s, show_titles=3)
+    gain = utils.bootstrap_mean_diff([b + 0.1 for b in BEFORE], BEFORE, seed=0)
+    diff = utils.bootstrap_mean_diff([b + 0.05 for b in BEFORE], [b + 0.1 for b in BEFORE], seed=0)
+    assert f"**{gain[0]:+.3f} [{gain[1]:+.3f}, {gain[2]:+.3f}]**" in text
+    assert "| **ART - TRL** |" in text and f"**{diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]**" in text
+    assert "ART is measurably worse than TRL" in text
+    # cost per step from the fixture train rows (means over steps 1..6)
+    trl_rows = [json.loads(x) for x in (FIXTURES / "trl-tiny" / "metrics.jsonl").read_text().splitlines()]
+    trl_train = [r for r in trl_rows if r["split"] == "train"]
+    sec = sum(r["extra"]["step_seconds"] for r in trl_train) / len(trl_train)
+    tok = sum(r["extra"]["trained_tokens"] for r in trl_train) / len(trl_train)
+    vals = sum(r["split"] == "val" for r in trl_rows)
+    assert f"| TRL GRPOTrainer | 6 | {sec:.1f} | 28.5 | 1.0 | {tok:.0f} | {vals} x, 0 s | 2.2 min (130 s), CPU 160 s |" in text
+    assert "| ART loop (CPU engine) | 6 | 12.0 | 20.0 | 6.0 | 108 |" in text
+    assert "| original | untrained | TRL | ART |" in text and text.count("| Original title number") == 3
+    assert "ROUGE-L to the real title (not in the reward)" in text and "top template's share" in text
+    assert grpo_semantics.markdown() in text and "Setting: **framework defaults" in text
+    assert "## Failed" not in text and demo.exit_code(s, strict=False) == 0
+
+
+def test_report_when_one_method_fails_mid_run(tmp_path):
+    s = _summary(tmp_path, art_fails=True)
+    text = demo.render_report(s, show_titles=2)  # no crash
+    assert "| ART loop (CPU engine) | 2 | **failed** (see below) |" in text
+    assert "## Failed" in text and "training failed at step 2 of 6 (exit 3: the reward server failed" in text
+    assert "ART vs TRL: not compared (a method did not finish)" in text and "ART - TRL" not in text
+    assert "| original | untrained | TRL |" in text  # only what finished is shown side by side
+    assert set(s.gains) == {"trl"} and s.art_vs_trl is None
+    assert demo.exit_code(s, strict=False) == 1
+
+
+@pytest.mark.parametrize("extra, name, expected", [
+    ({"optimizer_steps": 1, "trained_tokens": 96}, "trained_tokens", 96.0),              # TRL's own keys
+    ({"train_metrics": {"data/step_num_gradient_steps": 8.0}}, "optimizer_steps", 8.0),  # ART's step metrics
+    ({"train_metrics": {"data/step_trainer_tokens": 70.0}}, "trained_tokens", 70.0),
+    ({"skipped": "no group can teach", "step_seconds": 3.0}, "optimizer_steps", 0.0),   # skipped: nothing trained
+    ({"skipped": "no group can teach", "step_seconds": 3.0}, "step_seconds", 3.0),      # ... but it took time
+    ({}, "step_cpu_seconds", None),                                                      # not logged: n/a
+])
+def test_row_cost(extra, name, expected):
+    assert demo.row_cost({"extra": extra}, name) == expected
+
+
+def test_train_method_records_a_failure_mid_run(tmp_path):
+    """A trainer that logs two steps and then dies: the demo records how far it got and why."""
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(
+        "import sys, utils\n"
+        "run = sys.argv[sys.argv.index('--run_name') + 1]\n"
+        f"w = utils.MetricsWriter({str(tmp_path)!r} + '/' + run)\n"
+        "for step in (1, 2):\n"
+        "    w.write(utils.metrics_row(method='art', step=step, split='train', scored=[], wall_time=step))\n"
+        "print('error: reward server at http://x unreachable', flush=True)\n"
+        "sys.exit(3)\n")
+    mr = demo.MethodRun(demo.Method("art", "ART", str(script)), tmp_path / "art-x")
+    env_path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = str(demo.ROOT) + (os.pathsep + env_path if env_path else "")
+    try:
+        demo.train_method(mr, "recipes/tiny.yaml", "http://127.0.0.1:1", [], max_steps=4)
+    finally:
+        os.environ["PYTHONPATH"] = env_path
+    assert mr.code == 3 and mr.step == 2 and mr.checkpoint is None
+    assert mr.error.startswith("training failed at step 2 of 4 (exit 3: the reward server failed")
+    assert demo.exit_reason(-9).startswith("killed by SIGKILL (out of memory?")
+    assert demo.exit_reason(-15) == "killed by SIGTERM" and demo.exit_reason(1) == ""
+    missing = demo.MethodRun(demo.Method("art", "ART", str(tmp_path / "nope.py")), tmp_path / "art-y")
+    demo.train_method(missing, "recipes/tiny.yaml", "http://127.0.0.1:1", [], max_steps=4)
+    assert missing.code == 127 and "nope.py not found" in missing.error
 
 
 def test_stop_process_kills_a_child_that_ignores_sigterm():
@@ -163,30 +322,64 @@ def test_sigterm_stops_the_demo_and_its_server(tmp_path, stories_path):
         httpx.get(f"{url}/health", timeout=2.0)
 
 
+METHODS_E2E = "trl,art"  # ART: train.py --backend cpu
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_demo_end_to_end_on_the_tiny_recipe_then_resume(tmp_path, monkeypatch, capsys):
     """Every stage for real on models/tiny (a random 2-layer model: it learns nothing, the pipeline is the test)."""
     monkeypatch.setenv("RUNS_DIR", str(tmp_path))
-    args = demo.DemoArgs(recipe=str(demo.ROOT / "recipes" / "tiny.yaml"), fresh=True, show_titles=2)
+    args = demo.DemoArgs(recipe=str(demo.ROOT / "recipes" / "tiny.yaml"), methods=METHODS_E2E, fresh=True,
+                         show_titles=2, threads=1)
     recipe = demo.load_recipe(args.recipe)
-    cmp = demo.main(args)
+    s = demo.main(args)
     out = capsys.readouterr().out
-    base, trained = tmp_path / "base-tiny", tmp_path / "trl-tiny"
-    report = (trained / demo.REPORT_FILE).read_text()
-    assert "Paired difference" in report and f"over {cmp.n} stories" in report and cmp.n == recipe.max_val_stories
-    base_rows, _ = utils.read_metrics(base)
-    assert [(r["method"], r["step"], r["split"]) for r in base_rows] == [("base", 0, "val")]
-    after_rows, _ = utils.read_metrics(trained / demo.AFTER_DIR)
-    assert [(r["method"], r["step"]) for r in after_rows] == [("trl", recipe.max_steps)]
-    assert (trained / "demo_train.log").read_text().strip()  # the trainer's output was kept
+    assert not s.failed, [mr.error for mr in s.failed]
+    report = s.report_path.read_text()
+    assert "## Gains" in report and f"of {recipe.max_val_stories} |" in report
+    assert (s.report_path.parent / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    base_rows, _ = utils.read_metrics(tmp_path / "base-tiny")
+    assert [(r["method"], r["step"], r["extra"]["label"]) for r in base_rows] == [
+        ("base", 0, "before"), ("base", 0, demo.CURVE_LABEL)]
+    for mr in s.runs:
+        rows, _ = utils.read_metrics(mr.run_dir)
+        val = [r for r in rows if r["split"] == "val"]
+        # the curve: a greedy-only validation at every step of the tiny recipe
+        assert [r["step"] for r in val] == list(range(1, recipe.max_steps + 1))
+        assert all(r["n"] == r["extra"]["stories"] for r in val) and "rouge_l_mean" in val[-1]["extra"]
+        after, _ = utils.read_metrics(mr.run_dir / demo.AFTER_DIR)
+        assert [(r["method"], r["step"], r["n"]) for r in after] == [
+            (mr.method.name, recipe.max_steps, recipe.max_val_stories * (1 + recipe.eval_samples))]
+        assert (mr.run_dir / "demo_train.log").read_text().strip()
+    if len(s.runs) == 2:
+        assert s.art_vs_trl is not None and "| **ART - TRL** |" in report
     url = next(line.split()[3] for line in out.splitlines() if line.startswith("started local_reward.py at "))
     with pytest.raises(httpx.TransportError):  # stopped after a successful run too
         httpx.get(f"{url}/health", timeout=2.0)
 
-    # A rerun without --fresh resumes: nothing is retrained, the baseline is redone (still one row).
-    train_rows = [r for r in utils.read_metrics(trained)[0] if r["split"] == "train"]
-    demo.main(dataclasses.replace(args, fresh=False))
-    assert [r for r in utils.read_metrics(trained)[0] if r["split"] == "train"] == train_rows
-    assert len(utils.read_metrics(base)[0]) == 1
-    assert len(utils.read_metrics(trained / demo.AFTER_DIR)[0]) == 1
+    # A rerun without --fresh resumes: nothing is retrained, the evaluations are redone (one row each).
+    train_rows = {mr.method.name: [r for r in utils.read_metrics(mr.run_dir)[0] if r["split"] == "train"]
+                  for mr in s.runs}
+    s2 = demo.main(dataclasses.replace(args, fresh=False))
+    assert not s2.failed
+    for mr in s2.runs:
+        assert [r for r in utils.read_metrics(mr.run_dir)[0] if r["split"] == "train"] == train_rows[mr.method.name]
+        assert len(utils.read_metrics(mr.run_dir / demo.AFTER_DIR)[0]) == 1
+    assert len(utils.read_metrics(tmp_path / "base-tiny")[0]) == 2
+
+
+def test_report_only_rebuilds_from_disk(tmp_path, monkeypatch):
+    """--report_only: the evaluations read back (records -> EvalResult) give the same comparison."""
+    monkeypatch.setenv("RUNS_DIR", str(tmp_path))
+    before, after = _result(BEFORE), _result([b + 0.1 for b in BEFORE])
+    assert utils.EvalResult.from_records(after.records()).per_story_reward() == after.per_story_reward()
+    for run_dir, label, res in ((tmp_path / "base-tiny", "before", before),
+                                (tmp_path / "trl-tiny" / demo.AFTER_DIR, "after", after)):
+        (run_dir / "eval").mkdir(parents=True)
+        (run_dir / "eval" / f"{label}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in res.records()))
+    s = demo.main(demo.DemoArgs(recipe=str(demo.ROOT / "recipes" / "tiny.yaml"), report_only=True))
+    gain = utils.bootstrap_mean_diff(after.per_story_reward(), before.per_story_reward(), seed=0)
+    assert (s.gains["trl"].diff, s.gains["trl"].lo) == pytest.approx(gain[:2])
+    assert [mr.method.name for mr in s.failed] == ["art"] and "no evaluation at" in s.failed[0].error
+    assert s.report_path == tmp_path / "demo-tiny" / demo.REPORT_FILE and "## Failed" in s.report_path.read_text()

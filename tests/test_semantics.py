@@ -1,0 +1,74 @@
+"""grpo_semantics.py: every knob the table names exists where the trainers read it, and the
+library facts it states still hold in the installed packages (a version bump that changes one
+fails here instead of leaving the README wrong)."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+import grpo_semantics
+import utils
+
+
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def test_every_named_knob_exists():
+    import reference_grpo_trainer
+    import train
+
+    known = _fields(utils.Recipe) | _fields(train.ArtArgs) | _fields(reference_grpo_trainer.TrlArgs)
+    named = {k for row in grpo_semantics.TABLE for k in row.knobs}
+    assert named and named <= known, named - known
+    # the table covers every difference the comparison must name
+    whats = {row.what for row in grpo_semantics.TABLE}
+    for must in ("optimizer", "weight decay", "Adam betas", "optimizer steps per batch", "advantage scaling",
+                 "zero-advantage trajectories", "importance-weight cap (CISPO)", "KL placement", "prompt packing",
+                 "generation engine", "validator model"):
+        assert must in whats
+
+
+def _source(module: str) -> str:
+    import importlib.util
+
+    return Path(importlib.util.find_spec(module).origin).read_text()
+
+
+@pytest.mark.parametrize("module, needle", [
+    # ART LocalBackend: paged AdamW 8-bit, beta2 0.99, weight decay 0.1 in its trainer defaults
+    ("art.dev.get_model_config", 'optim="paged_adamw_8bit"'),
+    ("art.dev.get_model_config", "adam_beta2=0.99"),
+    # ... and weight decay forced on every RL train call; one trajectory per packed row
+    ("art.unsloth.train", 'param_group["weight_decay"] = 0.1'),
+    ("art.unsloth.train", 'for offset in range(0, packed_tensors["tokens"].shape[0]):'),
+    ("art.local.backend", "self._supports_result_packing = False"),
+    # advantages: group std + 1e-6, zero-advantage trajectories dropped, then rescaled batch-wide
+    ("art.preprocessing.tokenize", "advantage /= reward_std + 1e-6"),
+    ("art.preprocessing.tokenize", "drop_zero_advantage_trajectories: bool = True"),
+    ("art.preprocessing.pack", "advantages_tensor[assistant_mask_tensor].abs()"),
+    # KL folded into the advantages; CISPO clip with two bounds
+    ("art.loss", "advantages = advantages + kl_penalty"),
+    ("art.loss", "torch.clip(prob_ratio.detach(), 1 - epsilon, 1 + epsilon_high)"),
+    # TRL: group std + 1e-4, CISPO cap at epsilon_high, KL as a loss term
+    ("trl.trainer.grpo_trainer", "advantages = advantages / (std_rewards + 1e-4)"),
+    ("trl.trainer.grpo_trainer", "torch.clamp(coef_1, max=self.epsilon_high)"),
+    ("trl.trainer.grpo_trainer", "per_token_loss = per_token_loss + self.beta * per_token_kl"),
+    # transformers' optimizer defaults under TRL
+    ("transformers.training_args", 'default_optim = "adamw_torch_fused"'),
+])
+def test_library_facts_still_hold(module, needle):
+    assert needle in _source(module), f"{module} changed: re-check grpo_semantics.TABLE"
+
+
+def test_markdown_has_one_row_per_difference():
+    text = grpo_semantics.markdown()
+    assert len(text.splitlines()) == 2 + len(grpo_semantics.TABLE)
+    lines = text.splitlines()
+    assert all(row.count(" | ") == 3 for row in lines[:1] + lines[2:])  # no stray pipes inside cells
+
+
+def test_readme_carries_the_table():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    assert grpo_semantics.markdown() in readme, "README is out of date: paste `python grpo_semantics.py`"
