@@ -1,7 +1,7 @@
 # Stages of the project, one target each. Every target sets up the environment first
 # (idempotent: a second `make setup` takes seconds).
 #   make demo    - the main job on a fresh CPU machine: TRL and ART trained on one recipe, evaluated on the
-#                  same stories, compared (SETTING=aligned for the same optimizer; METHODS=trl for one)
+#                  same stories, compared (SETTING=defaults for each library's own optimizer; METHODS=trl for one)
 #   make test    - the full test suite (what CI runs)
 SHELL := /bin/bash
 PY ?= python3.11

@@ -98,8 +98,10 @@ TABLE: tuple[Difference, ...] = (
         "every completion is a row with its full left-padded prompt",
         "LocalBackend: one trajectory per row, full prompt each; the CPU engine the same, or with `pack_groups` "
         "ART's packer puts a group's trajectories in one row with the prompt stored once",
-        "`pack_groups` (ArtArgs, CPU engine only). Layouts change cost, not the math (the same tokens get the "
-        "same logprobs), but under `per_sequence` a packed row is one optimizer step for several trajectories",
+        "`pack_groups` (ArtArgs, CPU engine only). The same tokens get the same logprobs, but ART's loss divides "
+        "each row by its own assistant tokens: packed, a group is normalised over all its completion tokens (as "
+        "TRL's CISPO is); unpacked, each trajectory over its own length. Under `per_sequence` a packed row is one "
+        "optimizer step for several trajectories. The demo's `aligned` setting packs",
         ("pack_groups",)),
     Difference(
         "generation engine",

@@ -378,7 +378,8 @@ def test_report_only_rebuilds_from_disk(tmp_path, monkeypatch):
                                 (tmp_path / "trl-tiny" / demo.AFTER_DIR, "after", after)):
         (run_dir / "eval").mkdir(parents=True)
         (run_dir / "eval" / f"{label}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in res.records()))
-    s = demo.main(demo.DemoArgs(recipe=str(demo.ROOT / "recipes" / "tiny.yaml"), report_only=True))
+    s = demo.main(demo.DemoArgs(recipe=str(demo.ROOT / "recipes" / "tiny.yaml"), report_only=True,
+                                setting="defaults"))  # run names without the -aligned tag
     gain = utils.bootstrap_mean_diff(after.per_story_reward(), before.per_story_reward(), seed=0)
     assert (s.gains["trl"].diff, s.gains["trl"].lo) == pytest.approx(gain[:2])
     assert [mr.method.name for mr in s.failed] == ["art"] and "no evaluation at" in s.failed[0].error
