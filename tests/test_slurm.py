@@ -403,18 +403,23 @@ def test_art_job_trains_on_the_cpu_engine(cluster, jobs):
     assert_server_gone(log)
 
 
-@pytest.mark.integration
-def test_usr1_checkpoints_requeues_and_resumes(cluster, jobs):
-    run_dir = cluster["runs"] / "trl-requeue"
-    jid, requeuer = jobs["requeue"], jobs["requeuer"]
+def requeued_job(cluster, jobs, job: str, requeuer_key: str) -> tuple[str, dict, str]:
+    """Wait for the USR1 sender, then for the job; (job id, its info, its log) once it COMPLETED with 0."""
+    jid, requeuer = jobs[job], jobs[requeuer_key]
     requeuer.join(timeout=420)
     assert requeuer.sent_at is not None and not requeuer.error, \
         requeuer.error + log_of(cluster, "hn-grpo", jid)[-3000:]
     info = wait_job(cluster, jid, timeout=420)
     log = log_of(cluster, "hn-grpo", jid)
-    print(f"\n[slurm] requeue job {jid}: USR1 at {requeuer.sent_at:.0f}s, {info.get('JobState')} after "
-          f"{elapsed(jobs)}")
+    print(f"\n[slurm] {job} job {jid}: USR1 at {requeuer.sent_at:.0f}s, {info.get('JobState')} after {elapsed(jobs)}")
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-4000:]
+    return jid, info, log
+
+
+@pytest.mark.integration
+def test_usr1_checkpoints_requeues_and_resumes(cluster, jobs):
+    run_dir = cluster["runs"] / "trl-requeue"
+    jid, info, log = requeued_job(cluster, jobs, "requeue", "requeuer")
     assert info.get("Restarts") == "1"
     # First run: the trainer checkpointed on USR1 and exited 75; the job requeued itself.
     assert "USR1: checkpoint (forwarded to the trainer), then requeue" in log
@@ -441,14 +446,7 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, jobs):
 def test_two_process_ddp_requeues_and_resumes(cluster, jobs):
     """Two DDP processes on the CPU: USR1 -> both checkpoint, requeue, resume; every step once."""
     run_dir = cluster["runs"] / "trl-ddp"
-    jid, requeuer = jobs["ddp"], jobs["ddp_requeuer"]
-    requeuer.join(timeout=420)
-    assert requeuer.sent_at is not None and not requeuer.error, \
-        requeuer.error + log_of(cluster, "hn-grpo", jid)[-3000:]
-    info = wait_job(cluster, jid, timeout=420)
-    log = log_of(cluster, "hn-grpo", jid)
-    print(f"\n[slurm] ddp job {jid}: USR1 at {requeuer.sent_at:.0f}s, {info.get('JobState')} after {elapsed(jobs)}")
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-4000:]
+    jid, info, log = requeued_job(cluster, jobs, "ddp", "ddp_requeuer")
     assert "trainer (accelerate):" in log and "--num_processes 2" in log
     assert info.get("Restarts") == "1" and f"requeueing job {jid} (restart 1)" in log, log[-4000:]
     # Both workers resumed from the same checkpoint (the storage-location error is gone).
