@@ -318,7 +318,8 @@ class MiniLMScorer:
     - copy_factor = 1 - 0.9 clip((copy - 0.5) / 0.5, 0, 1), copy = utils.copy_fraction(title, body)
       (longest verbatim word run shared with the body / title words): a title that is a body span
       keeps at most 10% of its score. This and the length gate are what stopped a policy copying
-      the first sentence (see NOTES).
+      the first sentence (measured on SmolLM2-135M: without them, within ~25 GRPO steps 5 of 12
+      greedy val titles were >= 80% verbatim body text).
 
     Deterministic (no sampling; eval mode). Body embeddings are cached (GRPO scores many titles
     per body), and bodies are deduplicated and length-sorted inside a batch.
