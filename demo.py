@@ -53,8 +53,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -62,10 +60,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpo_semantics
+import procs
 import utils
 
 ROOT = utils.ROOT
-SERVER = ROOT / "local_reward.py"
 REPORT_FILE = "demo_report.md"
 AFTER_DIR = "demo-eval"  # <run dir>/demo-eval: the demo's evaluation of the final adapter
 CURVE_LABEL = "before-greedy"  # the baseline's greedy titles: the in-training curve's protocol
@@ -130,122 +128,6 @@ class DemoArgs:
                 "(runs/base-<recipe>/eval/before.jsonl, <run>/demo-eval/eval/after.jsonl)."})
     strict: bool = field(default=False, metadata={
         "help": "Exit 1 unless every method is measurably better than the untrained model (interval above 0)."})
-
-
-# --------------------------------------------------------------------------------------
-# Child processes: the reward server and the trainer
-# --------------------------------------------------------------------------------------
-
-
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGTERM if the demo dies, even by SIGKILL (no orphaned server)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(Exception):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env["PYTHONUNBUFFERED"] = "1"  # stream the trainer's output as it happens
-    return env
-
-
-def stop_process(proc: subprocess.Popen, grace: float = 30.0) -> int | None:
-    """SIGTERM, wait `grace` seconds, then SIGKILL. Returns the exit code."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-class ServerError(RuntimeError):
-    """The reward server could not be started or reached."""
-
-
-def wait_healthy(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> dict:
-    """Poll GET /health until it answers 200; fail fast if the server process exits."""
-    import httpx
-
-    deadline, last = time.monotonic() + timeout, "no answer yet"
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise ServerError(f"reward server exited with code {proc.returncode} before it was healthy; "
-                              f"last lines of {log}:\n{_tail(log) if log else ''}")
-        try:
-            resp = httpx.get(f"{url}/health", timeout=5.0)
-            if resp.status_code == 200:
-                return resp.json()
-            last = f"HTTP {resp.status_code}"
-        except httpx.TransportError as e:
-            last = type(e).__name__
-        time.sleep(0.5)
-    raise ServerError(f"reward server at {url} not healthy after {timeout:.0f}s ({last})"
-                      + (f"; last lines of {log}:\n{_tail(log)}" if log else ""))
-
-
-@contextlib.contextmanager
-def reward_server(log: Path, timeout: float = 300.0, extra_args: Sequence[str] = (),
-                  script: Path = SERVER) -> Iterator[tuple[str, dict]]:
-    """Start local_reward.py on a free loopback port; yield (url, health); always stop it."""
-    if not script.exists():
-        raise ServerError(f"{script} not found")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        # Own session: Ctrl-C reaches the demo only, which then stops the server itself.
-        proc = subprocess.Popen([sys.executable, str(script), "--port", str(port), *extra_args],
-                                cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
-    try:
-        health = wait_healthy(url, timeout, proc, log)
-        yield url, health
-    finally:
-        stop_process(proc, grace=10.0)
-
-
-def stream(cmd: Sequence[str], log: Path, grace: float = 120.0) -> int:
-    """Run `cmd`, copying its output to our stdout and to `log`; Ctrl-C/SIGTERM stop it cleanly.
-
-    The trainer saves a checkpoint on SIGTERM, so an interrupted demo resumes where it stopped.
-    """
-    log.parent.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(list(cmd), cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
-    try:
-        with log.open("ab") as out:
-            # Raw chunks, not lines: tqdm redraws its bar with \r and would otherwise stall.
-            while chunk := os.read(proc.stdout.fileno(), 65536):
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-                out.write(chunk)
-        return proc.wait()
-    finally:
-        if proc.poll() is None:
-            print(f"\nstopping {Path(cmd[1]).name} (SIGTERM: it saves a checkpoint)...", flush=True)
-            stop_process(proc, grace=grace)
-        proc.stdout.close()
 
 
 def _raise_interrupt(signum, frame):
@@ -379,7 +261,7 @@ def exit_reason(code: int) -> str:
 
 def last_line(log: Path) -> str:
     """The log's last non-empty line (usually the trainer's one-line error), without progress bars."""
-    lines = [ln.strip() for raw in _tail(log, 40).splitlines() for ln in raw.split("\r")]
+    lines = [ln.strip() for raw in procs.tail(log, 40).splitlines() for ln in raw.split("\r")]
     lines = [ln for ln in lines if ln and not ("%|" in ln and "it/s" in ln or "it]" in ln)]
     return lines[-1][:300] if lines else "no output"
 
@@ -391,7 +273,7 @@ def train_method(mr: MethodRun, recipe_path: str, url: str, flags: Sequence[str]
            "--run_name", mr.run_dir.name, *mr.method.args, *flags]
     print("$ " + shlex.join(cmd), flush=True)
     mr.run_dir.mkdir(parents=True, exist_ok=True)
-    mr.code = stream(cmd, mr.run_dir / "demo_train.log") if script.exists() else 127
+    mr.code = procs.stream(cmd, mr.run_dir / "demo_train.log") if script.exists() else 127
     mr.step = trained_steps(mr.run_dir, mr.method.name)
     mr.checkpoint = find_checkpoint(mr.run_dir)
     log = mr.run_dir / "demo_train.log"
@@ -756,15 +638,6 @@ class Stages:
             print(f"=== {name}: {self.done[-1][1]:.0f}s (CPU {self.cpu[-1]:.0f}s) ===", flush=True)
 
 
-def set_threads(threads: int) -> None:
-    """Pin torch's thread count here and in the trainers (read at import: call before torch loads)."""
-    if threads > 0:
-        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[name] = str(threads)
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(threads)
-
-
 def prepare(args: DemoArgs) -> tuple[utils.Recipe, dict[str, Path], list[MethodRun]]:
     """The recipe with the setting applied, the run directories (emptied by --fresh), one MethodRun per method."""
     if args.setting not in SETTINGS:
@@ -786,11 +659,11 @@ def server_url(args: DemoArgs, log: Path) -> Iterator[str]:
     """The reward server's URL: the running one given, or one started (and always stopped) here."""
     if args.reward_url:
         url = args.reward_url.rstrip("/")
-        health = wait_healthy(url, timeout=10.0)
+        health = procs.wait_healthy(url, timeout=10.0)
         print(f"using the running server at {url}: {health}")
         yield url
         return
-    with reward_server(log, args.server_timeout, shlex.split(args.server_args)) as (url, health):
+    with procs.reward_server(log, args.server_timeout, shlex.split(args.server_args)) as (url, health):
         print(f"started local_reward.py at {url} (log {log}): {health}")
         yield url
 
@@ -849,7 +722,7 @@ def main(args: DemoArgs) -> Summary:
     utils.load_env()
     if args.report_only:
         return report_only(args)
-    set_threads(args.threads)
+    procs.set_threads(args.threads)
     recipe, dirs, runs = prepare(args)
     flags = [a for k, v in SETTINGS[args.setting].items() for a in (f"--{k}", v)]
     flags += curve_flags(recipe, args.curve_points) + shlex.split(args.trainer_args)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import demo  # noqa: E402  (reward_server: start/stop local_reward.py)
+import procs  # noqa: E402  (reward_server: start/stop local_reward.py)
 import utils  # noqa: E402
 
 ART_VARIANTS = {"default": (None, False), "per_step": ("per_step", False), "per_step+pack": ("per_step", True)}
@@ -163,7 +163,7 @@ def report(art: dict[str, dict], trl: dict | None, recipe: utils.Recipe, load: t
 
 
 def main(args: ArtBenchArgs) -> str:
-    demo.set_threads(args.threads)
+    procs.set_threads(args.threads)
     (recipe,) = utils.parse_args((utils.Recipe,), "art", ["--recipe", args.recipe])
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in ART_VARIANTS]
@@ -175,9 +175,9 @@ def main(args: ArtBenchArgs) -> str:
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         if args.reward_url:
             url = args.reward_url.rstrip("/")
-            demo.wait_healthy(url, timeout=10.0)
+            procs.wait_healthy(url, timeout=10.0)
         else:
-            url, _ = stack.enter_context(demo.reward_server(Path(tmp) / "reward_server.log"))
+            url, _ = stack.enter_context(procs.reward_server(Path(tmp) / "reward_server.log"))
         for variant in variants:
             art_results[variant] = summarize(asyncio.run(art_steps(recipe, variant, url, args.steps, args.warmup)))
         if args.trl:

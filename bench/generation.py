@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import demo  # noqa: E402  (set_threads)
+import procs  # noqa: E402  (set_threads)
 import utils  # noqa: E402
 
 EVAL_STORIES = 8  # evaluate.py's default batch of stories
@@ -61,7 +61,7 @@ def main(args: GenBenchArgs) -> str:
 
     import fast_backend
 
-    demo.set_threads(args.threads)
+    procs.set_threads(args.threads)
     recipe = utils.parse_args((utils.Recipe,), "trl", ["--recipe", args.recipe])[0]
     tok = AutoTokenizer.from_pretrained(recipe.model)
     model = AutoModelForCausalLM.from_pretrained(recipe.model).eval()

@@ -49,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import demo  # noqa: E402  (reward_server: start/stop local_reward.py)
+import procs  # noqa: E402  (reward_server: start/stop local_reward.py)
 import utils  # noqa: E402
 
 PARTS = ("generation", "reward", "rollout_other", "optimizer")
@@ -166,7 +166,7 @@ def variant_child(name: str, recipe_path: str, reward_url: str, steps: int, warm
     """run_variant in this (child) process: (timed steps, peak RSS in MB)."""
     import reference_grpo_trainer as rgt
 
-    demo.set_threads(threads)
+    procs.set_threads(threads)
     recipe, trl_args = utils.parse_args((utils.Recipe, rgt.TrlArgs), "trl", ["--recipe", recipe_path])
     return run_variant(name, recipe, trl_args, reward_url, steps, warmup), max_rss_mb()
 
@@ -242,7 +242,7 @@ def long_loss_child(kind: str, recipe_path: str, tokens: int, threads: int) -> d
     import fast_backend
     import reference_grpo_trainer as rgt
 
-    demo.set_threads(threads)
+    procs.set_threads(threads)
     recipe, trl_args = utils.parse_args((utils.Recipe, rgt.TrlArgs), "trl", ["--recipe", recipe_path])
     utils.set_seed(recipe.seed)
     backend = fast_backend.select_backend("cpu")
@@ -336,7 +336,7 @@ def run_order(rounds: int) -> list[str]:
 
 
 def main(args: BenchArgs) -> str:
-    demo.set_threads(args.threads)
+    procs.set_threads(args.threads)
     recipe = utils.parse_args((utils.Recipe,), "trl", ["--recipe", args.recipe])[0]
     load0 = os.getloadavg()
     results: dict[str, list[dict]] = {"repo": [], "bare": []}
@@ -344,9 +344,9 @@ def main(args: BenchArgs) -> str:
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         if args.reward_url:
             url = args.reward_url.rstrip("/")
-            demo.wait_healthy(url, timeout=10.0)
+            procs.wait_healthy(url, timeout=10.0)
         else:  # stopped when the block exits, also on failure
-            url, _ = stack.enter_context(demo.reward_server(Path(tmp) / "reward_server.log"))
+            url, _ = stack.enter_context(procs.reward_server(Path(tmp) / "reward_server.log"))
         for name in run_order(args.rounds):
             steps, peak = in_child(variant_child, name, args.recipe, url, args.steps, args.warmup, args.threads)
             results[name] += steps

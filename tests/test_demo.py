@@ -20,6 +20,7 @@ import pytest
 
 import demo
 import grpo_semantics
+import procs
 import utils
 
 FIXTURES = Path(__file__).parent / "fixtures" / "runs"
@@ -258,26 +259,26 @@ def test_stop_process_kills_a_child_that_ignores_sigterm():
                              "print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
     assert proc.stdout.readline().strip() == b"ready"
     t0 = time.monotonic()
-    assert demo.stop_process(proc, grace=0.5) == -signal.SIGKILL
+    assert procs.stop_process(proc, grace=0.5) == -signal.SIGKILL
     assert time.monotonic() - t0 < 10
 
 
 def test_stream_copies_output_and_returns_exit_code(tmp_path):
     log = tmp_path / "out.log"
-    code = demo.stream([sys.executable, "-c", "import sys; print('line one'); print('line two'); sys.exit(3)"], log)
+    code = procs.stream([sys.executable, "-c", "import sys; print('line one'); print('line two'); sys.exit(3)"], log)
     assert code == 3
     assert log.read_text().splitlines() == ["line one", "line two"]
 
 
 def test_wait_healthy_fails_on_a_dead_url():
-    with pytest.raises(demo.ServerError, match="not healthy after 1s"):
-        demo.wait_healthy(f"http://127.0.0.1:{demo.free_port()}", timeout=1.0)
+    with pytest.raises(procs.ServerError, match="not healthy after 1s"):
+        procs.wait_healthy(f"http://127.0.0.1:{procs.free_port()}", timeout=1.0)
 
 
 @pytest.mark.integration
 def test_reward_server_is_stopped_after_use_and_after_an_error(tmp_path):
     log = tmp_path / "server.log"
-    with pytest.raises(RuntimeError, match="boom"), demo.reward_server(log, timeout=120) as (url, health):
+    with pytest.raises(RuntimeError, match="boom"), procs.reward_server(log, timeout=120) as (url, health):
         assert health["status"] == "ok"
         assert utils.RewardClient(url).health_sync()["status"] == "ok"
         raise RuntimeError("boom")  # a failing stage must still stop the server
@@ -288,12 +289,12 @@ def test_reward_server_is_stopped_after_use_and_after_an_error(tmp_path):
 @pytest.mark.integration
 def test_reward_server_that_cannot_start_is_reported(tmp_path):
     log = tmp_path / "server.log"
-    with pytest.raises(demo.ServerError, match="exited with code [12] before it was healthy") as err:
-        with demo.reward_server(log, timeout=120, extra_args=["--no_such_flag"]):
+    with pytest.raises(procs.ServerError, match="exited with code [12] before it was healthy") as err:
+        with procs.reward_server(log, timeout=120, extra_args=["--no_such_flag"]):
             pass
     assert "no_such_flag" in str(err.value)  # the log tail names the problem
-    with pytest.raises(demo.ServerError, match="not found"):
-        with demo.reward_server(log, script=tmp_path / "missing.py"):
+    with pytest.raises(procs.ServerError, match="not found"):
+        with procs.reward_server(log, script=tmp_path / "missing.py"):
             pass
 
 
@@ -316,7 +317,7 @@ def test_sigterm_stops_the_demo_and_its_server(tmp_path, stories_path):
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
     finally:
-        demo.stop_process(proc, grace=5)
+        procs.stop_process(proc, grace=5)
     assert proc.returncode != 0
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/health", timeout=2.0)
