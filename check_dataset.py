@@ -186,8 +186,7 @@ def main(recipe: utils.Recipe, args: CheckArgs) -> dict:
 def cli(argv: list[str] | None = None) -> int:
     """Parse arguments, run, and turn expected failures into one line on stderr (exit 1)."""
     try:
-        recipe, args = utils.parse_args((utils.Recipe, CheckArgs), "check", argv, description=__doc__.splitlines()[0],
-                                        default_recipe=str(utils.ROOT / "recipes" / "cpu.yaml"))
+        recipe, args = utils.parse_args((utils.Recipe, CheckArgs), "check", argv, description=__doc__.splitlines()[0])
         main(recipe, args)
     except (utils.DatasetError, CheckError, FileNotFoundError) as e:
         print(f"check_dataset: error: {e}", file=sys.stderr)

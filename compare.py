@@ -15,7 +15,6 @@ line, a run with only train rows or no metrics yet each give a note, never a cra
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -162,7 +161,7 @@ def _checked(run: Run) -> Run:
         run.notes.append(f"{run.label}: no validation yet ({len(train)} train rows up to step {last}); "
                          "not in the val columns")
     for r in val:
-        if not _finite(r.get("reward_mean")) or not r.get("n"):
+        if not utils.is_finite_number(r.get("reward_mean")) or not r.get("n"):
             run.notes.append(f"{run.label}: val row at step {r['step']} scored no titles; ignored")
     return run
 
@@ -172,17 +171,13 @@ def _checked(run: Run) -> Run:
 # --------------------------------------------------------------------------------------
 
 
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def valid_val(run: Run) -> list[dict]:
-    return [r for r in run.split("val") if _finite(r.get("reward_mean")) and r.get("n")]
+    return [r for r in run.split("val") if utils.is_finite_number(r.get("reward_mean")) and r.get("n")]
 
 
 def bootstrap_ci(values: list[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float] | None:
     """95% percentile bootstrap interval of the mean over stories (None below 2 stories)."""
-    vals = [float(v) for v in values if _finite(v)]
+    vals = [float(v) for v in values if utils.is_finite_number(v)]
     if len(vals) < 2:
         return None
     # A paired bootstrap against zero is the plain bootstrap of the mean.
@@ -195,7 +190,7 @@ def spread(row: dict, n_boot: int) -> tuple[str, tuple[float, float] | None]:
     ci = bootstrap_ci((row.get("extra") or {}).get("story_reward") or [], n_boot)
     if ci is not None:
         return f"[{ci[0]:.3f}, {ci[1]:.3f}]", ci
-    if _finite(row.get("reward_std")):
+    if utils.is_finite_number(row.get("reward_std")):
         return f"± {row['reward_std']:.3f}", None
     return "", None
 
@@ -234,7 +229,7 @@ def recipe_of(run: Run) -> str:
 
 def steps_per_hour(run: Run) -> float | None:
     """Optimizer steps per hour of wall-clock (validation time included), from the latest row."""
-    timed = [r for r in run.rows if r["step"] > 0 and _finite(r.get("wall_time")) and r["wall_time"] > 0]
+    timed = [r for r in run.rows if r["step"] > 0 and utils.is_finite_number(r.get("wall_time")) and r["wall_time"] > 0]
     if not timed or not run.split("train"):
         return None
     last = max(timed, key=lambda r: r["wall_time"])
@@ -249,13 +244,13 @@ def tokens_per_s(run: Run) -> float | None:
     """
     for split in ("train", "val"):
         vals = [(r.get("extra") or {}).get(k) for r in run.split(split) for k in TOKENS_PER_S_KEYS]
-        vals = [v for v in vals if _finite(v)]
+        vals = [v for v in vals if utils.is_finite_number(v)]
         if vals:
             return sum(vals) / len(vals)
     tokens = seconds = 0.0
     for r in run.split("train"):
         extra = r.get("extra") or {}
-        if _finite(extra.get("completion_tokens_mean")) and _finite(extra.get("step_seconds")) and extra["step_seconds"] > 0:
+        if utils.is_finite_number(extra.get("completion_tokens_mean")) and utils.is_finite_number(extra.get("step_seconds")) and extra["step_seconds"] > 0:
             tokens += extra["completion_tokens_mean"] * r["n"]
             seconds += extra["step_seconds"]
     return tokens / seconds if seconds else None
@@ -283,7 +278,7 @@ def summarize(run: Run, n_boot: int = 2000) -> dict:
 
 
 def _fmt(x, spec: str = ".3f") -> str:
-    return "n/a" if x is None or not _finite(x) else format(x, spec)
+    return "n/a" if x is None or not utils.is_finite_number(x) else format(x, spec)
 
 
 def _reward_cell(v: dict | None) -> str:
@@ -432,8 +427,8 @@ def draw_panel(ax, panel: str, runs: list[Run], styles: dict[str, tuple[str, obj
     for run in runs:
         if run.is_reference and run.label not in refs:
             continue
-        rows = valid_val(run) if split == "val" else [r for r in run.split("train") if _finite(_get(r, y))]
-        rows = [r for r in rows if _finite(r.get(x)) and _finite(_get(r, y))]
+        rows = valid_val(run) if split == "val" else [r for r in run.split("train") if utils.is_finite_number(_get(r, y))]
+        rows = [r for r in rows if utils.is_finite_number(r.get(x)) and utils.is_finite_number(_get(r, y))]
         if not rows:
             continue
         drawn = True
@@ -462,7 +457,7 @@ def draw_panel(ax, panel: str, runs: list[Run], styles: dict[str, tuple[str, obj
         ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="gray")
     # Every panel spans from 0 to the furthest any run got, so a baseline alone or a run that
     # has not validated yet still shows on the scale of the training so far.
-    seen = [r for run in runs if not run.is_reference for r in run.rows if _finite(r.get(x))]
+    seen = [r for run in runs if not run.is_reference for r in run.rows if utils.is_finite_number(r.get(x))]
     right = max((r[x] / 60 if x == "wall_time" else r[x] for r in seen), default=0)
     if right > 0:
         ax.set_xlim(-0.03 * right, right * 1.03)

@@ -53,6 +53,7 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -169,24 +170,31 @@ def curve_flags(recipe: utils.Recipe, points: int) -> list[str]:
     return ["--eval_every", str(every), "--eval_samples", "0"]
 
 
-def check_data(recipe: utils.Recipe) -> dict:
-    """check_dataset.py's report on both splits; fail if training or validation cannot work."""
-    import check_dataset
+def check_data(recipe: utils.Recipe) -> dict[str, int]:
+    """Both splits loaded and filtered as the trainers do (utils.load_split; `make check` reports
+    more); fail if training or validation cannot work. Returns the stories used per split."""
+    from transformers import AutoTokenizer
 
-    report = check_dataset.main(recipe, check_dataset.CheckArgs(samples=0))
-    for split, need in ((recipe.train_split, recipe.prompts_per_step), (recipe.val_split, 2)):
-        used = report["splits"][split]["used"]
-        if used < need:
-            raise utils.DatasetError(f"{recipe.dataset}: split '{split}' has {used} usable stories, needs {need}")
-    return report
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model)
+    used = {}
+    for split, limit, need in ((recipe.train_split, recipe.max_train_stories, recipe.prompts_per_step),
+                               (recipe.val_split, recipe.max_val_stories, 2)):
+        ds, report = utils.load_split(recipe, split, tokenizer, limit)
+        used[split] = len(ds)
+        print(f"{report.summary()}; {used[split]} used")
+        if used[split] < need:
+            raise utils.DatasetError(f"{recipe.dataset}: split '{split}' has {used[split]} usable stories, needs {need}")
+    return used
 
 
 def evaluate_policy(recipe: utils.Recipe, run_name: str, label: str, method: str, step: int, adapter: str = ""):
-    """evaluate.py's main on `recipe` into runs/<run_name>: the trainers' validation procedure."""
-    import evaluate
+    """`make eval`'s procedure (policy.evaluate_policy: the trainers' validation) into runs/<run_name>."""
+    import policy
 
     recipe = dataclasses.replace(copy.deepcopy(recipe), run_name=run_name)
-    return evaluate.main(recipe, evaluate.EvalArgs(adapter=adapter, label=label, method=method, step=step))
+    result, path = policy.evaluate_policy(recipe, adapter, label, method, step)
+    print(f"[{label}] {utils.eval_summary(result)}\ntitles -> {path}")
+    return result
 
 
 def greedy_only(result: utils.EvalResult) -> utils.EvalResult:
@@ -197,12 +205,10 @@ def greedy_only(result: utils.EvalResult) -> utils.EvalResult:
 def write_curve_baseline(base_dir: Path, before: utils.EvalResult, model: str = "") -> None:
     """The untrained model's greedy titles as their own row, so the curves have a baseline band
     on their own protocol (greedy decoding is deterministic: no second generation needed)."""
-    import evaluate
-
     result = greedy_only(before)
     row = utils.eval_metrics_row(result, method="base", step=0, wall_time=0.0, run=base_dir.name,
                                  extra={"label": CURVE_LABEL, "derived_from": "before", "model": model})
-    evaluate.write_eval(base_dir, CURVE_LABEL, result, row)
+    utils.write_eval(base_dir, CURVE_LABEL, result, row)
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
@@ -599,12 +605,17 @@ def machine_note(load_before: tuple[float, ...]) -> str:
 
 
 def plot_curves(summary: Summary, base_dir: Path, out_dir: Path) -> list[Path]:
-    """compare.py's plots of this demo's runs: one colour per method, the baseline as a band."""
-    import compare as compare_runs
-
-    runs = [run for p in [base_dir] + [mr.run_dir for mr in summary.runs] for run in compare_runs.load_run(p)]
-    runs = [r for r in runs if r.rows]
-    return compare_runs.plot(runs, out_dir, n_boot=2000, panels=False) if runs else []
+    """`make compare` on this demo's runs (compare.py, its own process): compare.png with one colour
+    per method and the baseline as a band, and its table in compare.md; output in demo_compare.log."""
+    png, log = out_dir / "compare.png", out_dir / "demo_compare.log"
+    png.unlink(missing_ok=True)  # an old plot must not pass for this run's
+    cmd = [sys.executable, str(ROOT / "compare.py"), *[str(p) for p in [base_dir, *(mr.run_dir for mr in summary.runs)]],
+           "--out_dir", str(out_dir), "--n_boot", "2000", "--no_panels", "--examples", "0"]
+    with log.open("w", encoding="utf-8") as out:
+        code = subprocess.run(cmd, cwd=ROOT, env=procs.child_env(), stdout=out, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        print(f"warning: compare.py exited {code}, no plot; last lines of {log}:\n{procs.tail(log)}")
+    return [png] if png.exists() else []
 
 
 # --------------------------------------------------------------------------------------

@@ -253,18 +253,19 @@ def art_step(args: CheckArgs) -> dict:
     """ART's LocalBackend (in .venv-art): register, one rollout group, one backend.train."""
     import asyncio
 
-    import train
+    import art_config
+    from art_cpu_backend import import_art
 
     recipe, _ = check_recipe(args)
-    art = train.import_art()
+    art = import_art()
     from art.local import LocalBackend
 
     async def run() -> dict:
         path = tempfile.mkdtemp(prefix="gpu-check-art-")
-        art_args = train.ArtArgs()
+        art_args = art_config.ArtArgs()
         backend = LocalBackend(path=path)
         model = art.TrainableModel(name="gpu-check", project="gpu-check", base_model=recipe.model, base_path=path,
-                                   _internal_config=train.internal_config(recipe, art_args))
+                                   _internal_config=art_config.internal_config(recipe, art_args))
         try:
             await model.register(backend)
             messages = utils.title_messages("We rewrote our build system in a weekend and cut CI times to six minutes.")
@@ -276,7 +277,7 @@ def art_step(args: CheckArgs) -> dict:
                             for i, c in enumerate(sorted(resp.choices, key=lambda c: c.index))]
             t0 = time.perf_counter()
             result = await backend.train(model, [art.TrajectoryGroup(trajectories)],
-                                         **train.train_kwargs(recipe, art_args))
+                                         **art_config.train_kwargs(recipe, art_args))
             return {"step_s": time.perf_counter() - t0, "detail": f"art step {result.step}, {len(trajectories)} "
                     f"trajectories, loss {result.metrics.get('loss/train', result.metrics.get('loss'))}"}
         finally:

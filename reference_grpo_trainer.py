@@ -269,22 +269,22 @@ def build_callbacks(*, recipe: utils.Recipe, args: TrlArgs, run_dir: Path, token
                 self.validate(model, state.global_step)
 
         def validate(self, model, step: int) -> None:
-            import evaluate
+            import policy
 
             if self.trainer is not None and not self.trainer.is_world_process_zero():
                 return  # validate once, on rank 0 (inference only: the other ranks just wait at the next step)
 
-            generator = evaluate.HFGenerator(model, tokenizer, batch_size=args.eval_batch_size, name="trl")
+            generator = policy.HFGenerator(model, tokenizer, batch_size=args.eval_batch_size, name="trl")
             t0 = time.perf_counter()
             self.current = step
             utils.fault_pause("validation", step, until=lambda: stopper.received)
-            result = evaluate.score_val(recipe, generator, val_rows, validator)
+            result = utils.score_val(recipe, generator, val_rows, validator)
             self.current = None
             row = utils.eval_metrics_row(result, method="trl", step=step, wall_time=timer(), run=run_dir.name,
                                          extra={"eval_seconds": round(time.perf_counter() - t0, 1)})
-            path = evaluate.write_eval(run_dir, f"step-{step:05d}", result, row)
+            path = utils.write_eval(run_dir, f"step-{step:05d}", result, row)
             val_done.add(step)
-            print(f"\n[val step {step}] {evaluate.summary(result)}  ({time.perf_counter() - t0:.0f}s, {path})")
+            print(f"\n[val step {step}] {utils.eval_summary(result)}  ({time.perf_counter() - t0:.0f}s, {path})")
             for rec in result.records()[:args.show_titles]:
                 print(f"  original: {rec['original']}\n  greedy:   {rec['greedy']['title']}")
             self.report(row)
@@ -588,8 +588,9 @@ def print_args(*objs) -> None:
         print(f"[trl] {type(obj).__name__}: " + json.dumps(dataclasses.asdict(obj), default=str))
 
 
-def main(recipe: utils.Recipe, args: TrlArgs, recipe_path: str | None = None) -> int:
+def main(recipe: utils.Recipe, args: TrlArgs) -> int:
     try:
+        recipe.check()  # parse_args checks it too; main() may get a Recipe built in code
         backend = fast_backend.select_backend(args.backend, args.use_vllm, args.vllm_mode,
                                               require_gpu=args.require_gpu)
         batch_kwargs(recipe, args, world_size())  # a batch that cannot be split is refused before any load
@@ -597,10 +598,10 @@ def main(recipe: utils.Recipe, args: TrlArgs, recipe_path: str | None = None) ->
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     print(f"[trl] {backend.describe()}")
-    run_dir = utils.run_dir_for(recipe, "trl", recipe_path)
+    run_dir = utils.run_dir_for(recipe, "trl")
     try:
         with utils.RunLock(run_dir, "trl"), _refuse_signals_while_starting():
-            return train(recipe, args, backend, run_dir, recipe_path)
+            return train(recipe, args, backend, run_dir)
     except utils.RunDirBusy as e:
         print(f"error: {e} (exit {utils.EXIT_RUN_DIR_BUSY})", file=sys.stderr)
         return utils.EXIT_RUN_DIR_BUSY
@@ -630,8 +631,7 @@ def _refuse_signals_while_starting():
             signal.signal(sig, handler)
 
 
-def train(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend, run_dir: Path,
-          recipe_path: str | None) -> int:
+def train(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend, run_dir: Path) -> int:
     """Everything main() does while holding the run directory."""
     print_args(recipe, args, backend)
     checkpoint, start_step = resume_point(run_dir, args.resume)
@@ -642,7 +642,7 @@ def train(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend, ru
         print(f"[trl] nothing to do: {run_dir} is finished at step {start_step} (max_steps={recipe.max_steps}); "
               "raise --max_steps to train further")
         return EXIT_OK
-    utils.save_config(run_dir, recipe=recipe, trl=args, backend=backend, recipe_path=recipe_path)
+    utils.save_config(run_dir, recipe=recipe, trl=args, backend=backend)
     if checkpoint:
         print(f"[trl] resuming from {checkpoint} (step {start_step}); dropped {dropped} metrics rows past it")
     elif dropped:
@@ -769,9 +769,9 @@ def _pause_inside_saves(trainer, stopper) -> None:
 
 
 def _make_validator(recipe: utils.Recipe, model, tokenizer):
-    import evaluate
+    import policy  # transformers and peft load with it: not at import time
 
-    return evaluate.make_validator(recipe, model, tokenizer)
+    return policy.make_validator(recipe, model, tokenizer)
 
 
 def _close_client(trainer, client: utils.RewardClient) -> None:
@@ -782,20 +782,10 @@ def _close_client(trainer, client: utils.RewardClient) -> None:
             asyncio.run_coroutine_threadsafe(client.aclose(), loop).result(timeout=5)
 
 
-def recipe_path_from(argv: Sequence[str] | None) -> str | None:
-    import argparse
-    import os
-
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--recipe", default=os.environ.get("RECIPE") or "recipes/cpu.yaml")
-    return pre.parse_known_args(argv)[0].recipe
-
-
 def cli(argv: Sequence[str] | None = None) -> int:
     """Parse `--recipe` + flags (utils.parse_args) and run; returns the exit code."""
-    recipe, args = utils.parse_args((utils.Recipe, TrlArgs), "trl", argv, description=__doc__.splitlines()[0],
-                                    default_recipe="recipes/cpu.yaml")
-    return main(recipe, args, recipe_path_from(argv))
+    recipe, args = utils.parse_args((utils.Recipe, TrlArgs), "trl", argv, description=__doc__.splitlines()[0])
+    return main(recipe, args)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def read_article(path: str) -> str:
 
 def make_generator(recipe: utils.Recipe, args: TitlesArgs):
     """(generator, model, tokenizer): the model is loaded only when something needs it."""
-    import evaluate
+    import policy
 
     if args.generator == "openai":
         from openai_generator import OpenAIGenerator
@@ -70,15 +70,15 @@ def make_generator(recipe: utils.Recipe, args: TitlesArgs):
             gen = OpenAIGenerator(args.openai_model or None, args.openai_base_url or None, progress=False)
         except OpenAIGeneratorError as e:
             raise SystemExit(f"error: {e}") from None
-        model, tokenizer = evaluate.load_policy(recipe.model) if recipe.validator == "model" else (None, None)
+        model, tokenizer = policy.load_model(recipe.model) if recipe.validator == "model" else (None, None)
         return gen, model, tokenizer
     if args.generator != "hf":
         raise SystemExit(f"error: unknown --generator {args.generator!r} (use hf or openai)")
     try:
-        model, tokenizer = evaluate.load_policy(recipe.model, args.adapter)
+        model, tokenizer = policy.load_model(recipe.model, args.adapter)
     except OSError as e:  # no such folder / hub id unreachable offline
         raise SystemExit(f"error: cannot load model {recipe.model}: {' '.join(str(e).split())[:300]}") from None
-    return evaluate.HFGenerator(model, tokenizer, progress=False), model, tokenizer
+    return policy.HFGenerator(model, tokenizer, progress=False), model, tokenizer
 
 
 def check_length(tokenizer, body: str, limit: int) -> None:
@@ -135,7 +135,7 @@ def render(ranked: list[dict]) -> str:
 
 
 def main(recipe: utils.Recipe, args: TitlesArgs) -> list[dict]:
-    import evaluate
+    import policy
 
     body = read_article(args.article)
     if args.time:
@@ -155,7 +155,7 @@ def main(recipe: utils.Recipe, args: TitlesArgs) -> list[dict]:
              "time": args.time or dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")}
     try:
         completions = generate(generator, body, args, recipe)
-        validator = evaluate.make_validator(recipe, model, tokenizer)
+        validator = policy.make_validator(recipe, model, tokenizer)
         ranked = score(recipe, validator, story, completions)
     except (utils.RewardServerError, OpenAIGeneratorError) as e:
         raise SystemExit(f"error: {e}") from None
@@ -171,6 +171,5 @@ def main(recipe: utils.Recipe, args: TitlesArgs) -> list[dict]:
 
 
 if __name__ == "__main__":
-    recipe_, args_ = utils.parse_args((utils.Recipe, TitlesArgs), "titles", description=__doc__.splitlines()[0],
-                                      default_recipe="recipes/cpu.yaml")
+    recipe_, args_ = utils.parse_args((utils.Recipe, TitlesArgs), "titles", description=__doc__.splitlines()[0])
     main(recipe_, args_)

@@ -50,18 +50,23 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import art_cpu_backend
 import utils
+from art_config import (
+    ART_LOSSES,
+    ArtArgs,
+    internal_config,
+    local_backend_optimizer,
+    train_kwargs,
+)
+from art_cpu_backend import import_art
 
 METHOD = "art"
 BACKENDS = ("auto", "local", "cpu")
 EXIT_OK, EXIT_USAGE, EXIT_REWARD_SERVER, EXIT_INTERRUPTED, EXIT_ABORTED = 0, 1, 3, 75, 130
-ART_LOSSES = ("cispo", "ppo")  # what LocalBackend.train(loss_fn=...) accepts in 0.5.18
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
 GPU_HELP = """\
 train.py --backend local (ART's LocalBackend) needs a CUDA GPU: {problem}.
 ART's LocalBackend generates with vLLM and trains with Unsloth on the GPU; neither runs on a CPU.
@@ -70,25 +75,6 @@ ART's LocalBackend generates with vLLM and trains with Unsloth on the GPU; neith
                   make train-art RECIPE=recipes/gpu.yaml
   Through Slurm:  METHOD=art RECIPE=recipes/gpu.yaml sbatch slurm/train.sbatch  (starts the reward server too)
 On this machine, ART's loop runs on the CPU engine: --backend cpu (or auto), as `make train-art` does."""
-
-
-@dataclass
-class ArtArgs:
-    """ART-only knobs (`art:` block of a recipe). Shared knobs live in utils.Recipe."""
-
-    recipe: ClassVar[str | None] = None  # set by utils.parse_args (the --recipe path)
-    project: str = field(default="hn-titles", metadata={"help": "ART project (folder under the run's art/ directory)."})
-    model_name: str = field(default="", metadata={"help": "ART model name (default: the run directory's name)."})
-    backend: str = field(default="auto", metadata={"help": "'cpu' (ART's loop on the CPU engine, art_cpu_backend.py), 'local' (ART's LocalBackend: vLLM + Unsloth on this node's GPU) or 'auto' (local with a usable GPU and ART's GPU extra installed, else cpu)."})
-    pack_groups: bool = field(default=False, metadata={"help": "CPU engine: ART's packer shares rows, a group's prompt stored once (LocalBackend on a GPU: one trajectory per row)."})
-    gpu_memory_utilization: float = field(default=0.75, metadata={"help": "vLLM's share of GPU memory (the original example used 0.75)."})
-    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base model in 4 bit (ART's default is True; False matches the TRL side)."})
-    max_exceptions: float = field(default=0, metadata={"help": "Rollout groups allowed to fail per step (count, or a fraction < 1); failed groups are dropped and counted."})
-    keep_best: bool = field(default=True, metadata={"help": "After each validation keep only the best (val/reward) and latest checkpoints."})
-    validator_model: str = field(default="", metadata={"help": "Served name of the base model for validator=model (default: the server's root model from /v1/models)."})
-    concurrency: int = field(default=16, metadata={"help": "Parallel requests for validation and the model validator."})
-    request_timeout: float = field(default=600.0, metadata={"help": "Seconds per inference request."})
-    scale_rewards: bool = field(default=True, metadata={"help": "Divide advantages by the group's reward std (TRL's scale_rewards='group')."})
 
 
 # --------------------------------------------------------------------------------------
@@ -113,9 +99,6 @@ def gpu_problem() -> str | None:
     if not torch.cuda.is_available():
         return f"torch {torch.__version__} sees no CUDA device (a CPU build? `make setup-art` installs ART's CUDA stack)"
     return None
-
-
-import_art = art_cpu_backend.import_art  # `import art` minus its transformers patch (see there)
 
 
 def resolve_backend(args: ArtArgs) -> str:
@@ -147,103 +130,17 @@ def make_backend(args: ArtArgs, art_path: Path, recipe: utils.Recipe):
     raise ValueError(f"unknown backend {args.backend!r} (supported: {BACKENDS})")
 
 
-def internal_config(recipe: utils.Recipe, args: ArtArgs) -> dict:
-    """ART's `_internal_config` for TrainableModel: where 0.5.18 takes LoRA, clipping and memory.
-
-    art.dev.get_model_config merges these over its defaults (LoRA r=8 alpha=16, max_grad_norm
-    0.1, 4-bit, max_seq_length 32768) before building the Unsloth model and the vLLM engine.
-    """
-    import_art()
-    from art import dev
-
-    return dev.InternalModelConfig(
-        # use_exact_model_name: Unsloth would load its own unsloth/... copy of a Qwen/... id otherwise
-        init_args=dev.InitArgs(max_seq_length=utils.MAX_SEQ_TOKENS, load_in_4bit=args.load_in_4bit,
-                               use_exact_model_name=True),
-        engine_args=dev.EngineArgs(
-            gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=utils.MAX_SEQ_TOKENS,
-            max_lora_rank=next((r for r in VLLM_LORA_RANKS if r >= recipe.lora_r), recipe.lora_r)),
-        peft_args=dev.PeftArgs(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-                               target_modules=list(recipe.lora_target_modules), random_state=recipe.seed),
-        trainer_args=dev.TrainerArgs(max_grad_norm=recipe.max_grad_norm, seed=recipe.seed, **optimizer_args(recipe)),
-    )
-
-
-ART_OPTIMIZERS = {"adamw": "adamw_torch", "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
-
-
-def optimizer_args(recipe: utils.Recipe) -> dict:
-    """ART TrainerArgs for the recipe's optimizer knobs; an empty knob keeps ART's default
-    (paged_adamw_8bit, betas 0.9/0.99; weight decay 0.1, which ART's GPU trainer forces anyway).
-
-    >>> optimizer_args(utils.Recipe(optimizer="adamw", adam_beta2=0.999))
-    {'optim': 'adamw_torch', 'adam_beta2': 0.999}
-    """
-    utils.check_optimizer_knobs(recipe)
-    out = {"optim": ART_OPTIMIZERS[recipe.optimizer]} if recipe.optimizer else {}
-    out.update({k: getattr(recipe, k) for k in ("weight_decay", "adam_beta1", "adam_beta2")
-                if getattr(recipe, k) is not None})
-    return out
-
-
-# What ART 0.5.18's LocalBackend trains with (art/dev/get_model_config.py defaults, and
-# art/unsloth/train.py run_unsloth_rl_training, which sets every param group's weight decay to
-# 0.1 before each train call, whatever trainer_args say).
-LOCAL_BACKEND_OPTIMIZER = {"optim": "paged_adamw_8bit", "weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.99,
-                           "optimizer_steps": "per_sequence"}
-def local_backend_optimizer(recipe: utils.Recipe) -> tuple[dict, dict]:
-    """(trainer_args for the recipe's optimizer knobs, the optimizer LocalBackend really uses).
-
-    optim and the betas reach Unsloth's GRPOConfig through `_internal_config.trainer_args`.
-    Weight decay and the step granularity cannot: 0.5.18 overwrites the decay with 0.1 on
-    every train call and takes one optimizer step per trajectory, so a recipe asking for
-    anything else is refused rather than silently ignored.
-    """
-    if recipe.weight_decay is not None and recipe.weight_decay != LOCAL_BACKEND_OPTIMIZER["weight_decay"]:
-        raise SystemExit(f"weight_decay {recipe.weight_decay} cannot reach ART 0.5.18's LocalBackend: it sets weight "
-                         "decay 0.1 before every train call (art/unsloth/train.py). Set weight_decay: 0.1 in the "
-                         "recipe (both trainers then use it) or leave it empty (each library's default).")
-    if recipe.optimizer_steps == "per_step":
-        raise SystemExit("optimizer_steps 'per_step' is not available with ART 0.5.18's LocalBackend: it takes one "
-                         "optimizer step per trajectory ('per_sequence'); use that, leave it empty, or use "
-                         "--backend cpu (per_step exists only on the CPU engine)")
-    trainer_args = optimizer_args(recipe)
-    used = {**LOCAL_BACKEND_OPTIMIZER, **trainer_args, "weight_decay": LOCAL_BACKEND_OPTIMIZER["weight_decay"],
-            "learning_rate": recipe.learning_rate, "max_grad_norm": recipe.max_grad_norm,
-            "engine": "art.local.LocalBackend (openpipe-art 0.5.18)"}
-    return trainer_args, used
-
-
-def train_kwargs(recipe: utils.Recipe, args: ArtArgs) -> dict:
-    """Keyword arguments of backend.train: the loss is explicit (ART defaults to cispo, TRL to dapo).
-
-    For cispo ART clips the detached importance weight to [1 - epsilon, 1 + epsilon_high];
-    TRL 1.14 clamps it to at most its epsilon_high. The bounds are written out (they equal
-    ART's defaults, 1.0 and 4.0, for the default cispo_max_weight 5) so the weight's range,
-    [0, recipe.cispo_max_weight], is the same as TRL's.
-    """
-    kwargs = {"learning_rate": recipe.learning_rate, "loss_fn": recipe.loss_type,
-              "kl_penalty_coef": recipe.beta, "scale_rewards": args.scale_rewards}
-    if recipe.loss_type == "cispo":
-        kwargs.update(epsilon=1.0, epsilon_high=recipe.cispo_max_weight - 1.0)
-    return kwargs
-
-
 def check_config(recipe: utils.Recipe, args: ArtArgs) -> None:
     """Refuse settings ART cannot honour before anything starts."""
     if recipe.loss_type not in ART_LOSSES:
         raise SystemExit(f"loss_type {recipe.loss_type!r} is not available in ART 0.5.18 (use one of {ART_LOSSES}; "
                          "'cispo' exists in both TRL and ART)")
-    if recipe.num_generations < 2:
-        raise SystemExit("num_generations must be >= 2: a group of one has no advantage to learn from")
-    if recipe.validator not in ("embedding", "model", "none"):
-        raise SystemExit(f"unknown validator {recipe.validator!r} (use embedding, model or none)")
-    if args.backend not in BACKENDS:
-        raise SystemExit(f"unknown backend {args.backend!r} (supported: {', '.join(BACKENDS)})")
     try:
-        optimizer_args(recipe)
+        recipe.check()  # what every trainer refuses (parse_args checks it too; main() may get a Recipe built in code)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    if args.backend not in BACKENDS:
+        raise SystemExit(f"unknown backend {args.backend!r} (supported: {', '.join(BACKENDS)})")
     backend = resolve_backend(args)
     if backend == "local":
         local_backend_optimizer(recipe)  # refuses optimizer knobs LocalBackend cannot honour
@@ -266,21 +163,6 @@ def server_generator(model, name: str, args: ArtArgs, progress: bool = True):
 
     return OpenAIGenerator(model=name, base_url=model.inference_base_url, api_key=model.inference_api_key,
                            timeout=args.request_timeout, concurrency=args.concurrency, progress=progress)
-
-
-class ServerValidator:
-    """The original validator: the BASE model, through the same server, answers True/False."""
-
-    def __init__(self, generator):
-        self.generator = generator
-        self.unparsed = 0  # answers that were neither True nor False (counted, treated as False)
-
-    def __call__(self, bodies: Sequence[str], titles: Sequence[str]) -> list[bool]:
-        convs = [utils.validator_messages(b, t) for b, t in zip(bodies, titles, strict=True)]
-        answers = [a[0] for a in self.generator.generate(convs, n=1, temperature=0.0, max_tokens=3)]
-        parsed = [utils.parse_validator_answer(a) for a in answers]
-        self.unparsed += sum(p is None for p in parsed)
-        return [bool(p) for p in parsed]
 
 
 def base_model_name(generator, wanted: str = "") -> str:
@@ -316,7 +198,7 @@ def make_validator(recipe: utils.Recipe, args: ArtArgs, model) -> Any:
     probe = server_generator(model, "probe", args, progress=False)
     name = base_model_name(probe, args.validator_model)
     print(f"validator: base model served as {name!r}")
-    return ServerValidator(server_generator(model, name, args, progress=False))
+    return utils.LLMValidator(server_generator(model, name, args, progress=False))  # the server serves the base
 
 
 # --------------------------------------------------------------------------------------
@@ -497,8 +379,6 @@ class Trainer:
 
     async def validate(self, step: int) -> dict:
         """The TRL trainer's validation (utils.evaluate_generator) on the current checkpoint."""
-        import evaluate
-
         t0 = time.perf_counter()
         art_step = await self.model.get_step()
         name = self.model.get_inference_name()
@@ -510,7 +390,7 @@ class Trainer:
         row = utils.eval_metrics_row(result, method=METHOD, step=step, wall_time=self.timer(), run=self.run_dir.name,
                                      extra={"art_step": art_step, "model": self.recipe.model, "policy": name,
                                             "eval_seconds": round(time.perf_counter() - t0, 1)})
-        path = evaluate.write_eval(self.run_dir, f"step-{step:05d}", result, row)
+        path = utils.write_eval(self.run_dir, f"step-{step:05d}", result, row)
         self.logged.add(("val", step))
         # history.jsonl is keyed by ART's step (= checkpoint number): delete_checkpoints reads
         # the best val/reward from it, so the val metrics describe that checkpoint.
@@ -519,7 +399,7 @@ class Trainer:
             "match_rate": row["match_rate"], "title_len": row["title_len_mean"], "copy_frac": row["copy_frac_mean"]})
         if self.args.keep_best:
             await self.model.delete_checkpoints(best_checkpoint_metric="val/reward")
-        print(f"[val step {step}] {evaluate.summary(result)} -> {path}")
+        print(f"[val step {step}] {utils.eval_summary(result)} -> {path}")
         return row
 
 
@@ -587,10 +467,10 @@ def main(recipe: utils.Recipe, args: ArtArgs, backend_factory: Callable[[ArtArgs
             raise SystemExit(GPU_HELP.format(problem=problem))
         backend_factory = lambda a, p: make_backend(a, p, recipe)  # noqa: E731
     utils.set_seed(recipe.seed)
-    run_dir = utils.run_dir_for(recipe, METHOD, args.recipe)
+    run_dir = utils.run_dir_for(recipe, METHOD)
     utils.hold_run_dir(run_dir, METHOD)  # one writer per run directory, or exit 73 naming the holder
     engine = engine_config(recipe, args)
-    utils.save_config(run_dir, recipe=recipe, art=args, recipe_path=args.recipe, internal_config=internal_config(recipe, args),
+    utils.save_config(run_dir, recipe=recipe, art=args, internal_config=internal_config(recipe, args),
                       train_kwargs=train_kwargs(recipe, args), engine=engine)
     log_arguments(recipe=recipe, art=args, train_kwargs=train_kwargs(recipe, args), engine=engine)
     if engine.get("requested_optim", "").endswith("8bit"):
@@ -640,8 +520,7 @@ async def _run(recipe, args, run_dir: Path, train_rows, val_rows, backend_factor
 def cli(argv: Sequence[str] | None = None) -> int:
     """Parse `--recipe` + flags, train; returns the exit code."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # ART imports litellm; no network for its price map
-    recipe, args = utils.parse_args((utils.Recipe, ArtArgs), METHOD, argv, description=__doc__.splitlines()[0],
-                                    default_recipe="recipes/cpu.yaml")
+    recipe, args = utils.parse_args((utils.Recipe, ArtArgs), METHOD, argv, description=__doc__.splitlines()[0])
     with StopOnSignal() as stopper:
         try:
             main(recipe, args, stopper=stopper)

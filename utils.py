@@ -36,9 +36,9 @@ from typing import Any, Protocol
 
 ROOT = Path(__file__).resolve().parent
 HUB_DATASET = "OpenPipe/hacker-news-scraped-stories-filtered"
-HUB_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 DEFAULT_DATASET = str(ROOT / "data" / "stories.jsonl")
 DEFAULT_MODEL = str(ROOT / "models" / "smollm2-135m-instruct")
+DEFAULT_RECIPE = "recipes/cpu.yaml"  # relative to the repo when not found from the working directory
 DEFAULT_REWARD_URL = "http://127.0.0.1:7000"
 MAX_SEQ_TOKENS = 8192
 MAX_PROMPT_TOKENS = MAX_SEQ_TOKENS - 100  # the original keeps 100 tokens of room for the title
@@ -96,6 +96,7 @@ def _recipe_names(argv: Sequence[str] | None, default_recipe: str | None) -> lis
         pre.add_argument(f"--{name}")
     known, _ = pre.parse_known_args(list(argv) if argv is not None else None)
     names = [known.model, known.dataset, os.environ.get("MODEL"), os.environ.get("DATASET")]
+    known.recipe = resolve_recipe_path(known.recipe)
     if known.recipe and Path(known.recipe).exists():
         try:
             sections = read_recipe(known.recipe).values()
@@ -171,8 +172,12 @@ def hub_errors(name: str, what: str = "model"):
 
 @dataclass
 class Recipe:
-    """The knobs both trainers share. One YAML `shared:` block sets them for both."""
+    """The knobs both trainers share. One YAML `shared:` block sets them for both.
 
+    `check()` refuses values no trainer understands; utils.parse_args calls it for every script.
+    """
+
+    recipe: str = field(default="", metadata={"help": "Recipe YAML (sections: shared, trl, art, eval, ...); names the run directory."})
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "Hub id or local folder of the policy."})
     dataset: str = field(default=DEFAULT_DATASET, metadata={"help": "Hub id, .jsonl/.parquet file or saved dataset folder."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
@@ -223,6 +228,25 @@ class Recipe:
     run_name: str = field(default="", metadata={"help": "Run directory name (default: <method>-<recipe>)."})
     seed: int = field(default=42, metadata={"help": "Random seed."})
 
+    def check(self) -> None:
+        """Raise ValueError for a value no trainer can use (a typo must not fall back to a default).
+
+        >>> Recipe(validator="judge").check()
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown validator 'judge' (use embedding, model or none)
+        """
+        if self.validator not in VALIDATORS:
+            raise ValueError(f"unknown validator {self.validator!r} (use {', '.join(VALIDATORS[:-1])} or {VALIDATORS[-1]})")
+        if self.num_generations < 2:
+            raise ValueError("num_generations must be >= 2: a group of one has no advantage to learn from")
+        if self.prompts_per_step < 1:
+            raise ValueError("prompts_per_step must be >= 1")
+        check_optimizer_knobs(self)
+
+
+VALIDATORS = ("embedding", "model", "none")
+
 
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
 OPTIMIZER_STEPS = ("per_step", "per_sequence")
@@ -260,12 +284,24 @@ def read_recipe(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     return data
 
 
+def resolve_recipe_path(value: str | None) -> str | None:
+    """A recipe path as given if it exists from here, else the repo's (so scripts run from any directory).
+
+    >>> resolve_recipe_path("recipes/tiny.yaml") in ("recipes/tiny.yaml", str(ROOT / "recipes" / "tiny.yaml"))
+    True
+    """
+    if value and _maybe_repo_relative(value) and (ROOT / value).exists():
+        return str(ROOT / value)
+    return value
+
+
 def parse_args(types: Sequence[type], section: str, argv: Sequence[str] | None = None,
-               description: str | None = None, default_recipe: str | None = None) -> tuple:
+               description: str | None = None, default_recipe: str | None = DEFAULT_RECIPE) -> tuple:
     """Parse `--recipe file.yaml` + environment + CLI flags into instances of `types`.
 
     The recipe's `shared:` block and its `<section>:` block become defaults; keys that match
-    no field are an error (a typo must not silently fall back to a default).
+    no field are an error (a typo must not silently fall back to a default). A Recipe among
+    `types` records the recipe path (it names the run directory) and is checked (Recipe.check).
     """
     prepare_env(argv, default_recipe)  # before transformers: huggingface_hub reads HF_HUB_OFFLINE at import
     from transformers import HfArgumentParser
@@ -273,6 +309,7 @@ def parse_args(types: Sequence[type], section: str, argv: Sequence[str] | None =
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--recipe", default=os.environ.get("RECIPE") or default_recipe)  # RECIPE= (empty) means unset
     known, rest = pre.parse_known_args(argv)
+    known.recipe = resolve_recipe_path(known.recipe)
     defaults: dict[str, Any] = {}
     if known.recipe:
         recipe = read_recipe(known.recipe)
@@ -286,17 +323,22 @@ def parse_args(types: Sequence[type], section: str, argv: Sequence[str] | None =
         if os.environ.get(env_name) and field_name in field_names:
             defaults[field_name] = os.environ[env_name]
     parser = HfArgumentParser(types, description=description)
-    parser.add_argument("--recipe", default=known.recipe, help="Recipe YAML (sections: shared, trl, art).")
-    parser.set_defaults(**defaults)
+    if "recipe" not in field_names:
+        parser.add_argument("--recipe", help="Recipe YAML (sections: shared, trl, art).")
+    parser.set_defaults(**defaults, recipe=known.recipe)
     *objs, namespace_rest = parser.parse_args_into_dataclasses(args=list(rest), return_remaining_strings=True)
     if namespace_rest:
         parser.error(f"unrecognized arguments: {' '.join(namespace_rest)}")
-    # HfArgumentParser appends a Namespace holding `--recipe` (no dataclass owns it): drop it.
+    # HfArgumentParser appends a Namespace for arguments no dataclass owns (`--recipe`): drop it.
     objs = [obj for obj in objs if not isinstance(obj, argparse.Namespace)]
     for obj in objs:
-        if hasattr(obj, "recipe"):
-            obj.recipe = known.recipe
         _resolve_repo_paths(obj)
+        if isinstance(obj, Recipe):
+            obj.recipe = known.recipe or ""
+            try:
+                obj.check()
+            except ValueError as e:
+                parser.error(str(e))
     return tuple(objs)
 
 
@@ -336,9 +378,12 @@ def set_seed(seed: int) -> None:
         pass
 
 
-def run_dir_for(recipe: Recipe, method: str, recipe_path: str | None = None) -> Path:
-    """The one directory a run writes to: checkpoints, metrics.jsonl, config.json, logs."""
-    name = recipe.run_name or f"{method}-{Path(recipe_path).stem if recipe_path else 'default'}"
+def run_dir_for(recipe: Recipe, method: str) -> Path:
+    """The one directory a run writes to: checkpoints, metrics.jsonl, config.json, logs.
+
+    Named <method>-<recipe file stem> unless the recipe sets run_name.
+    """
+    name = recipe.run_name or f"{method}-{Path(recipe.recipe).stem if recipe.recipe else 'default'}"
     path = Path(recipe.runs_dir) / name
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -651,8 +696,20 @@ _WORD = re.compile(r"[\w'’+#.-]+", re.UNICODE)
 
 
 def words(text: str) -> list[str]:
-    """Lower-cased words, punctuation stripped (used for lengths and copy detection)."""
+    """Lower-cased word tokens, punctuation stripped: what ROUGE-L, templates and copy detection compare
+    (a title's length is word_count, a reader's count)."""
     return [w.strip(".'’-").lower() for w in _WORD.findall(text) if w.strip(".'’-")]
+
+
+def word_count(text: str) -> int:
+    """Words as a reader counts them: whitespace tokens with a letter or digit ("$14,112" is one).
+
+    The one title length: the reward's length band and the metrics' title_len_mean both use it.
+
+    >>> word_count("$14,112 raised in 3.5 days"), word_count("Show HN: a — b")
+    (5, 4)
+    """
+    return sum(any(c.isalnum() for c in tok) for tok in text.split())
 
 
 def rouge_l(candidate: str, reference: str) -> float:
@@ -1016,7 +1073,7 @@ class RewardClient:
                 self.stats["failures"] += 1
                 raise RewardServerError(f"bad /score_batch reply for {len(chunk)} stories: {str(reply)[:200]}")
             try:
-                out.extend(_finite(s) for s in scores)
+                out.extend(_score(s) for s in scores)
             except RewardServerError:
                 self.stats["failures"] += 1  # counted like every other failed request
                 raise
@@ -1026,7 +1083,7 @@ class RewardClient:
         """One story via POST /score (the original example's route)."""
         reply = await self._post("/score", story)
         try:
-            return _finite(reply.get("score") if isinstance(reply, dict) else None)
+            return _score(reply.get("score") if isinstance(reply, dict) else None)
         except RewardServerError:
             self.stats["failures"] += 1
             raise
@@ -1065,8 +1122,18 @@ class RewardClient:
         return asyncio.run(run())
 
 
-def _finite(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+def is_finite_number(value: Any) -> bool:
+    """A real, finite number: what a score, a reward or a metric must be (True/False are not scores).
+
+    >>> [is_finite_number(v) for v in (1, 0.5, True, float("nan"), "1", None)]
+    [True, True, False, False, False, False]
+    """
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _score(value: Any) -> float:
+    """A score from the server's reply, or RewardServerError: a bad reply never becomes a reward."""
+    if not is_finite_number(value):
         raise RewardServerError(f"reward server returned a non-numeric score: {value!r}")
     return float(value)
 
@@ -1148,11 +1215,6 @@ class Embedder:
             self.cache.popitem(last=False)
         return rows
 
-    def cosine(self, titles: Sequence[str], bodies: Sequence[str]) -> list[float]:
-        """Pairwise cosine(title_i, body_i)."""
-        a, b = self.encode(titles), self.encode(bodies)
-        return (a * b).sum(-1).tolist()
-
 
 class EmbeddingValidator:
     """CPU stand-in for the LLM validator: supported iff cosine(title, body) >= threshold."""
@@ -1166,6 +1228,27 @@ class EmbeddingValidator:
             return []
         sims = (self.embedder.encode(titles) * self.embedder.encode_cached(bodies)).sum(-1).tolist()
         return [bool(t.strip()) and s >= self.threshold for t, s in zip(titles, sims, strict=True)]
+
+
+class LLMValidator:
+    """The original validator: the base model answers True/False to VALIDATOR_SYSTEM_PROMPT, greedily.
+
+    `generator` is any Generator (a local model, or the trainer's inference server serving the
+    base model); `base` is a context manager factory that makes it the base model while it
+    answers (a PEFT model's `disable_adapter`), or None when the generator already is the base.
+    """
+
+    def __init__(self, generator: Generator, base=None):
+        self.generator, self.base = generator, base
+        self.unparsed = 0  # answers that were neither True nor False (counted, treated as not supported)
+
+    def __call__(self, bodies: Sequence[str], titles: Sequence[str]) -> list[bool]:
+        convs = [validator_messages(b, t) for b, t in zip(bodies, titles, strict=True)]
+        with self.base() if self.base is not None else contextlib.nullcontext():
+            answers = [a[0] for a in self.generator.generate(convs, n=1, temperature=0.0, max_tokens=3)]
+        parsed = [parse_validator_answer(a) for a in answers]
+        self.unparsed += sum(p is None for p in parsed)
+        return [bool(p) for p in parsed]
 
 
 async def score_completions(client: RewardClient, validator, rows: Sequence[dict], completions: Sequence[str],
@@ -1305,6 +1388,44 @@ def eval_metrics_row(result: EvalResult, *, method: str, step: int, wall_time: f
                                        **(extra or {})})
 
 
+def score_val(recipe: Recipe, generator: Generator, val: Sequence[dict], validator) -> EvalResult:
+    """The shared validation (evaluate_generator) against the recipe's reward server, from sync code."""
+    client = RewardClient(recipe.reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
+
+    async def run():
+        try:
+            await client.health()
+            return await evaluate_generator(
+                generator, list(val), client, validator, recipe.eval_samples,
+                recipe.max_completion_tokens, recipe.temperature, recipe.trailing_penalty, stop_strings(recipe))
+        finally:
+            await client.aclose()
+
+    return asyncio.run(run())
+
+
+def write_eval(run_dir: str | os.PathLike, label: str, result: EvalResult, row: dict) -> Path:
+    """The metrics row to <run_dir>/metrics.jsonl and the titles, beside the originals, to eval/<label>.jsonl."""
+    MetricsWriter(run_dir).write(row)
+    path = Path(run_dir) / "eval" / f"{label}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for rec in result.records():
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return path
+
+
+def eval_summary(result: EvalResult) -> str:
+    """One line: reward stats over all titles, match rate, title words, copy fraction, trailing text."""
+    scored = result.all_scored()
+    r = stats(s.reward for s in scored)
+    n = max(len(scored), 1)
+    return (f"reward {r['mean']:.3f} ± {r['std']:.3f} (p5 {r['p5']:.3f}, median {r['median']:.3f}, "
+            f"p95 {r['p95']:.3f}) over {len(result.rows)} stories x {n // max(len(result.rows), 1)} titles; "
+            f"match {sum(s.matches for s in scored) / n:.0%}, words {sum(s.length for s in scored) / n:.1f}, "
+            f"copy {sum(s.copy for s in scored) / n:.2f}, trailing {sum(s.trailing for s in scored) / n:.0%}")
+
+
 # --------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------
@@ -1350,7 +1471,7 @@ class Scored:
 
     @property
     def length(self) -> int:
-        return len(words(self.title))
+        return word_count(self.title)
 
 
 def metrics_row(*, method: str, step: int, split: str, scored: Sequence[Scored], wall_time: float,
@@ -1378,7 +1499,10 @@ def metrics_row(*, method: str, step: int, split: str, scored: Sequence[Scored],
     }
 
 
-METRICS_KEYS = tuple(metrics_row(method="", step=0, split="", scored=[], wall_time=0).keys())
+# The keys metrics_row writes, in order (tests/test_reward_client.py checks a real row against it).
+METRICS_KEYS = ("schema", "method", "run", "step", "split", "time", "wall_time", "n", "reward_mean", "reward_std",
+                "reward_p5", "reward_median", "reward_p95", "rm_mean", "match_rate", "title_len_mean",
+                "copy_frac_mean", "trailing_rate", "extra")
 
 
 class MetricsWriter:

@@ -189,10 +189,10 @@ def run_variant(name: str, recipe: utils.Recipe, trl_args, reward_url: str, step
         callbacks = [timer.callback()]
         client = None
         if name == "repo":
-            import evaluate
+            import policy
 
             client = utils.RewardClient(reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
-            validator = evaluate.make_validator(recipe_run, model, tokenizer)
+            validator = policy.make_validator(recipe_run, model, tokenizer)
             log = rgt.RewardLog()
             reward_funcs = [rgt.make_reward_func(client, validator, recipe.trailing_penalty, log,
                                                  recipe.max_completion_tokens)]

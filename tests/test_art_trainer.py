@@ -477,7 +477,7 @@ def test_recipe_parsing_reads_shared_and_art_blocks():
     recipe, args = utils.parse_args((utils.Recipe, train.ArtArgs), "art",
                                     ["--recipe", str(ROOT / "recipes" / "tiny.yaml"), "--max_exceptions", "2"])
     assert recipe.num_generations == 2 and recipe.loss_type == "cispo"
-    assert args.max_exceptions == 2 and args.recipe.endswith("tiny.yaml")
+    assert args.max_exceptions == 2 and recipe.recipe.endswith("tiny.yaml")  # the path names the run directory
 
 
 @pytest.mark.parametrize("smi, expected", [

@@ -269,7 +269,7 @@ def test_stop_at_tokens_sets_eos_for_every_engine():
 
 
 def test_hf_generator_stops_at_the_first_line_break(smollm):
-    import evaluate
+    import policy
 
     model, tok, _ = smollm
     convs = [utils.title_messages("We rewrote our build system in a weekend and cut CI times from forty minutes "
@@ -277,7 +277,7 @@ def test_hf_generator_stops_at_the_first_line_break(smollm):
     import torch
 
     torch.manual_seed(0)
-    g = evaluate.HFGenerator(model, tok, progress=False)
+    g = policy.HFGenerator(model, tok, progress=False)
     stopped = g.generate(convs, n=6, temperature=1.0, max_tokens=40, stop=("\n",))[0]
     torch.manual_seed(0)
     free = g.generate(convs, n=6, temperature=1.0, max_tokens=40)[0]

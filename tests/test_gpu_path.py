@@ -230,14 +230,14 @@ ART_0518_TRAINER_DEFAULTS = {"adam_beta1": 0.9, "adam_beta2": 0.99, "gradient_ac
      {"optim": "adamw_torch", "adam_beta1": 0.9, "adam_beta2": 0.999, "weight_decay": 0.1}),
 ])
 def test_optimizer_knobs_reach_arts_local_backend(knobs, merged):
-    import train
+    import art_config
 
     recipe = utils.Recipe(**knobs)
-    config = train.internal_config(recipe, train.ArtArgs())
+    config = art_config.internal_config(recipe, art_config.ArtArgs())
     assert config["init_args"]["use_exact_model_name"] is True  # ART's Unsloth loads the named model too
     trainer_args = {**ART_0518_TRAINER_DEFAULTS, **config["trainer_args"]}
     assert {k: trainer_args[k] for k in merged} == merged
-    _, used = train.local_backend_optimizer(recipe)
+    _, used = art_config.local_backend_optimizer(recipe)
     assert {k: used[k] for k in merged} == merged
     assert used["optimizer_steps"] == "per_sequence"
 
