@@ -1,12 +1,26 @@
-"""Shared by both trainers, the reward server and the tools around them.
+"""The shared core: what both trainers, evaluation, the reward server and the tools around them use.
 
-Nothing here trains or loads a model at import time. Sections, in order:
+Nothing here trains or loads a model at import time. Sections, in file order, with their public names:
 
-- settings: `.env` (python-dotenv) -> recipe YAML -> CLI flags, parsed into dataclasses;
-- prompts: the title prompt and the validator prompt, and how a completion becomes a title;
-- data: loading a hub id or a local file/folder, checking fields, and the original filters;
-- reward: story serialization for a reward model, the async reward client, the reward rule;
-- metrics: one JSONL schema that both trainers (and evaluation) write.
+- settings: `Recipe` (the knobs both trainers share; `Recipe.check`), `parse_args` (.env -> recipe
+  YAML -> environment -> CLI flags), `read_recipe`, `resolve_recipe_path`, `resolve_runs_dir`,
+  `load_env`, `prepare_env` / `set_hub_mode` / `is_hub_id` (offline for local paths, online for hub
+  ids), `hub_errors` / `HubUnavailable`, `check_optimizer_knobs`, `set_seed`;
+- run directories: `run_dir_for`, `save_config`, `RunLock` / `hold_run_dir` / `RunDirBusy` (one
+  writer per run directory), `fault_pause` (the tests' hook to signal a run in a given phase);
+- prompts and titles: `title_messages`, `validator_messages`, `parse_validator_answer`,
+  `extract_title`, `has_text`, `word_count` (a title's length), `words` (tokens for the overlap
+  measures), `rouge_l`, `title_template`, `template_share`, `copy_fraction`;
+- data: `load_stories` (hub id, .jsonl/.parquet file or saved folder), `check_row`,
+  `filter_stories` / `FilterReport` (the original filters), `load_split`, `DatasetError`;
+- reward client: `RewardClient` (async, batched, bounded retries), `RewardServerError`,
+  `story_for_scoring`, `serialize_story`, `is_finite_number`;
+- embeddings and validators: `Embedder`, `EmbeddingValidator`, `LLMValidator`, `minilm_path`;
+- scoring and validation: `combine_reward` (the reward rule), `Scored`, `score_completions`,
+  `Generator`, `EvalResult`, `evaluate_generator` (the one validation procedure), `score_val`,
+  `eval_metrics_row`, `write_eval`, `eval_summary`, `stop_strings`, `stop_token_ids`;
+- metrics: `metrics_row` / `METRICS_KEYS` (one JSONL schema), `MetricsWriter`, `read_metrics`,
+  `stats`, `bootstrap_mean_diff`, `Timer`.
 
 Quick check of the pieces (no server needed):
 
@@ -46,9 +60,11 @@ STORY_FIELDS = ("id", "title", "by", "time", "url", "score", "scraped_body")
 METRICS_FILE = "metrics.jsonl"
 METRICS_SCHEMA_VERSION = 1
 
+
 # --------------------------------------------------------------------------------------
-# Settings
+# Settings: .env -> recipe YAML -> environment -> CLI flags, and the Hub mode
 # --------------------------------------------------------------------------------------
+
 
 # Environment variables (from the process or .env) that override a Recipe field. The
 # order of precedence is: dataclass default < recipe YAML < environment < CLI flag,
@@ -69,11 +85,8 @@ def load_env(path: str | os.PathLike | None = None) -> None:
     load_dotenv(path or ROOT / ".env", override=False)
 
 
-# --------------------------------------------------------------------------------------
-# Hub or offline: decided once per process, before huggingface_hub is imported
-# --------------------------------------------------------------------------------------
-
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
 _HUB_MODE_ENV = "HN_HUB_MODE"  # what prepare_env decided (child processes re-decide, not obey)
 
 
@@ -247,8 +260,8 @@ class Recipe:
 
 VALIDATORS = ("embedding", "model", "none")
 
-
 OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")
+
 OPTIMIZER_STEPS = ("per_step", "per_sequence")
 
 
@@ -378,6 +391,11 @@ def set_seed(seed: int) -> None:
         pass
 
 
+# --------------------------------------------------------------------------------------
+# Run directories: one per run, one writer (RunLock), test pauses at each phase
+# --------------------------------------------------------------------------------------
+
+
 def run_dir_for(recipe: Recipe, method: str) -> Path:
     """The one directory a run writes to: checkpoints, metrics.jsonl, config.json, logs.
 
@@ -399,6 +417,7 @@ def save_config(run_dir: Path, **objs: Any) -> None:
 
 
 PAUSE_ENV = "HN_PAUSE_AT"
+
 _paused: set[str] = set()
 
 
@@ -423,11 +442,8 @@ def fault_pause(phase: str, step: int | None = None, until=None) -> None:
         time.sleep(0.05)
 
 
-# --------------------------------------------------------------------------------------
-# One writer per run directory
-# --------------------------------------------------------------------------------------
-
 LOCK_FILE = "run.lock"
+
 EXIT_RUN_DIR_BUSY = 73  # sysexits' EX_CANTCREAT: the run directory cannot be written by this process
 
 
@@ -595,14 +611,17 @@ def hold_run_dir(run_dir: str | os.PathLike, owner: str) -> RunLock:
 
 
 # --------------------------------------------------------------------------------------
-# Prompts
+# Prompts and titles: the title and validator prompts, completion -> title, title measures
 # --------------------------------------------------------------------------------------
+
 
 TITLE_SYSTEM_PROMPT = (
     "You are an expert at writing engaging Hacker News titles. Given the text of an article, "
     "write one title that would make readers click while staying accurate. "
     "Reply with the title only: no quotes, no explanation."
 )
+
+
 VALIDATOR_SYSTEM_PROMPT = (
     "You check titles against articles. Given an article and a proposed title, decide whether "
     "every claim the title makes is supported by the article. Answer with one word: True or False."
@@ -642,6 +661,7 @@ def parse_validator_answer(text: str) -> bool | None:
 
 
 _TITLE_PREFIX = re.compile(r"^\s*(?:#+\s*|\*\*|title\s*:\s*|hn title\s*:\s*)+", re.IGNORECASE)
+
 _QUOTES = "\"'“”‘’`*"
 
 
@@ -793,7 +813,7 @@ def copy_fraction(title: str, body: str) -> float:
 
 
 # --------------------------------------------------------------------------------------
-# Data
+# Data: a hub id or a local file/folder, checked rows, the original filters
 # --------------------------------------------------------------------------------------
 
 
@@ -867,38 +887,52 @@ def load_stories(source: str, split: str):
 
     path = Path(source)
     if path.is_dir():
-        for ext in ("jsonl", "json", "parquet"):
-            if (path / f"{split}.{ext}").exists():
-                return load_stories(str(path / f"{split}.{ext}"), split)
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except FileNotFoundError:
-            raise DatasetError(f"{path}: not a saved dataset and no {split}.jsonl/.parquet inside") from None
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise DatasetError(f"{path}: no split '{split}' (has {list(ds)})")
-            ds = ds[split]
-        return _checked(ds, str(path))
+        return _load_folder(path, split)
     if path.suffix in (".jsonl", ".json"):
         if not path.exists():
             raise DatasetError(f"{path}: file not found")
         rows = _split_rows(_read_jsonl(path), split, str(path))
         return datasets.Dataset.from_list(rows)
     if path.suffix == ".parquet":
-        if not path.exists():
-            raise DatasetError(f"{path}: file not found")
-        ds = datasets.Dataset.from_parquet(str(path))
-        if "split" in ds.column_names:
-            found = sorted(str(s) for s in ds.unique("split"))
-            if split not in found:  # as for .jsonl: an absent split is an error, not an empty dataset
-                raise DatasetError(f"{path}: no rows with split '{split}' (found: {found})")
-            ds = ds.filter(lambda r: r["split"] == split)
-        return _checked(ds, str(path))
+        return _load_parquet(path, split)
     if path.exists() or source.startswith((".", "/")):
         raise DatasetError(f"{source}: unsupported dataset file (use .jsonl, .parquet or a folder)")
     with hub_errors(source, "dataset"):
         ds = datasets.load_dataset(source, split=split)
     return _checked(ds, source)
+
+
+def _load_folder(path: Path, split: str):
+    """A folder holding <split>.jsonl/.json/.parquet, or one written by save_to_disk."""
+    import datasets
+
+    for ext in ("jsonl", "json", "parquet"):
+        if (path / f"{split}.{ext}").exists():
+            return load_stories(str(path / f"{split}.{ext}"), split)
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: not a saved dataset and no {split}.jsonl/.parquet inside") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DatasetError(f"{path}: no split '{split}' (has {list(ds)})")
+        ds = ds[split]
+    return _checked(ds, str(path))
+
+
+def _load_parquet(path: Path, split: str):
+    """A .parquet file; a `split` column selects rows, as for .jsonl."""
+    import datasets
+
+    if not path.exists():
+        raise DatasetError(f"{path}: file not found")
+    ds = datasets.Dataset.from_parquet(str(path))
+    if "split" in ds.column_names:
+        found = sorted(str(s) for s in ds.unique("split"))
+        if split not in found:  # as for .jsonl: an absent split is an error, not an empty dataset
+            raise DatasetError(f"{path}: no rows with split '{split}' (found: {found})")
+        ds = ds.filter(lambda r: r["split"] == split)
+    return _checked(ds, str(path))
 
 
 def _checked(ds, source: str):
@@ -981,7 +1015,7 @@ def load_split(recipe: Recipe, split: str, tokenizer, limit: int | None = None):
 
 
 # --------------------------------------------------------------------------------------
-# Reward
+# Reward client: the /score request shape and the async client (failures never become rewards)
 # --------------------------------------------------------------------------------------
 
 
@@ -1138,13 +1172,9 @@ def _score(value: Any) -> float:
     return float(value)
 
 
-def combine_reward(rm: float, matches: bool, trailing: bool = False, trailing_penalty: float = 0.0) -> float:
-    """The shared reward rule: RM score if the title is supported by the body, else 0.
-
-    >>> combine_reward(2.5, True), combine_reward(2.5, False), combine_reward(1.0, True, True, 0.25)
-    (2.5, 0.0, 0.75)
-    """
-    return (rm if matches else 0.0) - (trailing_penalty if trailing else 0.0)
+# --------------------------------------------------------------------------------------
+# Embeddings and validators: is a title supported by its body?
+# --------------------------------------------------------------------------------------
 
 
 def minilm_path() -> str:
@@ -1249,6 +1279,36 @@ class LLMValidator:
         parsed = [parse_validator_answer(a) for a in answers]
         self.unparsed += sum(p is None for p in parsed)
         return [bool(p) for p in parsed]
+
+
+# --------------------------------------------------------------------------------------
+# Scoring and validation: the reward rule, and the one validation procedure
+# --------------------------------------------------------------------------------------
+
+
+def combine_reward(rm: float, matches: bool, trailing: bool = False, trailing_penalty: float = 0.0) -> float:
+    """The shared reward rule: RM score if the title is supported by the body, else 0.
+
+    >>> combine_reward(2.5, True), combine_reward(2.5, False), combine_reward(1.0, True, True, 0.25)
+    (2.5, 0.0, 0.75)
+    """
+    return (rm if matches else 0.0) - (trailing_penalty if trailing else 0.0)
+
+
+@dataclass
+class Scored:
+    """One scored title: what the reward rule saw and gave."""
+
+    title: str
+    rm: float
+    matches: bool
+    trailing: bool
+    reward: float
+    copy: float = 0.0
+
+    @property
+    def length(self) -> int:
+        return word_count(self.title)
 
 
 async def score_completions(client: RewardClient, validator, rows: Sequence[dict], completions: Sequence[str],
@@ -1427,7 +1487,7 @@ def eval_summary(result: EvalResult) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# Metrics
+# Metrics: the one JSONL schema both trainers and evaluation write
 # --------------------------------------------------------------------------------------
 
 
@@ -1456,22 +1516,6 @@ def bootstrap_mean_diff(after: Sequence[float], before: Sequence[float], n_boot:
     idx = rng.integers(0, len(diff), size=(n_boot, len(diff)))
     boots = diff[idx].mean(1)
     return float(diff.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
-
-
-@dataclass
-class Scored:
-    """One scored title: what the reward rule saw and gave."""
-
-    title: str
-    rm: float
-    matches: bool
-    trailing: bool
-    reward: float
-    copy: float = 0.0
-
-    @property
-    def length(self) -> int:
-        return word_count(self.title)
 
 
 def metrics_row(*, method: str, step: int, split: str, scored: Sequence[Scored], wall_time: float,
