@@ -524,6 +524,27 @@ def test_parse_args_resolves_repo_paths_from_another_cwd(tmp_path, clean_env, mo
     assert recipe.runs_dir == str(root / "runs")
 
 
+def test_default_recipe_resolves_against_the_repo_from_another_cwd(tmp_path, clean_env, monkeypatch, root):
+    # `cd /tmp && python <repo>/train.py` used to fail: recipe not found: recipes/cpu.yaml
+    monkeypatch.chdir(tmp_path)
+    (recipe,) = utils.parse_args((utils.Recipe,), "trl", [])
+    assert recipe.recipe == str(root / "recipes" / "cpu.yaml") and recipe.max_steps == 20
+    (recipe,) = utils.parse_args((utils.Recipe,), "eval", ["--recipe", "recipes/tiny.yaml"])
+    assert recipe.recipe == str(root / "recipes" / "tiny.yaml")
+    # the run directory is named after the recipe (evaluate.py used to write every recipe to eval-default)
+    assert utils.run_dir_for(dataclasses.replace(recipe, runs_dir=str(tmp_path)), "eval").name == "eval-tiny"
+
+
+def test_bad_recipe_values_are_refused_once_for_every_script(tmp_path, clean_env):
+    for flags, message in ((["--validator", "judge"], "unknown validator"),
+                           (["--num_generations", "1"], "num_generations must be >= 2"),
+                           (["--optimizer", "adam"], "is not one of")):
+        with pytest.raises(SystemExit):
+            utils.parse_args((utils.Recipe,), "trl", flags)
+        with pytest.raises(ValueError, match=message):
+            utils.Recipe(**{flags[0][2:]: int(flags[1]) if flags[1].isdigit() else flags[1]}).check()
+
+
 def test_parse_args_keeps_hub_ids_and_existing_local_paths(tmp_path, clean_env, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "mine").mkdir(parents=True)
