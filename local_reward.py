@@ -48,150 +48,32 @@ import utils
 __version__ = "0.1.0"
 log = logging.getLogger("local_reward")
 
-# Env var -> ServerArgs field. Flags override these (dataclass default < env/.env < flag).
-ENV_SETTINGS = {
-    "REWARD_HOST": "host",
-    "REWARD_PORT": "port",
-    "REWARD_SCORER": "scorer",
-    "REWARD_MODEL": "rm_model",
-    "REWARD_ADAPTER": "rm_adapter",
-    "REWARD_MAX_BYTES": "max_bytes",
-    "REWARD_MAX_BATCH": "max_batch",
-    "REWARD_WORKERS": "workers",
-}
-
-
-@dataclass
-class ServerArgs:
-    host: str = field(default="127.0.0.1", metadata={"help": "Bind address. Anything but loopback requires REWARD_API_KEY."})
-    port: int = field(default=7000, metadata={"help": "Port."})
-    scorer: str = field(default="minilm", metadata={"help": "'minilm' (offline default) or 'hf' (sequence-classification RM).",
-                                                    "choices": ["minilm", "hf"]})
-    rm_model: str = field(default="", metadata={"help": "hf: hub id or folder of the RM; minilm: embedding model folder (default: the shipped MiniLM)."})
-    rm_adapter: str = field(default="", metadata={"help": "hf: optional PEFT adapter folder on top of --rm_model."})
-    rm_batch_size: int = field(default=16, metadata={"help": "Stories per forward pass."})
-    rm_max_length: int = field(default=utils.MAX_SEQ_TOKENS, metadata={"help": "hf: truncate serialized stories to this many tokens (and the model's limit)."})
-    max_bytes: int = field(default=16 * 1024 * 1024, metadata={"help": "Largest request body in bytes (413 above)."})
-    max_batch: int = field(default=256, metadata={"help": "Most stories per request (413 above)."})
-    max_title_chars: int = field(default=2000, metadata={"help": "Longest accepted title (413 above); long titles are scored low, not refused, below this."})
-    prod: bool = field(default=False, metadata={"help": "Serve with gunicorn instead of Flask's development server."})
-    workers: int = field(default=1, metadata={"help": "gunicorn worker processes (each loads the model once)."})
-    threads: int = field(default=4, metadata={"help": "gunicorn threads per worker (keep-alive connections; scoring is serialised)."})
-    torch_threads: int = field(default=1, metadata={"help": "CPU threads per process for scoring (0 = torch's default, all cores). "
-                                                            "1 by default: beside a trainer on the same cores, spinning OpenMP "
-                                                            "threads made one request ~15x slower (measured)."})
-    log_level: str = field(default="info", metadata={"help": "debug, info, warning, error."})
-    # Not a flag on purpose (init=False keeps it out of the parser): a secret on the command line is
-    # visible to every user in `ps`. Set REWARD_API_KEY, or assign args.api_key in code.
-    api_key: str = field(default="", init=False)
-
-
-def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
-    """Flags over environment (.env included) over defaults."""
-    utils.load_env()  # first: HF_HUB_OFFLINE/HF_TOKEN in .env must be set before transformers reads them
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(ServerArgs, description=__doc__.split("\n\n")[0])
-    types = {f.name: f.type for f in ServerArgs.__dataclass_fields__.values()}
-    defaults: dict[str, Any] = {}
-    for env_name, name in ENV_SETTINGS.items():
-        if os.environ.get(env_name):
-            value = os.environ[env_name]
-            if types[name] in ("int", int):
-                try:
-                    value = int(value)
-                except ValueError:
-                    raise SystemExit(f"{env_name}={value!r} is not an integer") from None
-            defaults[name] = value
-    parser.set_defaults(**defaults)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
-    args.api_key = os.environ.get("REWARD_API_KEY", "")
-    return args
-
-
-def default_args() -> ServerArgs:
-    """ServerArgs from the environment only (what create_app() uses when given none)."""
-    return parse_args([])
-
 
 # --------------------------------------------------------------------------------------
-# Request validation
+# Reward definition: the formula and the constants researchers tune
 # --------------------------------------------------------------------------------------
+# MiniLM reward (minilm_formula; MiniLMScorer's docstring spells out every term):
+#   score = relevance x length x style x copy_factor, in [0, 1]
+#   relevance   = clip(cosine(MiniLM(title), MiniLM(body)), 0, 1)
+#   length      = 1 inside LENGTH_BAND (title_length words), else OFF_BAND
+#   style       = max(0, 1 - sum(STYLE_WEIGHTS[k] x style_terms(title)[k]))
+#   copy_factor = 1 - COPY_PENALTY x clip((copy - COPY_FREE) / (1 - COPY_FREE), 0, 1)
+# The `hf` scorer (HFScorer) replaces all of it with a trained reward model's logit.
+
+LENGTH_BAND = (4, 14)  # words; HN titles are short (the site caps them at 80 characters)
+OFF_BAND = 0.25  # relevance multiplier outside the band: the fix that stopped first-sentence copying
+COPY_FREE = 0.5  # copy fraction tolerated before the copy factor starts to fall
+COPY_PENALTY = 0.9  # share of the score a title that is wholly a body span loses (it keeps 10%)
+STYLE_WEIGHTS = {"shout": 0.5, "clickbait": 0.5, "period": 0.15, "run_on": 0.3, "keywords": 0.5, "meta": 0.6}
 
 
-class BadRequest(Exception):
-    """Client error: becomes {"error", "field"} with a 4xx status."""
+def title_length(title: str) -> int:
+    """Words as a reader counts them: whitespace tokens with a letter or digit ("$14,112" is one).
 
-    def __init__(self, message: str, field: str, status: int = 422):
-        super().__init__(message)
-        self.message, self.field, self.status = message, field, status
-
-
-REQUIRED = ("title", "by", "time", "scraped_body")
-
-
-def _check_text(value: str, name: str) -> None:
-    # json.loads accepts lone surrogates ("\ud800"); tokenizers choke on them -> a 500. Refuse them here.
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRequest(f"'{name}' is not valid Unicode (lone surrogate)", name) from None
-
-
-def parse_story(obj: Any, where: str, args: ServerArgs) -> dict:
-    """One story in OpenPipe's shape, checked; `where` prefixes field names ("stories[3].")."""
-    if not isinstance(obj, dict):
-        raise BadRequest(f"a story must be a JSON object, got {type(obj).__name__}", where.rstrip(".") or "request")
-    for name in (*REQUIRED, "url"):
-        if name not in obj and name != "url":
-            raise BadRequest(f"field '{name}' is missing", where + name)
-        value = obj.get(name)
-        if name == "url" and value is None:
-            continue
-        if not isinstance(value, str):
-            raise BadRequest(f"field '{name}' must be a string, got {type(value).__name__}", where + name)
-        _check_text(value, where + name)
-    title = obj["title"].strip()
-    # Whitespace, control characters (NUL) or zero-width characters only: no text to judge, and any
-    # score for it would be made up (MiniLM gave such titles ~0.0 with a 200).
-    if not utils.has_text(title):
-        raise BadRequest("field 'title' is empty (no visible character)", where + "title")
-    if not utils.has_text(obj["scraped_body"]):
-        raise BadRequest("field 'scraped_body' is empty (no visible character): a title cannot be judged "
-                         "against no article", where + "scraped_body")
-    if len(title) > args.max_title_chars:
-        raise BadRequest(f"field 'title' is longer than {args.max_title_chars} characters", where + "title", 413)
-    try:
-        dt.datetime.fromisoformat(obj["time"].strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise BadRequest(f"field 'time' is not ISO 8601: {obj['time'][:40]!r}", where + "time") from None
-    return {"title": title, "by": obj["by"], "time": obj["time"].strip(), "scraped_body": obj["scraped_body"],
-            "url": obj.get("url") or ""}
-
-
-def parse_stories(items: Any, where: str, args: ServerArgs) -> list[dict]:
-    if not isinstance(items, list):
-        raise BadRequest(f"'{where}' must be a JSON list of stories, got {type(items).__name__}", where)
-    if not items:
-        raise BadRequest(f"'{where}' is empty", where)
-    if len(items) > args.max_batch:
-        raise BadRequest(f"{len(items)} stories in one request; the limit is {args.max_batch} (REWARD_MAX_BATCH)", where, 413)
-    return [parse_story(item, f"{where}[{i}].", args) for i, item in enumerate(items)]
-
-
-# --------------------------------------------------------------------------------------
-# Scorers
-# --------------------------------------------------------------------------------------
-
-
-class Scorer(Protocol):
-    kind: str
-    model: str
-    version: str
-
-    def score(self, stories: Sequence[dict]) -> list[tuple[float, dict[str, float]]]:
-        """(score, components) per story, in order."""
-        ...
+    >>> title_length("$14,112 raised in 3.5 days"), title_length("Show HN: a – b")
+    (5, 4)
+    """
+    return sum(any(c.isalnum() for c in tok) for tok in title.split())
 
 
 _CLICKBAIT_PHRASES = re.compile(
@@ -231,11 +113,6 @@ _META = re.compile(
 
 # Emoji and pictographs (not every "symbol": ° in "42°C" or € in prices are fine in a title).
 _EMOJI = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\uFE0F\u200D]")
-
-
-def title_length(title: str) -> int:
-    """Words as a reader counts them: whitespace tokens with a letter or digit ("$14,112" is one)."""
-    return sum(any(c.isalnum() for c in tok) for tok in title.split())
 
 
 def style_terms(title: str) -> dict[str, float]:
@@ -280,24 +157,38 @@ def style_terms(title: str) -> dict[str, float]:
             "keywords": keywords, "meta": meta}
 
 
-STYLE_WEIGHTS = {"shout": 0.5, "clickbait": 0.5, "period": 0.15, "run_on": 0.3, "keywords": 0.5, "meta": 0.6}
-LENGTH_BAND = (4, 14)  # words; HN titles are short (the site caps them at 80 characters)
-OFF_BAND = 0.25  # relevance multiplier outside the band: the fix that stopped first-sentence copying
-COPY_FREE = 0.5  # copy fraction tolerated before the copy factor starts to fall
-
-
 def minilm_formula(cosine: float, title: str, body: str) -> tuple[float, dict[str, float]]:
-    """The MiniLM reward for one title, from its cosine to the body. Pure; documented in MiniLMScorer."""
+    """The MiniLM reward for one title, from its cosine to the body. Pure; documented in MiniLMScorer.
+
+    >>> body = "Rust 1.80 was released today. It ships LazyCell and LazyLock, two types for lazy initialisation."
+    >>> score, parts = minilm_formula(0.62, "Rust 1.80 ships LazyCell", body)
+    >>> round(score, 4), parts["length"], parts["style"], parts["copy_factor"]
+    (0.62, 1.0, 1.0, 1.0)
+    >>> copied = "Rust 1.80 was released today. It ships LazyCell and LazyLock, two types for lazy initialisation"
+    >>> score, parts = minilm_formula(0.9, copied, body)  # a 15-word body span of two sentences
+    >>> round(score, 5), parts["length"], parts["style"], round(parts["copy_factor"], 2)  # 0.9 x 0.25 x 0.7 x 0.1
+    (0.01575, 0.25, 0.7, 0.1)
+    """
     n = title_length(title)
     length = 1.0 if LENGTH_BAND[0] <= n <= LENGTH_BAND[1] else OFF_BAND
     terms = style_terms(title)
     style = max(0.0, 1.0 - sum(STYLE_WEIGHTS[k] * v for k, v in terms.items()))
     copy = utils.copy_fraction(title, body)
-    copy_factor = 1.0 - 0.9 * min(1.0, max(0.0, (copy - COPY_FREE) / (1.0 - COPY_FREE)))
+    copy_factor = 1.0 - COPY_PENALTY * min(1.0, max(0.0, (copy - COPY_FREE) / (1.0 - COPY_FREE)))
     relevance = min(1.0, max(0.0, cosine)) if body.strip() else 0.0
     score = relevance * length * style * copy_factor
     return score, {"relevance": relevance, "length": length, "style": style, "copy": copy,
                    "copy_factor": copy_factor, "words": float(n), **terms}
+
+
+class Scorer(Protocol):
+    kind: str
+    model: str
+    version: str
+
+    def score(self, stories: Sequence[dict]) -> list[tuple[float, dict[str, float]]]:
+        """(score, components) per story, in order."""
+        ...
 
 
 class MiniLMScorer:
@@ -407,12 +298,148 @@ def _has_tokenizer(path: str) -> bool:
     return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
 
 
+# --------------------------------------------------------------------------------------
+# Settings
+# --------------------------------------------------------------------------------------
+
+
+# Env var -> ServerArgs field. Flags override these (dataclass default < env/.env < flag).
+ENV_SETTINGS = {
+    "REWARD_HOST": "host",
+    "REWARD_PORT": "port",
+    "REWARD_SCORER": "scorer",
+    "REWARD_MODEL": "rm_model",
+    "REWARD_ADAPTER": "rm_adapter",
+    "REWARD_MAX_BYTES": "max_bytes",
+    "REWARD_MAX_BATCH": "max_batch",
+    "REWARD_WORKERS": "workers",
+}
+
+
+@dataclass
+class ServerArgs:
+    host: str = field(default="127.0.0.1", metadata={"help": "Bind address. Anything but loopback requires REWARD_API_KEY."})
+    port: int = field(default=7000, metadata={"help": "Port."})
+    scorer: str = field(default="minilm", metadata={"help": "'minilm' (offline default) or 'hf' (sequence-classification RM).",
+                                                    "choices": ["minilm", "hf"]})
+    rm_model: str = field(default="", metadata={"help": "hf: hub id or folder of the RM; minilm: embedding model folder (default: the shipped MiniLM)."})
+    rm_adapter: str = field(default="", metadata={"help": "hf: optional PEFT adapter folder on top of --rm_model."})
+    rm_batch_size: int = field(default=16, metadata={"help": "Stories per forward pass."})
+    rm_max_length: int = field(default=utils.MAX_SEQ_TOKENS, metadata={"help": "hf: truncate serialized stories to this many tokens (and the model's limit)."})
+    max_bytes: int = field(default=16 * 1024 * 1024, metadata={"help": "Largest request body in bytes (413 above)."})
+    max_batch: int = field(default=256, metadata={"help": "Most stories per request (413 above)."})
+    max_title_chars: int = field(default=2000, metadata={"help": "Longest accepted title (413 above); long titles are scored low, not refused, below this."})
+    prod: bool = field(default=False, metadata={"help": "Serve with gunicorn instead of Flask's development server."})
+    workers: int = field(default=1, metadata={"help": "gunicorn worker processes (each loads the model once)."})
+    threads: int = field(default=4, metadata={"help": "gunicorn threads per worker (keep-alive connections; scoring is serialised)."})
+    torch_threads: int = field(default=1, metadata={"help": "CPU threads per process for scoring (0 = torch's default, all cores). "
+                                                            "1 by default: beside a trainer on the same cores, spinning OpenMP "
+                                                            "threads made one request ~15x slower (measured)."})
+    log_level: str = field(default="info", metadata={"help": "debug, info, warning, error."})
+    # Not a flag on purpose (init=False keeps it out of the parser): a secret on the command line is
+    # visible to every user in `ps`. Set REWARD_API_KEY, or assign args.api_key in code.
+    api_key: str = field(default="", init=False)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
+    """Flags over environment (.env included) over defaults."""
+    utils.load_env()  # first: HF_HUB_OFFLINE/HF_TOKEN in .env must be set before transformers reads them
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(ServerArgs, description=__doc__.split("\n\n")[0])
+    types = {f.name: f.type for f in ServerArgs.__dataclass_fields__.values()}
+    defaults: dict[str, Any] = {}
+    for env_name, name in ENV_SETTINGS.items():
+        if os.environ.get(env_name):
+            value = os.environ[env_name]
+            if types[name] in ("int", int):
+                try:
+                    value = int(value)
+                except ValueError:
+                    raise SystemExit(f"{env_name}={value!r} is not an integer") from None
+            defaults[name] = value
+    parser.set_defaults(**defaults)
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    args.api_key = os.environ.get("REWARD_API_KEY", "")
+    return args
+
+
+def default_args() -> ServerArgs:
+    """ServerArgs from the environment only (what create_app() uses when given none)."""
+    return parse_args([])
+
+
 def build_scorer(args: ServerArgs) -> Scorer:
     if args.scorer == "minilm":
         return MiniLMScorer(args.rm_model or None, batch_size=max(args.rm_batch_size, 1) * 4)
     if args.scorer == "hf":
         return HFScorer(args.rm_model, args.rm_adapter, args.rm_batch_size, args.rm_max_length)
     raise ValueError(f"unknown scorer {args.scorer!r}: use 'minilm' or 'hf'")
+
+
+# --------------------------------------------------------------------------------------
+# Request validation
+# --------------------------------------------------------------------------------------
+
+
+class BadRequest(Exception):
+    """Client error: becomes {"error", "field"} with a 4xx status."""
+
+    def __init__(self, message: str, field: str, status: int = 422):
+        super().__init__(message)
+        self.message, self.field, self.status = message, field, status
+
+
+REQUIRED = ("title", "by", "time", "scraped_body")
+
+
+def _check_text(value: str, name: str) -> None:
+    # json.loads accepts lone surrogates ("\ud800"); tokenizers choke on them -> a 500. Refuse them here.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"'{name}' is not valid Unicode (lone surrogate)", name) from None
+
+
+def parse_story(obj: Any, where: str, args: ServerArgs) -> dict:
+    """One story in OpenPipe's shape, checked; `where` prefixes field names ("stories[3].")."""
+    if not isinstance(obj, dict):
+        raise BadRequest(f"a story must be a JSON object, got {type(obj).__name__}", where.rstrip(".") or "request")
+    for name in (*REQUIRED, "url"):
+        if name not in obj and name != "url":
+            raise BadRequest(f"field '{name}' is missing", where + name)
+        value = obj.get(name)
+        if name == "url" and value is None:
+            continue
+        if not isinstance(value, str):
+            raise BadRequest(f"field '{name}' must be a string, got {type(value).__name__}", where + name)
+        _check_text(value, where + name)
+    title = obj["title"].strip()
+    # Whitespace, control characters (NUL) or zero-width characters only: no text to judge, and any
+    # score for it would be made up (MiniLM gave such titles ~0.0 with a 200).
+    if not utils.has_text(title):
+        raise BadRequest("field 'title' is empty (no visible character)", where + "title")
+    if not utils.has_text(obj["scraped_body"]):
+        raise BadRequest("field 'scraped_body' is empty (no visible character): a title cannot be judged "
+                         "against no article", where + "scraped_body")
+    if len(title) > args.max_title_chars:
+        raise BadRequest(f"field 'title' is longer than {args.max_title_chars} characters", where + "title", 413)
+    try:
+        dt.datetime.fromisoformat(obj["time"].strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(f"field 'time' is not ISO 8601: {obj['time'][:40]!r}", where + "time") from None
+    return {"title": title, "by": obj["by"], "time": obj["time"].strip(), "scraped_body": obj["scraped_body"],
+            "url": obj.get("url") or ""}
+
+
+def parse_stories(items: Any, where: str, args: ServerArgs) -> list[dict]:
+    if not isinstance(items, list):
+        raise BadRequest(f"'{where}' must be a JSON list of stories, got {type(items).__name__}", where)
+    if not items:
+        raise BadRequest(f"'{where}' is empty", where)
+    if len(items) > args.max_batch:
+        raise BadRequest(f"{len(items)} stories in one request; the limit is {args.max_batch} (REWARD_MAX_BATCH)", where, 413)
+    return [parse_story(item, f"{where}[{i}].", args) for i, item in enumerate(items)]
 
 
 # --------------------------------------------------------------------------------------
