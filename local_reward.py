@@ -469,108 +469,163 @@ def _finite(value: float, where: str) -> float:
     return float(value)
 
 
+# Each app keeps its settings, scorer and scoring thread in app.config / app.extensions, so the
+# handlers below are plain module-level functions that read them from flask.current_app.
+
+
+def _error(message: str, field: str, status: int):
+    """The one error shape: {"error", "field"} with `status`."""
+    from flask import jsonify
+
+    return jsonify({"error": message, "field": field}), status
+
+
+def _on_bad_request(e: BadRequest):
+    return _error(e.message, e.field, e.status)
+
+
+def _on_http_error(e):
+    """Werkzeug's errors (404, 405, 413, ...) in the same JSON shape."""
+    from flask import current_app
+
+    if e.code == 413:
+        max_bytes = current_app.config["REWARD_ARGS"].max_bytes
+        return _error(f"request body larger than {max_bytes} bytes (REWARD_MAX_BYTES)", "request", 413)
+    return _error(e.description or e.name, "request", e.code or 400)
+
+
+def _on_server_fault(e: Exception):
+    log.exception("scoring failed")
+    return _error(f"internal error: {type(e).__name__}: {e}"[:500], "server", 500)
+
+
+def _authorize():
+    """Before each request: a bearer token equal to REWARD_API_KEY, when one is set (/health is open)."""
+    from flask import current_app, request
+
+    api_key = current_app.config["REWARD_API_KEY"]
+    if not api_key or request.path == "/health":
+        return None
+    header = request.headers.get("Authorization", "")
+    token = header[7:].encode("utf-8") if header[:7].lower() == "bearer " else b""
+    if not hmac.compare_digest(token, api_key):
+        resp, status = _error("missing or wrong bearer token", "Authorization", 401)
+        resp.headers["WWW-Authenticate"] = "Bearer"
+        return resp, status
+    return None
+
+
+def _server_timing(resp):
+    # Standard Server-Timing header: time inside the scorer, so clients can tell model time from overhead.
+    from flask import g
+
+    if "score_ms" in g:
+        resp.headers["Server-Timing"] = f"score;dur={g.score_ms:.1f}"
+    return resp
+
+
+def read_json() -> Any:
+    """The request body as JSON, under the size cap; a BadRequest (400) when it is not JSON."""
+    from flask import current_app, request
+    from werkzeug.exceptions import RequestEntityTooLarge
+
+    max_bytes = current_app.config["REWARD_ARGS"].max_bytes
+    raw = request.get_data(cache=False)  # raises 413 when Content-Length is past MAX_CONTENT_LENGTH
+    if request.content_length is None and len(raw) >= max_bytes:
+        # A chunked upload is cut at the cap rather than refused; refuse it here, not as bad JSON.
+        raise RequestEntityTooLarge()
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"request body is not valid JSON ({e})"[:300], "request", 400) from None
+    except RecursionError:  # "[[[[...]]]]" nested deeper than the parser's stack
+        raise BadRequest("request body is nested too deeply", "request", 400) from None
+
+
+def _timed_score(scorer: Scorer, stories: list[dict]) -> tuple[list, float]:
+    start = time.perf_counter()
+    return scorer.score(stories), 1000 * (time.perf_counter() - start)
+
+
+def score_stories(stories: list[dict]) -> tuple[list[float], list[dict]]:
+    """Scores and components of checked stories, on the app's scoring thread; a RuntimeError (500)
+    when the scorer returns the wrong count or a non-finite score (never a made-up number)."""
+    from flask import current_app, g
+
+    scorer = current_app.config["SCORER"]
+    results, g.score_ms = current_app.extensions["local_reward.scoring"].submit(_timed_score, scorer, stories).result()
+    if len(results) != len(stories):
+        raise RuntimeError(f"scorer returned {len(results)} scores for {len(stories)} stories")
+    return [_finite(s, f"story {i}") for i, (s, _) in enumerate(results)], [c for _, c in results]
+
+
+def health():
+    """GET /health."""
+    from flask import current_app, jsonify
+
+    scorer = current_app.config["SCORER"]
+    return jsonify({"status": "ok", "scorer": scorer.kind, "model": scorer.model,
+                    "version": f"{__version__}/{scorer.version}"})
+
+
+def score():
+    """POST /score: one story -> {"score", "components"}; a list -> {"scores", "components"}."""
+    from flask import current_app, jsonify
+
+    args = current_app.config["REWARD_ARGS"]
+    payload = read_json()
+    if isinstance(payload, list):
+        scores, comps = score_stories(parse_stories(payload, "stories", args))
+        return jsonify({"scores": scores, "components": comps})
+    if not isinstance(payload, dict):
+        raise BadRequest(f"expected a story object or a list of stories, got {type(payload).__name__}", "request", 400)
+    scores, comps = score_stories([parse_story(payload, "", args)])
+    return jsonify({"score": scores[0], "components": comps[0]})
+
+
+def score_batch():
+    """POST /score_batch: {"stories": [...]} -> {"scores", "components"} in order."""
+    from flask import current_app, jsonify
+
+    payload = read_json()
+    if not isinstance(payload, dict):
+        raise BadRequest(f'expected {{"stories": [...]}}, got {type(payload).__name__}', "request", 400)
+    if "stories" not in payload:
+        raise BadRequest("field 'stories' is missing", "stories")
+    scores, comps = score_stories(parse_stories(payload["stories"], "stories", current_app.config["REWARD_ARGS"]))
+    return jsonify({"scores": scores, "components": comps})
+
+
+def register_routes(app) -> None:
+    """Error handlers, the auth check, the timing header and the three routes."""
+    from werkzeug.exceptions import HTTPException
+
+    app.register_error_handler(BadRequest, _on_bad_request)
+    app.register_error_handler(HTTPException, _on_http_error)
+    app.register_error_handler(Exception, _on_server_fault)
+    app.before_request(_authorize)
+    app.after_request(_server_timing)
+    app.get("/health")(health)
+    app.post("/score")(score)
+    app.post("/score_batch")(score_batch)
+
+
 def create_app(args: ServerArgs | None = None, scorer: Scorer | None = None):
     """The Flask app. Builds the scorer from `args` unless one is passed (tests inject theirs)."""
-    from flask import Flask, g, jsonify, request
-    from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+    from flask import Flask
 
     args = args or default_args()
-    scorer = scorer or build_scorer(args)
-    # One long-lived scoring thread: tokenizers and models are not safe to call from several threads
-    # at once, and a thread that has scored before is faster (measured ~5-10% over a new thread per
-    # request, which is what Flask's threaded server would otherwise give the model).
-    scoring = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="scorer")
     app = Flask("local_reward")
     app.config["MAX_CONTENT_LENGTH"] = args.max_bytes
     app.config["REWARD_ARGS"] = args
-    app.config["SCORER"] = scorer
-    api_key = args.api_key.encode("utf-8")
-
-    def error(message: str, field: str, status: int):
-        return jsonify({"error": message, "field": field}), status
-
-    @app.errorhandler(BadRequest)
-    def bad_request(e: BadRequest):
-        return error(e.message, e.field, e.status)
-
-    @app.errorhandler(HTTPException)
-    def http_error(e: HTTPException):
-        if e.code == 413:
-            return error(f"request body larger than {args.max_bytes} bytes (REWARD_MAX_BYTES)", "request", 413)
-        return error(e.description or e.name, "request", e.code or 400)
-
-    @app.errorhandler(Exception)
-    def server_fault(e: Exception):
-        log.exception("scoring failed")
-        return error(f"internal error: {type(e).__name__}: {e}"[:500], "server", 500)
-
-    @app.before_request
-    def authorize():
-        if not api_key or request.path == "/health":
-            return None
-        header = request.headers.get("Authorization", "")
-        token = header[7:].encode("utf-8") if header[:7].lower() == "bearer " else b""
-        if not hmac.compare_digest(token, api_key):
-            resp, status = error("missing or wrong bearer token", "Authorization", 401)
-            resp.headers["WWW-Authenticate"] = "Bearer"
-            return resp, status
-        return None
-
-    def read_json() -> Any:
-        raw = request.get_data(cache=False)  # raises 413 when Content-Length is past MAX_CONTENT_LENGTH
-        if request.content_length is None and len(raw) >= args.max_bytes:
-            # A chunked upload is cut at the cap rather than refused; refuse it here, not as bad JSON.
-            raise RequestEntityTooLarge()
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadRequest(f"request body is not valid JSON ({e})"[:300], "request", 400) from None
-        except RecursionError:  # "[[[[...]]]]" nested deeper than the parser's stack
-            raise BadRequest("request body is nested too deeply", "request", 400) from None
-
-    def run(stories: list[dict]) -> tuple[list[float], list[dict]]:
-        def timed_score():
-            start = time.perf_counter()
-            return scorer.score(stories), 1000 * (time.perf_counter() - start)
-
-        results, g.score_ms = scoring.submit(timed_score).result()
-        if len(results) != len(stories):
-            raise RuntimeError(f"scorer returned {len(results)} scores for {len(stories)} stories")
-        return [_finite(s, f"story {i}") for i, (s, _) in enumerate(results)], [c for _, c in results]
-
-    @app.after_request
-    def server_timing(resp):
-        # Standard Server-Timing header: time inside the scorer, so clients can tell model time from overhead.
-        if "score_ms" in g:
-            resp.headers["Server-Timing"] = f"score;dur={g.score_ms:.1f}"
-        return resp
-
-    @app.get("/health")
-    def health():
-        return jsonify({"status": "ok", "scorer": scorer.kind, "model": scorer.model,
-                        "version": f"{__version__}/{scorer.version}"})
-
-    @app.post("/score")
-    def score():
-        payload = read_json()
-        if isinstance(payload, list):
-            scores, comps = run(parse_stories(payload, "stories", args))
-            return jsonify({"scores": scores, "components": comps})
-        if not isinstance(payload, dict):
-            raise BadRequest(f"expected a story object or a list of stories, got {type(payload).__name__}", "request", 400)
-        scores, comps = run([parse_story(payload, "", args)])
-        return jsonify({"score": scores[0], "components": comps[0]})
-
-    @app.post("/score_batch")
-    def score_batch():
-        payload = read_json()
-        if not isinstance(payload, dict):
-            raise BadRequest(f'expected {{"stories": [...]}}, got {type(payload).__name__}', "request", 400)
-        if "stories" not in payload:
-            raise BadRequest("field 'stories' is missing", "stories")
-        scores, comps = run(parse_stories(payload["stories"], "stories", args))
-        return jsonify({"scores": scores, "components": comps})
-
+    app.config["SCORER"] = scorer or build_scorer(args)
+    app.config["REWARD_API_KEY"] = args.api_key.encode("utf-8")
+    # One long-lived scoring thread: tokenizers and models are not safe to call from several threads
+    # at once, and a thread that has scored before is faster (measured ~5-10% over a new thread per
+    # request, which is what Flask's threaded server would otherwise give the model).
+    app.extensions["local_reward.scoring"] = concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="scorer")
+    register_routes(app)
     return app
 
 
