@@ -5,6 +5,25 @@
     python local_reward.py --scorer hf --rm_model path/or/hub-id [--rm_adapter lora-dir]
     python local_reward.py --prod --workers 2     # gunicorn, the model loaded once per worker
     REWARD_API_KEY=... python local_reward.py --host 0.0.0.0   # anything but loopback needs a key
+    python local_reward.py --help                 # every flag
+
+The file in order:
+1. Reward definition (what researchers tune): `score = relevance x length x style x copy_factor`
+   with its constants LENGTH_BAND, OFF_BAND, COPY_FREE, COPY_PENALTY and STYLE_WEIGHTS;
+   title_length (the length band's word count), style_terms (the HN convention penalties),
+   minilm_formula (the whole formula, pure), and the scorers behind the `Scorer` protocol:
+   - `minilm` (MiniLMScorer, offline default): all-MiniLM-L6-v2 relevance of title to body x HN
+     title conventions x an anti-copy factor; its docstring gives the exact formula.
+   - `hf` (HFScorer): a sequence-classification reward model (num_labels=1, e.g. trained to
+     predict log HN score as in OpenPipe's example) over utils.serialize_story, optionally with a
+     PEFT adapter; the score is its logit.
+2. Settings: ServerArgs (flags over environment / .env over defaults: REWARD_HOST, REWARD_PORT,
+   REWARD_SCORER, REWARD_MODEL, REWARD_ADAPTER, REWARD_API_KEY, REWARD_MAX_BYTES, REWARD_MAX_BATCH,
+   REWARD_WORKERS), parse_args, build_scorer.
+3. Request validation: parse_story / parse_stories raise BadRequest naming the field.
+4. App: create_app (the Flask app; tests inject a scorer), the bearer-token check, the size caps
+   (read_json), score_stories (one scoring thread per app) and the three routes.
+5. Serving: serve_gunicorn, main (refuses a non-loopback bind without REWARD_API_KEY).
 
 API (JSON):
     GET  /health       -> {"status": "ok", "scorer", "model", "version"}
@@ -14,16 +33,9 @@ API (JSON):
 
 Bad input gets a 4xx JSON error naming the field ({"error", "field"}), a title or body with no
 visible character (empty, whitespace, NUL and other control characters) included: a score for
-it would be made up. A scorer crash gets a 500
-(a server fault, which utils.RewardClient retries). Settings come from the environment / .env
-(REWARD_HOST, REWARD_PORT, REWARD_SCORER, REWARD_MODEL, REWARD_ADAPTER, REWARD_API_KEY,
-REWARD_MAX_BYTES, REWARD_MAX_BATCH, REWARD_WORKERS) and are overridden by flags.
-
-Scorers:
-- `minilm` (offline default): all-MiniLM-L6-v2 relevance of title to body x HN title conventions
-  x an anti-copy factor; see MiniLMScorer for the exact formula.
-- `hf`: a sequence-classification reward model (num_labels=1, e.g. trained to predict log HN
-  score as in OpenPipe's example) over utils.serialize_story, optionally with a PEFT adapter.
+it would be made up. A missing or wrong bearer token gets a 401, a body or batch over the caps a
+413. A scorer crash, or a non-finite score, gets a 500 (a server fault, which utils.RewardClient
+retries), never a made-up number.
 """
 
 from __future__ import annotations
