@@ -654,6 +654,8 @@ def serve_gunicorn(args: ServerArgs) -> None:
     """
     from gunicorn.app.base import BaseApplication
 
+    # Nested on purpose: gunicorn is imported only to serve (it takes ~0.3 s and needs fcntl, so
+    # POSIX only), and the class is created once, in the master, never pickled.
     class RewardApplication(BaseApplication):
         def load_config(self):
             self.cfg.set("bind", f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}")
