@@ -70,6 +70,65 @@ def timed(fn, stories: list[dict]) -> float:
     return time.perf_counter() - start
 
 
+class ServerClient:
+    """POSTs stories to the server; remembers the scorer time of the last batch (its Server-Timing header)."""
+
+    def __init__(self, http):
+        self.http = http
+        self.last_score_ms = 0.0
+
+    def post_batch(self, stories: list[dict]) -> None:
+        r = self.http.post("/score_batch", json={"stories": stories})
+        r.raise_for_status()
+        assert len(r.json()["scores"]) == len(stories)
+        self.last_score_ms = float(r.headers["Server-Timing"].split("dur=")[1])
+
+    def post_singles(self, stories: list[dict]) -> None:
+        for s in stories:
+            r = self.http.post("/score", json=s)
+            r.raise_for_status()
+
+
+def measure(name: str, make, warm: bool, client: ServerClient, scorer, repeats: int) -> dict[str, float]:
+    """One scenario's medians and ratios, keys prefixed with `name`; `make()` gives a fresh batch."""
+    if warm:  # embed the bodies once, in the server and here
+        client.post_batch(make())
+        scorer.score(make())
+    # Interleaved repeats: each repeat measures all three back to back, so a burst of load
+    # from other processes hits one repeat's ratios rather than one column.
+    batch, singles, inproc, in_server = [], [], [], []
+    for _ in range(repeats):
+        batch.append(timed(client.post_batch, make()))
+        in_server.append(client.last_score_ms / 1000)
+        singles.append(timed(client.post_singles, make()))
+        inproc.append(timed(scorer.score, make()))
+    return {
+        f"{name}_batch_s": statistics.median(batch),
+        f"{name}_singles_s": statistics.median(singles),
+        f"{name}_inprocess_s": statistics.median(inproc),
+        f"{name}_scorer_in_server_s": statistics.median(in_server),
+        f"{name}_batch_speedup": statistics.median(s / b for s, b in zip(singles, batch, strict=True)),
+        f"{name}_server_overhead": statistics.median(b / i - 1 for b, i in zip(batch, inproc, strict=True)),
+        # The same request's own split (immune to load changing between measurements): everything
+        # outside the scorer (HTTP, JSON, validation) over the time inside it.
+        f"{name}_http_overhead": statistics.median(b / i - 1 for b, i in zip(batch, in_server, strict=True)),
+    }
+
+
+def print_report(results: dict[str, float], args: BenchArgs) -> None:
+    print()
+    print(f"{'':6s} {'batch req':>10s} {'(scorer)':>9s} {'singles':>9s} {'in-process':>11s} {'speed-up':>9s} "
+          f"{'overhead':>9s} {'(outside scorer)':>17s}")
+    for name in ("cold", "grpo"):
+        r = {k.removeprefix(name + "_"): v for k, v in results.items() if k.startswith(name)}
+        print(f"{name:6s} {r['batch_s']:9.3f}s {r['scorer_in_server_s']:8.3f}s {r['singles_s']:8.3f}s "
+              f"{r['inprocess_s']:10.3f}s {r['batch_speedup']:8.1f}x {100 * r['server_overhead']:+8.1f}% "
+              f"{100 * r['http_overhead']:+16.1f}%")
+    print(f"\n{args.n} stories; batch speed-up goal >= 10x, server overhead goal <= 15%; "
+          f"{args.repeats} repeats, medians; {'gunicorn' if args.prod else 'flask'} server.")
+    print(json.dumps({k: round(v, 4) for k, v in results.items()}))
+
+
 def main(args: BenchArgs) -> dict:
     import httpx
     import torch
@@ -87,56 +146,14 @@ def main(args: BenchArgs) -> dict:
     print(f"starting the server ({'gunicorn' if args.prod else 'flask'}) ...", flush=True)
     results: dict[str, float] = {}
     with reward_server_process(args=server_args, timeout=args.startup_timeout) as url, httpx.Client(base_url=url, timeout=600) as http:
-        last_score_ms = [0.0]
-
-        def post_batch(stories):
-            r = http.post("/score_batch", json={"stories": stories})
-            r.raise_for_status()
-            assert len(r.json()["scores"]) == len(stories)
-            last_score_ms[0] = float(r.headers["Server-Timing"].split("dur=")[1])
-
-        def post_singles(stories):
-            for s in stories:
-                r = http.post("/score", json=s)
-                r.raise_for_status()
-
-        post_batch(cold_batch(rows, 4, "warm-up"))  # first request pays lazy initialisation
+        client = ServerClient(http)
+        client.post_batch(cold_batch(rows, 4, "warm-up"))  # first request pays lazy initialisation
         counter = iter(range(10**6))
         fresh = lambda: cold_batch(rows, args.n, f"run {next(counter)}")  # noqa: E731
         for name, make, warm in (("cold", fresh, False), ("grpo", lambda: grpo_batch(rows, args.n), True)):
-            if warm:  # embed the bodies once, in the server and here
-                post_batch(make())
-                scorer.score(make())
-            # Interleaved repeats: each repeat measures all three back to back, so a burst of load
-            # from other processes hits one repeat's ratios rather than one column.
-            batch, singles, inproc, in_server = [], [], [], []
-            for _ in range(args.repeats):
-                batch.append(timed(post_batch, make()))
-                in_server.append(last_score_ms[0] / 1000)
-                singles.append(timed(post_singles, make()))
-                inproc.append(timed(scorer.score, make()))
-            results[f"{name}_batch_s"] = statistics.median(batch)
-            results[f"{name}_singles_s"] = statistics.median(singles)
-            results[f"{name}_inprocess_s"] = statistics.median(inproc)
-            results[f"{name}_scorer_in_server_s"] = statistics.median(in_server)
-            results[f"{name}_batch_speedup"] = statistics.median(s / b for s, b in zip(singles, batch, strict=True))
-            results[f"{name}_server_overhead"] = statistics.median(b / i - 1 for b, i in zip(batch, inproc, strict=True))
-            # The same request's own split (immune to load changing between measurements): everything
-            # outside the scorer (HTTP, JSON, validation) over the time inside it.
-            results[f"{name}_http_overhead"] = statistics.median(b / i - 1 for b, i in zip(batch, in_server, strict=True))
-    print()
-    print(f"{'':6s} {'batch req':>10s} {'(scorer)':>9s} {'singles':>9s} {'in-process':>11s} {'speed-up':>9s} "
-          f"{'overhead':>9s} {'(outside scorer)':>17s}")
-    for name in ("cold", "grpo"):
-        r = {k.removeprefix(name + "_"): v for k, v in results.items() if k.startswith(name)}
-        print(f"{name:6s} {r['batch_s']:9.3f}s {r['scorer_in_server_s']:8.3f}s {r['singles_s']:8.3f}s "
-              f"{r['inprocess_s']:10.3f}s {r['batch_speedup']:8.1f}x {100 * r['server_overhead']:+8.1f}% "
-              f"{100 * r['http_overhead']:+16.1f}%")
-    print(f"\n{args.n} stories; batch speed-up goal >= 10x, server overhead goal <= 15%; "
-          f"{args.repeats} repeats, medians; {'gunicorn' if args.prod else 'flask'} server.")
-    print(json.dumps({k: round(v, 4) for k, v in results.items()}))
+            results.update(measure(name, make, warm, client, scorer, args.repeats))
+    print_report(results, args)
     return results
-
 
 if __name__ == "__main__":
     from transformers import HfArgumentParser

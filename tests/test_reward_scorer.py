@@ -66,7 +66,8 @@ VARIANTS = {
     "clickbait": lambda i, rows: f"You won't believe this: {rows[i]['title']}!!",
     # the real title as a 40-word run-on sentence
     "run_on": lambda i, rows: run_on(rows[i]["title"], rows[i]["scraped_body"]),
-    # the hack NOTES.md saw a policy find within 25 steps: the article's first sentence
+    # the article's first sentence: the hack a SmolLM2-135M policy found within ~25 GRPO steps under
+    # a reward without the copy penalty and length gate (5 of 12 greedy val titles >= 80% body text)
     "first_sentence": lambda i, rows: first_sentence(rows[i]["scraped_body"]),
     # a verbatim copy that fits the length band: the body's first 12 words
     "first_12_words": lambda i, rows: " ".join(rows[i]["scraped_body"].split()[:12]),
