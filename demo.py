@@ -608,6 +608,7 @@ def plot_curves(summary: Summary, base_dir: Path, out_dir: Path) -> list[Path]:
     """`make compare` on this demo's runs (compare.py, its own process): compare.png with one colour
     per method and the baseline as a band, and its table in compare.md; output in demo_compare.log."""
     png, log = out_dir / "compare.png", out_dir / "demo_compare.log"
+    out_dir.mkdir(parents=True, exist_ok=True)
     png.unlink(missing_ok=True)  # an old plot must not pass for this run's
     cmd = [sys.executable, str(ROOT / "compare.py"), *[str(p) for p in [base_dir, *(mr.run_dir for mr in summary.runs)]],
            "--out_dir", str(out_dir), "--n_boot", "2000", "--no_panels", "--examples", "0"]

@@ -46,7 +46,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -80,12 +79,12 @@ STYLE_WEIGHTS = {"shout": 0.5, "clickbait": 0.5, "period": 0.15, "run_on": 0.3, 
 
 
 def title_length(title: str) -> int:
-    """Words as a reader counts them: whitespace tokens with a letter or digit ("$14,112" is one).
+    """Words as a reader counts them (utils.word_count: the metrics' title length is the same count).
 
     >>> title_length("$14,112 raised in 3.5 days"), title_length("Show HN: a – b")
     (5, 4)
     """
-    return sum(any(c.isalnum() for c in tok) for tok in title.split())
+    return utils.word_count(title)
 
 
 _CLICKBAIT_PHRASES = re.compile(
@@ -476,7 +475,8 @@ def check_exposure(args: ServerArgs) -> None:
 
 
 def _finite(value: float, where: str) -> float:
-    if not math.isfinite(value):
+    """A scorer's score, or a RuntimeError (a 500 naming the story): never a made-up number."""
+    if not utils.is_finite_number(float(value)):
         raise RuntimeError(f"scorer produced a non-finite score ({value}) for {where}")
     return float(value)
 
