@@ -474,7 +474,7 @@ def check_exposure(args: ServerArgs) -> None:
                          "'Authorization: Bearer <key>') or bind 127.0.0.1")
 
 
-def _finite(value: float, where: str) -> float:
+def _checked_score(value: float, where: str) -> float:
     """A scorer's score, or a RuntimeError (a 500 naming the story): never a made-up number."""
     if not utils.is_finite_number(float(value)):
         raise RuntimeError(f"scorer produced a non-finite score ({value}) for {where}")
@@ -568,7 +568,7 @@ def score_stories(stories: list[dict]) -> tuple[list[float], list[dict]]:
     results, g.score_ms = current_app.extensions["local_reward.scoring"].submit(_timed_score, scorer, stories).result()
     if len(results) != len(stories):
         raise RuntimeError(f"scorer returned {len(results)} scores for {len(stories)} stories")
-    return [_finite(s, f"story {i}") for i, (s, _) in enumerate(results)], [c for _, c in results]
+    return [_checked_score(s, f"story {i}") for i, (s, _) in enumerate(results)], [c for _, c in results]
 
 
 def health():
