@@ -689,22 +689,54 @@ def _refuse_signals_while_starting():
             signal.signal(sig, handler)
 
 
-def train(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend, run_dir: Path) -> int:
-    """Everything main() does while holding the run directory."""
-    print_args(recipe, args, backend)
-    checkpoint, start_step = resume_point(run_dir, args.resume)
-    offset, val_done, dropped = trim_metrics(run_dir, start_step)
+@dataclass
+class StartPoint:
+    """Where a run starts, read from its run directory (resume_point + trim_metrics)."""
+
+    checkpoint: str | None  # the newest complete checkpoint, or None: start at step 0
+    step: int
+    offset: float  # training wall time already spent: the timer continues from it
+    val_done: set[int]  # steps already validated
+    dropped: int  # metrics rows dropped past the checkpoint
+    finished: bool  # max_steps trained before: only the final validation or final/ can be missing
+
+
+def start_point(recipe: utils.Recipe, resume: bool, run_dir: Path) -> StartPoint:
+    checkpoint, step = resume_point(run_dir, resume)
+    offset, val_done, dropped = trim_metrics(run_dir, step)
     # A run whose steps are all trained: a rerun trains nothing (TRL's loop would take one more step).
-    finished = checkpoint is not None and start_step >= recipe.max_steps
-    if finished and start_step in val_done and final_complete(run_dir):
-        print(f"[trl] nothing to do: {run_dir} is finished at step {start_step} (max_steps={recipe.max_steps}); "
+    finished = checkpoint is not None and step >= recipe.max_steps
+    return StartPoint(checkpoint, step, offset, val_done, dropped, finished)
+
+
+def train(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend, run_dir: Path) -> int:
+    """Everything main() does while holding the run directory: decide where to start, load, build
+    the trainer, train (or finish a trained run), report."""
+    print_args(recipe, args, backend)
+    start = start_point(recipe, args.resume, run_dir)
+    if start.finished and start.step in start.val_done and final_complete(run_dir):
+        print(f"[trl] nothing to do: {run_dir} is finished at step {start.step} (max_steps={recipe.max_steps}); "
               "raise --max_steps to train further")
         return EXIT_OK
+    prepare_run_dir(recipe, args, backend, run_dir, start)
+    client = connect_reward_server(recipe)
+    if client is None:
+        return EXIT_REWARD_SERVER
+    loaded = load_policy_and_data(recipe, args, backend)
+    if loaded is None:
+        return EXIT_USAGE
+    return run_training(build_run(recipe, args, backend, run_dir, start, client, loaded))
+
+
+def prepare_run_dir(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend, run_dir: Path,
+                    start: StartPoint) -> None:
+    """config.json, what the resume kept and dropped, the seed and the torch threads."""
     utils.save_config(run_dir, recipe=recipe, trl=args, backend=backend)
-    if checkpoint:
-        print(f"[trl] resuming from {checkpoint} (step {start_step}); dropped {dropped} metrics rows past it")
-    elif dropped:
-        print(f"[trl] no checkpoint in {run_dir}: starting at step 0, dropped {dropped} earlier metrics rows")
+    if start.checkpoint:
+        print(f"[trl] resuming from {start.checkpoint} (step {start.step}); "
+              f"dropped {start.dropped} metrics rows past it")
+    elif start.dropped:
+        print(f"[trl] no checkpoint in {run_dir}: starting at step 0, dropped {start.dropped} earlier metrics rows")
     utils.set_seed(recipe.seed)
     if args.torch_threads:
         import torch
@@ -712,14 +744,34 @@ def train(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend, ru
         torch.set_num_threads(args.torch_threads)
         print(f"[trl] torch threads: {torch.get_num_threads()}")
 
+
+def connect_reward_server(recipe: utils.Recipe) -> utils.RewardClient | None:
+    """The reward client once the server answers /health; None (after one error line) when it does not."""
     client = utils.RewardClient(recipe.reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
     try:  # before loading anything heavy: a run without a reward server cannot do anything
         health = client.health_sync()
     except utils.RewardServerError as e:
         print(f"error: reward server not usable: {e}", file=sys.stderr)
-        return EXIT_REWARD_SERVER
+        return None
     print(f"[trl] reward server {recipe.reward_url}: {json.dumps(health)[:200]}")
+    return client
 
+
+@dataclass
+class Loaded:
+    """The policy, its tokenizer, the data and the validator."""
+
+    model: Any
+    tokenizer: Any
+    train_ds: Any
+    val_ds: Any
+    stop_overrides: dict  # GRPOConfig fields that end a completion at the title's line break
+    validator: Any
+
+
+def load_policy_and_data(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend) -> Loaded | None:
+    """Load the model, data and validator; None (after one error line) for a bad file, a hub id
+    out of reach or too few train stories."""
     t_load = time.perf_counter()
     utils.fault_pause("load")
     try:
@@ -728,33 +780,55 @@ def train(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend, ru
         val_ds, val_report = utils.load_split(recipe, recipe.val_split, tokenizer, recipe.max_val_stories)
     except (utils.DatasetError, utils.HubUnavailable) as e:  # one line: a bad file, or a hub id out of reach
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return None
     print(f"[trl] data: {report.summary()}; {val_report.summary()}")
     if len(train_ds) < recipe.prompts_per_step:
         print(f"error: {len(train_ds)} train stories left after filtering, fewer than prompts_per_step "
               f"({recipe.prompts_per_step})", file=sys.stderr)
-        return EXIT_USAGE
+        return None
     # The title is the first line: with stop_at_newline a line break ends the completion (utils.Recipe).
     stop_overrides = fast_backend.stop_at_tokens(
         backend, model, utils.stop_token_ids(tokenizer, utils.stop_strings(recipe)))
     validator = _make_validator(recipe, model, tokenizer)
     print(f"[trl] model, data and validator ({recipe.validator}) ready in {time.perf_counter() - t_load:.1f}s")
+    return Loaded(model, tokenizer, train_ds, val_ds, stop_overrides, validator)
 
+
+@dataclass
+class Run:
+    """A built run: what the training phase and its error reports need."""
+
+    recipe: utils.Recipe
+    run_dir: Path
+    start: StartPoint
+    client: utils.RewardClient
+    model: Any
+    trainer: Any
+    stopper: StopOnSignal
+    validate: Validate
+    reward_log: RewardLog
+    timer: utils.Timer
+
+
+def build_run(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend, run_dir: Path,
+              start: StartPoint, client: utils.RewardClient, loaded: Loaded) -> Run:
+    """The GRPOTrainer with the reward function and the callbacks; its batch and optimizer go
+    into config.json."""
     GRPOTrainer = resumable_on_cpu(fast_backend.trainer_class(backend))  # noqa: N806 (a class)
 
-    timer = utils.Timer(offset)
+    timer = utils.Timer(start.offset)
     reward_log = RewardLog()
     stopper, train_rows, validate, client_holder = build_callbacks(
-        recipe=recipe, args=args, run_dir=run_dir, tokenizer=tokenizer, val_rows=list(val_ds), validator=validator,
-        reward_log=reward_log, timer=timer, val_done=val_done)
+        recipe=recipe, args=args, run_dir=run_dir, tokenizer=loaded.tokenizer, val_rows=list(loaded.val_ds),
+        validator=loaded.validator, reward_log=reward_log, timer=timer, val_done=start.val_done)
     client_holder["client"] = client
     trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=[make_reward_func(client, validator, recipe.trailing_penalty, reward_log,
+        model=loaded.model,
+        reward_funcs=[make_reward_func(client, loaded.validator, recipe.trailing_penalty, reward_log,
                                        recipe.max_completion_tokens)],
-        args=grpo_config(recipe, args, backend, run_dir, stop_overrides),
-        train_dataset=train_ds,
-        processing_class=tokenizer,
+        args=grpo_config(recipe, args, backend, run_dir, loaded.stop_overrides),
+        train_dataset=loaded.train_ds,
+        processing_class=loaded.tokenizer,
         # The stopper last: a signal that arrives during a validation still stops at the end of that step.
         callbacks=[train_rows, validate, stopper],
     )
@@ -765,48 +839,68 @@ def train(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend, ru
                          batch={k: getattr(trainer.args, k) for k in ("per_device_train_batch_size",
                                 "gradient_accumulation_steps", "steps_per_generation", "generation_batch_size",
                                 "world_size", "gradient_checkpointing")})
-    stopper.install()
-    done = False
+    return Run(recipe, run_dir, start, client, loaded.model, trainer, stopper, validate, reward_log, timer)
+
+
+def run_training(run: Run) -> int:
+    """Train (or finish a trained run) with the checkpoint-then-stop signal handler installed;
+    returns the exit code."""
+    run.stopper.install()
     try:
-        if finished:  # trained to the end before; its final validation or final/ is missing
-            print(f"[trl] step {start_step} of max_steps={recipe.max_steps} is trained: finishing the run, no training")
-            if start_step not in val_done:
-                load_adapter_weights(model, checkpoint)
-                validate.validate(model, start_step)
-        else:
-            trainer.train(resume_from_checkpoint=checkpoint)
-        step = max(trainer.state.global_step, start_step)
-        rank0 = trainer.is_world_process_zero()  # the one that validates and writes final/
-        done = step >= recipe.max_steps and (step in val_done or not rank0)
-        if done and rank0:
-            save_final(run_dir, run_dir / f"checkpoint-{step}", stopper)
+        step, done = train_or_finish(run)
     except utils.RewardServerError as e:
-        step = validate.current or trainer.state.global_step + 1
-        where = f"validation at step {step}" if validate.current else f"step {step}; the step was not trained"
-        total = record_failure(run_dir, step, e, dict(client.stats))
-        print(f"\nerror: the reward server failed during {where} and no reward "
-              f"was made up.\n  {e}\n  client: {client.stats['requests']} requests, {client.stats['retries']} "
-              f"retries, {client.stats['failures']} failures in this process; {reward_log.failures} failed reward "
-              f"batch(es) now, {total} failure(s) recorded in {run_dir / 'failures.jsonl'}.\n  Restart the server "
-              f"(`make reward`) and rerun the same command to resume from the last checkpoint.", file=sys.stderr)
-        return EXIT_REWARD_SERVER
+        return reward_server_failed(run, e)
     except KeyboardInterrupt:
-        print(f"\n[trl] aborted by a second signal at step {trainer.state.global_step}, without a new checkpoint; "
-              f"rerun to resume from the last one in {run_dir}", file=sys.stderr)
+        print(f"\n[trl] aborted by a second signal at step {run.trainer.state.global_step}, without a new "
+              f"checkpoint; rerun to resume from the last one in {run.run_dir}", file=sys.stderr)
         return EXIT_ABORTED
     finally:
-        stopper.uninstall()
-        _close_client(trainer, client)
+        run.stopper.uninstall()
+        _close_client(run.trainer, run.client)
     if not done:
-        print(f"[trl] stopped by {stopper.received or 'the trainer'} at step {step}; checkpoint saved in "
-              f"{run_dir}. Rerun the same command to resume (exit {EXIT_INTERRUPTED}).")
+        print(f"[trl] stopped by {run.stopper.received or 'the trainer'} at step {step}; checkpoint saved in "
+              f"{run.run_dir}. Rerun the same command to resume (exit {EXIT_INTERRUPTED}).")
         return EXIT_INTERRUPTED
-    if stopper.received:
-        print(f"[trl] {stopper.received} arrived after the last step: the run is complete")
-    print(f"[trl] done: step {step}, {timer():.0f}s of training wall time; "
-          f"adapter -> {run_dir / 'final'}; metrics -> {run_dir / utils.METRICS_FILE}")
-    print(f"run dir: {run_dir}")
+    if run.stopper.received:
+        print(f"[trl] {run.stopper.received} arrived after the last step: the run is complete")
+    print(f"[trl] done: step {step}, {run.timer():.0f}s of training wall time; "
+          f"adapter -> {run.run_dir / 'final'}; metrics -> {run.run_dir / utils.METRICS_FILE}")
+    print(f"run dir: {run.run_dir}")
     return EXIT_OK
+
+
+def train_or_finish(run: Run) -> tuple[int, bool]:
+    """(the step reached, whether the run is done): train to max_steps, validate and save final/."""
+    start, trainer = run.start, run.trainer
+    if start.finished:  # trained to the end before; its final validation or final/ is missing
+        print(f"[trl] step {start.step} of max_steps={run.recipe.max_steps} is trained: finishing the run, "
+              "no training")
+        if start.step not in start.val_done:
+            load_adapter_weights(run.model, start.checkpoint)
+            run.validate.validate(run.model, start.step)
+    else:
+        trainer.train(resume_from_checkpoint=start.checkpoint)
+    step = max(trainer.state.global_step, start.step)
+    rank0 = trainer.is_world_process_zero()  # the one that validates and writes final/
+    done = step >= run.recipe.max_steps and (step in start.val_done or not rank0)
+    if done and rank0:
+        save_final(run.run_dir, run.run_dir / f"checkpoint-{step}", run.stopper)
+    return step, done
+
+
+def reward_server_failed(run: Run, e: utils.RewardServerError) -> int:
+    """Record the failure in failures.jsonl and say what to do; no reward was made up."""
+    validating = run.validate.current
+    step = validating or run.trainer.state.global_step + 1
+    where = f"validation at step {step}" if validating else f"step {step}; the step was not trained"
+    stats = run.client.stats
+    total = record_failure(run.run_dir, step, e, dict(stats))
+    print(f"\nerror: the reward server failed during {where} and no reward "
+          f"was made up.\n  {e}\n  client: {stats['requests']} requests, {stats['retries']} "
+          f"retries, {stats['failures']} failures in this process; {run.reward_log.failures} failed reward "
+          f"batch(es) now, {total} failure(s) recorded in {run.run_dir / 'failures.jsonl'}.\n  Restart the server "
+          f"(`make reward`) and rerun the same command to resume from the last checkpoint.", file=sys.stderr)
+    return EXIT_REWARD_SERVER
 
 
 def _pause_inside_saves(trainer, stopper) -> None:
