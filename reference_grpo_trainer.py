@@ -702,6 +702,11 @@ class StartPoint:
 
 
 def start_point(recipe: utils.Recipe, resume: bool, run_dir: Path) -> StartPoint:
+    """The newest complete checkpoint and the metrics kept up to it (later rows are dropped).
+
+    >>> start_point(utils.Recipe(max_steps=2), True, Path("no-such-run"))
+    StartPoint(checkpoint=None, step=0, offset=0.0, val_done=set(), dropped=0, finished=False)
+    """
     checkpoint, step = resume_point(run_dir, resume)
     offset, val_done, dropped = trim_metrics(run_dir, step)
     # A run whose steps are all trained: a rerun trains nothing (TRL's loop would take one more step).
