@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import resource
@@ -55,6 +56,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import fast_backend
 import utils
@@ -155,165 +157,222 @@ def make_reward_func(client: utils.RewardClient, validator, trailing_penalty: fl
 
 
 # --------------------------------------------------------------------------------------
-# Callbacks (built lazily: importing transformers costs seconds)
+# Callbacks. Plain classes at module level; build_callbacks puts transformers' TrainerCallback
+# under them when a run builds them (importing transformers costs seconds, this module does not).
 # --------------------------------------------------------------------------------------
+
+STOP_SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT) if s)
+
+
+class StopOnSignal:
+    """SIGTERM/SIGUSR1/SIGINT -> save a checkpoint at the end of this step, then stop."""
+
+    SIGNALS = STOP_SIGNALS
+
+    def __init__(self):
+        self.received: str | None = None
+        self._old: dict = {}
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received:  # a second signal: stop now, without a checkpoint
+            self.uninstall()
+            raise KeyboardInterrupt(f"second signal ({name})")
+        self.received = name
+        print(f"\n[trl] {name}: saving a checkpoint at the end of this step, then exiting "
+              f"(exit {EXIT_INTERRUPTED}; send it again to quit at once)", flush=True)
+
+    def on_step_end(self, args_, state, control, **kw):
+        if self.received:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_save(self, args_, state, control, **kw):
+        if self.received:  # it arrived during the save: that checkpoint is complete, stop now
+            control.should_training_stop = True
+
+
+@dataclass
+class CallbackContext:
+    """What the callbacks share: the run's settings and data, and the state they update together
+    (the validated steps, the reward log, whether a stop signal arrived)."""
+
+    recipe: utils.Recipe
+    args: TrlArgs
+    run_dir: Path
+    tokenizer: Any
+    val_rows: list[dict]
+    validator: Any
+    reward_log: RewardLog
+    timer: utils.Timer
+    val_done: set[int]  # steps with a val row in metrics.jsonl
+    stopper: StopOnSignal
+    client_holder: dict = field(default_factory=dict)  # {"client": the RewardClient}, set once it exists
+
+    def stop_requested(self) -> str | None:
+        return self.stopper.received
+
+    def client_stats(self) -> dict:
+        c = self.client_holder.get("client")
+        return dict(c.stats) if c is not None else {}
+
+
+def _mean(values) -> float:
+    return sum(values) / max(len(values), 1)
+
+
+class TrainRows:
+    """One shared-schema `train` row per optimizer step, from what the reward function scored."""
+
+    def __init__(self, ctx: CallbackContext):
+        self.ctx = ctx
+        self.writer = utils.MetricsWriter(ctx.run_dir)
+        self.t0, self.cpu0 = time.perf_counter(), time.process_time()
+
+    def on_step_begin(self, args_, state, control, **kw):
+        self.t0, self.cpu0 = time.perf_counter(), time.process_time()
+        utils.fault_pause("step", state.global_step + 1, until=self.ctx.stop_requested)
+
+    def on_step_end(self, args_, state, control, **kw):
+        ctx = self.ctx
+        scored, tokens = self.take_batch()
+        extra = self.step_extra(state, tokens)
+        ctx.reward_log.seconds = 0.0
+        if args_.world_size > 1:  # every rank scored its share of the step: the row covers them all
+            from accelerate.utils import gather_object
+
+            scored, tokens = gather_object(scored), gather_object(tokens)
+            extra["completion_tokens_mean"] = _mean(tokens)
+            extra["hit_token_cap"] = _mean([t >= ctx.recipe.max_completion_tokens for t in tokens])
+        if not state.is_world_process_zero:
+            return  # multi-process (accelerate): one writer
+        self.writer.write(utils.metrics_row(method="trl", step=state.global_step, split="train", scored=scored,
+                                            wall_time=ctx.timer(), run=ctx.run_dir.name, extra=extra))
+
+    def take_batch(self) -> tuple[list, list]:
+        """This step's scored completions and their token counts, taken off the reward log.
+
+        With steps_per_generation > 1 one generation batch feeds several steps; each row then
+        takes the next prompts_per_step x num_generations completions in generation order.
+        """
+        log, batch = self.ctx.reward_log, self.ctx.recipe.prompts_per_step * self.ctx.recipe.num_generations
+        scored, log.pending[:] = log.pending[:batch], log.pending[batch:]
+        tokens = log.completion_tokens[:batch]
+        del log.completion_tokens[:batch]
+        return scored, tokens
+
+    def step_extra(self, state, tokens: list) -> dict:
+        """The row's `extra` fields: timings, cost and memory of this process's share of the step."""
+        return {"step_seconds": round(time.perf_counter() - self.t0, 3),
+                # CPU seconds of this process too: on a shared machine wall time mostly measures the neighbours.
+                "step_cpu_seconds": round(time.process_time() - self.cpu0, 3),
+                "reward_seconds": round(self.ctx.reward_log.seconds, 3),
+                "completion_tokens_mean": _mean(tokens),
+                # Cost in the units the demo compares across methods: TRL takes one optimizer
+                # step per step (no gradient accumulation) and computes the loss over every
+                # completion token of the batch (zero-advantage ones included).
+                "optimizer_steps": 1, "trained_tokens": sum(tokens),
+                "hit_token_cap": _mean([t >= self.ctx.recipe.max_completion_tokens for t in tokens]),
+                "reward_requests": self.ctx.client_stats().get("requests", 0), "epoch": state.epoch,
+                "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+class Validate:
+    """Validation with the current adapter every eval_every steps and at the end."""
+
+    def __init__(self, ctx: CallbackContext):
+        self.ctx = ctx
+        self.trainer = None  # set after GRPOTrainer exists (to send val numbers to its loggers)
+        self.current: int | None = None  # the step being validated (for error messages)
+
+    def due(self, step: int) -> bool:
+        """An eval_every step not validated yet."""
+        every = self.ctx.recipe.eval_every
+        return bool(every) and step % every == 0 and step not in self.ctx.val_done
+
+    def on_train_begin(self, args_, state, control, model=None, **kw):
+        # A run interrupted right at an eval step saved its checkpoint before validating.
+        if state.global_step and self.due(state.global_step):
+            self.validate(model, state.global_step)
+
+    def on_step_end(self, args_, state, control, model=None, **kw):
+        if self.ctx.stopper.received:
+            return  # the job is being stopped: checkpoint first, validate after the resume
+        if self.due(state.global_step):
+            self.validate(model, state.global_step)
+
+    def on_train_end(self, args_, state, control, model=None, **kw):
+        step = state.global_step
+        if not self.ctx.stopper.received and step and step not in self.ctx.val_done:
+            self.validate(model, step)
+
+    def validate(self, model, step: int) -> None:
+        import policy
+
+        if self.trainer is not None and not self.trainer.is_world_process_zero():
+            return  # validate once, on rank 0 (inference only: the other ranks just wait at the next step)
+        ctx = self.ctx
+        generator = policy.HFGenerator(model, ctx.tokenizer, batch_size=ctx.args.eval_batch_size, name="trl")
+        t0 = time.perf_counter()
+        self.current = step
+        utils.fault_pause("validation", step, until=ctx.stop_requested)
+        result = utils.score_val(ctx.recipe, generator, ctx.val_rows, ctx.validator)
+        self.current = None
+        row = utils.eval_metrics_row(result, method="trl", step=step, wall_time=ctx.timer(), run=ctx.run_dir.name,
+                                     extra={"eval_seconds": round(time.perf_counter() - t0, 1)})
+        path = utils.write_eval(ctx.run_dir, f"step-{step:05d}", result, row)
+        ctx.val_done.add(step)
+        print(f"\n[val step {step}] {utils.eval_summary(result)}  ({time.perf_counter() - t0:.0f}s, {path})")
+        for rec in result.records()[:ctx.args.show_titles]:
+            print(f"  original: {rec['original']}\n  greedy:   {rec['greedy']['title']}")
+        self.report(row)
+
+    def report(self, row: dict) -> None:
+        """Val numbers to TRL's loggers (TensorBoard/W&B as report_to asks), as eval/* scalars."""
+        if self.trainer is None:
+            return
+        logs = {f"eval_{k}": row[k] for k in ("reward_mean", "reward_std", "reward_p5", "reward_median",
+                                              "reward_p95", "rm_mean", "match_rate", "title_len_mean",
+                                              "copy_frac_mean", "trailing_rate")}
+        logs["eval_greedy_reward_mean"] = row["extra"]["greedy_reward_mean"]
+        model, control = self.trainer.model, self.trainer.control
+        was_training, should_log = model.training, control.should_log
+        model.eval()  # GRPOTrainer.log picks the metric bucket by model.training
+        try:
+            self.trainer.log({k: v for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)})
+        finally:
+            model.train(was_training)
+            # on_log clears should_log; keep TRL's own train log for this step
+            control.should_log = should_log
+
+
+@functools.cache
+def as_trainer_callback(cls: type) -> type:
+    """`cls` with transformers' TrainerCallback under it: TrainerCallback's no-op methods answer
+    every event `cls` does not handle, and the trainer sees a real TrainerCallback."""
+    from transformers import TrainerCallback
+
+    return type(cls.__name__, (cls, TrainerCallback), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
 
 
 def build_callbacks(*, recipe: utils.Recipe, args: TrlArgs, run_dir: Path, tokenizer, val_rows: list[dict],
                     validator, reward_log: RewardLog, timer: utils.Timer, val_done: set[int]):
-    from transformers import TrainerCallback
-
-    batch = recipe.prompts_per_step * recipe.num_generations
-
-    class StopOnSignal(TrainerCallback):
-        """SIGTERM/SIGUSR1/SIGINT -> save a checkpoint at the end of this step, then stop."""
-
-        SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT) if s)
-
-        def __init__(self):
-            self.received: str | None = None
-            self._old: dict = {}
-
-        def install(self) -> None:
-            for sig in self.SIGNALS:
-                self._old[sig] = signal.signal(sig, self._handle)
-
-        def uninstall(self) -> None:
-            for sig, old in self._old.items():
-                signal.signal(sig, old)
-            self._old.clear()
-
-        def _handle(self, signum, frame):
-            name = signal.Signals(signum).name
-            if self.received:  # a second signal: stop now, without a checkpoint
-                self.uninstall()
-                raise KeyboardInterrupt(f"second signal ({name})")
-            self.received = name
-            print(f"\n[trl] {name}: saving a checkpoint at the end of this step, then exiting "
-                  f"(exit {EXIT_INTERRUPTED}; send it again to quit at once)", flush=True)
-
-        def on_step_end(self, args_, state, control, **kw):
-            if self.received:
-                control.should_save = True
-                control.should_training_stop = True
-
-        def on_save(self, args_, state, control, **kw):
-            if self.received:  # it arrived during the save: that checkpoint is complete, stop now
-                control.should_training_stop = True
-
-    stopper = StopOnSignal()
-
-    class TrainRows(TrainerCallback):
-        """One shared-schema `train` row per optimizer step, from what the reward function scored."""
-
-        def __init__(self):
-            self.writer = utils.MetricsWriter(run_dir)
-            self.t0, self.cpu0 = time.perf_counter(), time.process_time()
-
-        def on_step_begin(self, args_, state, control, **kw):
-            self.t0, self.cpu0 = time.perf_counter(), time.process_time()
-            utils.fault_pause("step", state.global_step + 1, until=lambda: stopper.received)
-
-        def on_step_end(self, args_, state, control, **kw):
-            # With steps_per_generation > 1 one generation batch feeds several steps; each row
-            # then takes the next `batch` completions in generation order.
-            scored, reward_log.pending[:] = reward_log.pending[:batch], reward_log.pending[batch:]
-            tokens = reward_log.completion_tokens[:batch]
-            del reward_log.completion_tokens[:batch]
-            step_s = time.perf_counter() - self.t0
-            # CPU seconds of this process too: on a shared machine wall time mostly measures the neighbours.
-            extra = {"step_seconds": round(step_s, 3), "step_cpu_seconds": round(time.process_time() - self.cpu0, 3),
-                     "reward_seconds": round(reward_log.seconds, 3),
-                     "completion_tokens_mean": sum(tokens) / max(len(tokens), 1),
-                     # Cost in the units the demo compares across methods: TRL takes one optimizer
-                     # step per step (no gradient accumulation) and computes the loss over every
-                     # completion token of the batch (zero-advantage ones included).
-                     "optimizer_steps": 1, "trained_tokens": sum(tokens),
-                     "hit_token_cap": sum(t >= recipe.max_completion_tokens for t in tokens) / max(len(tokens), 1),
-                     "reward_requests": client_stats().get("requests", 0), "epoch": state.epoch,
-                     "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
-            reward_log.seconds = 0.0
-            if args_.world_size > 1:  # every rank scored its share of the step: the row covers them all
-                from accelerate.utils import gather_object
-
-                scored, tokens = gather_object(scored), gather_object(tokens)
-                extra["completion_tokens_mean"] = sum(tokens) / max(len(tokens), 1)
-                extra["hit_token_cap"] = sum(t >= recipe.max_completion_tokens for t in tokens) / max(len(tokens), 1)
-            if not state.is_world_process_zero:
-                return  # multi-process (accelerate): one writer
-            self.writer.write(utils.metrics_row(method="trl", step=state.global_step, split="train", scored=scored,
-                                                wall_time=timer(), run=run_dir.name, extra=extra))
-
-    class Validate(TrainerCallback):
-        """Validation with the current adapter every eval_every steps and at the end."""
-
-        def __init__(self):
-            self.trainer = None  # set after GRPOTrainer exists (to send val numbers to its loggers)
-            self.current: int | None = None  # the step being validated (for error messages)
-
-        def on_train_begin(self, args_, state, control, model=None, **kw):
-            # A run interrupted right at an eval step saved its checkpoint before validating.
-            step = state.global_step
-            if step and recipe.eval_every and step % recipe.eval_every == 0 and step not in val_done:
-                self.validate(model, step)
-
-        def on_step_end(self, args_, state, control, model=None, **kw):
-            step = state.global_step
-            if stopper.received:
-                return  # the job is being stopped: checkpoint first, validate after the resume
-            if recipe.eval_every and step % recipe.eval_every == 0 and step not in val_done:
-                self.validate(model, step)
-
-        def on_train_end(self, args_, state, control, model=None, **kw):
-            if not stopper.received and state.global_step and state.global_step not in val_done:
-                self.validate(model, state.global_step)
-
-        def validate(self, model, step: int) -> None:
-            import policy
-
-            if self.trainer is not None and not self.trainer.is_world_process_zero():
-                return  # validate once, on rank 0 (inference only: the other ranks just wait at the next step)
-
-            generator = policy.HFGenerator(model, tokenizer, batch_size=args.eval_batch_size, name="trl")
-            t0 = time.perf_counter()
-            self.current = step
-            utils.fault_pause("validation", step, until=lambda: stopper.received)
-            result = utils.score_val(recipe, generator, val_rows, validator)
-            self.current = None
-            row = utils.eval_metrics_row(result, method="trl", step=step, wall_time=timer(), run=run_dir.name,
-                                         extra={"eval_seconds": round(time.perf_counter() - t0, 1)})
-            path = utils.write_eval(run_dir, f"step-{step:05d}", result, row)
-            val_done.add(step)
-            print(f"\n[val step {step}] {utils.eval_summary(result)}  ({time.perf_counter() - t0:.0f}s, {path})")
-            for rec in result.records()[:args.show_titles]:
-                print(f"  original: {rec['original']}\n  greedy:   {rec['greedy']['title']}")
-            self.report(row)
-
-        def report(self, row: dict) -> None:
-            """Val numbers to TRL's loggers (TensorBoard/W&B as report_to asks), as eval/* scalars."""
-            if self.trainer is None:
-                return
-            logs = {f"eval_{k}": row[k] for k in ("reward_mean", "reward_std", "reward_p5", "reward_median",
-                                                  "reward_p95", "rm_mean", "match_rate", "title_len_mean",
-                                                  "copy_frac_mean", "trailing_rate")}
-            logs["eval_greedy_reward_mean"] = row["extra"]["greedy_reward_mean"]
-            model, control = self.trainer.model, self.trainer.control
-            was_training, should_log = model.training, control.should_log
-            model.eval()  # GRPOTrainer.log picks the metric bucket by model.training
-            try:
-                self.trainer.log({k: v for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)})
-            finally:
-                model.train(was_training)
-                # on_log clears should_log; keep TRL's own train log for this step
-                control.should_log = should_log
-
-    client_holder: dict = {}
-
-    def client_stats() -> dict:
-        c = client_holder.get("client")
-        return dict(c.stats) if c is not None else {}
-
-    return stopper, TrainRows(), Validate(), client_holder
+    """(stopper, train_rows, validate, client_holder): the run's three callbacks, sharing one
+    CallbackContext. Put the reward client in client_holder["client"] once it exists: the train
+    rows count its requests."""
+    stopper = as_trainer_callback(StopOnSignal)()
+    ctx = CallbackContext(recipe=recipe, args=args, run_dir=run_dir, tokenizer=tokenizer, val_rows=val_rows,
+                          validator=validator, reward_log=reward_log, timer=timer, val_done=val_done, stopper=stopper)
+    return stopper, as_trainer_callback(TrainRows)(ctx), as_trainer_callback(Validate)(ctx), ctx.client_holder
 
 
 # --------------------------------------------------------------------------------------
@@ -622,8 +681,7 @@ def _refuse_signals_while_starting():
     def refuse(signum, frame):
         raise StartInterrupted(signal.Signals(signum).name)
 
-    sigs = [s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT) if s]
-    old = {sig: signal.signal(sig, refuse) for sig in sigs}
+    old = {sig: signal.signal(sig, refuse) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
@@ -631,22 +689,59 @@ def _refuse_signals_while_starting():
             signal.signal(sig, handler)
 
 
-def train(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend, run_dir: Path) -> int:
-    """Everything main() does while holding the run directory."""
-    print_args(recipe, args, backend)
-    checkpoint, start_step = resume_point(run_dir, args.resume)
-    offset, val_done, dropped = trim_metrics(run_dir, start_step)
+@dataclass
+class StartPoint:
+    """Where a run starts, read from its run directory (resume_point + trim_metrics)."""
+
+    checkpoint: str | None  # the newest complete checkpoint, or None: start at step 0
+    step: int
+    offset: float  # training wall time already spent: the timer continues from it
+    val_done: set[int]  # steps already validated
+    dropped: int  # metrics rows dropped past the checkpoint
+    finished: bool  # max_steps trained before: only the final validation or final/ can be missing
+
+
+def start_point(recipe: utils.Recipe, resume: bool, run_dir: Path) -> StartPoint:
+    """The newest complete checkpoint and the metrics kept up to it (later rows are dropped).
+
+    >>> start_point(utils.Recipe(max_steps=2), True, Path("no-such-run"))
+    StartPoint(checkpoint=None, step=0, offset=0.0, val_done=set(), dropped=0, finished=False)
+    """
+    checkpoint, step = resume_point(run_dir, resume)
+    offset, val_done, dropped = trim_metrics(run_dir, step)
     # A run whose steps are all trained: a rerun trains nothing (TRL's loop would take one more step).
-    finished = checkpoint is not None and start_step >= recipe.max_steps
-    if finished and start_step in val_done and final_complete(run_dir):
-        print(f"[trl] nothing to do: {run_dir} is finished at step {start_step} (max_steps={recipe.max_steps}); "
+    finished = checkpoint is not None and step >= recipe.max_steps
+    return StartPoint(checkpoint, step, offset, val_done, dropped, finished)
+
+
+def train(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend, run_dir: Path) -> int:
+    """Everything main() does while holding the run directory: decide where to start, load, build
+    the trainer, train (or finish a trained run), report."""
+    print_args(recipe, args, backend)
+    start = start_point(recipe, args.resume, run_dir)
+    if start.finished and start.step in start.val_done and final_complete(run_dir):
+        print(f"[trl] nothing to do: {run_dir} is finished at step {start.step} (max_steps={recipe.max_steps}); "
               "raise --max_steps to train further")
         return EXIT_OK
+    prepare_run_dir(recipe, args, backend, run_dir, start)
+    client = connect_reward_server(recipe)
+    if client is None:
+        return EXIT_REWARD_SERVER
+    loaded = load_policy_and_data(recipe, args, backend)
+    if loaded is None:
+        return EXIT_USAGE
+    return run_training(build_run(recipe, args, backend, run_dir, start, client, loaded))
+
+
+def prepare_run_dir(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend, run_dir: Path,
+                    start: StartPoint) -> None:
+    """config.json, what the resume kept and dropped, the seed and the torch threads."""
     utils.save_config(run_dir, recipe=recipe, trl=args, backend=backend)
-    if checkpoint:
-        print(f"[trl] resuming from {checkpoint} (step {start_step}); dropped {dropped} metrics rows past it")
-    elif dropped:
-        print(f"[trl] no checkpoint in {run_dir}: starting at step 0, dropped {dropped} earlier metrics rows")
+    if start.checkpoint:
+        print(f"[trl] resuming from {start.checkpoint} (step {start.step}); "
+              f"dropped {start.dropped} metrics rows past it")
+    elif start.dropped:
+        print(f"[trl] no checkpoint in {run_dir}: starting at step 0, dropped {start.dropped} earlier metrics rows")
     utils.set_seed(recipe.seed)
     if args.torch_threads:
         import torch
@@ -654,14 +749,34 @@ def train(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend, ru
         torch.set_num_threads(args.torch_threads)
         print(f"[trl] torch threads: {torch.get_num_threads()}")
 
+
+def connect_reward_server(recipe: utils.Recipe) -> utils.RewardClient | None:
+    """The reward client once the server answers /health; None (after one error line) when it does not."""
     client = utils.RewardClient(recipe.reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
     try:  # before loading anything heavy: a run without a reward server cannot do anything
         health = client.health_sync()
     except utils.RewardServerError as e:
         print(f"error: reward server not usable: {e}", file=sys.stderr)
-        return EXIT_REWARD_SERVER
+        return None
     print(f"[trl] reward server {recipe.reward_url}: {json.dumps(health)[:200]}")
+    return client
 
+
+@dataclass
+class Loaded:
+    """The policy, its tokenizer, the data and the validator."""
+
+    model: Any
+    tokenizer: Any
+    train_ds: Any
+    val_ds: Any
+    stop_overrides: dict  # GRPOConfig fields that end a completion at the title's line break
+    validator: Any
+
+
+def load_policy_and_data(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend) -> Loaded | None:
+    """Load the model, data and validator; None (after one error line) for a bad file, a hub id
+    out of reach or too few train stories."""
     t_load = time.perf_counter()
     utils.fault_pause("load")
     try:
@@ -670,33 +785,55 @@ def train(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend, ru
         val_ds, val_report = utils.load_split(recipe, recipe.val_split, tokenizer, recipe.max_val_stories)
     except (utils.DatasetError, utils.HubUnavailable) as e:  # one line: a bad file, or a hub id out of reach
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return None
     print(f"[trl] data: {report.summary()}; {val_report.summary()}")
     if len(train_ds) < recipe.prompts_per_step:
         print(f"error: {len(train_ds)} train stories left after filtering, fewer than prompts_per_step "
               f"({recipe.prompts_per_step})", file=sys.stderr)
-        return EXIT_USAGE
+        return None
     # The title is the first line: with stop_at_newline a line break ends the completion (utils.Recipe).
     stop_overrides = fast_backend.stop_at_tokens(
         backend, model, utils.stop_token_ids(tokenizer, utils.stop_strings(recipe)))
     validator = _make_validator(recipe, model, tokenizer)
     print(f"[trl] model, data and validator ({recipe.validator}) ready in {time.perf_counter() - t_load:.1f}s")
+    return Loaded(model, tokenizer, train_ds, val_ds, stop_overrides, validator)
 
+
+@dataclass
+class Run:
+    """A built run: what the training phase and its error reports need."""
+
+    recipe: utils.Recipe
+    run_dir: Path
+    start: StartPoint
+    client: utils.RewardClient
+    model: Any
+    trainer: Any
+    stopper: StopOnSignal
+    validate: Validate
+    reward_log: RewardLog
+    timer: utils.Timer
+
+
+def build_run(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend, run_dir: Path,
+              start: StartPoint, client: utils.RewardClient, loaded: Loaded) -> Run:
+    """The GRPOTrainer with the reward function and the callbacks; its batch and optimizer go
+    into config.json."""
     GRPOTrainer = resumable_on_cpu(fast_backend.trainer_class(backend))  # noqa: N806 (a class)
 
-    timer = utils.Timer(offset)
+    timer = utils.Timer(start.offset)
     reward_log = RewardLog()
     stopper, train_rows, validate, client_holder = build_callbacks(
-        recipe=recipe, args=args, run_dir=run_dir, tokenizer=tokenizer, val_rows=list(val_ds), validator=validator,
-        reward_log=reward_log, timer=timer, val_done=val_done)
+        recipe=recipe, args=args, run_dir=run_dir, tokenizer=loaded.tokenizer, val_rows=list(loaded.val_ds),
+        validator=loaded.validator, reward_log=reward_log, timer=timer, val_done=start.val_done)
     client_holder["client"] = client
     trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=[make_reward_func(client, validator, recipe.trailing_penalty, reward_log,
+        model=loaded.model,
+        reward_funcs=[make_reward_func(client, loaded.validator, recipe.trailing_penalty, reward_log,
                                        recipe.max_completion_tokens)],
-        args=grpo_config(recipe, args, backend, run_dir, stop_overrides),
-        train_dataset=train_ds,
-        processing_class=tokenizer,
+        args=grpo_config(recipe, args, backend, run_dir, loaded.stop_overrides),
+        train_dataset=loaded.train_ds,
+        processing_class=loaded.tokenizer,
         # The stopper last: a signal that arrives during a validation still stops at the end of that step.
         callbacks=[train_rows, validate, stopper],
     )
@@ -707,48 +844,68 @@ def train(recipe: utils.Recipe, args: TrlArgs, backend: fast_backend.Backend, ru
                          batch={k: getattr(trainer.args, k) for k in ("per_device_train_batch_size",
                                 "gradient_accumulation_steps", "steps_per_generation", "generation_batch_size",
                                 "world_size", "gradient_checkpointing")})
-    stopper.install()
-    done = False
+    return Run(recipe, run_dir, start, client, loaded.model, trainer, stopper, validate, reward_log, timer)
+
+
+def run_training(run: Run) -> int:
+    """Train (or finish a trained run) with the checkpoint-then-stop signal handler installed;
+    returns the exit code."""
+    run.stopper.install()
     try:
-        if finished:  # trained to the end before; its final validation or final/ is missing
-            print(f"[trl] step {start_step} of max_steps={recipe.max_steps} is trained: finishing the run, no training")
-            if start_step not in val_done:
-                load_adapter_weights(model, checkpoint)
-                validate.validate(model, start_step)
-        else:
-            trainer.train(resume_from_checkpoint=checkpoint)
-        step = max(trainer.state.global_step, start_step)
-        rank0 = trainer.is_world_process_zero()  # the one that validates and writes final/
-        done = step >= recipe.max_steps and (step in val_done or not rank0)
-        if done and rank0:
-            save_final(run_dir, run_dir / f"checkpoint-{step}", stopper)
+        step, done = train_or_finish(run)
     except utils.RewardServerError as e:
-        step = validate.current or trainer.state.global_step + 1
-        where = f"validation at step {step}" if validate.current else f"step {step}; the step was not trained"
-        total = record_failure(run_dir, step, e, dict(client.stats))
-        print(f"\nerror: the reward server failed during {where} and no reward "
-              f"was made up.\n  {e}\n  client: {client.stats['requests']} requests, {client.stats['retries']} "
-              f"retries, {client.stats['failures']} failures in this process; {reward_log.failures} failed reward "
-              f"batch(es) now, {total} failure(s) recorded in {run_dir / 'failures.jsonl'}.\n  Restart the server "
-              f"(`make reward`) and rerun the same command to resume from the last checkpoint.", file=sys.stderr)
-        return EXIT_REWARD_SERVER
+        return reward_server_failed(run, e)
     except KeyboardInterrupt:
-        print(f"\n[trl] aborted by a second signal at step {trainer.state.global_step}, without a new checkpoint; "
-              f"rerun to resume from the last one in {run_dir}", file=sys.stderr)
+        print(f"\n[trl] aborted by a second signal at step {run.trainer.state.global_step}, without a new "
+              f"checkpoint; rerun to resume from the last one in {run.run_dir}", file=sys.stderr)
         return EXIT_ABORTED
     finally:
-        stopper.uninstall()
-        _close_client(trainer, client)
+        run.stopper.uninstall()
+        _close_client(run.trainer, run.client)
     if not done:
-        print(f"[trl] stopped by {stopper.received or 'the trainer'} at step {step}; checkpoint saved in "
-              f"{run_dir}. Rerun the same command to resume (exit {EXIT_INTERRUPTED}).")
+        print(f"[trl] stopped by {run.stopper.received or 'the trainer'} at step {step}; checkpoint saved in "
+              f"{run.run_dir}. Rerun the same command to resume (exit {EXIT_INTERRUPTED}).")
         return EXIT_INTERRUPTED
-    if stopper.received:
-        print(f"[trl] {stopper.received} arrived after the last step: the run is complete")
-    print(f"[trl] done: step {step}, {timer():.0f}s of training wall time; "
-          f"adapter -> {run_dir / 'final'}; metrics -> {run_dir / utils.METRICS_FILE}")
-    print(f"run dir: {run_dir}")
+    if run.stopper.received:
+        print(f"[trl] {run.stopper.received} arrived after the last step: the run is complete")
+    print(f"[trl] done: step {step}, {run.timer():.0f}s of training wall time; "
+          f"adapter -> {run.run_dir / 'final'}; metrics -> {run.run_dir / utils.METRICS_FILE}")
+    print(f"run dir: {run.run_dir}")
     return EXIT_OK
+
+
+def train_or_finish(run: Run) -> tuple[int, bool]:
+    """(the step reached, whether the run is done): train to max_steps, validate and save final/."""
+    start, trainer = run.start, run.trainer
+    if start.finished:  # trained to the end before; its final validation or final/ is missing
+        print(f"[trl] step {start.step} of max_steps={run.recipe.max_steps} is trained: finishing the run, "
+              "no training")
+        if start.step not in start.val_done:
+            load_adapter_weights(run.model, start.checkpoint)
+            run.validate.validate(run.model, start.step)
+    else:
+        trainer.train(resume_from_checkpoint=start.checkpoint)
+    step = max(trainer.state.global_step, start.step)
+    rank0 = trainer.is_world_process_zero()  # the one that validates and writes final/
+    done = step >= run.recipe.max_steps and (step in start.val_done or not rank0)
+    if done and rank0:
+        save_final(run.run_dir, run.run_dir / f"checkpoint-{step}", run.stopper)
+    return step, done
+
+
+def reward_server_failed(run: Run, e: utils.RewardServerError) -> int:
+    """Record the failure in failures.jsonl and say what to do; no reward was made up."""
+    validating = run.validate.current
+    step = validating or run.trainer.state.global_step + 1
+    where = f"validation at step {step}" if validating else f"step {step}; the step was not trained"
+    stats = run.client.stats
+    total = record_failure(run.run_dir, step, e, dict(stats))
+    print(f"\nerror: the reward server failed during {where} and no reward "
+          f"was made up.\n  {e}\n  client: {stats['requests']} requests, {stats['retries']} "
+          f"retries, {stats['failures']} failures in this process; {run.reward_log.failures} failed reward "
+          f"batch(es) now, {total} failure(s) recorded in {run.run_dir / 'failures.jsonl'}.\n  Restart the server "
+          f"(`make reward`) and rerun the same command to resume from the last checkpoint.", file=sys.stderr)
+    return EXIT_REWARD_SERVER
 
 
 def _pause_inside_saves(trainer, stopper) -> None:
