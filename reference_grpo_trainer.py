@@ -238,6 +238,11 @@ class TrainRows:
         self.writer = utils.MetricsWriter(ctx.run_dir)
         self.t0, self.cpu0 = time.perf_counter(), time.process_time()
 
+    def on_train_begin(self, args_, state, control, **kw):
+        # A resumed TrainerState brings the checkpoint's save/logging/eval steps back; this run's
+        # flags win, as on a fresh start (a changed --save_every on resume is honoured, not ignored).
+        state.compute_steps(args_, state.max_steps)
+
     def on_step_begin(self, args_, state, control, **kw):
         self.t0, self.cpu0 = time.perf_counter(), time.process_time()
         utils.fault_pause("step", state.global_step + 1, until=self.ctx.stop_requested)

@@ -257,9 +257,11 @@ def test_two_steps_then_sigterm_then_resume(tiny_model, reward_server, tmp_path,
     assert state["global_step"] == stopped_at
     assert metric_steps(run_dir, "train") == list(range(1, stopped_at + 1))
 
-    # Rerun to two steps past the interruption: the step count and the clock continue, nothing repeats.
+    # Rerun to two steps past the interruption: the step count and the clock continue, nothing repeats;
+    # this run's --save_every wins over the resumed checkpoint's 100 (transformers restores that one).
     end = stopped_at + 2
-    assert rgt.cli([*argv, "--max_steps", str(end), "--eval_every", "0"]) == rgt.EXIT_OK
+    assert rgt.cli([*argv, "--max_steps", str(end), "--eval_every", "0", "--save_every", "1"]) == rgt.EXIT_OK
+    assert (run_dir / f"checkpoint-{stopped_at + 1}" / "adapter_model.safetensors").exists()
     assert metric_steps(run_dir, "train") == list(range(1, end + 1))
     assert metric_steps(run_dir, "val") == [2, end]  # end: the final validation
     rows = utils.read_metrics(run_dir)[0]
