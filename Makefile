@@ -25,6 +25,8 @@ setup: $(STAMP) $(MODEL_DIR)/model.safetensors models/tiny/model.safetensors
 # outside site-packages, so `pip freeze` is what pip alone gives. uv_flags.py hands uv pip's own
 # config (find-links, extra indexes, constraints) and pip's best-version-over-all-indexes choice;
 # it refuses a config it cannot mirror, and any uv failure falls back to pip (UV=0 forces pip).
+# --compile-bytecode: pip writes .pyc files at install, uv does not; without them every process
+# (under PYTHONDONTWRITEBYTECODE=1, each one) compiles torch and transformers again on import.
 UV ?= 1
 UV_VERSION := 0.13.9
 $(STAMP): requirements.txt
@@ -33,7 +35,7 @@ $(STAMP): requirements.txt
 	@set -e; install="$(BIN)/pip install"; \
 	if [ "$(UV)" = 1 ] && { test -x $(VENV)/.uv/bin/uv || $(BIN)/pip install -q --target $(VENV)/.uv uv==$(UV_VERSION); } \
 	   && flags=$$($(BIN)/pip config list | $(PYTHON) uv_flags.py); then \
-	  install="$(VENV)/.uv/bin/uv pip install --python $(PYTHON) $$flags"; \
+	  install="$(VENV)/.uv/bin/uv pip install --compile-bytecode --python $(PYTHON) $$flags"; \
 	else echo "installing with pip (uv unavailable)"; fi; \
 	run() { echo "$$install $$*"; $$install -q "$$@" || { [ "$${install%% *}" != "$(BIN)/pip" ] \
 	  && echo "uv failed: retrying with pip" && $(BIN)/pip install -q "$$@"; }; }; \
