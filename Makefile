@@ -21,8 +21,8 @@ MODEL_DIR := models/smollm2-135m-instruct
 setup: $(STAMP) $(MODEL_DIR)/model.safetensors models/tiny/model.safetensors
 
 # The installs run through uv when it can be had: same pins, same sources, but parallel downloads
-# and unpacking (1.8 min instead of 4.1 min from empty caches on 2 busy cores, about half of it
-# compiling bytecode). uv lives in $(VENV)/.uv, outside site-packages, so `pip freeze` is what
+# and unpacking (from empty caches on 2 shared cores: 2.0 min instead of 2.5 min, 4.1 min when the
+# box is busy; over half of uv's time is compiling bytecode). uv lives in $(VENV)/.uv, outside site-packages, so `pip freeze` is what
 # pip alone gives. uv_flags.py hands uv pip's own
 # config (find-links, extra indexes, constraints) and pip's best-version-over-all-indexes choice;
 # it refuses a config it cannot mirror, and any uv failure falls back to pip (UV=0 forces pip).

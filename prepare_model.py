@@ -64,7 +64,7 @@ def gguf_parsed_once() -> Iterator[None]:
     AutoConfig; each GGUFReader walks the 49k-token vocabulary in Python (~10 s on 2 cores), and
     the weight-name mapping rebuilds gguf's TensorNameMap once per submodule (~400 times). Both
     are pure functions of their arguments and read-only (a memmap opened 'r', a lookup table), so
-    sharing one instance changes no byte of the output (sha256 checked); ~85 s -> ~30 s on 2 busy cores.
+    sharing one instance changes no byte of the output (sha256 checked); on 2 shared cores 36-85 s -> 14-33 s.
     """
     import gguf
 

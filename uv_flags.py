@@ -1,7 +1,7 @@
 """Translate pip's configuration into `uv pip install` flags, so uv installs what pip would.
 
 `make setup` installs with uv when it can (parallel downloads and unpacking: the CPU stack takes
-1.8 min instead of 4.1 min from empty caches on 2 busy cores) but uv does not read pip.conf or PIP_* variables. On
+2.0 min instead of 2.5-4.1 min from empty caches on 2 shared cores) but uv does not read pip.conf or PIP_* variables. On
 machines whose pip config adds a local wheel folder or mirror (e.g. a CPU torch wheel under
 find-links), uv must see the same sources and pick across them the way pip does (the best version
 over all indexes, `--index-strategy unsafe-best-match`), or it resolves a different torch.
