@@ -22,10 +22,10 @@ setup: $(STAMP) $(MODEL_DIR)/model.safetensors models/tiny/model.safetensors
 
 # The installs run through uv when it can be had: same pins, same sources, but parallel downloads
 # and unpacking (from empty caches on 2 shared cores: 2.0 min instead of 2.5 min, 4.1 min when the
-# box is busy; over half of uv's time is compiling bytecode). uv lives in $(VENV)/.uv, outside site-packages, so `pip freeze` is what
-# pip alone gives. uv_flags.py hands uv pip's own
-# config (find-links, extra indexes, constraints) and pip's best-version-over-all-indexes choice;
-# it refuses a config it cannot mirror, and any uv failure falls back to pip (UV=0 forces pip).
+# box is busy; over half of uv's time is compiling bytecode). uv lives in $(VENV)/.uv, outside
+# site-packages, so `pip freeze` is what pip alone gives. uv_flags.py hands uv pip's own config
+# (find-links, extra indexes, constraints) and pip's best-version-over-all-indexes choice; it
+# refuses a config it cannot mirror, and any uv failure falls back to pip (UV=0 forces pip).
 # --compile-bytecode: pip writes .pyc files at install, uv does not; without them every process
 # (under PYTHONDONTWRITEBYTECODE=1, each one) compiles torch and transformers again on import.
 UV ?= 1
