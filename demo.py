@@ -108,7 +108,7 @@ class DemoArgs:
         "help": "'defaults' (each library's own optimizer settings) or 'aligned' (the same optimizer, weight decay, "
                 "betas and optimizer steps per batch on both)."})
     fresh: bool = field(default=False, metadata={"help": "Delete the demo's run directories first (default: resume)."})
-    curve_points: int = field(default=4, metadata={
+    curve_points: int = field(default=3, metadata={
         "help": "Validations during training (every ceil(max_steps / N) steps), greedy titles only; 0 = the recipe's "
                 "eval_every and eval_samples."})
     reward_url: str = field(default="", metadata={
