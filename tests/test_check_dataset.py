@@ -111,6 +111,7 @@ def test_help(capsys):
     assert "--dataset" in out and "--samples" in out and "--recipe" in out
 
 
+@pytest.mark.integration
 def test_malformed_file_script_exits_nonzero_without_traceback(root, tiny_recipe, tmp_path):
     lines = (tmp_path / "s.jsonl")
     write_rows(lines, n=5)
