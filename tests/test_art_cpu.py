@@ -368,6 +368,7 @@ def test_reward_server_killed_mid_run_stops_the_step_and_the_rerun_resumes(tmp_p
     assert config["engine"]["pack_groups"] is True and config["train_kwargs"]["loss_fn"] == "ppo"
 
 
+@pytest.mark.slow  # the tiny model's tokenizer
 def test_unreachable_reward_server_says_to_start_it(tmp_path, capsys):
     from servers import free_port
 
