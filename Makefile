@@ -3,6 +3,7 @@
 #   make demo    - the main job on a fresh CPU machine: TRL and ART trained on one recipe, evaluated on the
 #                  same stories, compared (SETTING=defaults for each library's own optimizer; METHODS=trl for one)
 #   make test    - the full test suite (what CI runs)
+#   make test-fast - the tests that load no model, start no Python process and train nothing (about a minute)
 SHELL := /bin/bash
 PY ?= python3.11
 VENV ?= .venv
@@ -16,7 +17,7 @@ RECIPE ?= recipes/cpu.yaml
 STAMP := $(VENV)/.setup-$(shell cat requirements.txt | md5sum | cut -c1-8)
 MODEL_DIR := models/smollm2-135m-instruct
 
-.PHONY: setup setup-gpu setup-art gpu-check gpu-check-bare check reward reward-prod train-trl train-art eval demo compare titles test lint bench clean
+.PHONY: setup setup-gpu setup-art gpu-check gpu-check-bare check reward reward-prod train-trl train-art eval demo compare titles test test-fast lint bench clean
 
 setup: $(STAMP) $(MODEL_DIR)/model.safetensors models/tiny/model.safetensors
 
@@ -114,6 +115,12 @@ lint: setup
 test: setup
 	$(BIN)/ruff check .
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# TEST_FAST=1: tests/conftest.py fails any selected test that loads a model or starts a Python process
+# (it lacks its slow/integration marker), so this target cannot quietly grow slow.
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	TEST_FAST=1 $(PYTHON) -m pytest -m "not slow and not integration" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-art models runs .pytest_cache

@@ -57,6 +57,7 @@ def chat(service, body: dict | bytes, **kw) -> httpx.Response:
 MESSAGES = utils.title_messages("A new compiler for Rust ships today with faster builds.")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("body, status, param", [
     ({"model": "nope@0", "messages": MESSAGES}, 404, "model"),                 # a model nobody serves
     ({"model": "t@7", "messages": MESSAGES}, 404, "model"),                    # a step that is not the current one
@@ -81,6 +82,7 @@ def test_requests_it_cannot_serve_get_a_4xx_naming_the_field(service, body, stat
     assert error["param"] == param and error["message"]
 
 
+@pytest.mark.slow
 def test_models_lists_the_policy_and_the_base(service, tiny_model):
     data = httpx.get(service.url + "/v1/models", timeout=30).json()["data"]
     assert {m["id"]: m["parent"] for m in data} == {str(tiny_model): None, "t@0": str(tiny_model)}
@@ -91,6 +93,7 @@ def test_models_lists_the_policy_and_the_base(service, tiny_model):
     assert train.base_model_name(probe) == str(tiny_model)
 
 
+@pytest.mark.slow
 def test_completions_carry_token_ids_logprobs_and_stop(service):
     resp = chat(service, {"model": "t@0", "messages": MESSAGES, "n": 3, "max_tokens": 6, "temperature": 1.0,
                           "logprobs": True, "stop": ["\n"], "seed": 7})
@@ -110,6 +113,7 @@ def test_completions_carry_token_ids_logprobs_and_stop(service):
     assert base["choices"][0]["logprobs"] is None and base["usage"]["completion_tokens"] <= 4
 
 
+@pytest.mark.slow
 def test_concurrent_requests_are_all_answered(service):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -161,6 +165,7 @@ def max_logprob_gap(service, rows) -> tuple[float, int]:
     return gap, n
 
 
+@pytest.mark.slow
 def test_trainer_logprobs_match_the_servers_before_any_update(service):
     group = served_group(service)
     _, rows = packed_rows(service, [group], pack=False)
@@ -187,6 +192,7 @@ def test_fidelity_on_smollm2(smollm_model, tmp_path):
         svc.close()
 
 
+@pytest.mark.slow
 def test_trimmed_rows_give_the_padded_rows_loss_and_gradients(service):
     """Cutting ART's 2048-token padding and computing the LM head only where the loss looks
     changes nothing: loss and LoRA gradients equal ART's full-row computation."""
@@ -362,6 +368,7 @@ def test_reward_server_killed_mid_run_stops_the_step_and_the_rerun_resumes(tmp_p
     assert config["engine"]["pack_groups"] is True and config["train_kwargs"]["loss_fn"] == "ppo"
 
 
+@pytest.mark.slow  # the tiny model's tokenizer
 def test_unreachable_reward_server_says_to_start_it(tmp_path, capsys):
     from servers import free_port
 

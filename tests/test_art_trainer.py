@@ -190,6 +190,7 @@ ONE = "[one] An article where the server returns one choice. " * 2
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_trains_only_on_groups_that_can_teach(tmp_path, tiny_model, fake, reward):
     write_stories(tmp_path / "stories.jsonl", [VARIED + "a", SAME, ONE, VARIED + "b"], [VARIED])
     recipe = make_recipe(tmp_path, tiny_model, reward.url, prompts_per_step=4, max_steps=1)
@@ -224,6 +225,7 @@ def test_trains_only_on_groups_that_can_teach(tmp_path, tiny_model, fake, reward
     assert row["n"] == 10 and row["extra"]["art_step"] == 1 and row["extra"]["loss"] == 0.25
 
 
+@pytest.mark.slow
 def test_skips_step_when_no_group_can_teach(tmp_path, tiny_model, fake, reward):
     write_stories(tmp_path / "stories.jsonl", [SAME, ONE, SAME + "x", ONE + "y"], [VARIED])
     recipe = make_recipe(tmp_path, tiny_model, reward.url, max_steps=3)
@@ -254,6 +256,7 @@ def skip_first_step(prompts_per_step: int):
     return script
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_models_step(tmp_path, tiny_model, fake, reward):
     bodies = [VARIED + str(i) for i in range(4)]
     write_stories(tmp_path / "stories.jsonl", bodies, [VARIED])
@@ -280,6 +283,7 @@ def test_resume_continues_from_the_models_step(tmp_path, tiny_model, fake, rewar
     assert [r["step"] for r in rows_of(run_dir, "val")] == [2, 4]
 
 
+@pytest.mark.slow
 def test_resume_validates_a_step_that_stopped_before_its_validation(tmp_path, tiny_model, fake, reward, monkeypatch):
     write_stories(tmp_path / "stories.jsonl", [VARIED + str(i) for i in range(4)], [VARIED])
     recipe = make_recipe(tmp_path, tiny_model, reward.url, max_steps=3, eval_every=2)
@@ -307,6 +311,7 @@ def titles_by_checkpoint(words: dict[str, int]):
     return script
 
 
+@pytest.mark.slow
 def test_validation_cadence_and_best_checkpoint(tmp_path, tiny_model, fake, reward):
     write_stories(tmp_path / "stories.jsonl", [VARIED + str(i) for i in range(4)], [VARIED + "v1", VARIED + "v2"])
     fake.script = titles_by_checkpoint({"t@2": 6, "t@4": 3, "t@5": 2})
@@ -330,6 +335,7 @@ def test_validation_cadence_and_best_checkpoint(tmp_path, tiny_model, fake, rewa
         assert tuple(r) == utils.METRICS_KEYS and r["method"] == "art" and r["run"] == "t"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [
     "503",    # the server is overloaded: retried within the bound, then the step fails
     "400",    # the server rejects the request: not retried, the step fails
@@ -362,6 +368,7 @@ def test_reward_server_failures_never_become_rewards(tmp_path, tiny_model, fake,
         assert reward.requests == 2  # reward_retries=1: one retry, then the error
 
 
+@pytest.mark.slow
 def test_generation_failures_are_dropped_and_counted(tmp_path, tiny_model, fake, reward):
     write_stories(tmp_path / "stories.jsonl", [VARIED + "a", "[fail] " + VARIED], [VARIED])
     fake.fail_if = lambda request: "[fail]" in request["messages"][-1]["content"]  # HTTP 500, every retry
@@ -372,6 +379,7 @@ def test_generation_failures_are_dropped_and_counted(tmp_path, tiny_model, fake,
     assert len(backend.calls[0][0]) == 1
 
 
+@pytest.mark.slow
 def test_model_validator_uses_the_base_model(tmp_path, tiny_model, fake, reward):
     write_stories(tmp_path / "stories.jsonl", [VARIED + "a", VARIED + "b"], [VARIED])
     fake.script = lambda req: (["A wrong claim", "A fine supported title"] if req.get("logprobs") and req["n"] == 2
@@ -403,6 +411,7 @@ def test_end_to_end_with_the_real_reward_server(tmp_path, tiny_model, fake, rewa
     assert all(r["extra"]["completion_tokens_mean"] > 0 for r in train_rows)
 
 
+@pytest.mark.slow
 def test_importing_art_leaves_transformers_models_working(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
@@ -497,6 +506,7 @@ def test_gpu_problem_names_what_is_missing(tmp_path, monkeypatch, smi, expected)
     assert expected in train.gpu_problem()
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has an NVIDIA driver")
 def test_local_backend_on_a_cpu_machine_stops_with_the_gpu_message():
     t0 = time.monotonic()
@@ -508,6 +518,7 @@ def test_local_backend_on_a_cpu_machine_stops_with_the_gpu_message():
     print(f"exited {proc.returncode} after {time.monotonic() - t0:.1f}s")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("max_steps", [
     # ends mid-epoch (4 stories, 2 per step: 2 steps an epoch)
     3,
@@ -530,6 +541,7 @@ def test_rerun_of_a_finished_run_trains_nothing(tmp_path, tiny_model, fake, rewa
     assert [r["step"] for r in rows_of(run_dir, "train")] == list(range(1, max_steps + 2))
 
 
+@pytest.mark.slow
 def test_a_second_writer_on_the_run_dir_stops_at_once(tmp_path, tiny_model, fake, reward, capsys):
     write_stories(tmp_path / "stories.jsonl", [VARIED + str(i) for i in range(4)], [VARIED])
     recipe = make_recipe(tmp_path, tiny_model, reward.url)

@@ -6,9 +6,11 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+import pytest
 from conftest import ROOT
 
 
+@pytest.mark.slow
 def test_generation_bench_reports_both_shapes(tiny_model, capsys):
     spec = importlib.util.spec_from_file_location("bench_generation", ROOT / "bench" / "generation.py")
     bench = importlib.util.module_from_spec(spec)

@@ -37,6 +37,7 @@ def expected_counts(stories_path, split):
     return len(rows), len(low), len(empty), len(long), blank
 
 
+@pytest.mark.slow  # the tiny model's tokenizer
 def test_report_on_shipped_stories(tiny_recipe, stories_path, tmp_path, capsys):
     out_json = tmp_path / "report.json"
     assert check_dataset.cli(["--recipe", tiny_recipe, "--max_train_stories", "0", "--max_val_stories", "3",
@@ -74,6 +75,7 @@ def write_rows(path, n=4, split_column=True):
     return rows
 
 
+@pytest.mark.slow  # the tiny model's tokenizer
 def test_missing_split_column_warns_about_shared_rows(tiny_recipe, tmp_path, capsys):
     write_rows(tmp_path / "s.jsonl", split_column=False)
     assert check_dataset.cli(["--recipe", tiny_recipe, "--dataset", str(tmp_path / "s.jsonl")]) == 0
@@ -111,6 +113,7 @@ def test_help(capsys):
     assert "--dataset" in out and "--samples" in out and "--recipe" in out
 
 
+@pytest.mark.integration
 def test_malformed_file_script_exits_nonzero_without_traceback(root, tiny_recipe, tmp_path):
     lines = (tmp_path / "s.jsonl")
     write_rows(lines, n=5)

@@ -245,6 +245,7 @@ def test_one_folder_with_several_series(tmp_path, rows, expected):
     assert "the last row is used" not in res["markdown"]
 
 
+@pytest.mark.integration
 def test_cli_positional_runs(tmp_path):
     out = subprocess.run([sys.executable, "compare.py", str(FIXTURES / "trl-tiny"), str(FIXTURES / "base-tiny"),
                           "--out_dir", str(tmp_path), "--no_plots"],

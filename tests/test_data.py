@@ -197,6 +197,7 @@ def test_non_ascii_passes_through_intact(tmp_path, ensure_ascii):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_filter_counts_each_reason_in_order(tmp_path, tiny_tokenizer):
     rows = [
         story(0),                                   # kept
@@ -226,6 +227,7 @@ def test_filter_counts_each_reason_in_order(tmp_path, tiny_tokenizer):
                                 f"prompt > {limit} tokens: 1)")
 
 
+@pytest.mark.slow
 def test_filter_everything_dropped(tmp_path, tiny_tokenizer):
     path = write_jsonl(tmp_path / "s.jsonl", [story(0, score=1), story(1, score=2)])
     kept, report = utils.filter_stories(utils.load_stories(str(path), "train"), tiny_tokenizer, "train")
@@ -268,6 +270,7 @@ def test_shipped_stories_have_the_awkward_rows(shipped_rows):
     assert {r["split"] for r in shipped_rows} == {"train", "val"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_filter_shipped_stories(shipped_rows, stories_path, tiny_tokenizer, split):
     rows = [r for r in shipped_rows if r["split"] == split]
@@ -285,6 +288,7 @@ def test_filter_shipped_stories(shipped_rows, stories_path, tiny_tokenizer, spli
         assert r["scraped_body"] == by_id[r["id"]]["scraped_body"]
 
 
+@pytest.mark.slow
 def test_prompt_token_counts_match_one_by_one(shipped_rows, tiny_tokenizer):
     bodies = [r["scraped_body"] for r in shipped_rows if r["scraped_body"]]
     batched = utils.prompt_token_counts(tiny_tokenizer, bodies, batch_size=16)
@@ -294,6 +298,7 @@ def test_prompt_token_counts_match_one_by_one(shipped_rows, tiny_tokenizer):
     assert max(batched) > utils.MAX_PROMPT_TOKENS  # the long story really is over the limit
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("limit, expected_rows", [
     # a cap below what the filters keep
     (2, 2),

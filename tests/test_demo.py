@@ -226,6 +226,7 @@ def test_row_cost(extra, name, expected):
     assert demo.row_cost({"extra": extra}, name) == expected
 
 
+@pytest.mark.integration
 def test_train_method_records_a_failure_mid_run(tmp_path):
     """A trainer that logs two steps and then dies: the demo records how far it got and why."""
     script = tmp_path / "fake_trainer.py"
@@ -253,6 +254,7 @@ def test_train_method_records_a_failure_mid_run(tmp_path):
     assert missing.code == 127 and "nope.py not found" in missing.error
 
 
+@pytest.mark.integration
 def test_stop_process_kills_a_child_that_ignores_sigterm():
     proc = subprocess.Popen([sys.executable, "-c",
                              "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
@@ -263,6 +265,7 @@ def test_stop_process_kills_a_child_that_ignores_sigterm():
     assert time.monotonic() - t0 < 10
 
 
+@pytest.mark.integration
 def test_stream_copies_output_and_returns_exit_code(tmp_path):
     log = tmp_path / "out.log"
     code = procs.stream([sys.executable, "-c", "import sys; print('line one'); print('line two'); sys.exit(3)"], log)

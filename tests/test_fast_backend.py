@@ -79,6 +79,7 @@ def test_this_cpu_machine_says_what_runs():
         fb.select_backend("unsloth")
 
 
+@pytest.mark.integration
 def test_cli_fails_fast_for_unsloth_on_cpu():
     proc = subprocess.run([sys.executable, str(utils.ROOT / "fast_backend.py"), "--backend", "unsloth"],
                           capture_output=True, text=True, timeout=120)
@@ -199,6 +200,7 @@ def smollm(smollm_model):
     return model, tok, [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
 
 
+@pytest.mark.slow
 def test_shared_prefix_greedy_equals_plain_generate(smollm):
     import torch
 
@@ -213,6 +215,7 @@ def test_shared_prefix_greedy_equals_plain_generate(smollm):
     assert torch.equal(shared, plain[:, enc["input_ids"].shape[1]:])
 
 
+@pytest.mark.slow
 def test_shared_prefix_sampling_is_per_row(smollm):
     import torch
 
@@ -241,6 +244,7 @@ def test_trainer_class_per_backend():
     assert fb.trainer_class(Backend("unsloth", "cuda", use_vllm=True)) is GRPOTrainer
 
 
+@pytest.mark.slow
 def test_stop_token_ids_are_every_token_with_a_line_break(smollm):
     _, tok, _ = smollm
     ids = utils.stop_token_ids(tok, ("\n",))
@@ -268,6 +272,7 @@ def test_stop_at_tokens_sets_eos_for_every_engine():
     assert untouched.generation_config.eos_token_id == 2
 
 
+@pytest.mark.slow
 def test_hf_generator_stops_at_the_first_line_break(smollm):
     import policy
 

@@ -102,23 +102,40 @@ def test_rerun_of_a_finished_run_trains_nothing(reward_server, tmp_path):
     assert steps(run_dir) == [1, 2, 3, 4] and steps(run_dir, "val") == [2, 4]
     rows = utils.read_metrics(run_dir)[0]
     assert [r["extra"]["epoch"] for r in rows if r["split"] == "train"] == [0.25, 0.5, 0.75, 1.0]
-    # Case: max_steps on an epoch boundary: the rerun trains nothing either.
-    code, out = run(tmp_path, reward_server, "--max_steps", "4")
-    assert code == 0 and "nothing to do" in out, out[-2000:]
-    assert steps(run_dir) == [1, 2, 3, 4] and checkpoint_names(run_dir) == ["checkpoint-2", "checkpoint-4"]
+    assert checkpoint_names(run_dir) == ["checkpoint-2", "checkpoint-4"]
     assert (run_dir / "final" / "adapter_model.safetensors").exists()
+    # The case max_steps on an epoch boundary (the rerun trains nothing either) is the last run of
+    # test_one_writer_and_a_signal_at_every_phase (max_steps 4 = one epoch): one trainer process less.
+
+
+# A checkpoint every step (a resume keeps the first run's save interval: transformers restores it
+# from trainer_state.json), a validation every 2.
+PHASE_FLAGS = ("--max_steps", "4", "--save_every", "1", "--eval_every", "2")
 
 
 def test_one_writer_and_a_signal_at_every_phase(reward_server, tmp_path):
+    """One run directory taken through every phase in turn: each part starts where the last one stopped."""
     run_dir = tmp_path / "run"
-    # A checkpoint every step (a resume keeps the first run's save interval: transformers restores it
-    # from trainer_state.json), a validation every 2.
-    flags = ("--max_steps", "4", "--save_every", "1", "--eval_every", "2")
+    second_start_refused_then_sigterm_while_loading(tmp_path, reward_server)
+    signals_in_a_step_a_validation_and_a_save(tmp_path, reward_server)
+    killed_pid = sigkill_during_a_save(tmp_path, reward_server)
+    takeover_then_sigterm_in_the_last_step(tmp_path, reward_server, killed_pid)
+    sigterm_during_the_final_save(tmp_path, reward_server)
 
-    # Loading: a second start on the same run directory stops at once and names the holder.
-    first = Trainer(tmp_path, reward_server, *flags, pause="load", name="first")
+    # And now there is nothing left to do (max_steps 4 ends on an epoch boundary): nothing is written.
+    checkpoints, final = checkpoint_names(run_dir), (run_dir / "final" / "adapter_model.safetensors").read_bytes()
+    code, out = run(tmp_path, reward_server, *PHASE_FLAGS)
+    assert code == 0 and "nothing to do" in out, out[-2000:]
+    assert steps(run_dir) == [1, 2, 3, 4]
+    assert checkpoint_names(run_dir) == checkpoints and (run_dir / "final" / "adapter_model.safetensors").read_bytes() == final
+
+
+def second_start_refused_then_sigterm_while_loading(tmp_path: Path, url: str) -> None:
+    """Loading: a second start on the same run directory stops at once and names the holder."""
+    run_dir = tmp_path / "run"
+    first = Trainer(tmp_path, url, *PHASE_FLAGS, pause="load", name="first")
     first.wait_for("[pause] load")
-    code, out = run(tmp_path, reward_server, *flags, name="second")
+    code, out = run(tmp_path, url, *PHASE_FLAGS, name="second")
     assert code == utils.EXIT_RUN_DIR_BUSY, out[-2000:]
     assert f"is in use by pid {first.proc.pid} on {socket.gethostname()} (trl, started 20" in out
     assert first.proc.poll() is None  # refused while the holder still runs
@@ -128,37 +145,46 @@ def test_one_writer_and_a_signal_at_every_phase(reward_server, tmp_path):
     assert "SIGTERM outside the training loop (while loading)" in first.text()
     assert checkpoint_names(run_dir) == [] and (run_dir / utils.LOCK_FILE).read_text() == ""  # released
 
+
+def signals_in_a_step_a_validation_and_a_save(tmp_path: Path, url: str) -> None:
+    run_dir = tmp_path / "run"
     # A step: SIGUSR1 (Slurm's warning) -> that step's checkpoint, exit 75.
-    code, out = run(tmp_path, reward_server, *flags, pause="step@1", sig=signal.SIGUSR1)
+    code, out = run(tmp_path, url, *PHASE_FLAGS, pause="step@1", sig=signal.SIGUSR1)
     assert code == EXIT_INTERRUPTED and "SIGUSR1: saving a checkpoint" in out, out[-2000:]
     assert checkpoint_names(run_dir) == ["checkpoint-1"] and state_step(run_dir / "checkpoint-1") == 1
     assert steps(run_dir) == [1]
 
     # A validation (step 2): it finishes, then the checkpoint of step 2 and no step 3.
-    code, out = run(tmp_path, reward_server, *flags, pause="validation@2", sig=signal.SIGTERM)
+    code, out = run(tmp_path, url, *PHASE_FLAGS, pause="validation@2", sig=signal.SIGTERM)
     assert code == EXIT_INTERRUPTED, out[-2000:]
     assert steps(run_dir) == [1, 2] and steps(run_dir, "val") == [2]
     assert checkpoint_names(run_dir) == ["checkpoint-1", "checkpoint-2"]
 
     # A checkpoint save: it finishes, and the run stops right after it.
-    code, out = run(tmp_path, reward_server, *flags, pause="save@3", sig=signal.SIGTERM)
+    code, out = run(tmp_path, url, *PHASE_FLAGS, pause="save@3", sig=signal.SIGTERM)
     assert code == EXIT_INTERRUPTED, out[-2000:]
     assert state_step(run_dir / "checkpoint-3") == 3 and steps(run_dir) == [1, 2, 3]  # no step 4
 
-    # A checkpoint save killed outright (SIGKILL: a second signal or Slurm's KILL after the grace
-    # time): checkpoint-4 has its adapter but no optimizer or trainer state.
-    killed = Trainer(tmp_path, reward_server, *flags, pause="save@4", name="killed")
+
+def sigkill_during_a_save(tmp_path: Path, url: str) -> int:
+    """A checkpoint save killed outright (SIGKILL: a second signal or Slurm's KILL after the grace
+    time): checkpoint-4 has its adapter but no optimizer or trainer state. Returns the dead pid."""
+    killed = Trainer(tmp_path, url, *PHASE_FLAGS, pause="save@4", name="killed")
     killed.wait_for("[pause] save@4")
     killed.signal(signal.SIGKILL)
     assert killed.wait() == -signal.SIGKILL
-    half = run_dir / "checkpoint-4"
+    half = tmp_path / "run" / "checkpoint-4"
     assert (half / "adapter_model.safetensors").exists() and not (half / "trainer_state.json").exists()
+    return killed.proc.pid
 
-    # The rerun takes the dead process's lock over, sets the half checkpoint aside, resumes from
-    # step 3; a SIGTERM in the last step stops it before the final validation (exit 75).
-    code, out = run(tmp_path, reward_server, *flags, pause="step@4", sig=signal.SIGTERM)
+
+def takeover_then_sigterm_in_the_last_step(tmp_path: Path, url: str, killed_pid: int) -> None:
+    """The rerun takes the dead process's lock over, sets the half checkpoint aside, resumes from
+    step 3; a SIGTERM in the last step stops it before the final validation (exit 75)."""
+    run_dir = tmp_path / "run"
+    code, out = run(tmp_path, url, *PHASE_FLAGS, pause="step@4", sig=signal.SIGTERM)
     assert code == EXIT_INTERRUPTED, out[-2000:]
-    assert f"taking over the lock left by pid {killed.proc.pid}" in out
+    assert f"taking over the lock left by pid {killed_pid}" in out
     assert "checkpoint-4 is incomplete (no optimizer.pt" in out and "checkpoint-3 (step 3)" in out
     names = checkpoint_names(run_dir)
     assert names[:4] == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-4"]
@@ -166,17 +192,15 @@ def test_one_writer_and_a_signal_at_every_phase(reward_server, tmp_path):
     assert state_step(run_dir / "checkpoint-4") == 4
     assert steps(run_dir) == [1, 2, 3, 4] and steps(run_dir, "val") == [2] and not (run_dir / "final").exists()
 
-    # The final save: training is done, so the rerun trains nothing, validates step 4, and a
-    # SIGTERM during the final save lets it finish whole (the run is complete: exit 0).
-    code, out = run(tmp_path, reward_server, *flags, pause="final", sig=signal.SIGTERM)
+
+def sigterm_during_the_final_save(tmp_path: Path, url: str) -> None:
+    """The final save: training is done, so the rerun trains nothing, validates step 4, and a
+    SIGTERM during the final save lets it finish whole (the run is complete: exit 0)."""
+    run_dir = tmp_path / "run"
+    code, out = run(tmp_path, url, *PHASE_FLAGS, pause="final", sig=signal.SIGTERM)
     assert code == 0 and "finishing the run, no training" in out, out[-2000:]
     assert "arrived after the last step: the run is complete" in out
     assert steps(run_dir) == [1, 2, 3, 4] and steps(run_dir, "val") == [2, 4]
     final = run_dir / "final"
     assert (final / "adapter_model.safetensors").read_bytes() == (run_dir / "checkpoint-4" / "adapter_model.safetensors").read_bytes()
     assert not (final / "optimizer.pt").exists() and not (run_dir / "final.tmp").exists()
-
-    # And now there is nothing left to do.
-    code, out = run(tmp_path, reward_server, *flags)
-    assert code == 0 and "nothing to do" in out, out[-2000:]
-    assert steps(run_dir) == [1, 2, 3, 4]

@@ -43,6 +43,7 @@ def run_py(code: str, env: dict[str, str], timeout: float = 120) -> subprocess.C
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("recipe, user, expected", [
     # the GPU recipe names a hub model and dataset: online
     ("recipes/gpu.yaml", None, "online False"),
@@ -63,6 +64,7 @@ def test_hub_mode_follows_the_recipe(recipe, user, expected):
     assert proc.stdout.strip() == expected
 
 
+@pytest.mark.integration
 def test_a_hub_id_on_the_command_line_goes_online_and_updates_an_imported_client():
     proc = run_py("""
         import huggingface_hub.constants as c   # already imported, with the variable unset
@@ -170,6 +172,7 @@ def test_cpu_stays_an_explicit_choice_and_auto_says_why():
         fb.select_backend("auto", machine=fb.Machine(cuda=False, unsloth=False, vllm=False), require_gpu=True)
 
 
+@pytest.mark.integration
 def test_gpu_recipe_on_a_cuda_less_torch_exits_with_the_message(fake_nvidia_smi, tmp_path):
     env = {**os.environ, "PATH": os.environ["PATH"], "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "reference_grpo_trainer.py", "--recipe", "recipes/gpu.yaml",
@@ -296,6 +299,7 @@ def test_gpu_recipe_bounds_the_loss_pass():
 # --------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_gpu_check_refuses_on_a_cpu_machine_in_seconds():
     proc = subprocess.run([sys.executable, "gpu_check.py"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env=env_without_hub_mode(HF_HUB_OFFLINE="1"))

@@ -50,6 +50,7 @@ def client(app):
 # ---- the contract ----
 
 
+@pytest.mark.slow
 def test_health(client):
     reply = client.get("/health")
     assert reply.status_code == 200
@@ -58,6 +59,7 @@ def test_health(client):
     assert body["model"] == utils.minilm_path() and body["version"].startswith(lr.__version__)
 
 
+@pytest.mark.slow
 def test_score_openpipe_shape(client):
     # Exactly what OpenPipe's original HN example sends: the five fields, read ["score"].
     reply = client.post("/score", json=STORY)
@@ -68,6 +70,7 @@ def test_score_openpipe_shape(client):
     assert reply.headers["Server-Timing"].startswith("score;dur=")  # model time, apart from HTTP overhead
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", [
     # url is optional
     {"url": None},
@@ -88,6 +91,7 @@ def test_score_accepts(client, change):
     assert reply.status_code == 200, reply.get_json()
 
 
+@pytest.mark.slow
 def test_batch_routes_keep_order_and_match_single(client):
     stories = [STORY, with_(title="YOU WON'T BELIEVE THIS RELEASE!!"), with_(title=BODY),
                with_(title="A bakery in Lyon switches to sourdough")]
@@ -170,6 +174,7 @@ BAD_SCORE = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data, status, field", BAD_SCORE)
 def test_score_rejects(client, data, status, field):
     rejects(client, "/score", data, status, field)
@@ -203,11 +208,13 @@ BAD_BATCH = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data, status, field", BAD_BATCH)
 def test_score_batch_rejects(client, data, status, field):
     rejects(client, "/score_batch", data, status, field)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, path, status", [
     # GET on a POST route
     ("get", "/score", 405),
@@ -256,6 +263,7 @@ def keyed_client(scorer):
     return lr.create_app(args, scorer=scorer).test_client()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("headers, status", [
     # no Authorization header
     ({}, 401),
@@ -301,6 +309,7 @@ def test_exposure_rule(host, key, refused):
         lr.check_exposure(args)
 
 
+@pytest.mark.integration
 def test_cli_refuses_public_bind_without_key(root):
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "REWARD_API_KEY": ""}
     proc = subprocess.run([sys.executable, str(root / "local_reward.py"), "--host", "0.0.0.0", "--port", "1"],

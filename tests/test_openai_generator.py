@@ -104,6 +104,7 @@ def _cli(args, env_extra, stdin=""):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.integration
 def test_cli_unreachable_is_one_line_without_traceback():
     env = {"OPENAI_MODEL": "m", "OPENAI_API_KEY": "k", "OPENAI_BASE_URL": f"http://127.0.0.1:{free_port()}/v1"}
     out = _cli(["--max_retries", "0"], env, stdin="An article body.")
@@ -132,6 +133,7 @@ def test_main_errors(tmp_path, monkeypatch, article, env, message):
         main(OpenAIArgs(article=str(tmp_path / article), openai_base_url="http://127.0.0.1:1/v1"))
 
 
+@pytest.mark.integration
 def test_cli_prints_titles():
     with FakeChat() as server:
         out = _cli(["--n", "2"], {"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": server.base_url,
@@ -150,6 +152,7 @@ STORIES = [
 ]
 
 
+@pytest.mark.slow
 def test_evaluate_with_openai_generator_lands_in_compare(tmp_path, monkeypatch, tiny_model):
     import compare
     import evaluate

@@ -91,6 +91,7 @@ def real_scores(minilm, rows):
     return [s for s, _ in minilm.score([story(r["title"], r) for r in rows])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_real_titles_beat_variant(minilm, rows, real_scores, variant):
     make = VARIANTS[variant]
@@ -102,12 +103,14 @@ def test_real_titles_beat_variant(minilm, rows, real_scores, variant):
     assert wins >= WIN_RATE, f"{variant}: real title wins only {wins:.0%}"
 
 
+@pytest.mark.slow
 def test_scores_in_range_and_deterministic(minilm, rows, real_scores):
     assert all(0.0 <= s <= 1.0 for s in real_scores)
     again = [s for s, _ in minilm.score([story(r["title"], r) for r in rows])]
     assert again == pytest.approx(real_scores, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_batch_equals_single(minilm, rows):
     batch = [story(r["title"], r) for r in rows[:8]]
     saved = dict(minilm.embedder.cache)
@@ -121,12 +124,14 @@ def test_batch_equals_single(minilm, rows):
     assert together == pytest.approx(alone, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_components_recompose_the_score(minilm, rows):
     score, c = minilm.score([story(rows[0]["title"], rows[0])])[0]
     assert set(c) >= {"relevance", "style", "copy", "length"}
     assert score == pytest.approx(c["relevance"] * c["length"] * c["style"] * c["copy_factor"])
 
 
+@pytest.mark.slow
 def test_empty_body_scores_zero(minilm):
     # Nothing to be relevant to: relevance is 0 by definition, not the cosine to an empty string.
     score, c = minilm.score([{"title": "A perfectly good title here", "scraped_body": "  "}])[0]
@@ -243,6 +248,7 @@ HF_STORIES = [
 ]
 
 
+@pytest.mark.slow
 def test_hf_scorer_matches_a_direct_forward_pass(tiny_rm):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -259,6 +265,7 @@ def test_hf_scorer_matches_a_direct_forward_pass(tiny_rm):
     assert scorer.score([s])[0][0] == pytest.approx(expected, abs=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_adapter", [
     # the plain RM
     False,
@@ -275,6 +282,7 @@ def test_hf_scorer_batch_equals_single_and_is_deterministic(tiny_rm, use_adapter
     assert [s for s, _ in scorer.score(HF_STORIES)] == pytest.approx(batch, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_hf_adapter_changes_scores(tiny_rm):
     path, lora = tiny_rm
     base = [s for s, _ in lr.HFScorer(str(path)).score(HF_STORIES)]
@@ -283,12 +291,14 @@ def test_hf_adapter_changes_scores(tiny_rm):
     assert [s for s, _ in adapted.score(HF_STORIES)] != pytest.approx(base, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_hf_refuses_a_model_without_a_trained_head(tiny_model):
     # models/tiny is a causal LM: as a classifier its head would be random, its scores noise.
     with pytest.raises(ValueError, match="no trained classification head"):
         lr.HFScorer(str(tiny_model))
 
 
+@pytest.mark.slow
 def test_hf_scorer_behind_the_app(tiny_rm):
     path, _ = tiny_rm
     app = lr.create_app(lr.ServerArgs(scorer="hf", rm_model=str(path)))

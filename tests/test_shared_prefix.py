@@ -167,6 +167,7 @@ def tiny_setup(tiny_model):
     return tiny_model, tok, story_prompts(tok)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [*SHAPES, "distinct"])
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-10), ("float32", 1e-4)])
 def test_tiny_logps_and_grads_match_trl(tiny_setup, tmp_path, monkeypatch, shape, dtype, tol):
@@ -217,6 +218,7 @@ def test_group_rows_groups_by_prompt_tokens_not_padding():
                                                                          ([7, 5, 6], [1, 3], [1, 1])]
 
 
+@pytest.mark.slow
 def test_unsupported_setups_fall_back_to_trl_with_one_log_line(tiny_setup, tmp_path, capsys):
     import torch
     from trl import GRPOTrainer
@@ -241,6 +243,7 @@ def test_unsupported_setups_fall_back_to_trl_with_one_log_line(tiny_setup, tmp_p
     assert "gradient checkpointing" in shared_prefix.model_reason(trainer.model)
 
 
+@pytest.mark.slow
 def test_device_branches_bf16_eager_and_wrapped_model(tiny_setup, tmp_path, monkeypatch):
     """What runs on CUDA, forced on the CPU: a bf16 model (boolean mask for SDPA), eager attention
     (an additive mask in the model's dtype), and a DDP-style wrapper (both passes through one
@@ -277,6 +280,7 @@ def test_device_branches_bf16_eager_and_wrapped_model(tiny_setup, tmp_path, monk
     assert (logps - stock)[cmask.bool()].abs().max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_old_and_ref_logprob_passes_use_the_shared_path(tiny_setup, tmp_path, monkeypatch):
     """beta > 0 (reference pass, adapter disabled) and steps_per_generation > 1 (old-policy pass)
     go through the override too: with and without gradients."""
@@ -338,12 +342,14 @@ def one_step_adapters(path, tok, tmp_path, dtype, updated=False):
     return rel_l2(stock, shared) if updated else rel_l2(delta_stock, delta_shared)
 
 
+@pytest.mark.slow
 def test_tiny_whole_grpo_step_same_adapter(tiny_setup, tmp_path, monkeypatch):
     path, tok, _ = tiny_setup
     rmsnorm_in_float64(monkeypatch)
     assert one_step_adapters(path, tok, tmp_path, "float64") <= 1e-10
 
 
+@pytest.mark.slow
 def test_merged_lora_generation_is_token_identical_and_restores_weights(tiny_setup):
     import torch
 

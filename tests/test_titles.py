@@ -40,6 +40,8 @@ def server_rm(url: str, title: str) -> float:
     return httpx.post(url + "/score", json=story, timeout=60).json()["score"]
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_ranked_candidates_with_components(tiny_model, reward_server, article, capsys):
     recipe = tiny_recipe(tiny_model, reward_server)
     ranked = titles.main(recipe, titles.TitlesArgs(article=str(article), n=3, time="2024-05-01T12:00:00Z"))
@@ -56,6 +58,8 @@ def test_ranked_candidates_with_components(tiny_model, reward_server, article, c
     assert len([ln for ln in out.splitlines() if re.match(r"\s*\d+\s+-?\d+\.\d{3}\s", ln)]) == len(ranked)
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_openai_generator_and_json_output(tiny_model, reward_server, article, capsys, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "k")
     with FakeChat(model="big") as llm:
@@ -97,6 +101,7 @@ def test_reward_server_down_fails_before_loading_a_model(tmp_path, article):
         titles.main(recipe, titles.TitlesArgs(article=str(article)))
 
 
+@pytest.mark.integration
 def test_missing_model(reward_server, tmp_path, article):
     recipe = utils.Recipe(model=str(tmp_path / "no-model-here"), reward_url=reward_server)
     with pytest.raises(SystemExit, match="error: cannot load model .*no-model-here"):
@@ -108,6 +113,7 @@ def test_bad_time(article):
         titles.main(utils.Recipe(), titles.TitlesArgs(article=str(article), time="yesterday"))
 
 
+@pytest.mark.integration
 def test_cli(reward_server, article):
     # what `make titles ARTICLE=... ARGS=...` runs
     out = subprocess.run([sys.executable, "titles.py", "--recipe", "recipes/tiny.yaml", "--article", str(article),
