@@ -373,6 +373,7 @@ def test_demo_end_to_end_on_the_tiny_recipe_then_resume(tmp_path, monkeypatch, c
     assert len(utils.read_metrics(tmp_path / "base-tiny")[0]) == 2
 
 
+@pytest.mark.integration  # the plot is drawn by compare.py in its own process
 def test_report_only_rebuilds_from_disk(tmp_path, monkeypatch):
     """--report_only: the evaluations read back (records -> EvalResult) give the same comparison."""
     monkeypatch.setenv("RUNS_DIR", str(tmp_path))
