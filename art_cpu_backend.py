@@ -778,7 +778,11 @@ class _ChatHandler(BaseHTTPRequestHandler):
     def _json_body(self, path: str):
         """The parsed JSON body of a POST to the chat route. The body is read off the connection
         before the route is checked, so a keep-alive connection stays in step."""
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            self.close_connection = True  # where this body ends is unknown: the connection cannot be reused
+            raise RequestError(400, "Content-Length", "the Content-Length header must be an integer") from None
         if length > MAX_BODY_BYTES:
             self.close_connection = True  # the unread body must not be parsed as the next request
             raise RequestError(413, "body", f"request body of {length} bytes exceeds {MAX_BODY_BYTES}")

@@ -81,6 +81,19 @@ def test_requests_it_cannot_serve_get_a_4xx_naming_the_field(service, body, stat
     assert error["param"] == param and error["message"]
 
 
+def test_a_content_length_that_is_not_a_number_gets_a_400(service):
+    import http.client
+
+    host, port = service.url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Content-Length", "ten")
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 400 and json.loads(resp.read())["error"]["param"] == "Content-Length"
+    conn.close()
+
+
 def test_models_lists_the_policy_and_the_base(service, tiny_model):
     data = httpx.get(service.url + "/v1/models", timeout=30).json()["data"]
     assert {m["id"]: m["parent"] for m in data} == {str(tiny_model): None, "t@0": str(tiny_model)}
