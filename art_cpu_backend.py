@@ -520,44 +520,76 @@ class RequestError(ValueError):
 
 
 def parse_chat_request(body: dict) -> dict:
-    """Check a /v1/chat/completions body; return the normalised parameters or raise RequestError."""
+    """Check a /v1/chat/completions body; return the normalised parameters or raise RequestError.
+
+    Fields are checked in the order below, so a body with several bad fields names the first.
+
+    >>> msgs = [{"role": "user", "content": "A story"}]
+    >>> p = parse_chat_request({"model": "m@0", "messages": msgs, "stop": "\\n", "max_tokens": None})
+    >>> p["n"], p["temperature"], p["max_tokens"], p["stop"], p["logprobs"], p["seed"]
+    (1, 1.0, 256, ('\\n',), False, None)
+    >>> try:
+    ...     parse_chat_request({"model": "m@0", "messages": msgs, "max_completion_tokens": 0})
+    ... except RequestError as e:
+    ...     print(e.status, e.param, e)
+    400 max_completion_tokens 'max_completion_tokens' must be an integer from 1 to 4096, got 0
+    """
     if not isinstance(body, dict):
         raise RequestError(400, "body", "the request body must be a JSON object")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise RequestError(400, "model", "'model' must be a non-empty string")
-    messages = body.get("messages")
+    messages = _checked_messages(body.get("messages"))
+    n = _checked_count("n", body.get("n", 1), MAX_N)
+    temperature = _checked_temperature(body.get("temperature", 1.0))
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _checked_count(key, DEFAULT_MAX_TOKENS if body.get(key) is None else body[key], MAX_NEW_TOKENS)
+    stop = _checked_stop(body.get("stop") or [])
+    logprobs = _checked_logprobs(body)
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RequestError(400, "seed", f"'seed' must be an integer, got {seed!r}")
+    return {"model": model, "messages": messages, "n": n, "temperature": temperature,
+            "max_tokens": max_tokens, "stop": stop, "logprobs": logprobs, "seed": seed}
+
+
+def _checked_messages(messages) -> list[dict]:
     if (not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in messages)):
         raise RequestError(400, "messages", "'messages' must be a non-empty list of {role, content} with string content")
-    n = body.get("n", 1)
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
-        raise RequestError(400, "n", f"'n' must be an integer from 1 to {MAX_N}, got {n!r}")
-    temperature = body.get("temperature", 1.0)
-    if temperature is None:
-        temperature = 1.0
+    return messages
+
+
+def _checked_count(key: str, value, most: int) -> int:
+    """An integer from 1 to `most` (a bool is not one, though Python says it is an int)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise RequestError(400, key, f"'{key}' must be an integer from 1 to {most}, got {value!r}")
+    return value
+
+
+def _checked_temperature(temperature) -> float:
+    temperature = 1.0 if temperature is None else temperature
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
         raise RequestError(400, "temperature", f"'temperature' must be a number from 0 to 2, got {temperature!r}")
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = body.get(key)
-    max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_NEW_TOKENS:
-        raise RequestError(400, key, f"'{key}' must be an integer from 1 to {MAX_NEW_TOKENS}, got {max_tokens!r}")
-    stop = body.get("stop") or []
+    return float(temperature)
+
+
+def _checked_stop(stop) -> tuple[str, ...]:
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise RequestError(400, "stop", "'stop' must be a non-empty string or a list of at most 4 of them")
+    return tuple(stop)
+
+
+def _checked_logprobs(body: dict) -> bool:
+    """`logprobs` (a bool); `top_logprobs` is refused: the server returns none."""
     logprobs = body.get("logprobs") or False
     if not isinstance(logprobs, bool):
         raise RequestError(400, "logprobs", "'logprobs' must be true or false")
     if body.get("top_logprobs"):
         raise RequestError(400, "top_logprobs", "'top_logprobs' is not supported by this server (use 0 or leave it out)")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RequestError(400, "seed", f"'seed' must be an integer, got {seed!r}")
-    return {"model": model, "messages": messages, "n": n, "temperature": float(temperature),
-            "max_tokens": max_tokens, "stop": tuple(stop), "logprobs": logprobs, "seed": seed}
+    return logprobs
 
 
 @dataclass
@@ -701,57 +733,71 @@ def completion_body(params: dict, prompt_len: int, completions: list[Completion]
             "usage": {"prompt_tokens": prompt_len, "completion_tokens": generated, "total_tokens": prompt_len + generated}}
 
 
-def _handler_class(server: InferenceServer):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive: the openai client reuses connections
+class _ChatHandler(BaseHTTPRequestHandler):
+    """The HTTP side of an InferenceServer (`inference`, set by `_handler_class`); every error
+    is a JSON body {"error": {message, type, param, code}} in the OpenAI API's shape."""
 
-        def log_message(self, *args):  # one line per request would drown the training log
-            pass
+    protocol_version = "HTTP/1.1"  # keep-alive: the openai client reuses connections
+    inference: InferenceServer
 
-        def _reply(self, status: int, payload: dict) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def log_message(self, *args):  # one line per request would drown the training log
+        pass
 
-        def _error(self, e: RequestError) -> None:
-            kind = "invalid_request_error" if e.status < 500 else "server_error"
-            self._reply(e.status, {"error": {"message": str(e), "type": kind, "param": e.param, "code": e.status}})
+    def _reply(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
-        def do_GET(self):
-            path = self.path.split("?")[0].rstrip("/")
-            if path == "/health":
-                return self._reply(200, {"status": "ok", "served": sorted(server.served())})
-            if path == "/v1/models":
-                base = server.service.base_model
-                data = [{"id": name, "object": "model", "owned_by": "art-cpu", "root": base,
-                         "parent": base if adapter else None} for name, adapter in server.served().items()]
-                return self._reply(200, {"object": "list", "data": data})
-            self._error(RequestError(404, "path", f"no route GET {path}"))
+    def _error(self, e: RequestError) -> None:
+        kind = "invalid_request_error" if e.status < 500 else "server_error"
+        self._reply(e.status, {"error": {"message": str(e), "type": kind, "param": e.param, "code": e.status}})
 
-        def do_POST(self):
-            path = self.path.split("?")[0].rstrip("/")
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_BODY_BYTES:
-                    self.close_connection = True  # the unread body must not be parsed as the next request
-                    raise RequestError(413, "body", f"request body of {length} bytes exceeds {MAX_BODY_BYTES}")
-                raw = self.rfile.read(length) if length > 0 else b""
-                if path != "/v1/chat/completions":
-                    raise RequestError(404, "path", f"no route POST {path}")
-                try:
-                    body = json.loads(raw)
-                except ValueError as e:
-                    raise RequestError(400, "body", f"the request body is not valid JSON ({e})") from None
-                params = parse_chat_request(body)
-                prompt_len, completions = server.submit(params)
-                self._reply(200, completion_body(params, prompt_len, completions, server.service.tokenizer))
-            except RequestError as e:
-                self._error(e)
+    def do_GET(self):
+        path = self.path.split("?")[0].rstrip("/")
+        if path == "/health":
+            return self._reply(200, {"status": "ok", "served": sorted(self.inference.served())})
+        if path == "/v1/models":
+            base = self.inference.service.base_model
+            data = [{"id": name, "object": "model", "owned_by": "art-cpu", "root": base,
+                     "parent": base if adapter else None} for name, adapter in self.inference.served().items()]
+            return self._reply(200, {"object": "list", "data": data})
+        self._error(RequestError(404, "path", f"no route GET {path}"))
 
-    return Handler
+    def do_POST(self):
+        path = self.path.split("?")[0].rstrip("/")
+        try:
+            params = parse_chat_request(self._json_body(path))
+            prompt_len, completions = self.inference.submit(params)
+            self._reply(200, completion_body(params, prompt_len, completions, self.inference.service.tokenizer))
+        except RequestError as e:
+            self._error(e)
+
+    def _json_body(self, path: str):
+        """The parsed JSON body of a POST to the chat route. The body is read off the connection
+        before the route is checked, so a keep-alive connection stays in step."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            self.close_connection = True  # where this body ends is unknown: the connection cannot be reused
+            raise RequestError(400, "Content-Length", "the Content-Length header must be an integer") from None
+        if length > MAX_BODY_BYTES:
+            self.close_connection = True  # the unread body must not be parsed as the next request
+            raise RequestError(413, "body", f"request body of {length} bytes exceeds {MAX_BODY_BYTES}")
+        raw = self.rfile.read(length) if length > 0 else b""
+        if path != "/v1/chat/completions":
+            raise RequestError(404, "path", f"no route POST {path}")
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise RequestError(400, "body", f"the request body is not valid JSON ({e})") from None
+
+
+def _handler_class(server: InferenceServer) -> type[_ChatHandler]:
+    """The handler class ThreadingHTTPServer instantiates per request, bound to `server`."""
+    return type("Handler", (_ChatHandler,), {"inference": server})
 
 
 # --------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
-"""The GPU seam of the TRL trainer: which engine loads the policy and generates rollouts.
+"""The GPU seam of the TRL trainer: which engine loads the policy, generates rollouts and runs the loss.
 
-Everything GPU-only (Unsloth, vLLM) lives behind the three functions here; the trainer
-(reference_grpo_trainer.py) only sees a `Backend`, a PEFT-wrapped model and GRPOConfig
-overrides. Backends:
+The trainer (reference_grpo_trainer.py) only sees a `Backend`, a PEFT-wrapped model, GRPOConfig
+overrides and a GRPOTrainer class; everything GPU-only (Unsloth, vLLM) stays behind the names
+below. Backends:
 
 - `cpu`: transformers + PEFT on the CPU (fp32, `use_cpu=True`), even if a GPU exists.
 - `transformers`: transformers + PEFT on the default device (CUDA if present), HF generate.
@@ -17,12 +17,28 @@ A machine whose NVIDIA driver works but whose torch cannot see the GPU (torch 2.
 is built for CUDA 13: driver >= 580) stops every GPU request with both versions; only an
 explicit `--backend cpu` trains on its CPU.
 
-Unsloth patches transformers/TRL/PEFT when it is imported, so it must be imported before
-them: `import_unsloth_first(argv)` does that from the trainer's `__main__`.
+Public names, by purpose (nothing heavy is imported until one of them is called):
 
-Check what this machine would use (no model is loaded):
+- choosing the backend: `BACKENDS`, `VLLM_MODES`, `select_backend` (raises `BackendError`
+  before anything loads), `Backend` (+ `describe()`, the line the trainer prints), `Machine`
+  (`Machine.detect()`; tests build one by hand), `nvidia_driver`, `unusable_gpu_message`;
+- before transformers is imported: `import_unsloth_first(argv)`: Unsloth patches
+  transformers/TRL/PEFT when it is imported, so the trainer's `__main__` calls it first;
+- loading and configuring: `load_policy` (PEFT model + tokenizer), `max_seq_length`,
+  `grpo_overrides` (device, precision, vLLM fields of GRPOConfig), `batch_kwargs` (GRPOConfig
+  batch fields for a number of completions per optimizer step), `stop_at_tokens` (stop ids
+  that end a completion like EOS on every engine);
+- plain-transformers generation: `generate_shared_prefix` (one prefill per distinct prompt),
+  `left_pad`, `cut_after_eos` (TRL's completion cut);
+- the trainer class: `trainer_class(backend)` -> TRL's GRPOTrainer under Unsloth, otherwise
+  `shared_prefix_trainer_class()`: GRPOTrainer with `SharedPrefixMixin` in front (each distinct
+  prompt encoded once in the loss and in rollouts; the math is shared_prefix.py's).
+
+Check what this machine would use (no model is loaded), and run the checks of this module:
 
     python fast_backend.py --backend auto
+    python -m pytest --doctest-modules fast_backend.py -q
+    python -m pytest tests/test_fast_backend.py tests/test_shared_prefix.py -q
 """
 
 from __future__ import annotations
@@ -36,6 +52,11 @@ from dataclasses import dataclass, field
 
 BACKENDS = ("auto", "cpu", "transformers", "unsloth", "trl-vllm")
 VLLM_MODES = ("colocate", "server")
+
+
+# --------------------------------------------------------------------------------------
+# Choosing the backend
+# --------------------------------------------------------------------------------------
 
 
 class BackendError(RuntimeError):
@@ -121,15 +142,41 @@ def select_backend(requested: str, use_vllm: bool = True, vllm_mode: str = "colo
     """Resolve `requested` on this machine, or raise BackendError before anything heavy loads.
 
     `require_gpu` (the GPU recipe sets it) makes `auto` refuse the CPU instead of falling back
-    to it; `cpu` stays an explicit choice.
+    to it; `cpu` stays an explicit choice. `machine` defaults to this one (Machine.detect()).
+
+    >>> gpu = Machine(cuda=True, unsloth=False, vllm=True)
+    >>> select_backend("auto", machine=gpu).notes
+    ['unsloth is not installed: `make setup-gpu` for fast generation']
+    >>> select_backend("trl-vllm", vllm_mode="server", machine=gpu)
+    Backend(name='trl-vllm', device='cuda', use_vllm=True, vllm_mode='server', notes=[])
+    >>> try:
+    ...     select_backend("unsloth", machine=Machine(cuda=False, unsloth=True, vllm=True))
+    ... except BackendError as e:
+    ...     print(str(e)[:69])
+    backend 'unsloth' needs an NVIDIA GPU with CUDA, and this machine has
     """
-    if requested not in BACKENDS:
-        raise BackendError(f"unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
-    if vllm_mode not in VLLM_MODES:
-        raise BackendError(f"unknown vllm_mode {vllm_mode!r}; choose one of {', '.join(VLLM_MODES)}")
+    _check_choice("backend", requested, BACKENDS)
+    _check_choice("vllm_mode", vllm_mode, VLLM_MODES)
     machine = machine or Machine.detect()
     if requested == "cpu":
         return Backend("cpu", "cpu", use_vllm=False)
+    _refuse_an_unusable_gpu(requested, machine, require_gpu)
+    if requested == "auto":
+        return _auto_backend(machine, use_vllm)
+    if requested == "unsloth":
+        return _unsloth_backend(machine, use_vllm)
+    if requested == "trl-vllm":
+        return _trl_vllm_backend(machine, use_vllm, vllm_mode)
+    return Backend("transformers", "cuda" if machine.cuda else "cpu", use_vllm=False)
+
+
+def _check_choice(what: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise BackendError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+
+
+def _refuse_an_unusable_gpu(requested: str, machine: Machine, require_gpu: bool) -> None:
+    """A GPU request where torch sees no CUDA: the driver/torch mismatch, or (auto) no GPU at all."""
     wants_gpu = requested in ("unsloth", "trl-vllm", "transformers") or require_gpu
     if not machine.cuda and machine.driver and wants_gpu:
         why = f"backend '{requested}' asks for the GPU" if requested != "auto" else "this recipe needs a GPU (require_gpu)"
@@ -138,37 +185,52 @@ def select_backend(requested: str, use_vllm: bool = True, vllm_mode: str = "colo
         raise BackendError("this recipe needs a GPU (require_gpu) and torch sees none (no NVIDIA driver found). "
                            "Run it on a GPU node, or pass --backend cpu to train on the CPU on purpose "
                            "(slow: recipes/cpu.yaml is sized for a CPU).")
-    if requested == "auto":
-        if not machine.cuda:
-            notes = [f"NVIDIA driver {machine.driver} found, but torch {machine.torch_version} cannot use it"] \
-                if machine.driver else []
-            return Backend("cpu", "cpu", use_vllm=False, notes=notes)
-        if machine.unsloth and (machine.vllm or not use_vllm):
-            requested = "unsloth"
-        else:
-            missing = "unsloth" if not machine.unsloth else "vllm"
-            return Backend("transformers", "cuda", use_vllm=False,
-                           notes=[f"{missing} is not installed: `make setup-gpu` for fast generation"])
-    if requested in ("unsloth", "trl-vllm") and not machine.cuda:
+
+
+def _auto_backend(machine: Machine, use_vllm: bool) -> Backend:
+    """`auto`: the CPU without CUDA, Unsloth when it (and vLLM, if wanted) is installed, else transformers."""
+    if not machine.cuda:
+        notes = [f"NVIDIA driver {machine.driver} found, but torch {machine.torch_version} cannot use it"] \
+            if machine.driver else []
+        return Backend("cpu", "cpu", use_vllm=False, notes=notes)
+    if machine.unsloth and (machine.vllm or not use_vllm):
+        return _unsloth_backend(machine, use_vllm)
+    missing = "unsloth" if not machine.unsloth else "vllm"
+    return Backend("transformers", "cuda", use_vllm=False,
+                   notes=[f"{missing} is not installed: `make setup-gpu` for fast generation"])
+
+
+def _needs_cuda(requested: str, machine: Machine) -> None:
+    if not machine.cuda:
         raise BackendError(
             f"backend '{requested}' needs an NVIDIA GPU with CUDA, and this machine has none "
             "(torch.cuda.is_available() is False). Unsloth and vLLM have no CPU path. "
             "Use --backend auto (or cpu): transformers + PEFT on the CPU.")
-    if requested == "unsloth":
-        if not machine.unsloth:
-            raise BackendError("backend 'unsloth' needs the unsloth package: `make setup-gpu` "
-                               "(pip install -r requirements-gpu.txt)")
-        if use_vllm and not machine.vllm:
-            raise BackendError("backend 'unsloth' with use_vllm needs vllm: `make setup-gpu`, "
-                               "or pass --use_vllm false to generate with Unsloth alone")
-        return Backend("unsloth", "cuda", use_vllm=use_vllm)
-    if requested == "trl-vllm":
-        if not use_vllm:
-            raise BackendError("backend 'trl-vllm' generates with vLLM; drop --use_vllm false or pick 'transformers'")
-        if not machine.vllm:
-            raise BackendError("backend 'trl-vllm' needs vllm: `make setup-gpu` (pip install -r requirements-gpu.txt)")
-        return Backend("trl-vllm", "cuda", use_vllm=True, vllm_mode=vllm_mode)
-    return Backend("transformers", "cuda" if machine.cuda else "cpu", use_vllm=False)
+
+
+def _unsloth_backend(machine: Machine, use_vllm: bool) -> Backend:
+    _needs_cuda("unsloth", machine)
+    if not machine.unsloth:
+        raise BackendError("backend 'unsloth' needs the unsloth package: `make setup-gpu` "
+                           "(pip install -r requirements-gpu.txt)")
+    if use_vllm and not machine.vllm:
+        raise BackendError("backend 'unsloth' with use_vllm needs vllm: `make setup-gpu`, "
+                           "or pass --use_vllm false to generate with Unsloth alone")
+    return Backend("unsloth", "cuda", use_vllm=use_vllm)
+
+
+def _trl_vllm_backend(machine: Machine, use_vllm: bool, vllm_mode: str) -> Backend:
+    _needs_cuda("trl-vllm", machine)
+    if not use_vllm:
+        raise BackendError("backend 'trl-vllm' generates with vLLM; drop --use_vllm false or pick 'transformers'")
+    if not machine.vllm:
+        raise BackendError("backend 'trl-vllm' needs vllm: `make setup-gpu` (pip install -r requirements-gpu.txt)")
+    return Backend("trl-vllm", "cuda", use_vllm=True, vllm_mode=vllm_mode)
+
+
+# --------------------------------------------------------------------------------------
+# Loading the policy and configuring GRPOConfig
+# --------------------------------------------------------------------------------------
 
 
 def import_unsloth_first(argv: Sequence[str] | None = None) -> bool:
@@ -273,7 +335,11 @@ def _load_unsloth(backend: Backend, recipe, args):
 
 
 def grpo_overrides(backend: Backend, args) -> dict:
-    """GRPOConfig fields that depend on the backend (device, precision, generation engine)."""
+    """GRPOConfig fields that depend on the backend (device, precision, generation engine).
+
+    >>> grpo_overrides(Backend("cpu", "cpu", use_vllm=False), args=None)
+    {'use_cpu': True, 'bf16': False, 'fp16': False, 'use_vllm': False}
+    """
     if backend.device == "cpu":
         return {"use_cpu": True, "bf16": False, "fp16": False, "use_vllm": False}
     import torch
@@ -315,6 +381,22 @@ def batch_kwargs(completions: int, processes: int = 1, micro_batch: int = 0, ste
     accumulate = per_process // micro
     return {"per_device_train_batch_size": micro, "gradient_accumulation_steps": accumulate,
             "steps_per_generation": accumulate * steps_per_generation}
+
+
+def stop_at_tokens(backend: Backend, model, stop_ids: Sequence[int]) -> dict:
+    """Make `stop_ids` end a completion like EOS does; returns GRPOConfig overrides.
+
+    TRL reads the model's generation_config eos ids when the trainer is built: they stop HF
+    generate and cut the completion mask (after the stop token, kept) on every engine. vLLM
+    stops on its own SamplingParams, which TRL builds from generation_kwargs.
+    """
+    if not stop_ids:
+        return {}
+    config = model.generation_config
+    eos = config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    config.eos_token_id = list(dict.fromkeys([*eos, *stop_ids]))
+    return {"generation_kwargs": {"stop_token_ids": list(stop_ids)}} if backend.use_vllm else {}
 
 
 # --------------------------------------------------------------------------------------
@@ -370,20 +452,125 @@ def generate_shared_prefix(model, prompt_ids: Sequence[Sequence[int]], pad_token
     return out[:, width:]
 
 
-def stop_at_tokens(backend: Backend, model, stop_ids: Sequence[int]) -> dict:
-    """Make `stop_ids` end a completion like EOS does; returns GRPOConfig overrides.
+def cut_after_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
+    """Token ids up to and including the first EOS (TRL's completion mask, as a list).
 
-    TRL reads the model's generation_config eos ids when the trainer is built: they stop HF
-    generate and cut the completion mask (after the stop token, kept) on every engine. vLLM
-    stops on its own SamplingParams, which TRL builds from generation_kwargs.
+    >>> cut_after_eos([5, 6, 2, 0, 0], [2]), cut_after_eos([5, 6], [2])
+    ([5, 6, 2], [5, 6])
     """
-    if not stop_ids:
-        return {}
-    config = model.generation_config
-    eos = config.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    config.eos_token_id = list(dict.fromkeys([*eos, *stop_ids]))
-    return {"generation_kwargs": {"stop_token_ids": list(stop_ids)}} if backend.use_vllm else {}
+    for i, t in enumerate(ids):
+        if t in eos_ids:
+            return list(ids[:i + 1])
+    return list(ids)
+
+
+# --------------------------------------------------------------------------------------
+# The trainer class: TRL's GRPOTrainer with each distinct prompt encoded once
+# --------------------------------------------------------------------------------------
+
+
+class SharedPrefixMixin:
+    """What `shared_prefix_trainer_class` puts in front of TRL's GRPOTrainer (trl 1.14.2):
+
+    - `_get_per_token_logps_and_entropies` (the loss, and the old/reference logprob passes TRL
+      runs when steps_per_generation > 1, beta > 0 or under vLLM importance sampling):
+      shared_prefix.per_token_logps, one prompt pass per distinct prompt with its KV states
+      shared by the group; TRL's own path, with a one-line log, for what it does not cover.
+    - `_generate_single_turn`'s regular path: one prefill per distinct prompt
+      (generate_shared_prefix) with the LoRA folded into the weights (shared_prefix.merged_lora).
+      vLLM, continuous batching, multimodal and tool calls go to TRL's own code.
+      The output contract is TRL's: completion ids cut after the first EOS (kept), logprobs None.
+
+    Only usable as `class X(SharedPrefixMixin, GRPOTrainer)`: `super()` is TRL's trainer and the
+    attributes read (use_vllm, accelerator, generation_config, ...) are GRPOTrainer's.
+    """
+
+    _shared_prefix_fallbacks: set
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        if (self.use_vllm or self.use_transformers_continuous_batching or images is not None
+                or multimodal_fields or has_tool_images):
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        return self._shared_prefix_rollouts(prompt_ids), None
+
+    def _shared_prefix_rollouts(self, prompt_ids) -> list[list[int]]:
+        """Completion ids of every row: one prefill per distinct prompt, the LoRA merged meanwhile."""
+        import torch
+        from trl.models import unwrap_model_for_generation
+
+        import shared_prefix
+
+        with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                          gather_deepspeed3_params=self.args.ds3_gather_for_generation,
+                                          generation_kwargs=self.generation_kwargs) as model,
+              torch.no_grad(),
+              self._dist.summon_full_params(self.model_wrapped, recurse=False),
+              shared_prefix.merged_lora(model)):
+            new = generate_shared_prefix(model, prompt_ids, self._tokenizer.pad_token_id,
+                                         generation_config=self.generation_config)
+        return [cut_after_eos(row, self.eos_token_ids) for row in new.cpu().tolist()]
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                           batch_size=None, compute_entropy=False, compute_aux_loss=False,
+                                           **extra):
+        unwrapped = self.accelerator.unwrap_model(model)
+        groups = self._shared_prefix_groups(unwrapped, input_ids, attention_mask, logits_to_keep,
+                                            compute_aux_loss, extra)
+        if isinstance(groups, str):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
+        logps, ents = self._shared_prefix_logps(model, unwrapped, input_ids, attention_mask, logits_to_keep,
+                                                groups, compute_entropy)
+        return logps, ents, None
+
+    def _shared_prefix_logps(self, model, unwrapped, input_ids, attention_mask, logits_to_keep, groups,
+                             compute_entropy):
+        """(logprobs, entropies) from shared_prefix.per_token_logps, through the wrapper when there is one."""
+        import shared_prefix
+
+        kwargs = dict(groups=groups, temperature=self.temperature, compute_entropy=compute_entropy,
+                      entropy_requires_grad=self._entropy_bonus_enabled)
+        if model is not unwrapped or self.is_fsdp_enabled:
+            # DDP/FSDP hooks run around the wrapper's forward: both passes go through one call of it.
+            from trl.models.utils import _ForwardRedirection
+
+            return _ForwardRedirection()(model, unwrapped, shared_prefix.per_token_logps, unwrapped,
+                                         input_ids, attention_mask, logits_to_keep, **kwargs)
+        return shared_prefix.per_token_logps(unwrapped, input_ids, attention_mask, logits_to_keep, **kwargs)
+
+    def _shared_prefix_groups(self, model, input_ids, attention_mask, logits_to_keep, compute_aux_loss, extra):
+        """shared_prefix.Group list, or why TRL's own path runs (logged once per reason)."""
+        import shared_prefix
+
+        extras = sorted(k for k, v in extra.items() if v is not None)
+        reason = ("multimodal inputs " + ", ".join(extras) if extras
+                  else "MoE aux loss" if compute_aux_loss
+                  else "Liger kernel" if self.use_liger_kernel
+                  else "the model has no logits_to_keep" if "logits_to_keep" not in self.model_kwarg_keys
+                  else shared_prefix.model_reason(model))
+        groups = reason or shared_prefix.group_rows(input_ids, attention_mask, logits_to_keep)
+        if isinstance(groups, str):
+            seen = self.__dict__.setdefault("_shared_prefix_fallbacks", set())
+            if groups not in seen:
+                seen.add(groups)
+                print(f"[trl] shared-prefix loss off for this batch ({groups}): TRL's own logprob path")
+        return groups
+
+
+def shared_prefix_trainer_class():
+    """GRPOTrainer that encodes each distinct prompt once, in the loss and in plain-transformers rollouts.
+
+    A new subclass of TRL's GRPOTrainer with `SharedPrefixMixin` in front of it; built here, not
+    at import, because importing trl loads transformers and torch (seconds).
+    """
+    from trl import GRPOTrainer
+
+    class SharedPrefixGRPOTrainer(SharedPrefixMixin, GRPOTrainer):
+        __doc__ = SharedPrefixMixin.__doc__
+
+    return SharedPrefixGRPOTrainer
 
 
 def trainer_class(backend: Backend):
@@ -397,105 +584,19 @@ def trainer_class(backend: Backend):
     return shared_prefix_trainer_class()
 
 
-def shared_prefix_trainer_class():
-    """GRPOTrainer that encodes each distinct prompt once, in the loss and in plain-transformers rollouts.
-
-    - `_get_per_token_logps_and_entropies` (the loss, and the old/reference logprob passes TRL
-      runs when steps_per_generation > 1, beta > 0 or under vLLM importance sampling):
-      shared_prefix.per_token_logps, one prompt pass per distinct prompt with its KV states
-      shared by the group; TRL's own path, with a one-line log, for what it does not cover.
-    - `_generate_single_turn`'s regular path: one prefill per distinct prompt
-      (generate_shared_prefix) with the LoRA folded into the weights (shared_prefix.merged_lora).
-      vLLM, continuous batching, multimodal and tool calls go to TRL's own code (trl 1.14.2).
-      The output contract is TRL's: completion ids cut after the first EOS (kept), logprobs None.
-    """
-    import torch
-    from trl import GRPOTrainer
-    from trl.models import unwrap_model_for_generation
-
-    import shared_prefix
-
-    class SharedPrefixGRPOTrainer(GRPOTrainer):
-        _shared_prefix_fallbacks: set
-
-        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
-                                  has_tool_images=False):
-            if (self.use_vllm or self.use_transformers_continuous_batching or images is not None
-                    or multimodal_fields or has_tool_images):
-                return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
-                                                     has_tool_images)
-            with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,
-                                              gather_deepspeed3_params=self.args.ds3_gather_for_generation,
-                                              generation_kwargs=self.generation_kwargs) as model,
-                  torch.no_grad(),
-                  self._dist.summon_full_params(self.model_wrapped, recurse=False),
-                  shared_prefix.merged_lora(model)):
-                new = generate_shared_prefix(model, prompt_ids, self._tokenizer.pad_token_id,
-                                             generation_config=self.generation_config)
-            return [cut_after_eos(row, self.eos_token_ids) for row in new.cpu().tolist()], None
-
-        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
-                                               batch_size=None, compute_entropy=False, compute_aux_loss=False,
-                                               **extra):
-            unwrapped = self.accelerator.unwrap_model(model)
-            groups = self._shared_prefix_groups(unwrapped, input_ids, attention_mask, logits_to_keep,
-                                                compute_aux_loss, extra)
-            if isinstance(groups, str):
-                return super()._get_per_token_logps_and_entropies(
-                    model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
-                    compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
-            kwargs = dict(groups=groups, temperature=self.temperature, compute_entropy=compute_entropy,
-                          entropy_requires_grad=self._entropy_bonus_enabled)
-            if model is not unwrapped or self.is_fsdp_enabled:
-                # DDP/FSDP hooks run around the wrapper's forward: both passes go through one call of it.
-                from trl.models.utils import _ForwardRedirection
-
-                logps, ents = _ForwardRedirection()(model, unwrapped, shared_prefix.per_token_logps, unwrapped,
-                                                    input_ids, attention_mask, logits_to_keep, **kwargs)
-            else:
-                logps, ents = shared_prefix.per_token_logps(unwrapped, input_ids, attention_mask, logits_to_keep,
-                                                            **kwargs)
-            return logps, ents, None
-
-        def _shared_prefix_groups(self, model, input_ids, attention_mask, logits_to_keep, compute_aux_loss, extra):
-            """shared_prefix.Group list, or why TRL's own path runs (logged once per reason)."""
-            extras = sorted(k for k, v in extra.items() if v is not None)
-            reason = ("multimodal inputs " + ", ".join(extras) if extras
-                      else "MoE aux loss" if compute_aux_loss
-                      else "Liger kernel" if self.use_liger_kernel
-                      else "the model has no logits_to_keep" if "logits_to_keep" not in self.model_kwarg_keys
-                      else shared_prefix.model_reason(model))
-            groups = reason or shared_prefix.group_rows(input_ids, attention_mask, logits_to_keep)
-            if isinstance(groups, str):
-                seen = self.__dict__.setdefault("_shared_prefix_fallbacks", set())
-                if groups not in seen:
-                    seen.add(groups)
-                    print(f"[trl] shared-prefix loss off for this batch ({groups}): TRL's own logprob path")
-            return groups
-
-    return SharedPrefixGRPOTrainer
-
-
-def cut_after_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
-    """Token ids up to and including the first EOS (TRL's completion mask, as a list).
-
-    >>> cut_after_eos([5, 6, 2, 0, 0], [2]), cut_after_eos([5, 6], [2])
-    ([5, 6, 2], [5, 6])
-    """
-    for i, t in enumerate(ids):
-        if t in eos_ids:
-            return list(ids[:i + 1])
-    return list(ids)
-
-
-if __name__ == "__main__":
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print what this machine has and the backend `--backend` resolves to (no model is loaded)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="auto", choices=BACKENDS)
     parser.add_argument("--vllm_mode", default="colocate", choices=VLLM_MODES)
-    cli = parser.parse_args()
+    cli = parser.parse_args(argv)
     machine = Machine.detect()
     print(f"machine: cuda={machine.cuda} {machine.gpu_name} unsloth={machine.unsloth} vllm={machine.vllm}")
     try:
         print(select_backend(cli.backend, vllm_mode=cli.vllm_mode, machine=machine).describe())
     except BackendError as e:
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -83,6 +83,20 @@ def test_requests_it_cannot_serve_get_a_4xx_naming_the_field(service, body, stat
     assert error["param"] == param and error["message"]
 
 
+@pytest.mark.slow  # the service fixture loads the tiny model
+def test_a_content_length_that_is_not_a_number_gets_a_400(service):
+    import http.client
+
+    host, port = service.url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Content-Length", "ten")
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 400 and json.loads(resp.read())["error"]["param"] == "Content-Length"
+    conn.close()
+
+
 @pytest.mark.slow
 def test_models_lists_the_policy_and_the_base(service, tiny_model):
     data = httpx.get(service.url + "/v1/models", timeout=30).json()["data"]
@@ -363,13 +377,16 @@ def test_reward_server_killed_mid_run_stops_the_step_and_the_rerun_resumes(tmp_p
     rows = rows_of(run_dir, "train")
     trained = [r["step"] for r in rows]
     assert trained == list(range(1, len(trained) + 1)) and len(trained) < 6
-    assert checkpoints(run_dir)[-1] == len(trained)  # the failing step left no checkpoint
+    # the failing step left no checkpoint (ART's step counts the steps that trained; a rare skip keeps it)
+    assert checkpoints(run_dir)[-1] == sum(not r["extra"].get("skipped") for r in rows)
     with reward_process() as (url, _):
         code, log = finish(start(train_cmd(tmp_path, url, *knobs), tmp_path / "2.log"), tmp_path / "2.log")
     assert code == 0, log[-3000:]
     rows = rows_of(run_dir, "train")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert all(r["extra"]["train_metrics"]["data/step_num_gradient_steps"] == 1.0 for r in rows)  # per_step
+    assert sum(not r["extra"].get("skipped") for r in rows) >= 4  # a skip (equal rewards) is rare
+    assert all(r["extra"]["train_metrics"]["data/step_num_gradient_steps"] == 1.0  # per_step
+               for r in rows if not r["extra"].get("skipped"))
     config = json.loads((run_dir / "config.json").read_text())
     assert config["engine"]["pack_groups"] is True and config["train_kwargs"]["loss_fn"] == "ppo"
 

@@ -7,6 +7,11 @@ would prove nothing). float64 runs with LlamaRMSNorm computing in float64 (it ca
 internally), so both paths are exact to rounding: logprobs within 1e-10, gradients relative L2
 <= 1e-10. float32: within 1e-4 (summation order only). The tiny model runs in the fast suite,
 SmolLM2-135M in the slow one.
+
+Models and tensors live on TEST_DEVICE (default cpu; gpu_check.py sets TEST_DEVICE=cuda to run
+these on a GPU); every test is skipped when torch cannot use that device:
+
+    TEST_DEVICE=cuda python -m pytest tests/test_shared_prefix.py -q
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import copy
 import doctest
 import json
+import os
 
 import pytest
 
@@ -22,6 +28,7 @@ import shared_prefix
 import utils
 from fast_backend import Backend
 
+DEVICE = os.environ.get("TEST_DEVICE", "cpu")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # name -> (story index of each row, completion length of each row). Rows of one story share a prompt.
@@ -34,6 +41,17 @@ SHAPES = {
     "uneven": ([1, 0, 1, 1, 0, 0, 0, 0], [6, 24, 0, 13, 2, 24, 18, 9]),
 }
 DISTINCT = ([0, 1, 2, 3], [5, 9, 2, 7])  # every prompt different: one prompt pass per row
+
+
+@pytest.fixture(scope="module", autouse=True)
+def on_test_device():
+    """Skip the file when torch cannot allocate on TEST_DEVICE (no GPU, a CPU-only torch)."""
+    import torch
+
+    try:
+        torch.empty(1, device=DEVICE)
+    except (RuntimeError, AssertionError) as e:  # AssertionError: "Torch not compiled with CUDA enabled"
+        pytest.skip(f"TEST_DEVICE={DEVICE} is not usable here: {e}")
 
 
 def rmsnorm_in_float64(monkeypatch):
@@ -62,7 +80,7 @@ def lora_model(path, dtype="float32", attn="sdpa", seed=0):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
-    return model
+    return model.to(DEVICE)
 
 
 def story_prompts(tok, n=4, chars=600):
@@ -83,7 +101,7 @@ def trainer_for(model, tok, tmp_path, trainer_cls=None, reward=None, **config):
     # TRL turns gradient checkpointing on by default; the repo's trainer turns it off (TrlArgs)
     config = {"per_device_train_batch_size": 8, "num_generations": 4, "max_completion_length": 8,
               "gradient_checkpointing": False, **config}
-    args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", **config)
+    args = GRPOConfig(output_dir=str(tmp_path), use_cpu=DEVICE == "cpu", bf16=False, report_to="none", **config)
     cls = trainer_cls or fb.shared_prefix_trainer_class()
     ds = Dataset.from_list([{"prompt": utils.title_messages("x" * 40)}] * 8)
     return cls(model=model, reward_funcs=[reward or constant], args=args, train_dataset=ds, processing_class=tok)
@@ -104,7 +122,8 @@ def trl_batch(tok, prompts, stories, lengths, seed=0):
     cm = torch.zeros(cid.shape, dtype=torch.long)
     for i, n in enumerate(lengths):
         cm[i, :n] = 1
-    return torch.cat([pid, cid], 1), torch.cat([pm, cm], 1), cm, cid.shape[1]
+    # drawn on the CPU (the same numbers on every device), then moved
+    return torch.cat([pid, cid], 1).to(DEVICE), torch.cat([pm, cm], 1).to(DEVICE), cm.to(DEVICE), cid.shape[1]
 
 
 def logps_and_grads(fn, trainer, batch, seed=1):
@@ -115,7 +134,7 @@ def logps_and_grads(fn, trainer, batch, seed=1):
     model = trainer.model
     model.zero_grad()
     logps, ents, _ = fn(trainer, model, ids, mask, keep, compute_entropy=True)
-    weights = torch.randn(cmask.shape, generator=torch.Generator().manual_seed(seed), dtype=logps.dtype)
+    weights = torch.randn(cmask.shape, generator=torch.Generator().manual_seed(seed), dtype=logps.dtype).to(DEVICE)
     (logps * weights * cmask).sum().backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return logps.detach(), ents.detach(), grads
@@ -183,7 +202,7 @@ def test_block_mask_and_doctests():
     assert doctest.testmod(shared_prefix).failed == 0
     import torch
 
-    m = shared_prefix.block_mask([1, 2], 2, torch.float64, "cpu")[0, 0]
+    m = shared_prefix.block_mask([1, 2], 2, torch.float64, DEVICE)[0, 0]
     # prompt columns open to all; completion 2's second token sees its first, not completion 1
     assert (m == 0).tolist() == [[True, True, True, False, False], [True, True, False, True, False],
                                  [True, True, False, True, True]]
@@ -203,7 +222,7 @@ def test_block_mask_and_doctests():
 def test_group_rows_refuses_other_layouts(mask, keep, reason):
     import torch
 
-    m = torch.tensor(mask)
+    m = torch.tensor(mask, device=DEVICE)
     assert reason in shared_prefix.group_rows(torch.ones_like(m), m, keep)
 
 
@@ -211,8 +230,8 @@ def test_group_rows_groups_by_prompt_tokens_not_padding():
     import torch
 
     # rows 0 and 2 share a prompt (same tokens, same padding); row 1 differs; row 3 = row 1
-    ids = torch.tensor([[0, 5, 6, 9], [7, 5, 6, 9], [0, 5, 6, 8], [7, 5, 6, 8]])
-    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 0], [1, 1, 1, 1]])
+    ids = torch.tensor([[0, 5, 6, 9], [7, 5, 6, 9], [0, 5, 6, 8], [7, 5, 6, 8]], device=DEVICE)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 0], [1, 1, 1, 1]], device=DEVICE)
     groups = shared_prefix.group_rows(ids, mask, 1)
     assert [(g.prompt.tolist(), g.rows, g.lengths) for g in groups] == [([5, 6], [0, 2], [1, 0]),
                                                                          ([7, 5, 6], [1, 3], [1, 1])]
