@@ -106,7 +106,10 @@ def make_validator(recipe: utils.Recipe, model=None, tokenizer=None, batch_size:
 def evaluate_policy(recipe: utils.Recipe, adapter: str = "", label: str = "eval", method: str = "eval",
                     step: int = 0, batch_size: int = 8) -> tuple[utils.EvalResult, Path]:
     """The recipe's model (+ adapter) validated on its val split, the trainers' way; returns the
-    result and where its titles went (<run>/eval/<label>.jsonl; the row goes to <run>/metrics.jsonl)."""
+    result and where its titles went (<run>/eval/<label>.jsonl; the row goes to <run>/metrics.jsonl).
+
+    Seeded with recipe.seed first: every policy is scored on the same sampled-title draws' seed."""
+    utils.set_seed(recipe.seed)
     model, tokenizer = load_model(recipe.model, adapter)
     val, report = utils.load_split(recipe, recipe.val_split, tokenizer, recipe.max_val_stories)
     print(report.summary())
