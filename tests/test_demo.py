@@ -8,6 +8,7 @@ JSONL), not through demo.py's helpers.
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -349,8 +350,9 @@ def test_demo_end_to_end_on_the_tiny_recipe_then_resume(tmp_path, monkeypatch, c
     for mr in s.runs:
         rows, _ = utils.read_metrics(mr.run_dir)
         val = [r for r in rows if r["split"] == "val"]
-        # the curve: a greedy-only validation at every step of the tiny recipe
-        assert [r["step"] for r in val] == list(range(1, recipe.max_steps + 1))
+        # the curve: curve_points greedy-only validations, every ceil(max_steps / curve_points) steps, and the last
+        every = math.ceil(recipe.max_steps / args.curve_points)
+        assert [r["step"] for r in val] == sorted({*range(every, recipe.max_steps + 1, every), recipe.max_steps})
         assert all(r["n"] == r["extra"]["stories"] for r in val) and "rouge_l_mean" in val[-1]["extra"]
         after, _ = utils.read_metrics(mr.run_dir / demo.AFTER_DIR)
         assert [(r["method"], r["step"], r["n"]) for r in after] == [
@@ -365,8 +367,13 @@ def test_demo_end_to_end_on_the_tiny_recipe_then_resume(tmp_path, monkeypatch, c
     # A rerun without --fresh resumes: nothing is retrained, the evaluations are redone (one row each).
     train_rows = {mr.method.name: [r for r in utils.read_metrics(mr.run_dir)[0] if r["split"] == "train"]
                   for mr in s.runs}
+    titles = [(tmp_path / "base-tiny" / "eval" / "before.jsonl").read_text(),
+              *[(mr.run_dir / demo.AFTER_DIR / "eval" / "after.jsonl").read_text() for mr in s.runs]]
     s2 = demo.main(dataclasses.replace(args, fresh=False))
     assert not s2.failed
+    # every evaluation is seeded: the redone ones write the same titles (sampled ones included) and rewards
+    assert titles == [(tmp_path / "base-tiny" / "eval" / "before.jsonl").read_text(),
+                      *[(mr.run_dir / demo.AFTER_DIR / "eval" / "after.jsonl").read_text() for mr in s2.runs]]
     for mr in s2.runs:
         assert [r for r in utils.read_metrics(mr.run_dir)[0] if r["split"] == "train"] == train_rows[mr.method.name]
         assert len(utils.read_metrics(mr.run_dir / demo.AFTER_DIR)[0]) == 1
