@@ -175,7 +175,8 @@ def check_data(recipe: utils.Recipe) -> dict[str, int]:
     more); fail if training or validation cannot work. Returns the stories used per split."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model)
+    with utils.hub_errors(recipe.model):
+        tokenizer = AutoTokenizer.from_pretrained(recipe.model)
     used = {}
     for split, limit, need in ((recipe.train_split, recipe.max_train_stories, recipe.prompts_per_step),
                                (recipe.val_split, recipe.max_val_stories, 2)):

@@ -92,5 +92,8 @@ def main_openai(recipe: utils.Recipe, args: EvalArgs) -> utils.EvalResult:
 if __name__ == "__main__":
     t0 = time.time()
     recipe, eval_args = utils.parse_args((utils.Recipe, EvalArgs), "eval", description=__doc__.splitlines()[0])
-    main(recipe, eval_args)
+    try:
+        main(recipe, eval_args)
+    except (utils.HubUnavailable, utils.RewardServerError) as e:
+        raise SystemExit(f"error: {e}") from None
     print(f"done in {time.time() - t0:.0f}s")

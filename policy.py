@@ -31,10 +31,11 @@ def load_model(model_id: str, adapter: str = ""):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_id)
+    with utils.hub_errors(model_id):  # an unreachable hub id is one line saying what to do, not a traceback
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.float32)
     if adapter:
         from peft import PeftModel
 

@@ -82,6 +82,8 @@ def test_a_hub_id_on_the_command_line_goes_online_and_updates_an_imported_client
      "model 'no-such-org/no-such-model'"),
     # the same for a hub dataset
     (lambda: utils.load_stories("no-such-org/no-such-dataset", "train"), "dataset 'no-such-org/no-such-dataset'"),
+    # evaluation's loader (evaluate.py, titles.py, the demo)
+    (lambda: __import__("policy").load_model("no-such-org/no-such-model"), "model 'no-such-org/no-such-model'"),
 ])
 def test_unreachable_hub_id_names_it_and_the_way_out(load, what, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
