@@ -91,17 +91,16 @@ class HFGenerator:
 
 def make_validator(recipe: utils.Recipe, model=None, tokenizer=None, batch_size: int = 8):
     """The validator a recipe asks for: 'embedding' (CPU), 'model' (needs the policy) or 'none'."""
+    recipe.check()  # the one place that names the validators: an unknown one fails there
     if recipe.validator == "embedding":
         return utils.EmbeddingValidator(recipe.validator_threshold)
-    if recipe.validator == "model":
-        if model is None:
-            raise ValueError("validator 'model' needs the policy model and tokenizer")
-        generator = HFGenerator(model, tokenizer, batch_size, progress=False)
-        # the base model judges: a PEFT policy's adapter is off while it answers
-        return utils.LLMValidator(generator, base=getattr(model, "disable_adapter", None))
     if recipe.validator == "none":
         return None
-    raise ValueError(f"unknown validator {recipe.validator!r} (use embedding, model or none)")
+    if model is None:
+        raise ValueError("validator 'model' needs the policy model and tokenizer")
+    generator = HFGenerator(model, tokenizer, batch_size, progress=False)
+    # the base model judges: a PEFT policy's adapter is off while it answers
+    return utils.LLMValidator(generator, base=getattr(model, "disable_adapter", None))
 
 
 def evaluate_policy(recipe: utils.Recipe, adapter: str = "", label: str = "eval", method: str = "eval",

@@ -545,6 +545,16 @@ def test_bad_recipe_values_are_refused_once_for_every_script(tmp_path, clean_env
             utils.Recipe(**{flags[0][2:]: int(flags[1]) if flags[1].isdigit() else flags[1]}).check()
 
 
+def test_a_recipe_built_in_code_meets_the_same_validator_check():
+    import policy  # no model loads: each case fails or returns before one would be needed
+
+    with pytest.raises(ValueError, match="unknown validator 'judge'"):
+        policy.make_validator(utils.Recipe(validator="judge"))
+    assert policy.make_validator(utils.Recipe(validator="none")) is None
+    with pytest.raises(ValueError, match="needs the policy model"):
+        policy.make_validator(utils.Recipe(validator="model"))
+
+
 def test_parse_args_keeps_hub_ids_and_existing_local_paths(tmp_path, clean_env, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "mine").mkdir(parents=True)
