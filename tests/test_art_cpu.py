@@ -5,9 +5,10 @@ The tiny random model cannot write a supported title, so the end-to-end runs use
 'none' and a reward server process that scores 0.5 x the words of the title plus 0.01 x the
 title's place in the request. Word counts alone tie often (two 8-token completions of a random
 model: about half of the groups of 2 in a measured run), and a step whose groups all tie is
-skipped untrained; the place term makes every two titles of one request differ, so a group ties
-only when both titles are empty (empty titles get 0 without a request). Every step trains, and
-the tests can say so without depending on what the sampler drew.
+skipped untrained; the place term makes every two titles of one request differ (two places would
+have to be 50 apart, and these runs send 4 titles a request), so a group ties only when both
+titles are empty (empty titles get 0 without a request). Every step trains, and the tests can
+say so without depending on what the sampler drew.
 """
 
 from __future__ import annotations
@@ -268,7 +269,7 @@ class H(BaseHTTPRequestHandler):
     def do_POST(self):
         time.sleep(float(sys.argv[2]))  # a step lasts long enough for the test to act mid-run
         stories = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["stories"]
-        # + 0.01 x place: 0.5 x an integer never equals it, so no two titles of a request tie
+        # + 0.01 x place: a tie needs 0.5 x (word difference) = 0.01 x (place difference), places 50 apart
         self._send({"scores": [0.5 * len(s["title"].split()) + 0.01 * i for i, s in enumerate(stories)]})
 ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """
