@@ -1,4 +1,4 @@
-"""ART's side of the shared recipe: ART-only knobs (ArtArgs) and how a utils.Recipe becomes ART's settings.
+"""ART's side of the shared recipe: ART-only knobs (ArtArgs) and how a settings.Recipe becomes ART's settings.
 
 Shared by train.py (the ART loop) and gpu_check.py (one LocalBackend step), so both build
 ART's model and train call the same way:
@@ -9,15 +9,15 @@ ART's model and train call the same way:
   TrainerArgs, and what LocalBackend really uses (refusing what it cannot honour);
 - `train_kwargs(recipe, args)`: the keyword arguments of `backend.train` (loss, clip bounds, KL, lr).
 
-    python -c "import art_config, utils; print(art_config.train_kwargs(utils.Recipe(), art_config.ArtArgs()))"
+    python -c "import art_config, settings; print(art_config.train_kwargs(settings.Recipe(), art_config.ArtArgs()))"
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import utils
-from art_cpu_backend import import_art
+from art_compat import import_art
+from settings import HF_OPTIM, MAX_SEQ_TOKENS, Recipe, check_optimizer_knobs
 
 ART_LOSSES = ("cispo", "ppo")  # what LocalBackend.train(loss_fn=...) accepts in 0.5.18
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
@@ -25,7 +25,7 @@ VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora
 
 @dataclass
 class ArtArgs:
-    """ART-only knobs (`art:` block of a recipe). Shared knobs live in utils.Recipe."""
+    """ART-only knobs (`art:` block of a recipe). Shared knobs live in settings.Recipe."""
 
     project: str = field(default="hn-titles", metadata={"help": "ART project (folder under the run's art/ directory)."})
     model_name: str = field(default="", metadata={"help": "ART model name (default: the run directory's name)."})
@@ -41,7 +41,7 @@ class ArtArgs:
     scale_rewards: bool = field(default=True, metadata={"help": "Divide advantages by the group's reward std (TRL's scale_rewards='group')."})
 
 
-def internal_config(recipe: utils.Recipe, args: ArtArgs) -> dict:
+def internal_config(recipe: Recipe, args: ArtArgs) -> dict:
     """ART's `_internal_config` for TrainableModel: where 0.5.18 takes LoRA, clipping and memory.
 
     art.dev.get_model_config merges these over its defaults (LoRA r=8 alpha=16, max_grad_norm
@@ -52,10 +52,10 @@ def internal_config(recipe: utils.Recipe, args: ArtArgs) -> dict:
 
     return dev.InternalModelConfig(
         # use_exact_model_name: Unsloth would load its own unsloth/... copy of a Qwen/... id otherwise
-        init_args=dev.InitArgs(max_seq_length=utils.MAX_SEQ_TOKENS, load_in_4bit=args.load_in_4bit,
+        init_args=dev.InitArgs(max_seq_length=MAX_SEQ_TOKENS, load_in_4bit=args.load_in_4bit,
                                use_exact_model_name=True),
         engine_args=dev.EngineArgs(
-            gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=utils.MAX_SEQ_TOKENS,
+            gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=MAX_SEQ_TOKENS,
             max_lora_rank=next((r for r in VLLM_LORA_RANKS if r >= recipe.lora_r), recipe.lora_r)),
         peft_args=dev.PeftArgs(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
                                target_modules=list(recipe.lora_target_modules), random_state=recipe.seed),
@@ -63,18 +63,15 @@ def internal_config(recipe: utils.Recipe, args: ArtArgs) -> dict:
     )
 
 
-ART_OPTIMIZERS = {"adamw": "adamw_torch", "adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "paged_adamw_8bit"}
-
-
-def optimizer_args(recipe: utils.Recipe) -> dict:
+def optimizer_args(recipe: Recipe) -> dict:
     """ART TrainerArgs for the recipe's optimizer knobs; an empty knob keeps ART's default
     (paged_adamw_8bit, betas 0.9/0.99; weight decay 0.1, which ART's GPU trainer forces anyway).
 
-    >>> optimizer_args(utils.Recipe(optimizer="adamw", adam_beta2=0.999))
+    >>> optimizer_args(Recipe(optimizer="adamw", adam_beta2=0.999))
     {'optim': 'adamw_torch', 'adam_beta2': 0.999}
     """
-    utils.check_optimizer_knobs(recipe)
-    out = {"optim": ART_OPTIMIZERS[recipe.optimizer]} if recipe.optimizer else {}
+    check_optimizer_knobs(recipe)
+    out = {"optim": HF_OPTIM[recipe.optimizer]} if recipe.optimizer else {}
     out.update({k: getattr(recipe, k) for k in ("weight_decay", "adam_beta1", "adam_beta2")
                 if getattr(recipe, k) is not None})
     return out
@@ -85,8 +82,11 @@ def optimizer_args(recipe: utils.Recipe) -> dict:
 # 0.1 before each train call, whatever trainer_args say).
 LOCAL_BACKEND_OPTIMIZER = {"optim": "paged_adamw_8bit", "weight_decay": 0.1, "adam_beta1": 0.9, "adam_beta2": 0.99,
                            "optimizer_steps": "per_sequence"}
-def local_backend_optimizer(recipe: utils.Recipe) -> tuple[dict, dict]:
-    """(trainer_args for the recipe's optimizer knobs, the optimizer LocalBackend really uses).
+
+
+def local_backend_optimizer(recipe: Recipe) -> tuple[dict, dict]:
+    """(trainer_args for the recipe's optimizer knobs, the optimizer LocalBackend really uses); a
+    ValueError for what LocalBackend cannot honour.
 
     optim and the betas reach Unsloth's GRPOConfig through `_internal_config.trainer_args`.
     Weight decay and the step granularity cannot: 0.5.18 overwrites the decay with 0.1 on
@@ -94,11 +94,11 @@ def local_backend_optimizer(recipe: utils.Recipe) -> tuple[dict, dict]:
     anything else is refused rather than silently ignored.
     """
     if recipe.weight_decay is not None and recipe.weight_decay != LOCAL_BACKEND_OPTIMIZER["weight_decay"]:
-        raise SystemExit(f"weight_decay {recipe.weight_decay} cannot reach ART 0.5.18's LocalBackend: it sets weight "
+        raise ValueError(f"weight_decay {recipe.weight_decay} cannot reach ART 0.5.18's LocalBackend: it sets weight "
                          "decay 0.1 before every train call (art/unsloth/train.py). Set weight_decay: 0.1 in the "
                          "recipe (both trainers then use it) or leave it empty (each library's default).")
     if recipe.optimizer_steps == "per_step":
-        raise SystemExit("optimizer_steps 'per_step' is not available with ART 0.5.18's LocalBackend: it takes one "
+        raise ValueError("optimizer_steps 'per_step' is not available with ART 0.5.18's LocalBackend: it takes one "
                          "optimizer step per trajectory ('per_sequence'); use that, leave it empty, or use "
                          "--backend cpu (per_step exists only on the CPU engine)")
     trainer_args = optimizer_args(recipe)
@@ -108,7 +108,7 @@ def local_backend_optimizer(recipe: utils.Recipe) -> tuple[dict, dict]:
     return trainer_args, used
 
 
-def train_kwargs(recipe: utils.Recipe, args: ArtArgs) -> dict:
+def train_kwargs(recipe: Recipe, args: ArtArgs) -> dict:
     """Keyword arguments of backend.train: the loss is explicit (ART defaults to cispo, TRL to dapo).
 
     For cispo ART clips the detached importance weight to [1 - epsilon, 1 + epsilon_high];

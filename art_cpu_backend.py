@@ -17,8 +17,8 @@ the `name@step` inference names, the step read from checkpoint folders, `delete_
 metric aggregation and `model.log`.
 
 What is ours: the service (a PEFT LoRA model in fp32 on the CPU), the inference server
-(`InferenceServer`: /v1/chat/completions and /v1/models on 127.0.0.1, generation through
-`fast_backend.generate_shared_prefix`, one prefill per prompt), the per-token logprobs of a
+(art_cpu_server.py: /v1/chat/completions and /v1/models on 127.0.0.1, generation through
+generation.sample_completions, one prefill per prompt), the per-token logprobs of a
 row (log-softmax of the LM head at the completion positions only), and two workarounds for
 a CPU install: `_get_service` is overridden (ART's imports `art.megatron`, not installed),
 and a model registered here gets ART's own "no WANDB_API_KEY -> no wandb run" answer without
@@ -59,16 +59,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import queue
 import shutil
 import threading
-import time
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
+
+from art_compat import import_art
+from art_cpu_server import InferenceServer
 
 # ART's trainer defaults (art/dev/get_model_config.py, art/unsloth/train.py in 0.5.18): used
 # when the model's _internal_config does not set a value. Read from the package, not imported:
@@ -82,36 +80,6 @@ OPTIMIZER_STEPS = ("per_sequence", "per_step")
 CPU_OPTIMIZERS = {"paged_adamw_8bit": "torch AdamW (fp32): paged_adamw_8bit needs bitsandbytes on CUDA",
                   "adamw_8bit": "torch AdamW (fp32): adamw_8bit needs bitsandbytes on CUDA",
                   "adamw_torch": "torch AdamW", "adamw": "torch AdamW"}
-MAX_BODY_BYTES = 1 << 20  # a chat request for a title is a few kB; anything bigger is refused
-MAX_N = 64
-MAX_NEW_TOKENS = 4096
-DEFAULT_MAX_TOKENS = 256
-MAX_BATCH_ROWS = 64  # completions generated together by one worker pass
-
-
-def import_art():
-    """`import art`, undoing its transformers patch where the patch does not fit.
-
-    art/__init__.py replaces transformers.masking_utils._preprocess_mask_arguments with a
-    wrapper written for the transformers ART pins (5.2.0: seven arguments, cache_position
-    among them). Under the CPU stack's transformers 5.17 (no cache_position) that wrapper
-    breaks every later model forward in the process, so there the original is put back; in
-    .venv-art it stays.
-    """
-    import art
-
-    try:
-        import inspect
-
-        from art.transformers import patches
-        from transformers import masking_utils
-    except ImportError:  # no transformers: nothing was patched
-        return art
-    original = patches._preprocess_mask_arguments
-    if (masking_utils._preprocess_mask_arguments is patches._patched_preprocess_mask_arguments
-            and "cache_position" not in inspect.signature(original).parameters):
-        masking_utils._preprocess_mask_arguments = original
-    return art
 
 
 # --------------------------------------------------------------------------------------
@@ -430,377 +398,6 @@ def lr_multiplier(rows: list[dict], _config: dict) -> float:
 
 
 # --------------------------------------------------------------------------------------
-# Generation: n completions per prompt with raw per-token logprobs
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Completion:
-    token_ids: list[int]
-    logprobs: list[float] | None
-    text: str
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
-
-
-class _RawLogprobs:
-    """A logits processor that keeps log-softmax of the raw logits of every decoding step.
-
-    transformers runs user processors before the sampling warpers (temperature, top-k), so
-    these are the model's own probabilities, the ones ART's trainer recomputes.
-    """
-
-    def __init__(self):
-        self.steps: list = []
-
-    def __call__(self, input_ids, scores):
-        import torch
-
-        self.steps.append(torch.log_softmax(scores.float(), dim=-1))
-        return scores
-
-
-def generate(service: CpuModelService, prompts: Sequence[Sequence[int]], counts: Sequence[int], *, adapter: bool,
-             temperature: float, max_tokens: int, stops: Sequence[str], logprobs: bool,
-             seed: int | None = None) -> list[list[Completion]]:
-    """`counts[i]` completions of `prompts[i]` (token ids); one prefill per prompt."""
-    import torch
-    from transformers import GenerationConfig, LogitsProcessorList
-
-    import utils
-    from fast_backend import cut_after_eos, generate_shared_prefix
-
-    tok = service.tokenizer
-    eos = [tok.eos_token_id, *utils.stop_token_ids(tok, stops)]
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {
-        "do_sample": False}
-    config = GenerationConfig(**sampling, max_new_tokens=max_tokens, eos_token_id=list(dict.fromkeys(eos)),
-                              pad_token_id=tok.pad_token_id)
-    capture = _RawLogprobs()
-    rows = [list(p) for p, c in zip(prompts, counts, strict=True) for _ in range(c)]
-    context = contextlib.nullcontext() if adapter else service.model.disable_adapter()
-    with service.lock, context, torch.no_grad(), torch.random.fork_rng(devices=[], enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
-        new = generate_shared_prefix(service.model, rows, tok.pad_token_id, generation_config=config,
-                                     logits_processor=LogitsProcessorList([capture] if logprobs else []))
-    out, k = [], 0
-    for count in counts:
-        group = []
-        for _ in range(count):
-            ids = cut_after_eos(new[k].tolist(), set(eos))
-            lps = [float(capture.steps[t][k, i]) for t, i in enumerate(ids)] if logprobs else None
-            group.append(Completion(ids, lps, cut_at_stop(tok.decode(ids, skip_special_tokens=True), stops),
-                                    "stop" if ids and ids[-1] in eos else "length"))
-            k += 1
-        out.append(group)
-    return out
-
-
-def cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    """The text before the first stop string (the OpenAI API leaves the stop string out).
-
-    >>> cut_at_stop("A title\\nmore", ["\\n"]), cut_at_stop("no stop", ["\\n"])
-    ('A title', 'no stop')
-    """
-    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return text[:min(cuts)] if cuts else text
-
-
-# --------------------------------------------------------------------------------------
-# The OpenAI-compatible server
-# --------------------------------------------------------------------------------------
-
-
-class RequestError(ValueError):
-    """A request the server cannot serve: HTTP status + the field at fault."""
-
-    def __init__(self, status: int, param: str, message: str):
-        super().__init__(message)
-        self.status, self.param = status, param
-
-
-def parse_chat_request(body: dict) -> dict:
-    """Check a /v1/chat/completions body; return the normalised parameters or raise RequestError.
-
-    Fields are checked in the order below, so a body with several bad fields names the first.
-
-    >>> msgs = [{"role": "user", "content": "A story"}]
-    >>> p = parse_chat_request({"model": "m@0", "messages": msgs, "stop": "\\n", "max_tokens": None})
-    >>> p["n"], p["temperature"], p["max_tokens"], p["stop"], p["logprobs"], p["seed"]
-    (1, 1.0, 256, ('\\n',), False, None)
-    >>> try:
-    ...     parse_chat_request({"model": "m@0", "messages": msgs, "max_completion_tokens": 0})
-    ... except RequestError as e:
-    ...     print(e.status, e.param, e)
-    400 max_completion_tokens 'max_completion_tokens' must be an integer from 1 to 4096, got 0
-    """
-    if not isinstance(body, dict):
-        raise RequestError(400, "body", "the request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise RequestError(400, "model", "'model' must be a non-empty string")
-    messages = _checked_messages(body.get("messages"))
-    n = _checked_count("n", body.get("n", 1), MAX_N)
-    temperature = _checked_temperature(body.get("temperature", 1.0))
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _checked_count(key, DEFAULT_MAX_TOKENS if body.get(key) is None else body[key], MAX_NEW_TOKENS)
-    stop = _checked_stop(body.get("stop") or [])
-    logprobs = _checked_logprobs(body)
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RequestError(400, "seed", f"'seed' must be an integer, got {seed!r}")
-    return {"model": model, "messages": messages, "n": n, "temperature": temperature,
-            "max_tokens": max_tokens, "stop": stop, "logprobs": logprobs, "seed": seed}
-
-
-def _checked_messages(messages) -> list[dict]:
-    if (not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages)):
-        raise RequestError(400, "messages", "'messages' must be a non-empty list of {role, content} with string content")
-    return messages
-
-
-def _checked_count(key: str, value, most: int) -> int:
-    """An integer from 1 to `most` (a bool is not one, though Python says it is an int)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
-        raise RequestError(400, key, f"'{key}' must be an integer from 1 to {most}, got {value!r}")
-    return value
-
-
-def _checked_temperature(temperature) -> float:
-    temperature = 1.0 if temperature is None else temperature
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-        raise RequestError(400, "temperature", f"'temperature' must be a number from 0 to 2, got {temperature!r}")
-    return float(temperature)
-
-
-def _checked_stop(stop) -> tuple[str, ...]:
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-        raise RequestError(400, "stop", "'stop' must be a non-empty string or a list of at most 4 of them")
-    return tuple(stop)
-
-
-def _checked_logprobs(body: dict) -> bool:
-    """`logprobs` (a bool); `top_logprobs` is refused: the server returns none."""
-    logprobs = body.get("logprobs") or False
-    if not isinstance(logprobs, bool):
-        raise RequestError(400, "logprobs", "'logprobs' must be true or false")
-    if body.get("top_logprobs"):
-        raise RequestError(400, "top_logprobs", "'top_logprobs' is not supported by this server (use 0 or leave it out)")
-    return logprobs
-
-
-@dataclass
-class _Job:
-    params: dict
-    prompt: list[int]
-    done: threading.Event = field(default_factory=threading.Event)
-    result: list[Completion] | None = None
-    error: RequestError | None = None
-
-    def key(self) -> tuple:
-        p = self.params
-        return (p["model"], p["temperature"], p["max_tokens"], p["stop"], p["logprobs"], p["seed"])
-
-
-class InferenceServer:
-    """/v1/chat/completions, /v1/models and /health on 127.0.0.1 for one CpuModelService.
-
-    Handler threads check and tokenize requests; one worker thread generates, taking every
-    waiting request with the same settings into one batch (one prefill per prompt). Stopped
-    by `stop()` (LocalBackend.close -> service.close): no thread outlives the backend.
-    """
-
-    def __init__(self, service: CpuModelService):
-        self.service = service
-        self.jobs: queue.Queue[_Job | None] = queue.Queue()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_class(self))
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self._threads: list[threading.Thread] = []
-        self._stopping = False
-
-    def start(self) -> InferenceServer:
-        for target, name in ((self.httpd.serve_forever, "art-cpu-http"), (self._work, "art-cpu-generate")):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        print(f"[art-cpu] OpenAI-compatible server on http://127.0.0.1:{self.port}/v1")
-        return self
-
-    def stop(self) -> None:
-        self._stopping = True
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.jobs.put(None)
-        for thread in self._threads:
-            thread.join(timeout=30)
-        self._threads.clear()
-
-    def served(self) -> dict[str, bool]:
-        """Served model names -> adapter on (the policy) or off (the base model)."""
-        return {self.service.base_model: False, f"{self.service.model_name}@{self.service.step}": True}
-
-    def submit(self, params: dict) -> tuple[int, list[Completion]]:
-        """(prompt tokens, completions) for a checked request; raises RequestError."""
-        if self._stopping:
-            raise RequestError(503, "model", "the server is shutting down")
-        if params["model"] not in self.served():
-            raise RequestError(404, "model", f"model {params['model']!r} is not served here "
-                                             f"(served: {sorted(self.served())})")
-        tok = self.service.tokenizer
-        prompt = tok.apply_chat_template(params["messages"], add_generation_prompt=True, tokenize=True)
-        prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
-        limit = getattr(self.service.model.config, "max_position_embeddings", 1 << 30)
-        if len(prompt) + params["max_tokens"] > limit:
-            raise RequestError(400, "messages", f"prompt ({len(prompt)} tokens) + max_tokens exceeds the model's {limit}")
-        job = _Job(params, prompt)
-        self.jobs.put(job)
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        assert job.result is not None
-        return len(prompt), job.result
-
-    def _work(self) -> None:
-        pending: list[_Job] = []
-        while True:
-            job = pending.pop(0) if pending else self.jobs.get()
-            if job is None:
-                break
-            batch, rows = [job], job.params["n"]
-            while True:  # every request waiting now with the same settings joins the batch
-                try:
-                    other = self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if other is None:
-                    pending.append(other)
-                    break
-                if other.key() == job.key() and rows + other.params["n"] <= MAX_BATCH_ROWS:
-                    batch.append(other)
-                    rows += other.params["n"]
-                else:
-                    pending.append(other)
-            self._run(batch)
-        for job in pending:
-            if job is not None:
-                job.error = RequestError(503, "model", "the server is shutting down")
-                job.done.set()
-
-    def _run(self, batch: list[_Job]) -> None:
-        p = batch[0].params
-        try:
-            adapter = self.served().get(p["model"])
-            if adapter is None:  # the policy moved on while the request waited
-                raise RequestError(404, "model", f"model {p['model']!r} is no longer served (served: {sorted(self.served())})")
-            results = generate(self.service, [j.prompt for j in batch], [j.params["n"] for j in batch],
-                               adapter=adapter, temperature=p["temperature"], max_tokens=p["max_tokens"],
-                               stops=p["stop"], logprobs=p["logprobs"], seed=p["seed"])
-            for job, result in zip(batch, results, strict=True):
-                job.result = result
-        except RequestError as e:
-            for job in batch:
-                job.error = e
-        except Exception as e:  # a generation failure is the server's fault: 500 with the reason
-            for job in batch:
-                job.error = RequestError(500, "model", f"generation failed: {type(e).__name__}: {e}")
-        finally:
-            for job in batch:
-                job.done.set()
-
-
-def completion_body(params: dict, prompt_len: int, completions: list[Completion], tokenizer) -> dict:
-    """The OpenAI chat.completion object; logprob tokens as "token_id:N" (vLLM's
-    return_tokens_as_token_ids, which ART's tokenizer step reads back)."""
-    choices = []
-    for i, c in enumerate(completions):
-        logprobs = None
-        if c.logprobs is not None:
-            content = []
-            for tid, lp in zip(c.token_ids, c.logprobs, strict=True):
-                text = tokenizer.decode([tid])
-                content.append({"token": f"token_id:{tid}", "logprob": lp, "bytes": list(text.encode("utf-8")),
-                                "top_logprobs": []})
-            logprobs = {"content": content}
-        choices.append({"index": i, "message": {"role": "assistant", "content": c.text},
-                        "finish_reason": c.finish_reason, "logprobs": logprobs})
-    generated = sum(len(c.token_ids) for c in completions)
-    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": params["model"], "choices": choices,
-            "usage": {"prompt_tokens": prompt_len, "completion_tokens": generated, "total_tokens": prompt_len + generated}}
-
-
-class _ChatHandler(BaseHTTPRequestHandler):
-    """The HTTP side of an InferenceServer (`inference`, set by `_handler_class`); every error
-    is a JSON body {"error": {message, type, param, code}} in the OpenAI API's shape."""
-
-    protocol_version = "HTTP/1.1"  # keep-alive: the openai client reuses connections
-    inference: InferenceServer
-
-    def log_message(self, *args):  # one line per request would drown the training log
-        pass
-
-    def _reply(self, status: int, payload: dict) -> None:
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _error(self, e: RequestError) -> None:
-        kind = "invalid_request_error" if e.status < 500 else "server_error"
-        self._reply(e.status, {"error": {"message": str(e), "type": kind, "param": e.param, "code": e.status}})
-
-    def do_GET(self):
-        path = self.path.split("?")[0].rstrip("/")
-        if path == "/health":
-            return self._reply(200, {"status": "ok", "served": sorted(self.inference.served())})
-        if path == "/v1/models":
-            base = self.inference.service.base_model
-            data = [{"id": name, "object": "model", "owned_by": "art-cpu", "root": base,
-                     "parent": base if adapter else None} for name, adapter in self.inference.served().items()]
-            return self._reply(200, {"object": "list", "data": data})
-        self._error(RequestError(404, "path", f"no route GET {path}"))
-
-    def do_POST(self):
-        path = self.path.split("?")[0].rstrip("/")
-        try:
-            params = parse_chat_request(self._json_body(path))
-            prompt_len, completions = self.inference.submit(params)
-            self._reply(200, completion_body(params, prompt_len, completions, self.inference.service.tokenizer))
-        except RequestError as e:
-            self._error(e)
-
-    def _json_body(self, path: str):
-        """The parsed JSON body of a POST to the chat route. The body is read off the connection
-        before the route is checked, so a keep-alive connection stays in step."""
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            self.close_connection = True  # where this body ends is unknown: the connection cannot be reused
-            raise RequestError(400, "Content-Length", "the Content-Length header must be an integer") from None
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True  # the unread body must not be parsed as the next request
-            raise RequestError(413, "body", f"request body of {length} bytes exceeds {MAX_BODY_BYTES}")
-        raw = self.rfile.read(length) if length > 0 else b""
-        if path != "/v1/chat/completions":
-            raise RequestError(404, "path", f"no route POST {path}")
-        try:
-            return json.loads(raw)
-        except ValueError as e:
-            raise RequestError(400, "body", f"the request body is not valid JSON ({e})") from None
-
-
-def _handler_class(server: InferenceServer) -> type[_ChatHandler]:
-    """The handler class ThreadingHTTPServer instantiates per request, bound to `server`."""
-    return type("Handler", (_ChatHandler,), {"inference": server})
-
-
-# --------------------------------------------------------------------------------------
 # Smoke check
 # --------------------------------------------------------------------------------------
 
@@ -812,12 +409,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from openai import OpenAI
 
+    import settings
     import utils
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="recipes/tiny.yaml")
     cli = parser.parse_args(argv)
-    (recipe,) = utils.parse_args((utils.Recipe,), "art", ["--recipe", cli.recipe])
+    (recipe,) = settings.parse_args((settings.Recipe,), "art", ["--recipe", cli.recipe])
     with tempfile.TemporaryDirectory() as tmp:
         service = CpuModelService("smoke", recipe.model, {}, tmp)
         host, port = asyncio.run(service.start_openai_server(None))

@@ -19,6 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import settings
 import utils
 
 
@@ -62,7 +63,7 @@ def load_split(source: str, split: str):
         raise
     except ConnectionError as e:  # datasets raises this both offline and without network
         raise CheckError(f"{source}: cannot reach the Hugging Face Hub ({e}); set DATASET or --dataset "
-                         f"to a local .jsonl/.parquet file or folder (default: {utils.DEFAULT_DATASET})") from None
+                         f"to a local .jsonl/.parquet file or folder (default: {settings.DEFAULT_DATASET})") from None
     except (OSError, ValueError) as e:  # unknown hub id or split, unreadable parquet, ...
         raise CheckError(f"{source}: cannot load split '{split}': {type(e).__name__}: {first_line(e)}") from None
 
@@ -97,7 +98,7 @@ def quiet(fn, *args):
             datasets.enable_progress_bars()
 
 
-def check_split(ds, split: str, tokenizer, recipe: utils.Recipe, cap: int) -> tuple[dict, object, list[str]]:
+def check_split(ds, split: str, tokenizer, recipe: settings.Recipe, cap: int) -> tuple[dict, object, list[str]]:
     """Report for one split, the filtered rows (a trainer takes the first `used`) and all ids."""
     ids = [str(i) for i in ds["id"]]
     kept, report = quiet(utils.filter_stories, ds, tokenizer, split, recipe.min_score, recipe.max_prompt_tokens)
@@ -152,7 +153,7 @@ def sample_prompt(tokenizer, row: dict, chars: int) -> str:
             f"{row['prompt_tokens']} prompt tokens ---\n{text}")
 
 
-def main(recipe: utils.Recipe, args: CheckArgs) -> dict:
+def main(recipe: settings.Recipe, args: CheckArgs) -> dict:
     """Print the report and return it as a dict. Raises DatasetError/CheckError on bad input."""
     print(f"dataset: {recipe.dataset}\ntokenizer: {recipe.model}\n"
           f"filters: score >= {recipe.min_score}, non-empty body, non-empty title, "
@@ -186,7 +187,7 @@ def main(recipe: utils.Recipe, args: CheckArgs) -> dict:
 def cli(argv: list[str] | None = None) -> int:
     """Parse arguments, run, and turn expected failures into one line on stderr (exit 1)."""
     try:
-        recipe, args = utils.parse_args((utils.Recipe, CheckArgs), "check", argv, description=__doc__.splitlines()[0])
+        recipe, args = settings.parse_args((settings.Recipe, CheckArgs), "check", argv, description=__doc__.splitlines()[0])
         main(recipe, args)
     except (utils.DatasetError, CheckError, FileNotFoundError) as e:
         print(f"check_dataset: error: {e}", file=sys.stderr)

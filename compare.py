@@ -20,7 +20,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import utils
+import rundir
+import settings
+import stats
 
 # Recipe fields that name places, not experimental choices: never reported as differences.
 NOT_KNOBS = {"run_name", "runs_dir", "reward_url", "reward_timeout", "reward_retries", "dataset"}
@@ -85,7 +87,7 @@ def find_runs(runs_dir: Path, exclude: Path | None = None) -> list[Path]:
     for p in sorted(runs_dir.iterdir()):
         if not p.is_dir() or (exclude is not None and p.resolve() == exclude.resolve()):
             continue
-        if (p / utils.METRICS_FILE).exists() or (p / "config.json").exists():
+        if (p / rundir.METRICS_FILE).exists() or (p / "config.json").exists():
             found.append(p)
     return found
 
@@ -112,19 +114,19 @@ def read_config(run_dir: Path) -> tuple[dict, list[str]]:
 
 def load_run(path: Path) -> list[Run]:
     """The runs in one folder: one per method (and evaluation label) in its metrics, usually one."""
-    if path.name == utils.METRICS_FILE:
+    if path.name == rundir.METRICS_FILE:
         path = path.parent
     label = path.name
     if not path.is_dir():
         return [Run(path, label, notes=[f"{_display(path)}: no such run directory"], exists=False)]
     config, notes = read_config(path)
-    rows, metric_notes = utils.read_metrics(path)
-    notes += [n.replace(str(path / utils.METRICS_FILE), f"{_display(path)}/{utils.METRICS_FILE}") for n in metric_notes]
-    if (path / utils.METRICS_FILE).exists() and not rows and not metric_notes:
-        notes.append(f"{_display(path)}/{utils.METRICS_FILE} is empty (run just started?)")
+    rows, metric_notes = rundir.read_metrics(path)
+    notes += [n.replace(str(path / rundir.METRICS_FILE), f"{_display(path)}/{rundir.METRICS_FILE}") for n in metric_notes]
+    if (path / rundir.METRICS_FILE).exists() and not rows and not metric_notes:
+        notes.append(f"{_display(path)}/{rundir.METRICS_FILE} is empty (run just started?)")
     bad = [r for r in rows if not isinstance(r["step"], int) or isinstance(r["step"], bool) or not isinstance(r["split"], str)]
     if bad:
-        notes.append(f"{_display(path)}/{utils.METRICS_FILE}: {len(bad)} row(s) with a non-integer step or no split; skipped")
+        notes.append(f"{_display(path)}/{rundir.METRICS_FILE}: {len(bad)} row(s) with a non-integer step or no split; skipped")
         rows = [r for r in rows if not any(r is x for x in bad)]
     groups: dict[str, list[dict]] = {}
     trained = {r.get("method") or "?" for r in rows if r["split"] == "train"}
@@ -161,7 +163,7 @@ def _checked(run: Run) -> Run:
         run.notes.append(f"{run.label}: no validation yet ({len(train)} train rows up to step {last}); "
                          "not in the val columns")
     for r in val:
-        if not utils.is_finite_number(r.get("reward_mean")) or not r.get("n"):
+        if not stats.is_finite_number(r.get("reward_mean")) or not r.get("n"):
             run.notes.append(f"{run.label}: val row at step {r['step']} scored no titles; ignored")
     return run
 
@@ -172,25 +174,16 @@ def _checked(run: Run) -> Run:
 
 
 def valid_val(run: Run) -> list[dict]:
-    return [r for r in run.split("val") if utils.is_finite_number(r.get("reward_mean")) and r.get("n")]
-
-
-def bootstrap_ci(values: list[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float] | None:
-    """95% percentile bootstrap interval of the mean over stories (None below 2 stories)."""
-    vals = [float(v) for v in values if utils.is_finite_number(v)]
-    if len(vals) < 2:
-        return None
-    # A paired bootstrap against zero is the plain bootstrap of the mean.
-    _, lo, hi = utils.bootstrap_mean_diff(vals, [0.0] * len(vals), n_boot=n_boot, seed=seed)
-    return lo, hi
+    return [r for r in run.split("val") if stats.is_finite_number(r.get("reward_mean")) and r.get("n")]
 
 
 def spread(row: dict, n_boot: int) -> tuple[str, tuple[float, float] | None]:
     """Text and interval for a val row: bootstrap over extra.story_reward, else ± std over titles."""
-    ci = bootstrap_ci((row.get("extra") or {}).get("story_reward") or [], n_boot)
+    values = [float(v) for v in (row.get("extra") or {}).get("story_reward") or [] if stats.is_finite_number(v)]
+    ci = stats.bootstrap_ci(values, n_boot)
     if ci is not None:
         return f"[{ci[0]:.3f}, {ci[1]:.3f}]", ci
-    if utils.is_finite_number(row.get("reward_std")):
+    if stats.is_finite_number(row.get("reward_std")):
         return f"± {row['reward_std']:.3f}", None
     return "", None
 
@@ -229,7 +222,7 @@ def recipe_of(run: Run) -> str:
 
 def steps_per_hour(run: Run) -> float | None:
     """Optimizer steps per hour of wall-clock (validation time included), from the latest row."""
-    timed = [r for r in run.rows if r["step"] > 0 and utils.is_finite_number(r.get("wall_time")) and r["wall_time"] > 0]
+    timed = [r for r in run.rows if r["step"] > 0 and stats.is_finite_number(r.get("wall_time")) and r["wall_time"] > 0]
     if not timed or not run.split("train"):
         return None
     last = max(timed, key=lambda r: r["wall_time"])
@@ -244,13 +237,13 @@ def tokens_per_s(run: Run) -> float | None:
     """
     for split in ("train", "val"):
         vals = [(r.get("extra") or {}).get(k) for r in run.split(split) for k in TOKENS_PER_S_KEYS]
-        vals = [v for v in vals if utils.is_finite_number(v)]
+        vals = [v for v in vals if stats.is_finite_number(v)]
         if vals:
             return sum(vals) / len(vals)
     tokens = seconds = 0.0
     for r in run.split("train"):
         extra = r.get("extra") or {}
-        if utils.is_finite_number(extra.get("completion_tokens_mean")) and utils.is_finite_number(extra.get("step_seconds")) and extra["step_seconds"] > 0:
+        if stats.is_finite_number(extra.get("completion_tokens_mean")) and stats.is_finite_number(extra.get("step_seconds")) and extra["step_seconds"] > 0:
             tokens += extra["completion_tokens_mean"] * r["n"]
             seconds += extra["step_seconds"]
     return tokens / seconds if seconds else None
@@ -278,7 +271,7 @@ def summarize(run: Run, n_boot: int = 2000) -> dict:
 
 
 def _fmt(x, spec: str = ".3f") -> str:
-    return "n/a" if x is None or not utils.is_finite_number(x) else format(x, spec)
+    return "n/a" if x is None or not stats.is_finite_number(x) else format(x, spec)
 
 
 def _reward_cell(v: dict | None) -> str:
@@ -427,8 +420,8 @@ def draw_panel(ax, panel: str, runs: list[Run], styles: dict[str, tuple[str, obj
     for run in runs:
         if run.is_reference and run.label not in refs:
             continue
-        rows = valid_val(run) if split == "val" else [r for r in run.split("train") if utils.is_finite_number(_get(r, y))]
-        rows = [r for r in rows if utils.is_finite_number(r.get(x)) and utils.is_finite_number(_get(r, y))]
+        rows = valid_val(run) if split == "val" else [r for r in run.split("train") if stats.is_finite_number(_get(r, y))]
+        rows = [r for r in rows if stats.is_finite_number(r.get(x)) and stats.is_finite_number(_get(r, y))]
         if not rows:
             continue
         drawn = True
@@ -457,7 +450,7 @@ def draw_panel(ax, panel: str, runs: list[Run], styles: dict[str, tuple[str, obj
         ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes, color="gray")
     # Every panel spans from 0 to the furthest any run got, so a baseline alone or a run that
     # has not validated yet still shows on the scale of the training so far.
-    seen = [r for run in runs if not run.is_reference for r in run.rows if utils.is_finite_number(r.get(x))]
+    seen = [r for run in runs if not run.is_reference for r in run.rows if stats.is_finite_number(r.get(x))]
     right = max((r[x] / 60 if x == "wall_time" else r[x] for r in seen), default=0)
     if right > 0:
         ax.set_xlim(-0.03 * right, right * 1.03)
@@ -539,7 +532,7 @@ def report(runs: list[Run], summaries: list[dict], pngs: list[Path], examples: i
 
 def main(args: CompareArgs, run_paths: list[str] | None = None) -> dict:
     # resolved like the trainers' runs_dir, so `compare` finds what they wrote from any directory
-    runs_dir = utils.resolve_runs_dir(args.runs_dir or os.environ.get("RUNS_DIR") or str(utils.ROOT / "runs"))
+    runs_dir = settings.resolve_runs_dir(args.runs_dir or os.environ.get("RUNS_DIR") or str(settings.ROOT / "runs"))
     out_dir = Path(args.out_dir) if args.out_dir else runs_dir / "compare"
     paths = [Path(p) for p in run_paths] if run_paths else find_runs(runs_dir, exclude=out_dir)
     if not paths:
@@ -558,7 +551,7 @@ def main(args: CompareArgs, run_paths: list[str] | None = None) -> dict:
 
 
 def parse(argv: list[str] | None = None) -> tuple[CompareArgs, list[str]]:
-    utils.load_env()  # RUNS_DIR may be set only in .env; main() reads it
+    settings.load_env()  # RUNS_DIR may be set only in .env; main() reads it
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(CompareArgs, description=__doc__.splitlines()[0])

@@ -60,11 +60,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import comparison
+import evaluation
 import grpo_semantics
 import procs
+import rundir
+import settings
 import utils
 
-ROOT = utils.ROOT
+ROOT = settings.ROOT
 REPORT_FILE = "demo_report.md"
 AFTER_DIR = "demo-eval"  # <run dir>/demo-eval: the demo's evaluation of the final adapter
 CURVE_LABEL = "before-greedy"  # the baseline's greedy titles: the in-training curve's protocol
@@ -140,10 +144,10 @@ def _raise_interrupt(signum, frame):
 # --------------------------------------------------------------------------------------
 
 
-def load_recipe(path: str, overrides: dict[str, str] | None = None) -> utils.Recipe:
+def load_recipe(path: str, overrides: dict[str, str] | None = None) -> settings.Recipe:
     """The recipe as evaluate.py and the trainers resolve it (YAML + environment + the setting's flags)."""
     argv = ["--recipe", path] + [a for k, v in (overrides or {}).items() for a in (f"--{k}", v)]
-    (recipe,) = utils.parse_args((utils.Recipe,), "eval", argv)
+    (recipe,) = settings.parse_args((settings.Recipe,), "eval", argv)
     return recipe
 
 
@@ -162,7 +166,7 @@ def run_names(recipe_path: str, setting: str = "defaults") -> dict[str, str]:
     return {"base": f"base-{stem}", "demo": f"demo-{stem}{tag}", **{m: f"{m}-{stem}{tag}" for m in METHODS}}
 
 
-def curve_flags(recipe: utils.Recipe, points: int) -> list[str]:
+def curve_flags(recipe: settings.Recipe, points: int) -> list[str]:
     """Trainer flags for the in-training curve: `points` validations on greedy titles only."""
     if points <= 0:
         return []
@@ -170,12 +174,12 @@ def curve_flags(recipe: utils.Recipe, points: int) -> list[str]:
     return ["--eval_every", str(every), "--eval_samples", "0"]
 
 
-def check_data(recipe: utils.Recipe) -> dict[str, int]:
+def check_data(recipe: settings.Recipe) -> dict[str, int]:
     """Both splits loaded and filtered as the trainers do (utils.load_split; `make check` reports
     more); fail if training or validation cannot work. Returns the stories used per split."""
     from transformers import AutoTokenizer
 
-    with utils.hub_errors(recipe.model):
+    with settings.hub_errors(recipe.model):
         tokenizer = AutoTokenizer.from_pretrained(recipe.model)
     used = {}
     for split, limit, need in ((recipe.train_split, recipe.max_train_stories, recipe.prompts_per_step),
@@ -188,28 +192,23 @@ def check_data(recipe: utils.Recipe) -> dict[str, int]:
     return used
 
 
-def evaluate_policy(recipe: utils.Recipe, run_name: str, label: str, method: str, step: int, adapter: str = ""):
+def evaluate_policy(recipe: settings.Recipe, run_name: str, label: str, method: str, step: int, adapter: str = ""):
     """`make eval`'s procedure (policy.evaluate_policy: the trainers' validation) into runs/<run_name>."""
     import policy
 
     recipe = dataclasses.replace(copy.deepcopy(recipe), run_name=run_name)
     result, path = policy.evaluate_policy(recipe, adapter, label, method, step)
-    print(f"[{label}] {utils.eval_summary(result)}\ntitles -> {path}")
+    print(f"[{label}] {evaluation.eval_summary(result)}\ntitles -> {path}")
     return result
 
 
-def greedy_only(result: utils.EvalResult) -> utils.EvalResult:
-    """The greedy part of an evaluation: what a greedy-only validation of the same policy scores."""
-    return utils.EvalResult(greedy=list(result.greedy), sampled=[[] for _ in result.rows], rows=list(result.rows))
-
-
-def write_curve_baseline(base_dir: Path, before: utils.EvalResult, model: str = "") -> None:
+def write_curve_baseline(base_dir: Path, before: evaluation.EvalResult, model: str = "") -> None:
     """The untrained model's greedy titles as their own row, so the curves have a baseline band
     on their own protocol (greedy decoding is deterministic: no second generation needed)."""
-    result = greedy_only(before)
-    row = utils.eval_metrics_row(result, method="base", step=0, wall_time=0.0, run=base_dir.name,
+    result = evaluation.greedy_only(before)
+    row = evaluation.eval_metrics_row(result, method="base", step=0, wall_time=0.0, run=base_dir.name,
                                  extra={"label": CURVE_LABEL, "derived_from": "before", "model": model})
-    utils.write_eval(base_dir, CURVE_LABEL, result, row)
+    evaluation.write_eval(base_dir, CURVE_LABEL, result, row)
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
@@ -223,12 +222,10 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     return max(found, key=lambda p: (step_of(p), str(p)), default=None)
 
 
-last_checkpoint = find_checkpoint  # the old name
-
 
 def trained_steps(run_dir: Path, method: str) -> int:
     """The last step the run logged (its train rows; an ART step skipped untrained counts too)."""
-    rows, _ = utils.read_metrics(run_dir)
+    rows, _ = rundir.read_metrics(run_dir)
     return max((r["step"] for r in rows if r["split"] == "train" and r["method"] == method), default=0)
 
 
@@ -242,7 +239,7 @@ class MethodRun:
     error: str = ""               # why it failed; empty when it finished
     step: int = 0                 # last step logged
     checkpoint: Path | None = None
-    result: utils.EvalResult | None = None
+    result: evaluation.EvalResult | None = None
     train_wall: float = 0.0       # this invocation's training stage
     train_cpu: float = 0.0
 
@@ -296,7 +293,7 @@ def train_method(mr: MethodRun, recipe_path: str, url: str, flags: Sequence[str]
         print(f"\n[{mr.method.name}] {mr.error}", flush=True)
 
 
-def evaluate_method(mr: MethodRun, recipe: utils.Recipe) -> None:
+def evaluate_method(mr: MethodRun, recipe: settings.Recipe) -> None:
     """The full-protocol evaluation of the method's newest adapter; a failure is recorded, not raised."""
     # Its own run dir inside the training run: the trainer already logged a val row at this step.
     shutil.rmtree(mr.run_dir / AFTER_DIR, ignore_errors=True)  # redone on every run, like the baseline
@@ -309,141 +306,6 @@ def evaluate_method(mr: MethodRun, recipe: utils.Recipe) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# Comparison
-# --------------------------------------------------------------------------------------
-
-
-@dataclass
-class Comparison:
-    """Paired comparison of two evaluations on the same val stories (`after` - `before`)."""
-
-    before: dict
-    after: dict
-    diff: float
-    lo: float
-    hi: float
-    improved: int
-    worse: int
-    n: int
-    rouge_diff: float = float("nan")
-    rouge_lo: float = float("nan")
-    rouge_hi: float = float("nan")
-
-    @property
-    def significant(self) -> bool:
-        return self.lo > 0
-
-    @property
-    def copy_rose(self) -> bool:
-        return self.after["copy_frac_mean"] > self.before["copy_frac_mean"] + 1e-9
-
-    @property
-    def template_rose(self) -> bool:
-        """The commonest title skeleton gained 10 points or more: titles collapsing onto one form."""
-        return self.after["template_share"] > self.before["template_share"] + 0.1
-
-    @property
-    def rouge_confirms(self) -> bool:
-        return self.rouge_lo > 0
-
-
-def summarize(result: utils.EvalResult) -> dict:
-    """The shared-schema numbers of one evaluation, the greedy-only mean and the independent metrics."""
-    row = utils.metrics_row(method="", step=0, split="val", scored=result.all_scored(), wall_time=0)
-    row["greedy_reward_mean"] = utils.stats(s.reward for s in result.greedy)["mean"]
-    row.update(result.independent())
-    return row
-
-
-def compare(before: utils.EvalResult, after: utils.EvalResult, seed: int = 0) -> Comparison:
-    ids_b, ids_a = [r.get("id") for r in before.rows], [r.get("id") for r in after.rows]
-    if ids_b != ids_a:
-        raise ValueError("the two evaluations cover different stories; a paired comparison needs the same")
-    b, a = before.per_story_reward(), after.per_story_reward()
-    diff, lo, hi = utils.bootstrap_mean_diff(a, b, seed=seed)
-    rd, rlo, rhi = utils.bootstrap_mean_diff(after.per_story_rouge_l(), before.per_story_rouge_l(), seed=seed)
-    return Comparison(before=summarize(before), after=summarize(after), diff=diff, lo=lo, hi=hi,
-                      improved=sum(x > y for x, y in zip(a, b)), worse=sum(x < y for x, y in zip(a, b)), n=len(a),
-                      rouge_diff=rd, rouge_lo=rlo, rouge_hi=rhi)
-
-
-def verdict(cmp: Comparison, name: str, ref: str) -> str:
-    """One sentence on `name` vs `ref` and what the independent metrics say about it."""
-    if cmp.significant:
-        out = f"**{name} is measurably better than {ref}** (the interval excludes 0)."
-    elif cmp.hi < 0:
-        out = f"**{name} is measurably worse than {ref}** (the interval is below 0)."
-    else:
-        out = f"**No measurable difference between {name} and {ref}** (the interval includes 0)."
-    if cmp.significant and not cmp.rouge_confirms:
-        out += (f" **The reward gain does not show on ROUGE-L** ({cmp.rouge_diff:+.3f} [{cmp.rouge_lo:+.3f}, "
-                f"{cmp.rouge_hi:+.3f}]): the titles did not get closer to the real ones.")
-    if cmp.template_rose:
-        out += (f" **Titles collapsed toward one template**: `{cmp.after['template_top']}` "
-                f"{cmp.before['template_share']:.0%} -> {cmp.after['template_share']:.0%}.")
-    if cmp.copy_rose and cmp.significant:
-        out += " **The copy fraction rose**: part of the gain may come from copying the article."
-    return out
-
-
-# Where each cost lives in a train row's extras: our own key first, then ART's metrics of the
-# step (LocalBackend reports gradient steps and the assistant tokens it packed for training).
-COST_KEYS = {"optimizer_steps": ("optimizer_steps", "train_metrics/data/step_num_gradient_steps"),
-             "trained_tokens": ("trained_tokens", "train_metrics/data/step_trainer_tokens"),
-             "step_seconds": ("step_seconds",), "step_cpu_seconds": ("step_cpu_seconds",)}
-
-
-def _number(x) -> float | None:
-    ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-    return float(x) if ok else None
-
-
-def row_cost(row: dict, name: str) -> float | None:
-    """One cost of one train row (COST_KEYS), None when the trainer did not log it."""
-    extra = row.get("extra") or {}
-    if extra.get("skipped") and name in ("optimizer_steps", "trained_tokens"):
-        return 0.0  # an ART step whose groups could not teach: skipped untrained
-    for key in COST_KEYS[name]:
-        section, _, sub = key.partition("/")
-        value = (extra.get(section) or {}).get(sub) if sub else extra.get(key)
-        if _number(value) is not None:
-            return _number(value)
-    return None
-
-
-def mean_cost(rows: Sequence[dict], name: str) -> float | None:
-    vals = [v for v in (row_cost(r, name) for r in rows) if v is not None]
-    return sum(vals) / len(vals) if vals else None
-
-
-def cost(mr: MethodRun) -> dict:
-    """Per-step cost from the run's own train rows (every step it ever trained), and this invocation's stage."""
-    rows, _ = utils.read_metrics(mr.run_dir)
-    by_step = {r["step"]: r for r in rows if r["split"] == "train" and r["method"] == mr.method.name}
-    train = [by_step[k] for k in sorted(by_step)]
-    val = [r for r in rows if r["split"] == "val" and r["method"] == mr.method.name]
-    return {"steps": len(train), **{name: mean_cost(train, name) for name in COST_KEYS},
-            "val_seconds": sum((r.get("extra") or {}).get("eval_seconds") or 0.0 for r in val), "vals": len(val),
-            "stage_wall": mr.train_wall, "stage_cpu": mr.train_cpu}
-
-
-def _fmt(x, spec: str) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
-
-
-def _fmt_duration(seconds: float) -> str:
-    return f"{seconds / 60:.1f} min ({seconds:.0f} s)" if seconds >= 60 else f"{seconds:.0f} s"
-
-
-def _interval(c: Comparison) -> str:
-    return f"{c.diff:+.3f} [{c.lo:+.3f}, {c.hi:+.3f}]"
-
-
-def _rouge_interval(c: Comparison) -> str:
-    return f"{c.rouge_diff:+.3f} [{c.rouge_lo:+.3f}, {c.rouge_hi:+.3f}]"
-
-
-# --------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------
 
@@ -452,13 +314,13 @@ def _rouge_interval(c: Comparison) -> str:
 class Summary:
     """Everything the report shows; main() returns it."""
 
-    recipe: utils.Recipe
+    recipe: settings.Recipe
     recipe_path: str
     setting: str
-    before: utils.EvalResult
+    before: evaluation.EvalResult
     runs: list[MethodRun]
-    gains: dict[str, Comparison] = field(default_factory=dict)
-    art_vs_trl: Comparison | None = None
+    gains: dict[str, comparison.Comparison] = field(default_factory=dict)
+    art_vs_trl: comparison.Comparison | None = None
     stages: list[tuple[str, float]] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     machine: str = ""
@@ -474,9 +336,9 @@ class Summary:
 def compute(summary: Summary) -> Summary:
     """Each finished method vs the untrained model, and ART - TRL when both finished."""
     done = {mr.method.name: mr for mr in summary.runs if mr.ok}
-    summary.gains = {m: compare(summary.before, mr.result) for m, mr in done.items()}
+    summary.gains = {m: comparison.compare(summary.before, mr.result) for m, mr in done.items()}
     if "trl" in done and "art" in done:
-        summary.art_vs_trl = compare(done["trl"].result, done["art"].result)
+        summary.art_vs_trl = comparison.compare(done["trl"].result, done["art"].result)
     return summary
 
 
@@ -504,17 +366,17 @@ def _gains(s: Summary) -> list[str]:
             lines.append(f"| {mr.method.title} | {mr.step} | **failed** (see below) | n/a | n/a | n/a |")
             continue
         lines.append(f"| {mr.method.title} | {mr.step} | {c.before['reward_mean']:.3f} -> {c.after['reward_mean']:.3f} "
-                     f"| **{_interval(c)}** | {c.improved} / {c.worse} of {c.n} | {_rouge_interval(c)} |")
+                     f"| **{comparison.interval(c.diff, c.lo, c.hi)}** | {c.improved} / {c.worse} of {c.n} | {comparison.interval(c.rouge_diff, c.rouge_lo, c.rouge_hi)} |")
     if s.art_vs_trl is not None:
         c = s.art_vs_trl
         lines.append(f"| **ART - TRL** | | {c.before['reward_mean']:.3f} vs {c.after['reward_mean']:.3f} | "
-                     f"**{_interval(c)}** | ART better on {c.improved}, worse on {c.worse} of {c.n} | {_rouge_interval(c)} |")
+                     f"**{comparison.interval(c.diff, c.lo, c.hi)}** | ART better on {c.improved}, worse on {c.worse} of {c.n} | {comparison.interval(c.rouge_diff, c.rouge_lo, c.rouge_hi)} |")
     lines.append("")
     for mr in s.runs:
         if mr.method.name in s.gains:
-            lines += [f"- {mr.method.title}: " + verdict(s.gains[mr.method.name], mr.method.title, "the untrained model")]
+            lines += [f"- {mr.method.title}: " + comparison.verdict(s.gains[mr.method.name], mr.method.title, "the untrained model")]
     if s.art_vs_trl is not None:
-        lines += ["- ART vs TRL: " + verdict(s.art_vs_trl, "ART", "TRL")]
+        lines += ["- ART vs TRL: " + comparison.verdict(s.art_vs_trl, "ART", "TRL")]
     elif len(s.runs) > 1:
         lines += ["- ART vs TRL: not compared (a method did not finish)."]
     return lines + [""]
@@ -529,7 +391,7 @@ METRIC_ROWS = [("reward mean (all titles)", "reward_mean", "{:.3f}"), ("greedy r
 
 
 def _metrics(s: Summary) -> list[str]:
-    cols = [("untrained", summarize(s.before))] + [(mr.method.title, summarize(mr.result)) for mr in s.runs if mr.ok]
+    cols = [("untrained", comparison.summarize(s.before))] + [(mr.method.title, comparison.summarize(mr.result)) for mr in s.runs if mr.ok]
     lines = ["## Every metric", "", "| metric | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---|" * len(cols)]
     for label, key, fmt in METRIC_ROWS:
         lines.append(f"| {label} | " + " | ".join(fmt.format(v[key]) for _, v in cols) + " |")
@@ -547,11 +409,11 @@ def _cost(s: Summary) -> list[str]:
              "trained tokens / step | in-training validation | training stage (this run) |",
              "|---|---|---|---|---|---|---|---|"]
     for mr in s.runs:
-        c = cost(mr)
-        lines.append(f"| {mr.method.title} | {c['steps']} | {_fmt(c['step_seconds'], '.1f')} | "
-                     f"{_fmt(c['step_cpu_seconds'], '.1f')} | {_fmt(c['optimizer_steps'], '.1f')} | "
-                     f"{_fmt(c['trained_tokens'], '.0f')} | {c['vals']} x, {c['val_seconds']:.0f} s | "
-                     f"{_fmt_duration(c['stage_wall'])}, CPU {c['stage_cpu']:.0f} s |")
+        c = comparison.run_cost(mr.run_dir, mr.method.name)
+        lines.append(f"| {mr.method.title} | {c['steps']} | {comparison.fmt(c['step_seconds'], '.1f')} | "
+                     f"{comparison.fmt(c['step_cpu_seconds'], '.1f')} | {comparison.fmt(c['optimizer_steps'], '.1f')} | "
+                     f"{comparison.fmt(c['trained_tokens'], '.0f')} | {c['vals']} x, {c['val_seconds']:.0f} s | "
+                     f"{comparison.fmt_duration(mr.train_wall)}, CPU {mr.train_cpu:.0f} s |")
     return lines + ["", "Per step: means over the run's train rows (rollouts, reward and update; validation not "
                     "included). CPU seconds are the trainer process's own; on a shared machine the wall time grows "
                     "with the load while CPU time stays the work done. Trained tokens = completion tokens the loss "
@@ -588,9 +450,9 @@ def render_report(s: Summary, show_titles: int = 5) -> str:
     lines += ["## Runs and wall time", ""]
     lines += [f"- {mr.method.title}: `{mr.run_dir}` (adapter `{mr.checkpoint}`)" for mr in s.runs]
     lines += ["", "| stage | wall time | CPU time |", "|---|---|---|"]
-    lines += [f"| {name} | {_fmt_duration(sec)} | {f'{s.cpu[i]:.0f} s' if i < len(s.cpu) else ''} |"
+    lines += [f"| {name} | {comparison.fmt_duration(sec)} | {f'{s.cpu[i]:.0f} s' if i < len(s.cpu) else ''} |"
               for i, (name, sec) in enumerate(s.stages)]
-    lines += [f"| **total** | **{_fmt_duration(sum(sec for _, sec in s.stages))}** | "
+    lines += [f"| **total** | **{comparison.fmt_duration(sum(sec for _, sec in s.stages))}** | "
               f"{f'{sum(s.cpu):.0f} s' if s.cpu else ''} |", "",
               "CPU time = user + system seconds of the demo and its trainers (not the reward server).", ""]
     if s.machine:
@@ -651,7 +513,7 @@ class Stages:
             print(f"=== {name}: {self.done[-1][1]:.0f}s (CPU {self.cpu[-1]:.0f}s) ===", flush=True)
 
 
-def prepare(args: DemoArgs) -> tuple[utils.Recipe, dict[str, Path], list[MethodRun]]:
+def prepare(args: DemoArgs) -> tuple[settings.Recipe, dict[str, Path], list[MethodRun]]:
     """The recipe with the setting applied, the run directories (emptied by --fresh), one MethodRun per method."""
     if args.setting not in SETTINGS:
         raise SystemExit(f"--setting {args.setting!r}: use one of {', '.join(SETTINGS)}")
@@ -681,28 +543,19 @@ def server_url(args: DemoArgs, log: Path) -> Iterator[str]:
         yield url
 
 
-def read_eval(run_dir: Path, label: str) -> utils.EvalResult | None:
-    path = run_dir / "eval" / f"{label}.jsonl"
-    if not path.exists():
-        return None
-    import json
-
-    return utils.EvalResult.from_records([json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x])
-
-
 def report_only(args: DemoArgs) -> Summary:
     """The report from the evaluations on disk (no server, no training, no generation)."""
     if args.setting not in SETTINGS:
         raise SystemExit(f"--setting {args.setting!r}: use one of {', '.join(SETTINGS)}")
     recipe = load_recipe(args.recipe, SETTINGS[args.setting])
     dirs = {k: Path(recipe.runs_dir) / v for k, v in run_names(args.recipe, args.setting).items()}
-    before = read_eval(dirs["base"], "before")
+    before = evaluation.read_eval(dirs["base"], "before")
     if before is None:
         raise SystemExit(f"{dirs['base']}/eval/before.jsonl not found: run the demo first")
     runs = [MethodRun(METHODS[m], dirs[m]) for m in parse_methods(args.methods)]
     for mr in runs:
         mr.step, mr.checkpoint = trained_steps(mr.run_dir, mr.method.name), find_checkpoint(mr.run_dir)
-        mr.result = read_eval(mr.run_dir / AFTER_DIR, "after")
+        mr.result = evaluation.read_eval(mr.run_dir / AFTER_DIR, "after")
         if mr.result is None:
             mr.error = f"no evaluation at {mr.run_dir / AFTER_DIR} (training failed or not run)"
     summary = compute(Summary(recipe=recipe, recipe_path=args.recipe, setting=args.setting, before=before, runs=runs,
@@ -732,7 +585,7 @@ def finish(summary: Summary, args: DemoArgs, dirs: dict[str, Path], curve: str) 
 
 
 def main(args: DemoArgs) -> Summary:
-    utils.load_env()
+    settings.load_env()
     if args.report_only:
         return report_only(args)
     procs.set_threads(args.threads)

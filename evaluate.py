@@ -16,7 +16,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import evaluation
 import policy
+import rundir
+import settings
 import utils
 
 
@@ -32,22 +35,22 @@ class EvalArgs:
     openai_base_url: str = field(default="", metadata={"help": "Endpoint for --generator openai (default: OPENAI_BASE_URL)."})
 
 
-def main(recipe: utils.Recipe, args: EvalArgs) -> utils.EvalResult:
-    utils.set_seed(recipe.seed)
+def main(recipe: settings.Recipe, args: EvalArgs) -> evaluation.EvalResult:
+    settings.set_seed(recipe.seed)
     if args.generator == "openai":
         return main_openai(recipe, args)
     if args.generator != "hf":
         raise SystemExit(f"unknown --generator {args.generator!r} (use hf or openai)")
     result, path = policy.evaluate_policy(recipe, args.adapter, args.label, args.method, args.step, args.batch_size)
     run_dir = path.parent.parent
-    print(f"[{args.label}] {utils.eval_summary(result)}")
+    print(f"[{args.label}] {evaluation.eval_summary(result)}")
     for rec in result.records()[:3]:
         print(f"  original: {rec['original']}\n  greedy:   {rec['greedy']['title']}")
-    print(f"titles -> {path}; metrics -> {run_dir / utils.METRICS_FILE}")
+    print(f"titles -> {path}; metrics -> {run_dir / rundir.METRICS_FILE}")
     return result
 
 
-def main_openai(recipe: utils.Recipe, args: EvalArgs) -> utils.EvalResult:
+def main_openai(recipe: settings.Recipe, args: EvalArgs) -> evaluation.EvalResult:
     """The same validation with titles from an OpenAI-compatible endpoint (a prompted baseline).
 
     The recipe's tokenizer still picks the val stories (same length filter, same stories as
@@ -70,30 +73,30 @@ def main_openai(recipe: utils.Recipe, args: EvalArgs) -> utils.EvalResult:
     val, report = utils.load_split(recipe, recipe.val_split, tokenizer, recipe.max_val_stories)
     print(report.summary())
     validator = policy.make_validator(recipe, model, tokenizer)
-    timer = utils.Timer()
+    timer = rundir.Timer()
     try:
-        result = utils.score_val(recipe, generator, val, validator)
+        result = evaluation.score_val(recipe, generator, val, validator)
     except (OpenAIGeneratorError, utils.RewardServerError) as e:
         raise SystemExit(f"error: {e}") from None
-    run_dir = utils.run_dir_for(recipe, "eval")
+    run_dir = rundir.run_dir_for(recipe, "eval")
     usage = generator.usage_summary()
-    row = utils.eval_metrics_row(result, method="openai" if args.method == "eval" else args.method, step=args.step,
+    row = evaluation.eval_metrics_row(result, method="openai" if args.method == "eval" else args.method, step=args.step,
                                  wall_time=timer(), run=run_dir.name,
                                  extra={"label": args.label, "model": generator.model, "generator": "openai",
                                         "base_url": generator.base_url,
                                         "completion_tokens": usage["completion_tokens"],
                                         "tokens_per_s": usage["completion_tokens_per_s"]})
-    path = utils.write_eval(run_dir, args.label, result, row)
-    print(f"[{args.label}] {generator.name}: {utils.eval_summary(result)}")
-    print(f"titles -> {path}; metrics -> {run_dir / utils.METRICS_FILE}")
+    path = evaluation.write_eval(run_dir, args.label, result, row)
+    print(f"[{args.label}] {generator.name}: {evaluation.eval_summary(result)}")
+    print(f"titles -> {path}; metrics -> {run_dir / rundir.METRICS_FILE}")
     return result
 
 
 if __name__ == "__main__":
     t0 = time.time()
-    recipe, eval_args = utils.parse_args((utils.Recipe, EvalArgs), "eval", description=__doc__.splitlines()[0])
+    recipe, eval_args = settings.parse_args((settings.Recipe, EvalArgs), "eval", description=__doc__.splitlines()[0])
     try:
         main(recipe, eval_args)
-    except (utils.HubUnavailable, utils.RewardServerError) as e:
+    except (settings.HubUnavailable, utils.RewardServerError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"done in {time.time() - t0:.0f}s")

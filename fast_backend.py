@@ -25,8 +25,7 @@ Public names, by purpose (nothing heavy is imported until one of them is called)
 - before transformers is imported: `import_unsloth_first(argv)`: Unsloth patches
   transformers/TRL/PEFT when it is imported, so the trainer's `__main__` calls it first;
 - loading and configuring: `load_policy` (PEFT model + tokenizer), `max_seq_length`,
-  `grpo_overrides` (device, precision, vLLM fields of GRPOConfig), `batch_kwargs` (GRPOConfig
-  batch fields for a number of completions per optimizer step), `stop_at_tokens` (stop ids
+  `grpo_overrides` (device, precision, vLLM fields of GRPOConfig), `stop_at_tokens` (stop ids
   that end a completion like EOS on every engine);
 - plain-transformers generation: `generate_shared_prefix` (one prefill per distinct prompt),
   `left_pad`, `cut_after_eos` (TRL's completion cut);
@@ -242,9 +241,9 @@ def import_unsloth_first(argv: Sequence[str] | None = None) -> bool:
     command line: an explicit non-unsloth backend skips it, otherwise it imports unsloth
     when it is installed and CUDA is available (what `auto` would pick).
     """
-    import utils  # light: .env and the Hub mode must be set before unsloth imports huggingface_hub
+    import settings  # light: .env and the Hub mode must be set before unsloth imports huggingface_hub
 
-    utils.prepare_env(argv, "recipes/cpu.yaml")  # HF_HOME / HF_TOKEN may exist only in .env
+    settings.prepare_env(argv, "recipes/cpu.yaml")  # HF_HOME / HF_TOKEN may exist only in .env
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--backend", default="auto")
     known, _ = pre.parse_known_args(argv)
@@ -268,20 +267,20 @@ def max_seq_length(recipe) -> int:
 def load_policy(backend: Backend, recipe, args):
     """The policy as a PEFT model with the recipe's LoRA, and its tokenizer.
 
-    `recipe` is a utils.Recipe, `args` the trainer's TrlArgs (gpu_memory_utilization,
+    `recipe` is a settings.Recipe, `args` the trainer's TrlArgs (gpu_memory_utilization,
     load_in_4bit, gradient_checkpointing). The caller hands the returned PeftModel to
     GRPOTrainer without a peft_config.
     """
-    import utils  # a hub id that cannot be fetched is one line, not a traceback
+    import settings  # a hub id that cannot be fetched is one line, not a traceback
 
     if backend.name == "unsloth":
-        with utils.hub_errors(recipe.model):
+        with settings.hub_errors(recipe.model):
             return _load_unsloth(backend, recipe, args)
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with utils.hub_errors(recipe.model):
+    with settings.hub_errors(recipe.model):
         tokenizer = AutoTokenizer.from_pretrained(recipe.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -289,7 +288,7 @@ def load_policy(backend: Backend, recipe, args):
         dtype = torch.float32  # bf16 matmuls are slower than fp32 on most CPUs, and less exact
     else:
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    with utils.hub_errors(recipe.model):
+    with settings.hub_errors(recipe.model):
         model = AutoModelForCausalLM.from_pretrained(recipe.model, dtype=dtype)
     if backend.device == "cuda":
         model = model.to("cuda")
@@ -359,30 +358,6 @@ def grpo_overrides(backend: Backend, args) -> dict:
     return out
 
 
-def batch_kwargs(completions: int, processes: int = 1, micro_batch: int = 0, steps_per_generation: int = 1) -> dict:
-    """GRPOConfig batch fields for `completions` per optimizer step in total, shared by
-    `processes`, the loss run `micro_batch` completions at a time (0 = all of a process's at once).
-
-    TRL's generation batch is per_device_train_batch_size x processes x steps_per_generation
-    completions and it steps the optimizer every gradient_accumulation_steps micro-batches, so
-    steps_per_generation = accumulation x `steps_per_generation` optimizer steps per generation.
-
-    >>> batch_kwargs(48, 1, 4)
-    {'per_device_train_batch_size': 4, 'gradient_accumulation_steps': 12, 'steps_per_generation': 12}
-    """
-    if completions % processes:
-        raise ValueError(f"prompts_per_step x num_generations = {completions} completions per step cannot be split "
-                         f"evenly over {processes} processes: change prompts_per_step or the process count")
-    per_process = completions // processes
-    micro = micro_batch or per_process
-    if micro < 1 or per_process % micro:
-        raise ValueError(f"loss_micro_batch {micro_batch} must divide the {per_process} completions each "
-                         f"of the {processes} process(es) trains on per step")
-    accumulate = per_process // micro
-    return {"per_device_train_batch_size": micro, "gradient_accumulation_steps": accumulate,
-            "steps_per_generation": accumulate * steps_per_generation}
-
-
 def stop_at_tokens(backend: Backend, model, stop_ids: Sequence[int]) -> dict:
     """Make `stop_ids` end a completion like EOS does; returns GRPOConfig overrides.
 
@@ -397,71 +372,6 @@ def stop_at_tokens(backend: Backend, model, stop_ids: Sequence[int]) -> dict:
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     config.eos_token_id = list(dict.fromkeys([*eos, *stop_ids]))
     return {"generation_kwargs": {"stop_token_ids": list(stop_ids)}} if backend.use_vllm else {}
-
-
-# --------------------------------------------------------------------------------------
-# Plain-transformers generation: one prefill per distinct prompt
-# --------------------------------------------------------------------------------------
-
-
-def left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int):
-    """(ids, attention mask) LongTensors, left-padded as generate() expects for decoder-only models."""
-    import torch
-
-    width = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for i, p in enumerate(prompt_ids):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    return ids, mask
-
-
-def generate_shared_prefix(model, prompt_ids: Sequence[Sequence[int]], pad_token_id: int, **generate_kwargs):
-    """New tokens for each row of `prompt_ids`, prefilling each distinct prompt only once.
-
-    HF generate (and so TRL's transformers path) prefills every row, and a GRPO group is
-    num_generations copies of one prompt. On a CPU the prefill of a ~400-token prompt costs
-    ~17 decode steps, so a group of 4 paid ~75% of its generation time for copies. Here the
-    distinct prompts are left-padded and run once without their last token, the KV cache is
-    copied out to every row, and generate() continues from it: the same sampling and the same
-    tokens under greedy decoding (tests/test_fast_backend.py checks both).
-
-    Returns a LongTensor (rows, new tokens), right-padded with pad_token_id by generate().
-    """
-    import torch
-    from transformers import DynamicCache
-
-    position = {}  # distinct prompt -> its row in the prefill, first-seen order
-    index = torch.tensor([position.setdefault(tuple(p), len(position)) for p in prompt_ids], device=model.device)
-    ids, mask = (t.to(model.device) for t in left_pad(list(position), pad_token_id))
-    width = ids.shape[1]
-    if "generation_config" not in generate_kwargs:  # a GenerationConfig carries its own pad id
-        generate_kwargs["pad_token_id"] = pad_token_id
-    if width < 2:  # nothing to share
-        out = model.generate(input_ids=ids[index], attention_mask=mask[index], **generate_kwargs)
-        return out[:, width:]
-    # Positions exactly as generate() derives them from the mask, so the cache matches.
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-              past_key_values=cache, use_cache=True, logits_to_keep=1)
-    cache.reorder_cache(index)  # row r gets the cache of its distinct prompt
-    out = model.generate(input_ids=ids[index], attention_mask=mask[index], past_key_values=cache, **generate_kwargs)
-    return out[:, width:]
-
-
-def cut_after_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
-    """Token ids up to and including the first EOS (TRL's completion mask, as a list).
-
-    >>> cut_after_eos([5, 6, 2, 0, 0], [2]), cut_after_eos([5, 6], [2])
-    ([5, 6, 2], [5, 6])
-    """
-    for i, t in enumerate(ids):
-        if t in eos_ids:
-            return list(ids[:i + 1])
-    return list(ids)
 
 
 # --------------------------------------------------------------------------------------
@@ -500,6 +410,7 @@ class SharedPrefixMixin:
         from trl.models import unwrap_model_for_generation
 
         import shared_prefix
+        from generation import cut_after_eos, generate_shared_prefix
 
         with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,
                                           gather_deepspeed3_params=self.args.ds3_gather_for_generation,

@@ -43,7 +43,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import fast_backend
+import settings
+import trl_config
 import utils
+from settings import Recipe
+from trl_config import TrlArgs
 
 ROOT = Path(__file__).resolve().parent
 QWEN_CONFIG = ROOT / "configs" / "qwen2.5-0.5b-instruct.json"
@@ -115,26 +119,26 @@ def installed(check: str, args: CheckArgs) -> str | None:
 # --------------------------------------------------------------------------------------
 
 
-def check_recipe(args: CheckArgs) -> tuple[utils.Recipe, dict]:
-    """The recipe's shared knobs (model, LoRA, lr, loss) with the step shape of this check, and its trl block."""
-    sections = utils.read_recipe(ROOT / args.recipe if not os.path.isabs(args.recipe) else args.recipe)
-    known = {f.name for f in dataclasses.fields(utils.Recipe)}
-    recipe = utils.Recipe(**{k: v for k, v in sections.get("shared", {}).items() if k in known})
-    prompts, gens, prompt_tokens, new_tokens, _ = SHAPES[step_shape(args)]
-    recipe.model = args.model or recipe.model
+def check_recipe(args: CheckArgs) -> tuple[Recipe, TrlArgs]:
+    """The recipe and its trl block as the trainer reads them (settings.parse_args: a misspelt
+    section or key is an error naming it), with this check's step shape and one step."""
+    argv = ["--recipe", args.recipe] + (["--model", args.model] if args.model else [])
+    recipe, trl_args = settings.parse_args((Recipe, TrlArgs), "trl", argv)
+    prompts, gens, prompt_tokens, new_tokens, micro = SHAPES[step_shape(args)]
     recipe.prompts_per_step, recipe.num_generations = prompts, gens
     recipe.max_completion_tokens, recipe.max_prompt_tokens = new_tokens, prompt_tokens
     recipe.max_steps, recipe.stop_at_newline = 1, False
+    trl_args.loss_micro_batch = micro
     if args.tiny:
         recipe.lora_r, recipe.lora_alpha = 4, 8
-    return recipe, sections.get("trl", {})
+    return recipe, trl_args
 
 
 def step_shape(args: CheckArgs) -> str:
     return args.shape or ("tiny" if args.tiny else "recipe" if args.bare else "small")
 
 
-def bare_policy(args: CheckArgs, recipe: utils.Recipe, device: str):
+def bare_policy(args: CheckArgs, recipe: settings.Recipe, device: str):
     """Random-init Qwen2.5-0.5B (or a 2-layer slice with --tiny) + the recipe's LoRA, and a
     word-level ChatML tokenizer built from the shipped stories: no Hub, no model files."""
     import torch
@@ -200,43 +204,35 @@ def length_reward(completions, **_) -> list[float]:
 
 
 def trl_step(args: CheckArgs, engine: str) -> dict:
-    """One GRPO step through the repo's backend seam; returns the step's seconds and settings."""
+    """One GRPO step through the repo's backend seam and GRPOConfig builder (trl_config.grpo_config);
+    returns the step's seconds and settings."""
     import torch
     from datasets import Dataset
-    from trl import GRPOConfig
 
-    recipe, trl_block = check_recipe(args)
+    recipe, trl_args = check_recipe(args)
     device = "cpu" if args.device == "cpu" else "cuda"
-    prompts_n, gens, prompt_tokens, new_tokens, micro = SHAPES[step_shape(args)]
     use_vllm = engine == "trl-vllm" or (engine == "unsloth" and importlib.util.find_spec("vllm") is not None)
     backend = fast_backend.Backend(engine if engine != "transformers" else ("cpu" if device == "cpu" else engine),
                                    device, use_vllm=use_vllm, vllm_mode="colocate" if engine == "trl-vllm" else "")
-    knobs = dict(load_in_4bit=False, gradient_checkpointing=bool(trl_block.get("gradient_checkpointing", True)),
-                 gpu_memory_utilization=float(trl_block.get("gpu_memory_utilization", 0.6)), vllm_server_base_url="")
-    ns = type("Knobs", (), knobs)()
     if args.bare:
         cap_memory(args)
         model, tokenizer = bare_policy(args, recipe, device)
     else:
-        model, tokenizer = fast_backend.load_policy(backend, recipe, ns)
-    fields = dict(
-        output_dir=tempfile.mkdtemp(prefix="gpu-check-"), **fast_backend.batch_kwargs(prompts_n * gens, 1, micro),
-        num_generations=gens, max_completion_length=new_tokens, temperature=1.0, learning_rate=recipe.learning_rate,
-        lr_scheduler_type="constant", max_grad_norm=recipe.max_grad_norm, loss_type=recipe.loss_type, beta=0.0,
-        max_steps=1, save_strategy="no", report_to="none", logging_steps=1, seed=0, dataloader_num_workers=0,
-        gradient_checkpointing=ns.gradient_checkpointing)
-    fields.update(fast_backend.grpo_overrides(backend, ns))  # Unsloth's checkpointing lives in its model
-    config = GRPOConfig(**fields)
+        model, tokenizer = fast_backend.load_policy(backend, recipe, trl_args)
+    config = trl_config.grpo_config(recipe, trl_args, backend, Path(tempfile.mkdtemp(prefix="gpu-check-")),
+                                    {"save_strategy": "no"})
     trainer = fast_backend.trainer_class(backend)(
         model=model, reward_funcs=[length_reward], args=config, processing_class=tokenizer,
-        train_dataset=Dataset.from_list(prompts(tokenizer, prompts_n, prompt_tokens)))
+        train_dataset=Dataset.from_list(prompts(tokenizer, recipe.prompts_per_step, recipe.max_prompt_tokens)))
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     trainer.train()
-    return {"step_s": time.perf_counter() - t0, "detail": f"{prompts_n}x{gens} seqs, ~{prompt_tokens}+{new_tokens} "
-            f"tokens, loss micro-batch {config.per_device_train_batch_size} x {config.gradient_accumulation_steps}, "
-            f"checkpointing {config.gradient_checkpointing}, loss {trainer.state.log_history[0].get('loss')}"}
+    return {"step_s": time.perf_counter() - t0, "detail": f"{recipe.prompts_per_step}x{recipe.num_generations} seqs, "
+            f"~{recipe.max_prompt_tokens}+{recipe.max_completion_tokens} tokens, loss micro-batch "
+            f"{config.per_device_train_batch_size} x {config.gradient_accumulation_steps}, checkpointing "
+            f"{config.gradient_checkpointing}, {recipe.loss_type} epsilon_high {config.epsilon_high}, "
+            f"loss {trainer.state.log_history[0].get('loss')}"}
 
 
 def cap_memory(args: CheckArgs) -> None:
@@ -254,7 +250,7 @@ def art_step(args: CheckArgs) -> dict:
     import asyncio
 
     import art_config
-    from art_cpu_backend import import_art
+    from art_compat import import_art
 
     recipe, _ = check_recipe(args)
     art = import_art()
@@ -399,7 +395,7 @@ def line(result: dict) -> str:
 
 def main(args: CheckArgs, argv: list[str]) -> int:
     if not args.bare:  # .env (HF_HOME, HF_TOKEN) and the Hub mode for the model, before transformers
-        utils.prepare_env(["--recipe", args.recipe, *(["--model", args.model] if args.model else [])])
+        settings.prepare_env(["--recipe", args.recipe, *(["--model", args.model] if args.model else [])])
     if args.only:
         return run_one(args)
     problem = machine_problem(args)

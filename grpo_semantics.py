@@ -21,7 +21,7 @@ class Difference:
     trl: str   # reference_grpo_trainer.py: TRL GRPOTrainer (CPU: transformers; GPU: Unsloth + vLLM)
     art: str   # train.py: ART's loop (CPU engine here; GPU: LocalBackend = Unsloth + vLLM)
     knob: str  # recipe knob(s) that align it, or "none" + why
-    knobs: tuple[str, ...] = ()  # field names (utils.Recipe or ArtArgs/TrlArgs) the row relies on
+    knobs: tuple[str, ...] = ()  # field names (settings.Recipe or ArtArgs/TrlArgs) the row relies on
 
 
 TABLE: tuple[Difference, ...] = (

@@ -7,23 +7,15 @@
     REWARD_API_KEY=... python local_reward.py --host 0.0.0.0   # anything but loopback needs a key
     python local_reward.py --help                 # every flag
 
-The file in order:
-1. Reward definition (what researchers tune): `score = relevance x length x style x copy_factor`
-   with its constants LENGTH_BAND, OFF_BAND, COPY_FREE, COPY_PENALTY and STYLE_WEIGHTS;
-   title_length (the length band's word count), style_terms (the HN convention penalties),
-   minilm_formula (the whole formula, pure), and the scorers behind the `Scorer` protocol:
-   - `minilm` (MiniLMScorer, offline default): all-MiniLM-L6-v2 relevance of title to body x HN
-     title conventions x an anti-copy factor; its docstring gives the exact formula.
-   - `hf` (HFScorer): a sequence-classification reward model (num_labels=1, e.g. trained to
-     predict log HN score as in OpenPipe's example) over utils.serialize_story, optionally with a
-     PEFT adapter; the score is its logit.
-2. Settings: ServerArgs (flags over environment / .env over defaults: REWARD_HOST, REWARD_PORT,
+What it scores with is reward_model.py's (the MiniLM formula, or a trained HF reward model); this
+file serves it, in order:
+1. Settings: ServerArgs (flags over environment / .env over defaults: REWARD_HOST, REWARD_PORT,
    REWARD_SCORER, REWARD_MODEL, REWARD_ADAPTER, REWARD_API_KEY, REWARD_MAX_BYTES, REWARD_MAX_BATCH,
    REWARD_WORKERS), parse_args, build_scorer.
-3. Request validation: parse_story / parse_stories raise BadRequest naming the field.
-4. App: create_app (the Flask app; tests inject a scorer), the bearer-token check, the size caps
+2. Request validation: parse_story / parse_stories raise BadRequest naming the field.
+3. App: create_app (the Flask app; tests inject a scorer), the bearer-token check, the size caps
    (read_json), score_stories (one scoring thread per app) and the three routes.
-5. Serving: serve_gunicorn, main (refuses a non-loopback bind without REWARD_API_KEY).
+4. Serving: serve_gunicorn, main (refuses a non-loopback bind without REWARD_API_KEY).
 
 API (JSON):
     GET  /health       -> {"status": "ok", "scorer", "model", "version"}
@@ -47,266 +39,19 @@ import ipaddress
 import json
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-import utils
+from reward_model import HFScorer, MiniLMScorer, Scorer
+from settings import MAX_SEQ_TOKENS, load_env
+from stats import is_finite_number
+from text_metrics import has_text
 
 __version__ = "0.1.0"
 log = logging.getLogger("local_reward")
-
-
-# --------------------------------------------------------------------------------------
-# Reward definition: the formula and the constants researchers tune
-# --------------------------------------------------------------------------------------
-# MiniLM reward (minilm_formula; MiniLMScorer's docstring spells out every term):
-#   score = relevance x length x style x copy_factor, in [0, 1]
-#   relevance   = clip(cosine(MiniLM(title), MiniLM(body)), 0, 1)
-#   length      = 1 inside LENGTH_BAND (title_length words), else OFF_BAND
-#   style       = max(0, 1 - sum(STYLE_WEIGHTS[k] x style_terms(title)[k]))
-#   copy_factor = 1 - COPY_PENALTY x clip((copy - COPY_FREE) / (1 - COPY_FREE), 0, 1)
-# The `hf` scorer (HFScorer) replaces all of it with a trained reward model's logit.
-
-LENGTH_BAND = (4, 14)  # words; HN titles are short (the site caps them at 80 characters)
-OFF_BAND = 0.25  # relevance multiplier outside the band: the fix that stopped first-sentence copying
-COPY_FREE = 0.5  # copy fraction tolerated before the copy factor starts to fall
-COPY_PENALTY = 0.9  # share of the score a title that is wholly a body span loses (it keeps 10%)
-STYLE_WEIGHTS = {"shout": 0.5, "clickbait": 0.5, "period": 0.15, "run_on": 0.3, "keywords": 0.5, "meta": 0.6}
-
-
-def title_length(title: str) -> int:
-    """Words as a reader counts them (utils.word_count: the metrics' title length is the same count).
-
-    >>> title_length("$14,112 raised in 3.5 days"), title_length("Show HN: a – b")
-    (5, 4)
-    """
-    return utils.word_count(title)
-
-
-_CLICKBAIT_PHRASES = re.compile(
-    r"\b(?:you won'?t believe|won'?t believe|this one (weird )?trick|one weird trick|will blow your mind|mind[- ]?blowing"
-    r"|what happen(s|ed) next|doctors hate|you need to (know|see)|must[- ]see|shocking|jaw[- ]dropping|insane"
-    r"|changes? everything|secret (that|they)|nobody (is )?talking about|you('re| are) doing it wrong"
-    r"|like a boss|the truth about|hate (him|her|this)|goes viral)\b",
-    re.IGNORECASE,
-)
-# English function words. Real titles are phrases and nearly always contain one (76 of the 79 shipped
-# titles; the rest fall to this fuller list); a list of body keywords ("Graph Node Registers Pointer
-# Allocator Time") contains none, yet matches the body's embedding as well as the real title does.
-FUNCTION_WORDS = frozenset("""
-a an the this that these those some any no every each all both either neither my your our their his her its
-i you he she it we they me him us them who whom whose which what where when why how
-and or but nor so yet if then than because while though although unless until since as
-of to in on at by for with from into onto over under about above below after before between through during
-without within against among across behind beyond near off out up down around per via toward towards upon
-is are was were be been being am has have had do does did will would can could shall should may might must
-not no isn't aren't wasn't weren't don't doesn't didn't won't can't couldn't shouldn't wouldn't
-just also only even still again ever never very too more most less least much many few
-""".split())
-
-# Describing the article instead of titling it: "The article discusses ...", "This post explains
-# ...", "I'm an expert ...". Once copying was closed, this is what a small policy learned first
-# under this reward (the validator accepts such lines and they are safely on topic: demo of
-# 2026-11-22, "The article discusses ..." in 12/12 trained greedy titles). HN titles never do it.
-_META = re.compile(
-    r"\b(?:article|post|text|essay|piece|author|writer)\s+(?:(?:also|then|further|mainly|briefly)\s+)?"
-    r"(?:discuss|describ|explain|talk|cover|explor|highlight|mention|present|detail|focus|delv|provid|examin"
-    r"|outlin|is about|is written)\w*"
-    r"|^\W*(?:here(?:'s|’s| is)\b|i(?:'m|’m| am) an? (?:expert|ai|assistant|language model)\b"
-    r"|as an? (?:ai|expert|language model)\b|in this (?:article|post|piece|essay)\b"
-    r"|(?:an?|the|this) (?:article|post|piece|essay) (?:about|on)\b)",
-    re.IGNORECASE,
-)
-
-# Emoji and pictographs (not every "symbol": ° in "42°C" or € in prices are fine in a title).
-_EMOJI = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\uFE0F\u200D]")
-
-
-def style_terms(title: str) -> dict[str, float]:
-    """Hacker News title conventions, each a penalty in [0, 1] (0 = follows the convention).
-
-    >>> style_terms("Rust 1.80 ships LazyCell")
-    {'shout': 0.0, 'clickbait': 0.0, 'period': 0.0, 'run_on': 0.0, 'keywords': 0.0, 'meta': 0.0}
-    >>> style_terms("YOU WON'T BELIEVE THIS COMPILER!!")
-    {'shout': 1.0, 'clickbait': 1.0, 'period': 0.0, 'run_on': 0.0, 'keywords': 0.0, 'meta': 0.0}
-    >>> style_terms("The article discusses a faster grep")["meta"]
-    1.0
-    """
-    tokens = [t.strip("\"'“”‘’()[],:;!?.") for t in title.split()]
-    lettered = [re.sub(r"['’]s$", "", t) for t in tokens if sum(c.isalpha() for c in t) >= 2]
-    caps = [t for t in lettered if t.isupper()]
-    # All-caps words are often acronyms (NASA, GPU, CRISPR); a mostly-caps title, or several long
-    # all-caps words, is shouting.
-    long_caps = [t for t in caps if sum(c.isalpha() for c in t) >= 5]
-    shout = 1.0 if len(lettered) >= 3 and len(caps) / len(lettered) >= 0.6 else min(1.0, max(0, len(long_caps) - 1) / 2)
-    bait = 0.0
-    if re.search(r"[!?]\s*[!?]", title):  # !!, ?!, !?, ??
-        bait += 0.6
-    elif "!" in title:
-        bait += 0.3
-    if _CLICKBAIT_PHRASES.search(title):
-        bait += 0.6
-    if _EMOJI.search(title):
-        bait += 0.6
-    if re.search(r"(\.\.\.|…)\s*$", title):
-        bait += 0.3
-    stripped = title.rstrip()
-    period = 1.0 if stripped.endswith(".") and not stripped.endswith("..") else 0.0
-    # Run-on: more than one sentence (". Next"), or far past the length band.
-    sentences = len(re.findall(r"[.!?;]\s+[A-Z0-9\"“]", stripped))
-    run_on = 1.0 if sentences >= 1 or title_length(title) > 20 else 0.0
-    # A keyword list, not a phrase: five or more words and not one function word; or a word said 3+ times.
-    ws = [w.lower().strip("\"'“”‘’()[],:;!?.") for w in title.split()]
-    counts = [ws.count(w) for w in set(ws) if w and w not in FUNCTION_WORDS]
-    keywords = 1.0 if (len(ws) >= 5 and not FUNCTION_WORDS.intersection(ws)) or max(counts, default=0) >= 3 else 0.0
-    meta = 1.0 if _META.search(title) else 0.0
-    return {"shout": float(shout), "clickbait": float(min(1.0, bait)), "period": period, "run_on": run_on,
-            "keywords": keywords, "meta": meta}
-
-
-def minilm_formula(cosine: float, title: str, body: str) -> tuple[float, dict[str, float]]:
-    """The MiniLM reward for one title, from its cosine to the body. Pure; documented in MiniLMScorer.
-
-    >>> body = "Rust 1.80 was released today. It ships LazyCell and LazyLock, two types for lazy initialisation."
-    >>> score, parts = minilm_formula(0.62, "Rust 1.80 ships LazyCell", body)
-    >>> round(score, 4), parts["length"], parts["style"], parts["copy_factor"]
-    (0.62, 1.0, 1.0, 1.0)
-    >>> copied = "Rust 1.80 was released today. It ships LazyCell and LazyLock, two types for lazy initialisation"
-    >>> score, parts = minilm_formula(0.9, copied, body)  # a 15-word body span of two sentences
-    >>> round(score, 5), parts["length"], parts["style"], round(parts["copy_factor"], 2)  # 0.9 x 0.25 x 0.7 x 0.1
-    (0.01575, 0.25, 0.7, 0.1)
-    """
-    n = title_length(title)
-    length = 1.0 if LENGTH_BAND[0] <= n <= LENGTH_BAND[1] else OFF_BAND
-    terms = style_terms(title)
-    style = max(0.0, 1.0 - sum(STYLE_WEIGHTS[k] * v for k, v in terms.items()))
-    copy = utils.copy_fraction(title, body)
-    copy_factor = 1.0 - COPY_PENALTY * min(1.0, max(0.0, (copy - COPY_FREE) / (1.0 - COPY_FREE)))
-    relevance = min(1.0, max(0.0, cosine)) if body.strip() else 0.0
-    score = relevance * length * style * copy_factor
-    return score, {"relevance": relevance, "length": length, "style": style, "copy": copy,
-                   "copy_factor": copy_factor, "words": float(n), **terms}
-
-
-class Scorer(Protocol):
-    kind: str
-    model: str
-    version: str
-
-    def score(self, stories: Sequence[dict]) -> list[tuple[float, dict[str, float]]]:
-        """(score, components) per story, in order."""
-        ...
-
-
-class MiniLMScorer:
-    """Offline default: score = relevance x length x style x copy_factor, in [0, 1].
-
-    - relevance = clip(cosine(MiniLM(title), MiniLM(body)), 0, 1); 0 for an empty body
-      (all-MiniLM-L6-v2, mean pooled, body truncated to 256 tokens).
-    - length = 1 if 4 <= title_length(title) <= 14 else 0.25 (whitespace tokens with a letter or digit).
-    - style = max(0, 1 - 0.5 shout - 0.5 clickbait - 0.15 period - 0.3 run_on - 0.5 keywords - 0.6 meta), each term in
-      [0, 1] (see style_terms): shout = 1 if >= 60% of the (>= 3) words are ALL CAPS, else
-      0.5 per long (>= 5 letters) all-caps word beyond the first (acronyms pass); clickbait = sum,
-      capped at 1, of: doubled !/? (!!, ?!) 0.6 or a lone ! 0.3, a bait phrase ("you won't believe",
-      "this one trick", ...) 0.6, emoji 0.6, a trailing ellipsis 0.3; period = 1 for a trailing ".";
-      run_on = 1 for more than one sentence or > 20 words; keywords = 1 for a keyword list (>= 5
-      words and no English function word such as of/in/the/is/after, or a content word used 3+ times);
-      meta = 1 when the title describes the article instead of titling it ("The article discusses",
-      "This post explains", "I'm an ...", "Here's ...").
-    - copy_factor = 1 - 0.9 clip((copy - 0.5) / 0.5, 0, 1), copy = utils.copy_fraction(title, body)
-      (longest verbatim word run shared with the body / title words): a title that is a body span
-      keeps at most 10% of its score. This and the length gate are what stopped a policy copying
-      the first sentence (measured on SmolLM2-135M: without them, within ~25 GRPO steps 5 of 12
-      greedy val titles were >= 80% verbatim body text).
-
-    Deterministic (no sampling; eval mode). Body embeddings are cached (GRPO scores many titles
-    per body), and bodies are deduplicated and length-sorted inside a batch.
-    """
-
-    kind = "minilm"
-    version = "minilm-hn-v1"
-
-    def __init__(self, path: str | None = None, batch_size: int = 64, cache_size: int = 4096):
-        self.embedder = utils.Embedder(path or None, cache_size=cache_size)
-        self.model = self.embedder.path
-        self.batch_size = batch_size
-
-    def score(self, stories: Sequence[dict]) -> list[tuple[float, dict[str, float]]]:
-        titles = [s["title"] for s in stories]
-        bodies = [s["scraped_body"] for s in stories]
-        vectors = self.embedder.encode(titles, batch_size=self.batch_size)
-        cos = (vectors * self.embedder.encode_cached(bodies, batch_size=self.batch_size)).sum(-1).tolist()
-        return [minilm_formula(c, t, b) for c, t, b in zip(cos, titles, bodies, strict=True)]
-
-
-class HFScorer:
-    """A sequence-classification reward model (num_labels=1) over utils.serialize_story.
-
-    Loaded once; optional PEFT adapter; batched forward passes under torch.inference_mode;
-    stories truncated at min(rm_max_length, the model's limit) tokens (the title comes first
-    in the serialization, so truncation only ever cuts the body). The score is the raw logit
-    (the original RM regresses log HN score).
-    """
-
-    kind = "hf"
-    version = "hf-seqcls-v1"
-
-    def __init__(self, model: str, adapter: str = "", batch_size: int = 16, max_length: int = utils.MAX_SEQ_TOKENS):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        if not model:
-            raise ValueError("--scorer hf needs --rm_model (or REWARD_MODEL): a hub id or a local folder")
-        self.model = model + (f"+{adapter}" if adapter else "")
-        self.batch_size = batch_size
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(adapter if adapter and _has_tokenizer(adapter) else model)
-        if self.tokenizer.pad_token is None:  # decoder-only RMs (Llama/Qwen) often ship without one
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.tokenizer.padding_side = "right"
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        net, info = AutoModelForSequenceClassification.from_pretrained(
-            model, num_labels=1, dtype=dtype, output_loading_info=True)
-        if info.get("missing_keys") and not adapter:
-            # A base LM loaded as a classifier gets a random head: its "scores" would be noise.
-            raise ValueError(f"{model} has no trained classification head (missing {sorted(info['missing_keys'])[:4]}); "
-                             "pass a trained reward model or an adapter that carries the head")
-        if net.config.num_labels != 1:
-            raise ValueError(f"{model}: num_labels={net.config.num_labels}, a reward model needs exactly 1")
-        net.config.pad_token_id = self.tokenizer.pad_token_id
-        if adapter:
-            from peft import PeftModel
-
-            net = PeftModel.from_pretrained(net, adapter)
-        self.net = net.to(self.device).eval()
-        limits = [max_length, getattr(net.config, "max_position_embeddings", None) or max_length]
-        if self.tokenizer.model_max_length and self.tokenizer.model_max_length < 10**9:
-            limits.append(self.tokenizer.model_max_length)
-        self.max_length = min(limits)
-
-    def score(self, stories: Sequence[dict]) -> list[tuple[float, dict[str, float]]]:
-        import torch
-
-        texts = [utils.serialize_story(s["title"], s["by"], s["time"], s["url"], s["scraped_body"]) for s in stories]
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths batch together
-        scores = [0.0] * len(texts)
-        with torch.inference_mode():
-            for i in range(0, len(order), self.batch_size):
-                idx = order[i:i + self.batch_size]
-                enc = self.tokenizer([texts[j] for j in idx], padding=True, truncation=True,
-                                     max_length=self.max_length, return_tensors="pt").to(self.device)
-                logits = self.net(**enc).logits[:, 0].float().tolist()
-                for j, v in zip(idx, logits, strict=True):
-                    scores[j] = v
-        return [(s, {"rm": s}) for s in scores]
-
-
-def _has_tokenizer(path: str) -> bool:
-    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
 
 
 # --------------------------------------------------------------------------------------
@@ -336,7 +81,7 @@ class ServerArgs:
     rm_model: str = field(default="", metadata={"help": "hf: hub id or folder of the RM; minilm: embedding model folder (default: the shipped MiniLM)."})
     rm_adapter: str = field(default="", metadata={"help": "hf: optional PEFT adapter folder on top of --rm_model."})
     rm_batch_size: int = field(default=16, metadata={"help": "Stories per forward pass."})
-    rm_max_length: int = field(default=utils.MAX_SEQ_TOKENS, metadata={"help": "hf: truncate serialized stories to this many tokens (and the model's limit)."})
+    rm_max_length: int = field(default=MAX_SEQ_TOKENS, metadata={"help": "hf: truncate serialized stories to this many tokens (and the model's limit)."})
     max_bytes: int = field(default=16 * 1024 * 1024, metadata={"help": "Largest request body in bytes (413 above)."})
     max_batch: int = field(default=256, metadata={"help": "Most stories per request (413 above)."})
     max_title_chars: int = field(default=2000, metadata={"help": "Longest accepted title (413 above); long titles are scored low, not refused, below this."})
@@ -354,7 +99,7 @@ class ServerArgs:
 
 def parse_args(argv: Sequence[str] | None = None) -> ServerArgs:
     """Flags over environment (.env included) over defaults."""
-    utils.load_env()  # first: HF_HUB_OFFLINE/HF_TOKEN in .env must be set before transformers reads them
+    load_env()  # first: HF_HUB_OFFLINE/HF_TOKEN in .env must be set before transformers reads them
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(ServerArgs, description=__doc__.split("\n\n")[0])
@@ -428,9 +173,9 @@ def parse_story(obj: Any, where: str, args: ServerArgs) -> dict:
     title = obj["title"].strip()
     # Whitespace, control characters (NUL) or zero-width characters only: no text to judge, and any
     # score for it would be made up (MiniLM gave such titles ~0.0 with a 200).
-    if not utils.has_text(title):
+    if not has_text(title):
         raise BadRequest("field 'title' is empty (no visible character)", where + "title")
-    if not utils.has_text(obj["scraped_body"]):
+    if not has_text(obj["scraped_body"]):
         raise BadRequest("field 'scraped_body' is empty (no visible character): a title cannot be judged "
                          "against no article", where + "scraped_body")
     if len(title) > args.max_title_chars:
@@ -476,7 +221,7 @@ def check_exposure(args: ServerArgs) -> None:
 
 def _checked_score(value: float, where: str) -> float:
     """A scorer's score, or a RuntimeError (a 500 naming the story): never a made-up number."""
-    if not utils.is_finite_number(float(value)):
+    if not is_finite_number(float(value)):
         raise RuntimeError(f"scorer produced a non-finite score ({value}) for {where}")
     return float(value)
 

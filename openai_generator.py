@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
+import settings
 import utils
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -176,7 +177,7 @@ class OpenAIArgs:
 
 def main(args: OpenAIArgs) -> list[str]:
     """Smoke check of an endpoint: print `n` titles for one article."""
-    utils.load_env()
+    settings.load_env()
     if args.article in ("", "-"):
         if sys.stdin.isatty():
             raise SystemExit("error: pass --article FILE or pipe the article on stdin")

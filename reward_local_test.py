@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import utils
+import settings
 
 BODY = ("We moved our CI from a hosted service to four self-hosted runners on spare office machines. "
         "Builds got 2.4x faster, our monthly bill fell from $14,112 to $1,870, and flaky tests dropped "
@@ -44,9 +44,9 @@ class CheckArgs:
 def parse_args(argv: list[str] | None = None) -> CheckArgs:
     from transformers import HfArgumentParser
 
-    utils.load_env()
+    settings.load_env()
     (args,) = HfArgumentParser(CheckArgs, description=__doc__.split("\n\n")[0]).parse_args_into_dataclasses(args=argv)
-    args.url = (args.url or os.environ.get("REWARD_URL") or utils.DEFAULT_REWARD_URL).rstrip("/")
+    args.url = (args.url or os.environ.get("REWARD_URL") or settings.DEFAULT_REWARD_URL).rstrip("/")
     return args
 
 

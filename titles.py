@@ -19,6 +19,8 @@ import json
 import sys
 from dataclasses import dataclass, field
 
+import generation
+import settings
 import utils
 from openai_generator import OpenAIGeneratorError
 
@@ -57,7 +59,7 @@ def read_article(path: str) -> str:
     return body.strip()
 
 
-def make_generator(recipe: utils.Recipe, args: TitlesArgs):
+def make_generator(recipe: settings.Recipe, args: TitlesArgs):
     """(generator, model, tokenizer): the model is loaded only when something needs it."""
     import policy
 
@@ -78,7 +80,7 @@ def make_generator(recipe: utils.Recipe, args: TitlesArgs):
         model, tokenizer = policy.load_model(recipe.model, args.adapter)
     except OSError as e:  # no such folder / hub id unreachable offline
         raise SystemExit(f"error: cannot load model {recipe.model}: {' '.join(str(e).split())[:300]}") from None
-    return policy.HFGenerator(model, tokenizer, progress=False), model, tokenizer
+    return generation.HFGenerator(model, tokenizer, progress=False), model, tokenizer
 
 
 def check_length(tokenizer, body: str, limit: int) -> None:
@@ -88,7 +90,7 @@ def check_length(tokenizer, body: str, limit: int) -> None:
                          "(training dropped such articles); shorten the article")
 
 
-def generate(generator, body: str, args: TitlesArgs, recipe: utils.Recipe) -> list[tuple[str, str]]:
+def generate(generator, body: str, args: TitlesArgs, recipe: settings.Recipe) -> list[tuple[str, str]]:
     """(completion, source) pairs: the greedy one first, then the samples."""
     conv = [utils.title_messages(body)]
     out = []
@@ -100,7 +102,7 @@ def generate(generator, body: str, args: TitlesArgs, recipe: utils.Recipe) -> li
     return out
 
 
-def score(recipe: utils.Recipe, validator, story: dict, completions: list[tuple[str, str]]) -> list[dict]:
+def score(recipe: settings.Recipe, validator, story: dict, completions: list[tuple[str, str]]) -> list[dict]:
     """Score each distinct (title, trailing) once; rank by reward, then RM score."""
     groups: dict[tuple[str, bool], dict] = {}
     for text, source in completions:
@@ -134,7 +136,7 @@ def render(ranked: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(recipe: utils.Recipe, args: TitlesArgs) -> list[dict]:
+def main(recipe: settings.Recipe, args: TitlesArgs) -> list[dict]:
     import policy
 
     body = read_article(args.article)
@@ -143,7 +145,7 @@ def main(recipe: utils.Recipe, args: TitlesArgs) -> list[dict]:
             dt.datetime.fromisoformat(args.time.replace("Z", "+00:00"))
         except ValueError:
             raise SystemExit(f"error: --time {args.time!r} is not ISO 8601 (e.g. 2024-05-01T12:00:00Z)") from None
-    utils.set_seed(recipe.seed)
+    settings.set_seed(recipe.seed)
     try:  # fail before loading a model when the server is down
         utils.RewardClient(recipe.reward_url, timeout=recipe.reward_timeout).health_sync()
     except utils.RewardServerError as e:
@@ -171,5 +173,5 @@ def main(recipe: utils.Recipe, args: TitlesArgs) -> list[dict]:
 
 
 if __name__ == "__main__":
-    recipe_, args_ = utils.parse_args((utils.Recipe, TitlesArgs), "titles", description=__doc__.splitlines()[0])
+    recipe_, args_ = settings.parse_args((settings.Recipe, TitlesArgs), "titles", description=__doc__.splitlines()[0])
     main(recipe_, args_)

@@ -29,22 +29,25 @@ rerun resumes at that step; it never becomes a reward. A step whose groups canno
 rewards equal, or fewer than 2 trajectories) is skipped untrained with the reason in its
 metrics row. Failed rollout requests fail the step unless --max_exceptions allows some.
 
-Exit codes:
+main() reads top to bottom: settings, run directory, data, then the loop (`run_loop`: reward
+server, backend, model; per step rollouts, rewards, train, validate); the pieces of a step follow it.
+
+Exit codes (runtime.py, shared with the TRL trainer):
     0   finished (max_steps reached), or nothing left to do
     75  SIGTERM / SIGUSR1 / Ctrl-C: the current step was finished (trained, checkpointed, its
         row written), then the run stopped; rerun to resume
     130 a second signal while stopping: exited at once (rerun resumes from the last checkpoint)
     3   the reward server failed or is unreachable (start it with `make reward`, rerun)
-    1   bad settings, or the local backend on a machine without a usable GPU
+    73  the run directory is in use by another live process (named in the message)
+    1   bad settings or data, or the local backend on a machine without a usable GPU
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -54,19 +57,17 @@ from pathlib import Path
 from typing import Any
 
 import art_cpu_backend
+import evaluation
+import rundir
+import runtime
+import settings
 import utils
-from art_config import (
-    ART_LOSSES,
-    ArtArgs,
-    internal_config,
-    local_backend_optimizer,
-    train_kwargs,
-)
-from art_cpu_backend import import_art
+from art_compat import import_art
+from art_config import ART_LOSSES, ArtArgs, internal_config, local_backend_optimizer, train_kwargs
+from settings import Recipe
 
 METHOD = "art"
 BACKENDS = ("auto", "local", "cpu")
-EXIT_OK, EXIT_USAGE, EXIT_REWARD_SERVER, EXIT_INTERRUPTED, EXIT_ABORTED = 0, 1, 3, 75, 130
 GPU_HELP = """\
 train.py --backend local (ART's LocalBackend) needs a CUDA GPU: {problem}.
 ART's LocalBackend generates with vLLM and trains with Unsloth on the GPU; neither runs on a CPU.
@@ -77,8 +78,104 @@ ART's LocalBackend generates with vLLM and trains with Unsloth on the GPU; neith
 On this machine, ART's loop runs on the CPU engine: --backend cpu (or auto), as `make train-art` does."""
 
 
+def main(recipe: Recipe, args: ArtArgs,  # noqa: C901 (the flow top to bottom: its branches are the exit codes)
+         backend_factory: Callable[[ArtArgs, Path], Any] | None = None) -> int:
+    """Train ART's loop to max_steps (or resume); returns the exit code. `backend_factory(args,
+    art_path)` builds the backend (the seam the tests of the GPU wiring use)."""
+    # ---- The settings: refuse what ART cannot honour before anything starts
+    try:
+        check_config(recipe, args)
+    except ValueError as e:
+        return fail(e, runtime.EXIT_USAGE)
+    args.backend = resolve_backend(args)
+    if backend_factory is None:
+        if args.backend == "local" and (problem := gpu_problem()):
+            return fail(GPU_HELP.format(problem=problem), runtime.EXIT_USAGE)
+        backend_factory = functools.partial(make_backend, recipe=recipe)
+    run_dir = rundir.run_dir_for(recipe, METHOD)
+    stopper = runtime.StopOnSignal("[art]", "finishing this step (checkpoint + metrics row)")
+    try:
+        # A stop signal from here on finishes the step under way (or stops before the first one).
+        with rundir.RunLock(run_dir, METHOD), stopper:
+            # ---- The run directory: the settings really used, said once
+            settings.set_seed(recipe.seed)
+            engine = engine_config(recipe, args)
+            rundir.save_config(run_dir, recipe=recipe, art=args, internal_config=internal_config(recipe, args),
+                               train_kwargs=train_kwargs(recipe, args), engine=engine)
+            runtime.log_arguments("[art]", recipe=recipe, art=args, train_kwargs=train_kwargs(recipe, args),
+                                  engine=engine)
+            if engine.get("requested_optim", "").endswith("8bit"):
+                print(f"note: ART's optimizer {engine['requested_optim']} needs CUDA; the CPU engine uses "
+                      f"{engine['optimizer']} with weight decay {engine['weight_decay']} and betas {engine['adam_betas']}")
+            # Said, not silently dropped: ART writes a checkpoint after every step.
+            print(f"note: save_every={recipe.save_every} does not apply to ART (a checkpoint per step); "
+                  + ("each validation keeps only the best and latest" if args.keep_best else
+                     "all are kept (--no_keep_best)"))
+
+            # ---- The data, loaded and filtered as the TRL trainer does
+            from transformers import AutoTokenizer
+
+            with settings.hub_errors(recipe.model):
+                tokenizer = AutoTokenizer.from_pretrained(recipe.model)
+            train_ds, report = utils.load_split(recipe, recipe.train_split, tokenizer, recipe.max_train_stories)
+            print(report.summary())
+            val_ds, report = utils.load_split(recipe, recipe.val_split, tokenizer, recipe.max_val_stories)
+            print(report.summary())
+            if not len(train_ds) or not len(val_ds):
+                raise utils.DatasetError(f"{recipe.dataset}: nothing left to train or validate on after filtering")
+
+            # ---- The loop: reward server, backend, model; then rollouts, rewards, train, validate
+            asyncio.run(run_loop(recipe, args, run_dir, [dict(r) for r in train_ds], [dict(r) for r in val_ds],
+                                 backend_factory, stopper))
+    except rundir.RunDirBusy as e:
+        return fail(e, runtime.EXIT_RUN_DIR_BUSY)
+    except (utils.DatasetError, settings.HubUnavailable) as e:
+        return fail(e, runtime.EXIT_USAGE)
+    except utils.RewardServerError as e:
+        return fail(f"reward server failed: {e}\nNothing was trained for the failing step; fix the server "
+                    "(`make reward`) and rerun the same command to resume from it", runtime.EXIT_REWARD_SERVER)
+    except KeyboardInterrupt:
+        return fail("[art] aborted by a second signal; rerun to resume from the last checkpoint",
+                    runtime.EXIT_ABORTED)
+
+    # ---- Report
+    print(f"metrics -> {run_dir / rundir.METRICS_FILE}")
+    if stopper.received:
+        print(f"[art] stopped by {stopper.received}; rerun the same command to resume ({run_dir}) "
+              f"(exit {runtime.EXIT_INTERRUPTED})")
+        return runtime.EXIT_INTERRUPTED
+    return runtime.EXIT_OK
+
+
+def fail(error: object, code: int) -> int:
+    """One line on stderr naming what went wrong and the exit code; returns the code."""
+    print(f"error: {error} (exit {code})", file=sys.stderr, flush=True)
+    return code
+
+
+async def run_loop(recipe: Recipe, args: ArtArgs, run_dir: Path, train_rows: list[dict], val_rows: list[dict],
+                   backend_factory, stopper: runtime.StopOnSignal) -> None:
+    """ART's model on its backend, the reward client and the validator around one Loop; all closed after."""
+    art = import_art()
+    art_path = run_dir / "art"
+    model = art.TrainableModel(name=args.model_name or run_dir.name, project=args.project, base_model=recipe.model,
+                               base_path=str(art_path), _internal_config=internal_config(recipe, args))
+    reward = utils.RewardClient(recipe.reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
+    backend = None
+    try:
+        await reward.health()  # before the model loads: a missing server is a one-line error
+        backend = backend_factory(args, art_path)
+        await model.register(backend)
+        validator = make_validator(recipe, args, model)
+        await Loop(recipe, args, run_dir, train_rows, val_rows, model, backend, reward, validator, stopper).run()
+    finally:
+        await reward.aclose()
+        if backend is not None:
+            await backend.close()
+
+
 # --------------------------------------------------------------------------------------
-# GPU check and the backend seam
+# Settings and the backend seam
 # --------------------------------------------------------------------------------------
 
 
@@ -112,13 +209,13 @@ def resolve_backend(args: ArtArgs) -> str:
     return "local"
 
 
-def engine_options(recipe: utils.Recipe, args: ArtArgs) -> art_cpu_backend.EngineOptions:
+def engine_options(recipe: Recipe, args: ArtArgs) -> art_cpu_backend.EngineOptions:
     """The CPU engine's knobs: ART's GPU behaviour unless the recipe asks otherwise."""
     return art_cpu_backend.EngineOptions(pack_groups=args.pack_groups,
                                          optimizer_steps=recipe.optimizer_steps or "per_sequence")
 
 
-def make_backend(args: ArtArgs, art_path: Path, recipe: utils.Recipe):
+def make_backend(args: ArtArgs, art_path: Path, recipe: Recipe):
     """The one place a backend is built; tests of the GPU wiring pass a double through main(backend_factory=)."""
     if args.backend == "local":
         import_art()
@@ -130,26 +227,31 @@ def make_backend(args: ArtArgs, art_path: Path, recipe: utils.Recipe):
     raise ValueError(f"unknown backend {args.backend!r} (supported: {BACKENDS})")
 
 
-def check_config(recipe: utils.Recipe, args: ArtArgs) -> None:
-    """Refuse settings ART cannot honour before anything starts."""
+def check_config(recipe: Recipe, args: ArtArgs) -> None:
+    """Refuse settings ART cannot honour before anything starts (ValueError naming the knob)."""
     if recipe.loss_type not in ART_LOSSES:
-        raise SystemExit(f"loss_type {recipe.loss_type!r} is not available in ART 0.5.18 (use one of {ART_LOSSES}; "
+        raise ValueError(f"loss_type {recipe.loss_type!r} is not available in ART 0.5.18 (use one of {ART_LOSSES}; "
                          "'cispo' exists in both TRL and ART)")
-    try:
-        recipe.check()  # what every trainer refuses (parse_args checks it too; main() may get a Recipe built in code)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    recipe.check()  # what every trainer refuses (parse_args checks it too; main() may get a Recipe built in code)
     if args.backend not in BACKENDS:
-        raise SystemExit(f"unknown backend {args.backend!r} (supported: {', '.join(BACKENDS)})")
+        raise ValueError(f"unknown backend {args.backend!r} (supported: {', '.join(BACKENDS)})")
     backend = resolve_backend(args)
     if backend == "local":
         local_backend_optimizer(recipe)  # refuses optimizer knobs LocalBackend cannot honour
     if backend == "local" and args.pack_groups:
-        raise SystemExit("pack_groups exists only on the CPU engine (--backend cpu): ART's LocalBackend puts one "
+        raise ValueError("pack_groups exists only on the CPU engine (--backend cpu): ART's LocalBackend puts one "
                          "trajectory in each row")
     if backend == "cpu" and recipe.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
-        raise SystemExit(f"optimizer {recipe.optimizer!r} needs bitsandbytes on CUDA; on the CPU engine use 'adamw' "
+        raise ValueError(f"optimizer {recipe.optimizer!r} needs bitsandbytes on CUDA; on the CPU engine use 'adamw' "
                          "(or leave it empty: ART's default, replaced by torch AdamW on the CPU and said so)")
+
+
+def engine_config(recipe: Recipe, args: ArtArgs) -> dict:
+    """What trains, with the values it really uses (saved in config.json, printed once)."""
+    if args.backend == "cpu":
+        return art_cpu_backend.engine_settings(internal_config(recipe, args), engine_options(recipe, args))
+    return {**local_backend_optimizer(recipe)[1], "rows": "one trajectory per row"}
+
 
 
 # --------------------------------------------------------------------------------------
@@ -190,7 +292,7 @@ def base_model_name(generator, wanted: str = "") -> str:
     return alias
 
 
-def make_validator(recipe: utils.Recipe, args: ArtArgs, model) -> Any:
+def make_validator(recipe: Recipe, args: ArtArgs, model) -> Any:
     if recipe.validator == "embedding":
         return utils.EmbeddingValidator(recipe.validator_threshold)
     if recipe.validator == "none":
@@ -206,7 +308,7 @@ def make_validator(recipe: utils.Recipe, args: ArtArgs, model) -> Any:
 # --------------------------------------------------------------------------------------
 
 
-async def rollout_group(client, model_name: str, row: dict, index: int, recipe: utils.Recipe):
+async def rollout_group(client, model_name: str, row: dict, index: int, recipe: Recipe):
     """One request with n = num_generations; each choice (with its logprobs) is a trajectory.
 
     The reward starts as NaN, not 0.0: an unscored trajectory must never look like a score.
@@ -224,7 +326,7 @@ async def rollout_group(client, model_name: str, row: dict, index: int, recipe: 
 
 
 async def score_groups(groups, rows: Sequence[dict], reward: utils.RewardClient, validator,
-                       recipe: utils.Recipe) -> list[utils.Scored]:
+                       recipe: Recipe) -> list[utils.Scored]:
     """Validator + ONE batched reward request for every completion of the step.
 
     A RewardServerError propagates: no trajectory of this step gets a reward, nothing trains.
@@ -262,24 +364,24 @@ def split_teachable(groups) -> tuple[list, Counter]:
 # --------------------------------------------------------------------------------------
 
 
-def is_eval_step(step: int, recipe: utils.Recipe) -> bool:
+def is_eval_step(step: int, recipe: Recipe) -> bool:
     return step == recipe.max_steps or (recipe.eval_every > 0 and step % recipe.eval_every == 0)
 
 
-class Trainer:
+class Loop:
     """State of one run: the model, its clients, the data and the metrics writer."""
 
-    def __init__(self, recipe: utils.Recipe, args: ArtArgs, run_dir: Path, train_rows: list[dict],
+    def __init__(self, recipe: Recipe, args: ArtArgs, run_dir: Path, train_rows: list[dict],
                  val_rows: list[dict], model, backend, reward: utils.RewardClient, validator,
-                 stopper: StopOnSignal | None = None):
+                 stopper: runtime.StopOnSignal | None = None):
         self.recipe, self.args, self.run_dir = recipe, args, run_dir
         self.stopper = stopper
         self.train_rows, self.val_rows = train_rows, val_rows
         self.model, self.backend, self.reward, self.validator = model, backend, reward, validator
-        self.writer = utils.MetricsWriter(run_dir)
-        rows, _ = utils.read_metrics(run_dir)
+        self.writer = rundir.MetricsWriter(run_dir)
+        rows, _ = rundir.read_metrics(run_dir)
         self.logged = {(r["split"], r["step"]) for r in rows if r["method"] == METHOD}
-        self.timer = utils.Timer(max((r["wall_time"] for r in rows), default=0.0))
+        self.timer = rundir.Timer(max((r["wall_time"] for r in rows), default=0.0))
 
     def stopping(self) -> bool:
         return bool(self.stopper and self.stopper.received)
@@ -378,19 +480,19 @@ class Trainer:
         return row
 
     async def validate(self, step: int) -> dict:
-        """The TRL trainer's validation (utils.evaluate_generator) on the current checkpoint."""
+        """The TRL trainer's validation (evaluation.evaluate_generator) on the current checkpoint."""
         t0 = time.perf_counter()
         art_step = await self.model.get_step()
         name = self.model.get_inference_name()
         generator = server_generator(self.model, name, self.args)
-        result = await utils.evaluate_generator(
+        result = await evaluation.evaluate_generator(
             generator, self.val_rows, self.reward, self.validator, self.recipe.eval_samples,
             self.recipe.max_completion_tokens, self.recipe.temperature, self.recipe.trailing_penalty,
             utils.stop_strings(self.recipe))
-        row = utils.eval_metrics_row(result, method=METHOD, step=step, wall_time=self.timer(), run=self.run_dir.name,
+        row = evaluation.eval_metrics_row(result, method=METHOD, step=step, wall_time=self.timer(), run=self.run_dir.name,
                                      extra={"art_step": art_step, "model": self.recipe.model, "policy": name,
                                             "eval_seconds": round(time.perf_counter() - t0, 1)})
-        path = utils.write_eval(self.run_dir, f"step-{step:05d}", result, row)
+        path = evaluation.write_eval(self.run_dir, f"step-{step:05d}", result, row)
         self.logged.add(("val", step))
         # history.jsonl is keyed by ART's step (= checkpoint number): delete_checkpoints reads
         # the best val/reward from it, so the val metrics describe that checkpoint.
@@ -399,145 +501,14 @@ class Trainer:
             "match_rate": row["match_rate"], "title_len": row["title_len_mean"], "copy_frac": row["copy_frac_mean"]})
         if self.args.keep_best:
             await self.model.delete_checkpoints(best_checkpoint_metric="val/reward")
-        print(f"[val step {step}] {utils.eval_summary(result)} -> {path}")
+        print(f"[val step {step}] {evaluation.eval_summary(result)} -> {path}")
         return row
 
 
-def log_arguments(**objs: Any) -> None:
-    """Print every resolved argument (as open-r1 logs its argument objects)."""
-    import dataclasses
-
-    for name, obj in objs.items():
-        values = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
-        print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
-
-
-class Stopped(Exception):
-    """A signal stopped the run after a finished step (exit 75)."""
-
-
-class StopOnSignal:
-    """SIGTERM/SIGUSR1/SIGINT -> finish the current step (trained, checkpointed, row written),
-    then stop; a second signal stops at once (KeyboardInterrupt, exit 130)."""
-
-    SIGNALS = tuple(s for s in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT) if s)
-
-    def __init__(self):
-        self.received: str | None = None
-        self._old: dict = {}
-
-    def __enter__(self) -> StopOnSignal:
-        import threading
-
-        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
-            for sig in self.SIGNALS:
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old.clear()
-
-    def _handle(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.received:
-            self.__exit__()
-            raise KeyboardInterrupt(f"second signal ({name})")
-        self.received = name
-        print(f"\n[art] {name}: finishing this step (checkpoint + metrics row), then stopping "
-              f"(exit {EXIT_INTERRUPTED}; send it again to quit at once)", flush=True)
-
-
-def engine_config(recipe: utils.Recipe, args: ArtArgs) -> dict:
-    """What trains, with the values it really uses (saved in config.json, printed once)."""
-    if args.backend == "cpu":
-        return art_cpu_backend.engine_settings(internal_config(recipe, args), engine_options(recipe, args))
-    return {**local_backend_optimizer(recipe)[1], "rows": "one trajectory per row"}
-
-
-def main(recipe: utils.Recipe, args: ArtArgs, backend_factory: Callable[[ArtArgs, Path], Any] | None = None,
-         stopper: StopOnSignal | None = None) -> Path:
-    """Train; returns the run directory (raises Stopped after a signal). `backend_factory` is
-    the seam the tests of the GPU wiring use."""
-    check_config(recipe, args)
-    args.backend = resolve_backend(args)
-    if backend_factory is None:
-        if args.backend == "local" and (problem := gpu_problem()):
-            raise SystemExit(GPU_HELP.format(problem=problem))
-        backend_factory = lambda a, p: make_backend(a, p, recipe)  # noqa: E731
-    utils.set_seed(recipe.seed)
-    run_dir = utils.run_dir_for(recipe, METHOD)
-    utils.hold_run_dir(run_dir, METHOD)  # one writer per run directory, or exit 73 naming the holder
-    engine = engine_config(recipe, args)
-    utils.save_config(run_dir, recipe=recipe, art=args, internal_config=internal_config(recipe, args),
-                      train_kwargs=train_kwargs(recipe, args), engine=engine)
-    log_arguments(recipe=recipe, art=args, train_kwargs=train_kwargs(recipe, args), engine=engine)
-    if engine.get("requested_optim", "").endswith("8bit"):
-        print(f"note: ART's optimizer {engine['requested_optim']} needs CUDA; the CPU engine uses {engine['optimizer']} "
-              f"with weight decay {engine['weight_decay']} and betas {engine['adam_betas']}")
-    # Said, not silently dropped: ART writes a checkpoint after every step.
-    print(f"note: save_every={recipe.save_every} does not apply to ART (a checkpoint per step); "
-          + ("each validation keeps only the best and latest" if args.keep_best else "all are kept (--no_keep_best)"))
-
-    from transformers import AutoTokenizer
-
-    with utils.hub_errors(recipe.model):
-        tokenizer = AutoTokenizer.from_pretrained(recipe.model)
-    train, report = utils.load_split(recipe, recipe.train_split, tokenizer, recipe.max_train_stories)
-    print(report.summary())
-    val, report = utils.load_split(recipe, recipe.val_split, tokenizer, recipe.max_val_stories)
-    print(report.summary())
-    if not len(train) or not len(val):
-        raise SystemExit(f"{recipe.dataset}: nothing left to train or validate on after filtering")
-    stopper = stopper or StopOnSignal()
-    asyncio.run(_run(recipe, args, run_dir, [dict(r) for r in train], [dict(r) for r in val], backend_factory, stopper))
-    print(f"metrics -> {run_dir / utils.METRICS_FILE}")
-    if stopper.received:
-        raise Stopped(f"stopped by {stopper.received}; rerun the same command to resume ({run_dir})")
-    return run_dir
-
-
-async def _run(recipe, args, run_dir: Path, train_rows, val_rows, backend_factory, stopper) -> None:
-    art = import_art()
-    art_path = run_dir / "art"
-    model = art.TrainableModel(name=args.model_name or run_dir.name, project=args.project, base_model=recipe.model,
-                               base_path=str(art_path), _internal_config=internal_config(recipe, args))
-    reward = utils.RewardClient(recipe.reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
-    backend = None
-    try:
-        await reward.health()  # before the model loads: a missing server is a one-line error
-        backend = backend_factory(args, art_path)
-        await model.register(backend)
-        validator = make_validator(recipe, args, model)
-        await Trainer(recipe, args, run_dir, train_rows, val_rows, model, backend, reward, validator, stopper).run()
-    finally:
-        await reward.aclose()
-        if backend is not None:
-            await backend.close()
-
-
 def cli(argv: Sequence[str] | None = None) -> int:
-    """Parse `--recipe` + flags, train; returns the exit code."""
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # ART imports litellm; no network for its price map
-    recipe, args = utils.parse_args((utils.Recipe, ArtArgs), METHOD, argv, description=__doc__.splitlines()[0])
-    with StopOnSignal() as stopper:
-        try:
-            main(recipe, args, stopper=stopper)
-        except utils.HubUnavailable as e:
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_USAGE
-        except utils.RewardServerError as e:
-            print(f"error: reward server failed: {e}\nNothing was trained for the failing step; fix the server "
-                  "(`make reward`) and rerun the same command to resume from it.", file=sys.stderr)
-            return EXIT_REWARD_SERVER
-        except Stopped as e:
-            print(f"[art] {e} (exit {EXIT_INTERRUPTED})")
-            return EXIT_INTERRUPTED
-        except KeyboardInterrupt:
-            print("\n[art] aborted by a second signal; rerun to resume from the last checkpoint", file=sys.stderr)
-            return EXIT_ABORTED
-    return EXIT_OK
+    """Parse `--recipe` + flags (settings.parse_args) and train; returns the exit code."""
+    recipe, args = settings.parse_args((Recipe, ArtArgs), METHOD, argv, description=__doc__.splitlines()[0])
+    return main(recipe, args)
 
 
 if __name__ == "__main__":

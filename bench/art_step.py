@@ -38,7 +38,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import art_config
 import procs  # noqa: E402  (reward_server: start/stop local_reward.py)
+import settings  # noqa: E402
+import trl_config
 import utils  # noqa: E402
 
 ART_VARIANTS = {"default": (None, False), "per_step": ("per_step", False), "per_step+pack": ("per_step", True)}
@@ -56,7 +59,7 @@ class ArtBenchArgs:
     threads: int = field(default=0, metadata={"help": "Torch CPU threads (0 = torch's default)."})
 
 
-async def art_steps(recipe: utils.Recipe, variant: str, reward_url: str, steps: int, warmup: int) -> list[dict]:
+async def art_steps(recipe: settings.Recipe, variant: str, reward_url: str, steps: int, warmup: int) -> list[dict]:
     """train.py's step (rollouts, scoring, backend.train, model.log), timed by part."""
     from transformers import AutoTokenizer
 
@@ -66,15 +69,15 @@ async def art_steps(recipe: utils.Recipe, variant: str, reward_url: str, steps: 
     art = train.import_art()
     optimizer_steps, pack = ART_VARIANTS[variant]
     recipe = dataclasses.replace(recipe, optimizer_steps=optimizer_steps, reward_url=reward_url)
-    args = train.ArtArgs(backend="cpu", pack_groups=pack)
-    utils.set_seed(recipe.seed)
+    args = art_config.ArtArgs(backend="cpu", pack_groups=pack)
+    settings.set_seed(recipe.seed)
     rows = [dict(r) for r in utils.load_split(recipe, recipe.train_split, AutoTokenizer.from_pretrained(recipe.model),
                                               recipe.max_train_stories)[0]]
     out: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="art-bench-") as tmp:
         backend = art_cpu_backend.cpu_backend_class()(path=tmp, options=train.engine_options(recipe, args))
         model = art.TrainableModel(name="bench", project="bench", base_model=recipe.model, base_path=tmp,
-                                   _internal_config=train.internal_config(recipe, args))
+                                   _internal_config=art_config.internal_config(recipe, args))
         reward = utils.RewardClient(reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
         try:
             await model.register(backend)
@@ -107,7 +110,7 @@ async def one_step(art, train, model, backend, reward, validator, recipe, args, 
     await train.score_groups(groups, [batch[int(g.metadata["batch_index"])] for g in groups], reward, validator, recipe)
     marks.append((time.perf_counter(), time.process_time()))
     keep, _ = train.split_teachable(groups)
-    result = await backend.train(model, keep, **train.train_kwargs(recipe, args)) if keep else None
+    result = await backend.train(model, keep, **art_config.train_kwargs(recipe, args)) if keep else None
     marks.append((time.perf_counter(), time.process_time()))
     if result is not None:
         await model.log(groups, split="train", metrics=dict(result.metrics), step=result.step)
@@ -120,15 +123,14 @@ async def one_step(art, train, model, backend, reward, validator, recipe, args, 
     return row
 
 
-def trl_steps(recipe: utils.Recipe, reward_url: str, steps: int, warmup: int) -> list[dict]:
+def trl_steps(recipe: settings.Recipe, reward_url: str, steps: int, warmup: int) -> list[dict]:
     """bench/grpo_step.py's "repo" variant: the TRL trainer's own step, timed by part."""
-    import reference_grpo_trainer as rgt
 
     spec = importlib.util.spec_from_file_location("bench_grpo_step", Path(__file__).with_name("grpo_step.py"))
     grpo_step = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = grpo_step
     spec.loader.exec_module(grpo_step)
-    _, trl_args = utils.parse_args((utils.Recipe, rgt.TrlArgs), "trl", [])
+    _, trl_args = settings.parse_args((settings.Recipe, trl_config.TrlArgs), "trl", [])
     return grpo_step.run_variant("repo", recipe, trl_args, reward_url, steps, warmup)
 
 
@@ -138,7 +140,7 @@ def summarize(steps: list[dict]) -> dict[str, float]:
     return {k: fastest[k] if k.startswith("wall_") else statistics.median(s[k] for s in steps) for k in steps[0]}
 
 
-def report(art: dict[str, dict], trl: dict | None, recipe: utils.Recipe, load: tuple[float, float]) -> str:
+def report(art: dict[str, dict], trl: dict | None, recipe: settings.Recipe, load: tuple[float, float]) -> str:
     import torch
 
     lines = [f"ART step (CPU engine) vs TRL step on {Path(recipe.model).name}: {recipe.prompts_per_step} prompt(s) x "
@@ -164,7 +166,7 @@ def report(art: dict[str, dict], trl: dict | None, recipe: utils.Recipe, load: t
 
 def main(args: ArtBenchArgs) -> str:
     procs.set_threads(args.threads)
-    (recipe,) = utils.parse_args((utils.Recipe,), "art", ["--recipe", args.recipe])
+    (recipe,) = settings.parse_args((settings.Recipe,), "art", ["--recipe", args.recipe])
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in ART_VARIANTS]
     if unknown:

@@ -2,7 +2,7 @@
 
 A GRPO group is `num_generations` copies of one prompt, and validation samples several titles
 per story. TRL's transformers path and plain `model.generate` prefill every row;
-`fast_backend.generate_shared_prefix` (used by the TRL trainer on CPU and by evaluate.py)
+`generation.generate_shared_prefix` (used by the TRL trainer on CPU and by evaluate.py)
 prefills each distinct prompt once. Two shapes from the recipe, same model and prompts:
 
 - train: `prompts_per_step` prompts x `num_generations` rows (one GRPO step's rollouts);
@@ -28,7 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import generation  # noqa: E402
 import procs  # noqa: E402  (set_threads)
+import settings  # noqa: E402
 import utils  # noqa: E402
 
 EVAL_STORIES = 8  # evaluate.py's default batch of stories
@@ -43,9 +45,7 @@ class GenBenchArgs:
 
 def plain_generate(model, rows, pad_id: int, **kw):
     """What TRL's transformers path does: left-pad every row and call generate."""
-    import fast_backend
-
-    ids, mask = fast_backend.left_pad(rows, pad_id)
+    ids, mask = generation.left_pad(rows, pad_id)
     return model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad_id, **kw)[:, ids.shape[1]:]
 
 
@@ -59,10 +59,8 @@ def main(args: GenBenchArgs) -> str:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import fast_backend
-
     procs.set_threads(args.threads)
-    recipe = utils.parse_args((utils.Recipe,), "trl", ["--recipe", args.recipe])[0]
+    recipe = settings.parse_args((settings.Recipe,), "trl", ["--recipe", args.recipe])[0]
     tok = AutoTokenizer.from_pretrained(recipe.model)
     model = AutoModelForCausalLM.from_pretrained(recipe.model).eval()
     val, _ = utils.load_split(recipe, recipe.val_split, tok, EVAL_STORIES)
@@ -74,7 +72,7 @@ def main(args: GenBenchArgs) -> str:
     kw = dict(max_new_tokens=recipe.max_completion_tokens, min_new_tokens=recipe.max_completion_tokens,
               do_sample=True, temperature=recipe.temperature, top_k=None, top_p=None)
     paths = {"plain": lambda rows: plain_generate(model, rows, tok.pad_token_id, **kw),
-             "shared": lambda rows: fast_backend.generate_shared_prefix(model, rows, tok.pad_token_id, **kw)}
+             "shared": lambda rows: generation.generate_shared_prefix(model, rows, tok.pad_token_id, **kw)}
     load0 = os.getloadavg()[0]
     with torch.inference_mode():
         paths["shared"](shapes["train"][:2])  # warm-up: allocator, lazy imports

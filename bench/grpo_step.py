@@ -1,6 +1,6 @@
 """Time a TRL GRPO step on the CPU recipe: the repo's trainer against TRL's own GRPOTrainer.
 
-Two trainers on the same model, data and GRPOConfig (reference_grpo_trainer.grpo_config):
+Two trainers on the same model, data and GRPOConfig (trl_config.grpo_config):
 
 - repo: the repo's trainer class (fast_backend.trainer_class: each distinct prompt encoded once
   in the loss, one prefill per prompt and the LoRA folded into the weights in rollouts) with its
@@ -50,6 +50,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import procs  # noqa: E402  (reward_server: start/stop local_reward.py)
+import rundir  # noqa: E402
+import settings  # noqa: E402
+import trl_config
 import utils  # noqa: E402
 
 PARTS = ("generation", "reward", "rollout_other", "optimizer")
@@ -164,19 +167,18 @@ class StepTimer:
 def variant_child(name: str, recipe_path: str, reward_url: str, steps: int, warmup: int,
                   threads: int) -> tuple[list[dict], float]:
     """run_variant in this (child) process: (timed steps, peak RSS in MB)."""
-    import reference_grpo_trainer as rgt
 
     procs.set_threads(threads)
-    recipe, trl_args = utils.parse_args((utils.Recipe, rgt.TrlArgs), "trl", ["--recipe", recipe_path])
+    recipe, trl_args = settings.parse_args((settings.Recipe, trl_config.TrlArgs), "trl", ["--recipe", recipe_path])
     return run_variant(name, recipe, trl_args, reward_url, steps, warmup), max_rss_mb()
 
 
-def run_variant(name: str, recipe: utils.Recipe, trl_args, reward_url: str, steps: int, warmup: int) -> list[dict]:
+def run_variant(name: str, recipe: settings.Recipe, trl_args, reward_url: str, steps: int, warmup: int) -> list[dict]:
     """Build the trainer the way reference_grpo_trainer.main does; time `steps` steps after `warmup`."""
     import fast_backend
     import reference_grpo_trainer as rgt
 
-    utils.set_seed(recipe.seed)
+    settings.set_seed(recipe.seed)
     backend = fast_backend.select_backend("cpu")
     model, tokenizer = fast_backend.load_policy(backend, recipe, trl_args)
     train_ds, _ = utils.load_split(recipe, recipe.train_split, tokenizer, recipe.max_train_stories)
@@ -184,7 +186,7 @@ def run_variant(name: str, recipe: utils.Recipe, trl_args, reward_url: str, step
         run_dir = Path(tmp)
         recipe_run = dataclasses.replace(recipe, max_steps=warmup + steps, save_every=10 ** 6, reward_url=reward_url)
         stops = fast_backend.stop_at_tokens(backend, model, utils.stop_token_ids(tokenizer, utils.stop_strings(recipe)))
-        config = rgt.grpo_config(recipe_run, trl_args, backend, run_dir, stops)
+        config = trl_config.grpo_config(recipe_run, trl_args, backend, run_dir, stops)
         timer = StepTimer()
         callbacks = [timer.callback()]
         client = None
@@ -198,7 +200,7 @@ def run_variant(name: str, recipe: utils.Recipe, trl_args, reward_url: str, step
                                                  recipe.max_completion_tokens)]
             _, train_rows, _, holder = rgt.build_callbacks(
                 recipe=recipe_run, args=trl_args, run_dir=run_dir, tokenizer=tokenizer, val_rows=[],
-                validator=validator, reward_log=log, timer=utils.Timer(), val_done=set())
+                validator=validator, reward_log=log, timer=rundir.Timer(), val_done=set())
             holder["client"] = client
             callbacks.append(train_rows)  # the repo's per-step metrics row is part of its step
         else:
@@ -240,11 +242,10 @@ def long_loss_child(kind: str, recipe_path: str, tokens: int, threads: int) -> d
     from trl import GRPOTrainer
 
     import fast_backend
-    import reference_grpo_trainer as rgt
 
     procs.set_threads(threads)
-    recipe, trl_args = utils.parse_args((utils.Recipe, rgt.TrlArgs), "trl", ["--recipe", recipe_path])
-    utils.set_seed(recipe.seed)
+    recipe, trl_args = settings.parse_args((settings.Recipe, trl_config.TrlArgs), "trl", ["--recipe", recipe_path])
+    settings.set_seed(recipe.seed)
     backend = fast_backend.select_backend("cpu")
     model, tok = fast_backend.load_policy(backend, recipe, trl_args)
     bodies = [r["scraped_body"] for r in utils.load_stories(recipe.dataset, recipe.train_split)]
@@ -255,7 +256,7 @@ def long_loss_child(kind: str, recipe_path: str, tokens: int, threads: int) -> d
     ids = torch.cat([torch.tensor([prompt] * g), completions], dim=1)
     mask = torch.ones_like(ids)
     with tempfile.TemporaryDirectory() as tmp:
-        config = rgt.grpo_config(recipe, trl_args, backend, Path(tmp))
+        config = trl_config.grpo_config(recipe, trl_args, backend, Path(tmp))
         trainer = fast_backend.shared_prefix_trainer_class()(
             model=model, reward_funcs=[constant_reward], args=config, processing_class=tok,
             train_dataset=Dataset.from_list([{"prompt": utils.title_messages("x")}]))
@@ -281,7 +282,7 @@ def summarize_steps(steps: list[dict]) -> dict[str, float]:
     return {k: fastest[k] if k.startswith("wall_") else statistics.median(s[k] for s in steps) for k in steps[0]}
 
 
-def report(repo: dict[str, float], bare: dict[str, float], recipe: utils.Recipe, steps: int,
+def report(repo: dict[str, float], bare: dict[str, float], recipe: settings.Recipe, steps: int,
            load: tuple[float, float], threads: int, rss: dict[str, float], long: dict | None) -> str:
     lines = [
         f"GRPO step on {Path(recipe.model).name}: {recipe.prompts_per_step} prompts x {recipe.num_generations} "
@@ -337,7 +338,7 @@ def run_order(rounds: int) -> list[str]:
 
 def main(args: BenchArgs) -> str:
     procs.set_threads(args.threads)
-    recipe = utils.parse_args((utils.Recipe,), "trl", ["--recipe", args.recipe])[0]
+    recipe = settings.parse_args((settings.Recipe,), "trl", ["--recipe", args.recipe])[0]
     load0 = os.getloadavg()
     results: dict[str, list[dict]] = {"repo": [], "bare": []}
     rss: dict[str, float] = {"repo": 0.0, "bare": 0.0}

@@ -28,12 +28,18 @@ from pathlib import Path
 import httpx
 import pytest
 
+import art_compat
+import art_config
+import rundir
+import runtime
+import settings
 import utils
 
 ROOT = Path(__file__).resolve().parents[1]
 train = pytest.importorskip("train")
-art = train.import_art()
+art = art_compat.import_art()
 import art_cpu_backend as acb  # noqa: E402  (after import_art: ART's transformers patch undone)
+import art_cpu_server  # noqa: E402
 
 # --------------------------------------------------------------------------------------
 # The server, in this process, on the tiny model
@@ -79,7 +85,7 @@ MESSAGES = utils.title_messages("A new compiler for Rust ships today with faster
     ({"model": "t@0", "messages": MESSAGES, "seed": "x"}, 400, "seed"),
     (b"{not json", 400, "body"),                                                # bad JSON
     (b"[1, 2]", 400, "body"),                                                   # JSON, but not an object
-    (b"x" * (acb.MAX_BODY_BYTES + 1), 413, "body"),                             # oversized body
+    (b"x" * (art_cpu_server.MAX_BODY_BYTES + 1), 413, "body"),                             # oversized body
 ])
 def test_requests_it_cannot_serve_get_a_4xx_naming_the_field(service, body, status, param):
     resp = chat(service, body)
@@ -311,7 +317,7 @@ def wait_for_train_row(run_dir: Path, proc: subprocess.Popen, timeout: float = 3
 
 
 def rows_of(run_dir: Path, split: str) -> list[dict]:
-    rows, _ = utils.read_metrics(run_dir)
+    rows, _ = rundir.read_metrics(run_dir)
     return [r for r in rows if r["split"] == split]
 
 
@@ -361,10 +367,10 @@ def test_sigterm_checkpoints_and_exits_75_then_the_rerun_continues(tmp_path):
         assert config["art"]["backend"] == "cpu"
 
         # A finished run: nothing trains, nothing is written (in this process: no second model-loading subprocess).
-        before = (run_dir / utils.METRICS_FILE).read_text()
-        recipe, args = utils.parse_args((utils.Recipe, train.ArtArgs), "art", train_cmd(tmp_path, url, "--max_steps", "4")[2:])
-        train.main(recipe, args)
-        assert (run_dir / utils.METRICS_FILE).read_text() == before and checkpoints(run_dir)[-1] == art_steps[-1]
+        before = (run_dir / rundir.METRICS_FILE).read_text()
+        recipe, args = settings.parse_args((settings.Recipe, art_config.ArtArgs), "art", train_cmd(tmp_path, url, "--max_steps", "4")[2:])
+        assert train.main(recipe, args) == runtime.EXIT_OK
+        assert (run_dir / rundir.METRICS_FILE).read_text() == before and checkpoints(run_dir)[-1] == art_steps[-1]
 
 
 @pytest.mark.slow
@@ -402,6 +408,6 @@ def test_unreachable_reward_server_says_to_start_it(tmp_path, capsys):
     from servers import free_port
 
     argv = train_cmd(tmp_path, f"http://127.0.0.1:{free_port()}", "--max_steps", "1")[2:]
-    assert train.cli(argv) == train.EXIT_REWARD_SERVER  # before any model loads
+    assert train.cli(argv) == runtime.EXIT_REWARD_SERVER  # before any model loads
     assert "make reward" in capsys.readouterr().err
-    assert not (tmp_path / "r" / utils.METRICS_FILE).exists()
+    assert not (tmp_path / "r" / rundir.METRICS_FILE).exists()

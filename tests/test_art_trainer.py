@@ -22,14 +22,19 @@ import pytest
 from fake_openai import FakeOpenAI, default_script
 from servers import JsonHandler, serve
 
+import art_compat
+import art_config
+import rundir
+import runtime
+import settings
 import utils
 
 ROOT = Path(__file__).resolve().parents[1]
 
 train = pytest.importorskip("train")
-# Through train.import_art: a bare `import art` would leave ART's transformers patch in place,
+# Through art_compat.import_art: a bare `import art` would leave ART's transformers patch in place,
 # which breaks model forwards under this environment's transformers for the whole session.
-art = train.import_art()
+art = art_compat.import_art()
 
 
 # --------------------------------------------------------------------------------------
@@ -151,31 +156,32 @@ def write_stories(path: Path, train_bodies: list[str], val_bodies: list[str]) ->
     return path
 
 
-def make_recipe(tmp_path: Path, model: Path, reward_url: str, **over) -> utils.Recipe:
+def make_recipe(tmp_path: Path, model: Path, reward_url: str, **over) -> settings.Recipe:
     base = dict(model=str(model), dataset=str(tmp_path / "stories.jsonl"), max_train_stories=0, max_val_stories=0,
                 prompts_per_step=2, num_generations=3, max_completion_tokens=8, temperature=0.9,
                 learning_rate=3e-4, loss_type="cispo", beta=0.04, max_steps=2, eval_every=0, eval_samples=1,
                 validator="none", reward_url=reward_url, reward_retries=1, runs_dir=str(tmp_path / "runs"),
                 run_name="t", lora_r=4, lora_alpha=8)
     base.update(over)
-    return utils.Recipe(**base)
+    return settings.Recipe(**base)
 
 
-def run(recipe, fake, args=None) -> tuple[Path, FakeBackend]:
+def run(recipe, fake, args=None, expect: int = runtime.EXIT_OK) -> tuple[Path, FakeBackend]:
     holder = {}
 
     def factory(art_args, art_path):
         holder["backend"] = FakeBackend(fake, art_path)
         return holder["backend"]
 
-    run_dir = train.main(recipe, args or train.ArtArgs(concurrency=2), backend_factory=factory)
-    return run_dir, holder["backend"]
+    code = train.main(recipe, args or art_config.ArtArgs(concurrency=2), backend_factory=factory)
+    assert code == expect, code
+    return Path(recipe.runs_dir) / recipe.run_name, holder["backend"]
 
 
 def rows_of(run_dir: Path, split: str) -> list[dict]:
-    if not (run_dir / utils.METRICS_FILE).exists():
+    if not (run_dir / rundir.METRICS_FILE).exists():
         return []
-    rows, notes = utils.read_metrics(run_dir)
+    rows, notes = rundir.read_metrics(run_dir)
     assert not notes
     return [r for r in rows if r["split"] == split]
 
@@ -288,10 +294,13 @@ def test_resume_validates_a_step_that_stopped_before_its_validation(tmp_path, ti
     write_stories(tmp_path / "stories.jsonl", [VARIED + str(i) for i in range(4)], [VARIED])
     recipe = make_recipe(tmp_path, tiny_model, reward.url, max_steps=3, eval_every=2)
 
+    class Killed(BaseException):
+        """The job was killed after training step 2, before its validation."""
+
     async def crash(self, step):
-        raise KeyboardInterrupt  # the job was killed after training step 2, before its validation
-    monkeypatch.setattr(train.Trainer, "validate", crash)
-    with pytest.raises(KeyboardInterrupt):
+        raise Killed
+    monkeypatch.setattr(train.Loop, "validate", crash)
+    with pytest.raises(Killed):
         run(recipe, fake)
     monkeypatch.undo()
     run_dir, backend = run(recipe, fake)
@@ -331,7 +340,7 @@ def test_validation_cadence_and_best_checkpoint(tmp_path, tiny_model, fake, rewa
     assert sorted(p.name for p in ckpts.iterdir()) == ["0002", "0005"]
     assert backend.kept[-1] == [2, 5]
     # Shared schema, method "art", for every row.
-    for r in utils.read_metrics(run_dir)[0]:
+    for r in rundir.read_metrics(run_dir)[0]:
         assert tuple(r) == utils.METRICS_KEYS and r["method"] == "art" and r["run"] == "t"
 
 
@@ -356,8 +365,7 @@ def test_reward_server_failures_never_become_rewards(tmp_path, tiny_model, fake,
         fake.script = script
     else:
         reward.mode = mode
-    with pytest.raises(utils.RewardServerError):
-        run(make_recipe(tmp_path, tiny_model, reward.url, max_steps=2), fake)
+    run(make_recipe(tmp_path, tiny_model, reward.url, max_steps=2), fake, expect=runtime.EXIT_REWARD_SERVER)
     run_dir = tmp_path / "runs" / "t"
     assert rows_of(run_dir, "train") == []  # no row: the step did not happen
     model_dir = run_dir / "art" / "hn-titles" / "models" / "t"
@@ -373,7 +381,7 @@ def test_generation_failures_are_dropped_and_counted(tmp_path, tiny_model, fake,
     write_stories(tmp_path / "stories.jsonl", [VARIED + "a", "[fail] " + VARIED], [VARIED])
     fake.fail_if = lambda request: "[fail]" in request["messages"][-1]["content"]  # HTTP 500, every retry
     recipe = make_recipe(tmp_path, tiny_model, reward.url, max_steps=1)
-    run_dir, backend = run(recipe, fake, train.ArtArgs(concurrency=2, max_exceptions=1))
+    run_dir, backend = run(recipe, fake, art_config.ArtArgs(concurrency=2, max_exceptions=1))
     (row,) = rows_of(run_dir, "train")
     assert row["extra"]["failed_groups"] == 1 and row["extra"]["groups"] == 1
     assert len(backend.calls[0][0]) == 1
@@ -416,7 +424,7 @@ def test_importing_art_leaves_transformers_models_working(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
 
-    train.import_art()
+    art_compat.import_art()
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     with torch.inference_mode():
         out = model(input_ids=torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 3, dtype=torch.long))
@@ -429,14 +437,14 @@ def test_importing_art_leaves_transformers_models_working(tiny_model):
     (48, 64),   # rounds up to the next allowed one
 ])
 def test_internal_config_carries_the_recipe(lora_r, max_lora_rank):
-    recipe = utils.Recipe(lora_r=lora_r, lora_alpha=32, lora_target_modules=["q_proj", "v_proj"], max_grad_norm=0.3)
-    cfg = train.internal_config(recipe, train.ArtArgs(gpu_memory_utilization=0.6))
+    recipe = settings.Recipe(lora_r=lora_r, lora_alpha=32, lora_target_modules=["q_proj", "v_proj"], max_grad_norm=0.3)
+    cfg = art_config.internal_config(recipe, art_config.ArtArgs(gpu_memory_utilization=0.6))
     assert cfg["peft_args"]["r"] == lora_r and cfg["peft_args"]["lora_alpha"] == 32
     assert cfg["peft_args"]["target_modules"] == ["q_proj", "v_proj"]
     assert cfg["trainer_args"]["max_grad_norm"] == 0.3
     assert cfg["engine_args"]["gpu_memory_utilization"] == 0.6
     assert cfg["engine_args"]["max_lora_rank"] == max_lora_rank
-    assert cfg["init_args"]["max_seq_length"] == utils.MAX_SEQ_TOKENS
+    assert cfg["init_args"]["max_seq_length"] == settings.MAX_SEQ_TOKENS
 
 
 @pytest.mark.parametrize("loss, clip", [
@@ -444,8 +452,8 @@ def test_internal_config_carries_the_recipe(lora_r, max_lora_rank):
     ("ppo", {}),                                        # ART's PPO defaults (0.2) apply
 ])
 def test_train_kwargs_come_from_the_recipe(loss, clip):
-    recipe = utils.Recipe(learning_rate=1e-5, loss_type=loss, beta=0.0)
-    assert train.train_kwargs(recipe, train.ArtArgs(scale_rewards=False)) == {
+    recipe = settings.Recipe(learning_rate=1e-5, loss_type=loss, beta=0.0)
+    assert art_config.train_kwargs(recipe, art_config.ArtArgs(scale_rewards=False)) == {
         "learning_rate": 1e-5, "loss_fn": loss, "kl_penalty_coef": 0.0, "scale_rewards": False, **clip}
 
 
@@ -457,8 +465,8 @@ def test_train_kwargs_come_from_the_recipe(loss, clip):
     ({"optimizer": "adam"}, "is not one of"),                   # typo in a shared optimizer knob
 ])
 def test_bad_settings_fail_before_anything_starts(over, message):
-    with pytest.raises(SystemExit, match=message):
-        train.check_config(utils.Recipe(**over), train.ArtArgs(backend="cpu"))
+    with pytest.raises(ValueError, match=message):
+        train.check_config(settings.Recipe(**over), art_config.ArtArgs(backend="cpu"))
 
 
 @pytest.mark.parametrize("over, args", [
@@ -466,24 +474,24 @@ def test_bad_settings_fail_before_anything_starts(over, message):
     ({}, {"pack_groups": True}),             # LocalBackend does not pack
 ])
 def test_cpu_engine_knobs_are_refused_for_the_gpu_backend(over, args):
-    with pytest.raises(SystemExit, match="only on the CPU engine"):
-        train.check_config(utils.Recipe(**over), train.ArtArgs(backend="local", **args))
+    with pytest.raises(ValueError, match="only on the CPU engine"):
+        train.check_config(settings.Recipe(**over), art_config.ArtArgs(backend="local", **args))
 
 
 def test_optimizer_knobs_reach_arts_trainer_args_and_the_engine():
-    recipe = utils.Recipe(optimizer="adamw", weight_decay=0.0, adam_beta2=0.999)
-    cfg = train.internal_config(recipe, train.ArtArgs())
+    recipe = settings.Recipe(optimizer="adamw", weight_decay=0.0, adam_beta2=0.999)
+    cfg = art_config.internal_config(recipe, art_config.ArtArgs())
     assert {k: cfg["trainer_args"][k] for k in ("optim", "weight_decay", "adam_beta2")} == {
         "optim": "adamw_torch", "weight_decay": 0.0, "adam_beta2": 0.999}
-    engine = train.engine_config(recipe, train.ArtArgs(backend="cpu"))
+    engine = train.engine_config(recipe, art_config.ArtArgs(backend="cpu"))
     assert engine["weight_decay"] == 0.0 and engine["adam_betas"] == [0.9, 0.999] and engine["optimizer"] == "torch AdamW"
-    default = train.engine_config(utils.Recipe(), train.ArtArgs(backend="cpu"))  # ART's own values
+    default = train.engine_config(settings.Recipe(), art_config.ArtArgs(backend="cpu"))  # ART's own values
     assert default["weight_decay"] == 0.1 and default["adam_betas"] == [0.9, 0.99]
     assert default["optimizer_steps"] == "per_sequence" and "paged_adamw_8bit" in default["optimizer"]
 
 
 def test_recipe_parsing_reads_shared_and_art_blocks():
-    recipe, args = utils.parse_args((utils.Recipe, train.ArtArgs), "art",
+    recipe, args = settings.parse_args((settings.Recipe, art_config.ArtArgs), "art",
                                     ["--recipe", str(ROOT / "recipes" / "tiny.yaml"), "--max_exceptions", "2"])
     assert recipe.num_generations == 2 and recipe.loss_type == "cispo"
     assert args.max_exceptions == 2 and recipe.recipe.endswith("tiny.yaml")  # the path names the run directory
@@ -546,16 +554,14 @@ def test_a_second_writer_on_the_run_dir_stops_at_once(tmp_path, tiny_model, fake
     write_stories(tmp_path / "stories.jsonl", [VARIED + str(i) for i in range(4)], [VARIED])
     recipe = make_recipe(tmp_path, tiny_model, reward.url)
     run_dir = Path(recipe.runs_dir) / recipe.run_name
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, utils; utils.RunLock(sys.argv[1], 'trl').acquire(); "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, rundir; rundir.RunLock(sys.argv[1], 'trl').acquire(); "
                                "print('held', flush=True); time.sleep(120)", str(run_dir)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(SystemExit) as stop:
-            run(recipe, fake)
-        assert stop.value.code == utils.EXIT_RUN_DIR_BUSY
+        assert train.main(recipe, art_config.ArtArgs(concurrency=2), backend_factory=None) == runtime.EXIT_RUN_DIR_BUSY
         assert f"in use by pid {holder.pid}" in capsys.readouterr().err
-        assert not (run_dir / utils.METRICS_FILE).exists() and not (run_dir / "config.json").exists()
+        assert not (run_dir / rundir.METRICS_FILE).exists() and not (run_dir / "config.json").exists()
     finally:
         holder.kill()
         holder.wait()

@@ -8,15 +8,16 @@ import sys
 import pytest
 
 import check_dataset
+import settings
 import utils
 
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
     """No override variables from the caller's shell, and no repo .env, leak into a test."""
-    for name in [*utils.ENV_OVERRIDES, "RECIPE"]:
+    for name in [*settings.ENV_OVERRIDES, "RECIPE"]:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(utils, "load_env", lambda *a, **k: None)
+    monkeypatch.setattr(settings, "load_env", lambda *a, **k: None)
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def expected_counts(stories_path, split):
     low = [r for r in rows if r["score"] < 20]
     rest = [r for r in rows if r["score"] >= 20]
     empty = [r for r in rest if not (r["scraped_body"] or "").strip()]
-    long = [r for r in rest if len((r["scraped_body"] or "").split()) > utils.MAX_PROMPT_TOKENS]
+    long = [r for r in rest if len((r["scraped_body"] or "").split()) > settings.MAX_PROMPT_TOKENS]
     blank = {name: sum(r[name] is None or (isinstance(r[name], str) and not r[name].strip()) for r in rows)
              for name in utils.STORY_FIELDS}
     return len(rows), len(low), len(empty), len(long), blank
@@ -48,16 +49,16 @@ def test_report_on_shipped_stories(tiny_recipe, stories_path, tmp_path, capsys):
         n, low, empty, long, blank = expected_counts(stories_path, split)
         kept = n - low - empty - long
         assert f"[{split}] {n} rows" in out
-        assert (f"score < 20: {low}, empty body: {empty}, empty title: 0, prompt > {utils.MAX_PROMPT_TOKENS} tokens: {long} "
+        assert (f"score < 20: {low}, empty body: {empty}, empty title: 0, prompt > {settings.MAX_PROMPT_TOKENS} tokens: {long} "
                 f"({low + empty + long} in total)") in out
         info = report["splits"][split]
         assert (info["rows"], info["kept"]) == (n, kept)
         assert info["used"] == (min(cap, kept) if cap else kept)
-        assert info["prompt_tokens_kept"]["max"] <= utils.MAX_PROMPT_TOKENS
+        assert info["prompt_tokens_kept"]["max"] <= settings.MAX_PROMPT_TOKENS
         assert info["empty_fields"] == blank
         assert "empty fields: " + (", ".join(f"{k} {v}" for k, v in blank.items() if v) or "none") in out
     # the over-long story was measured, so the distribution shows it
-    assert report["splits"]["train"]["prompt_tokens_measured"]["max"] > utils.MAX_PROMPT_TOKENS
+    assert report["splits"]["train"]["prompt_tokens_measured"]["max"] > settings.MAX_PROMPT_TOKENS
     assert "max_train_stories=0 (all)" in out
     assert "max_val_stories=3 -> trainer gets the first 3 of" in out
     assert report["shared_ids"] == []
@@ -84,7 +85,7 @@ def test_missing_split_column_warns_about_shared_rows(tiny_recipe, tmp_path, cap
 
 @pytest.mark.parametrize("argv, message", [
     # the hub id goes to datasets.load_dataset; offline, the error says the Hub cannot be reached
-    (["--dataset", utils.HUB_DATASET], "cannot reach the Hugging Face Hub"),
+    (["--dataset", settings.HUB_DATASET], "cannot reach the Hugging Face Hub"),
     # a model folder that does not exist
     (["--model", "/nonexistent/model"], "cannot load the tokenizer of /nonexistent/model: no such folder"),
     # a hub model id, offline

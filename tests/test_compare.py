@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import compare
+import settings
 import utils
 
 FIXTURES = Path(__file__).parent / "fixtures" / "runs"
@@ -208,8 +209,8 @@ def test_runs_dir_is_read_after_dotenv_is_loaded(tmp_path, monkeypatch, sources,
         monkeypatch.setenv("RUNS_DIR", str(dirs["shell"]))
     env_file = tmp_path / ".env"
     env_file.write_text(f"RUNS_DIR={dirs['dotenv']}\n" if "dotenv" in sources else "")
-    real_load_env = utils.load_env
-    monkeypatch.setattr(utils, "load_env", lambda path=None: real_load_env(path or env_file))  # not the repo's .env
+    real_load_env = settings.load_env
+    monkeypatch.setattr(settings, "load_env", lambda path=None: real_load_env(path or env_file))  # not the repo's .env
     args, paths = compare.parse(["--no_plots", *(["--runs_dir", str(dirs["flag"])] if "flag" in sources else [])])
     res = compare.main(args, paths)
     assert list(table_cells(res["markdown"])) == [SOURCE_RUN[expected]]
@@ -218,7 +219,7 @@ def test_runs_dir_is_read_after_dotenv_is_loaded(tmp_path, monkeypatch, sources,
 def test_relative_runs_dir_is_the_repos_from_anywhere(tmp_path, monkeypatch):
     # as the trainers resolve it: a relative runs_dir that does not exist here is under the repo
     monkeypatch.chdir(tmp_path)
-    rel = FIXTURES.relative_to(utils.ROOT)
+    rel = FIXTURES.relative_to(settings.ROOT)
     res = compare.main(compare.CompareArgs(runs_dir=str(rel), out_dir=str(tmp_path / "out"), plots=False))
     assert sorted(table_cells(res["markdown"])) == sorted(RUNS)
 

@@ -11,6 +11,7 @@ import json
 import datasets
 import pytest
 
+import settings
 import utils
 
 NON_ASCII_BODY = "Zürich’s café served 東京-style ramen — naïve “quotes”, emoji 🚋 and Ελληνικά."
@@ -265,7 +266,7 @@ def test_shipped_stories_have_the_awkward_rows(shipped_rows):
     # the filters must have something to do: each reason occurs at least once
     assert any(r["score"] < 20 for r in shipped_rows)
     assert any(not (r["scraped_body"] or "").strip() for r in ok)
-    assert any(len(r["scraped_body"].split()) > utils.MAX_PROMPT_TOKENS for r in ok)
+    assert any(len(r["scraped_body"].split()) > settings.MAX_PROMPT_TOKENS for r in ok)
     assert any(any(ord(c) > 127 for c in r["scraped_body"] + r["title"]) for r in ok)
     assert {r["split"] for r in shipped_rows} == {"train", "val"}
 
@@ -274,12 +275,12 @@ def test_shipped_stories_have_the_awkward_rows(shipped_rows):
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_filter_shipped_stories(shipped_rows, stories_path, tiny_tokenizer, split):
     rows = [r for r in shipped_rows if r["split"] == split]
-    expected = _expected_drops(rows, 20, utils.MAX_PROMPT_TOKENS)
+    expected = _expected_drops(rows, 20, settings.MAX_PROMPT_TOKENS)
     ds = utils.load_stories(str(stories_path), split)
     assert len(ds) == len(rows)
     kept, report = utils.filter_stories(ds, tiny_tokenizer, split)
     assert report.dropped == {"score < 20": expected["score"], "empty body": expected["empty"], "empty title": 0,
-                              f"prompt > {utils.MAX_PROMPT_TOKENS} tokens": expected["long"]}
+                              f"prompt > {settings.MAX_PROMPT_TOKENS} tokens": expected["long"]}
     assert report.rows_out == len(rows) - sum(expected.values()) == len(kept)
     # what survives is byte-for-byte what the file holds (non-ASCII included)
     by_id = {r["id"]: r for r in rows}
@@ -295,7 +296,7 @@ def test_prompt_token_counts_match_one_by_one(shipped_rows, tiny_tokenizer):
     one_by_one = [len(tiny_tokenizer.apply_chat_template(utils.title_messages(b), tokenize=True,
                                                          add_generation_prompt=True)["input_ids"]) for b in bodies]
     assert batched == one_by_one
-    assert max(batched) > utils.MAX_PROMPT_TOKENS  # the long story really is over the limit
+    assert max(batched) > settings.MAX_PROMPT_TOKENS  # the long story really is over the limit
 
 
 @pytest.mark.slow
@@ -311,7 +312,7 @@ def test_prompt_token_counts_match_one_by_one(shipped_rows, tiny_tokenizer):
 def test_load_split_adds_prompt_and_respects_limit(tmp_path, tiny_tokenizer, limit, expected_rows):
     rows = rows_for(5, 1) + [story(9, "train", score=1)]
     path = write_jsonl(tmp_path / "s.jsonl", rows)
-    recipe = utils.Recipe(dataset=str(path))
+    recipe = settings.Recipe(dataset=str(path))
     ds, report = utils.load_split(recipe, "train", tiny_tokenizer, limit)
     assert len(ds) == expected_rows
     assert report.rows_out == 5 and report.dropped["score < 20"] == 1  # the report is before the cap
@@ -333,8 +334,8 @@ def test_hub_id_goes_to_load_dataset(monkeypatch):
         return datasets.Dataset.from_list(rows)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    ds = utils.load_stories(utils.HUB_DATASET, "val")
-    assert calls == [(utils.HUB_DATASET, "val")]
+    ds = utils.load_stories(settings.HUB_DATASET, "val")
+    assert calls == [(settings.HUB_DATASET, "val")]
     assert ds["time"] == [f"2023-05-0{i + 1}T09:30:00Z" for i in range(3)]
     assert len(ds) == 3 and "descendants" in ds.column_names
 
@@ -342,4 +343,4 @@ def test_hub_id_goes_to_load_dataset(monkeypatch):
 def test_hub_id_offline_raises_connection_error():
     # conftest sets HF_HUB_OFFLINE=1: the real call fails fast and says why (check_dataset words it for users)
     with pytest.raises(ConnectionError, match="Couldn't reach"):
-        utils.load_stories(utils.HUB_DATASET, "train")
+        utils.load_stories(settings.HUB_DATASET, "train")

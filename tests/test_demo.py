@@ -2,7 +2,7 @@
 mid-run), checkpoints of both layouts, settings, and the reward-server lifecycle; then the whole
 demo on recipes/tiny.yaml with both methods.
 
-Expected numbers are computed here from the raw inputs (utils.bootstrap_mean_diff, the fixture
+Expected numbers are computed here from the raw inputs (stats.paired_bootstrap, the fixture
 JSONL), not through demo.py's helpers.
 """
 
@@ -19,9 +19,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+import comparison
 import demo
+import evaluation
 import grpo_semantics
 import procs
+import rundir
+import settings
+import stats
+import trl_config
 import utils
 
 FIXTURES = Path(__file__).parent / "fixtures" / "runs"
@@ -31,12 +37,12 @@ def _scored(reward: float, copy: float = 0.0, title: str = "A title of five word
     return utils.Scored(title=title, rm=reward, matches=reward > 0, trailing=trailing, reward=reward, copy=copy)
 
 
-def _result(rewards: list[float], copy: float = 0.0, samples: int = 2, ids=None, titles=None) -> utils.EvalResult:
+def _result(rewards: list[float], copy: float = 0.0, samples: int = 2, ids=None, titles=None) -> evaluation.EvalResult:
     """An EvalResult whose story i has reward rewards[i] on every title (greedy + samples)."""
     ids = ids or list(range(len(rewards)))
     titles = titles or ["A title of five words"] * len(rewards)
     rows = [{"id": i, "title": f"Original title number {i}", "scraped_body": "body"} for i in ids]
-    return utils.EvalResult(greedy=[_scored(r, copy, t) for r, t in zip(rewards, titles)],
+    return evaluation.EvalResult(greedy=[_scored(r, copy, t) for r, t in zip(rewards, titles)],
                             sampled=[[_scored(r, copy, t) for _ in range(samples)] for r, t in zip(rewards, titles)],
                             rows=rows)
 
@@ -56,17 +62,17 @@ BEFORE = [0.30, 0.25, 0.40, 0.35, 0.20, 0.33, 0.28, 0.31]
 ])
 def test_compare(after, copy_after, significant, improved, copy_rose):
     before_r, after_r = _result(BEFORE), _result(after, copy=copy_after)
-    cmp = demo.compare(before_r, after_r)
+    cmp = comparison.compare(before_r, after_r)
     assert cmp.significant is significant
     assert cmp.improved == improved and cmp.n == len(BEFORE)
     assert cmp.copy_rose is copy_rose
-    expected = utils.bootstrap_mean_diff(after_r.per_story_reward(), before_r.per_story_reward(), seed=0)
+    expected = stats.paired_bootstrap(after_r.per_story_reward(), before_r.per_story_reward(), seed=0)
     assert (cmp.diff, cmp.lo, cmp.hi) == pytest.approx(expected)
 
 
 def test_compare_refuses_different_stories():
     with pytest.raises(ValueError, match="different stories"):
-        demo.compare(_result([0.1, 0.2], ids=[1, 2]), _result([0.1, 0.2], ids=[1, 3]))
+        comparison.compare(_result([0.1, 0.2], ids=[1, 2]), _result([0.1, 0.2], ids=[1, 3]))
 
 
 COLLAPSED = [f"The Thing {i}: A Story of Stuff" for i in range(8)]  # every title "the …: a …"
@@ -82,9 +88,9 @@ VARIED = ["Original title number 0", "Why we moved", "Show HN: a grep", "Rust sh
 ])
 def test_verdict_flags_a_gain_the_independent_metrics_do_not_show(titles_before, titles_after, rouge_confirms,
                                                                    collapsed, says):
-    cmp = demo.compare(_result(BEFORE, titles=titles_before), _result([b + 0.1 for b in BEFORE], titles=titles_after))
+    cmp = comparison.compare(_result(BEFORE, titles=titles_before), _result([b + 0.1 for b in BEFORE], titles=titles_after))
     assert cmp.significant and cmp.rouge_confirms is rouge_confirms
-    text = demo.verdict(cmp, "TRL", "the untrained model")
+    text = comparison.verdict(cmp, "TRL", "the untrained model")
     assert text.startswith("**TRL is measurably better than the untrained model**")
     for s in says:
         assert s in text
@@ -132,9 +138,8 @@ def test_aligned_setting_reaches_the_recipe_and_both_trainers_flags():
         "adamw", 0.0, 0.9, 0.999, "per_step")
     defaults = demo.load_recipe(str(demo.ROOT / "recipes" / "tiny.yaml"), demo.SETTINGS["defaults"])
     assert (defaults.optimizer, defaults.weight_decay, defaults.optimizer_steps) == (None, None, None)
-    import reference_grpo_trainer  # TRL maps the aligned knobs without refusing any
 
-    assert reference_grpo_trainer.optimizer_kwargs(recipe) == {"optim": "adamw_torch", "weight_decay": 0.0,
+    assert trl_config.optimizer_kwargs(recipe) == {"optim": "adamw_torch", "weight_decay": 0.0,
                                                                "adam_beta1": 0.9, "adam_beta2": 0.999}
 
 
@@ -145,16 +150,16 @@ def test_aligned_setting_reaches_the_recipe_and_both_trainers_flags():
     (20, 0, []),                                             # 0: the recipe's own validations
 ])
 def test_curve_flags(max_steps, points, expected):
-    assert demo.curve_flags(utils.Recipe(max_steps=max_steps), points) == expected
+    assert demo.curve_flags(settings.Recipe(max_steps=max_steps), points) == expected
 
 
 def test_greedy_only_view_and_curve_baseline_row(tmp_path):
     full = _result([0.1, 0.5, 0.3], samples=3)
     full.sampled[0][0] = _scored(0.9)  # a sample differs from the greedy title
-    greedy = demo.greedy_only(full)
+    greedy = evaluation.greedy_only(full)
     assert greedy.per_story_reward() == [0.1, 0.5, 0.3]
     demo.write_curve_baseline(tmp_path, full)
-    (row,), _ = utils.read_metrics(tmp_path)
+    (row,), _ = rundir.read_metrics(tmp_path)
     assert row["n"] == 3 and row["extra"]["stories"] == 3 and row["extra"]["label"] == demo.CURVE_LABEL
     assert row["reward_mean"] == pytest.approx(0.3)
 
@@ -176,7 +181,7 @@ def _summary(tmp_path, art_fails: bool) -> demo.Summary:
         art.error = "training failed at step 2 of 6 (exit 3: the reward server failed; no reward was made up)"
     else:
         art.result = _result([b + 0.05 for b in BEFORE])
-    s = demo.Summary(recipe=utils.Recipe(eval_samples=2, max_steps=6), recipe_path="recipes/tiny.yaml",
+    s = demo.Summary(recipe=settings.Recipe(eval_samples=2, max_steps=6), recipe_path="recipes/tiny.yaml",
                      setting="defaults", before=_result(BEFORE), runs=[trl, art],
                      stages=[("train TRL", 130.0), ("train ART", 95.0)], cpu=[160.0, 120.0], machine="Machine: test")
     return demo.compute(s)
@@ -185,8 +190,8 @@ def _summary(tmp_path, art_fails: bool) -> demo.Summary:
 def test_report_of_both_methods(tmp_path):
     s = _summary(tmp_path, art_fails=False)
     text = demo.render_report(s, show_titles=3)
-    gain = utils.bootstrap_mean_diff([b + 0.1 for b in BEFORE], BEFORE, seed=0)
-    diff = utils.bootstrap_mean_diff([b + 0.05 for b in BEFORE], [b + 0.1 for b in BEFORE], seed=0)
+    gain = stats.paired_bootstrap([b + 0.1 for b in BEFORE], BEFORE, seed=0)
+    diff = stats.paired_bootstrap([b + 0.05 for b in BEFORE], [b + 0.1 for b in BEFORE], seed=0)
     assert f"**{gain[0]:+.3f} [{gain[1]:+.3f}, {gain[2]:+.3f}]**" in text
     assert "| **ART - TRL** |" in text and f"**{diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]**" in text
     assert "ART is measurably worse than TRL" in text
@@ -224,7 +229,7 @@ def test_report_when_one_method_fails_mid_run(tmp_path):
     ({}, "step_cpu_seconds", None),                                                      # not logged: n/a
 ])
 def test_row_cost(extra, name, expected):
-    assert demo.row_cost({"extra": extra}, name) == expected
+    assert comparison.row_cost({"extra": extra}, name) == expected
 
 
 @pytest.mark.integration
@@ -232,9 +237,9 @@ def test_train_method_records_a_failure_mid_run(tmp_path):
     """A trainer that logs two steps and then dies: the demo records how far it got and why."""
     script = tmp_path / "fake_trainer.py"
     script.write_text(
-        "import sys, utils\n"
+        "import sys, rundir, utils\n"
         "run = sys.argv[sys.argv.index('--run_name') + 1]\n"
-        f"w = utils.MetricsWriter({str(tmp_path)!r} + '/' + run)\n"
+        f"w = rundir.MetricsWriter({str(tmp_path)!r} + '/' + run)\n"
         "for step in (1, 2):\n"
         "    w.write(utils.metrics_row(method='art', step=step, split='train', scored=[], wall_time=step))\n"
         "print('error: reward server at http://x unreachable', flush=True)\n"
@@ -344,17 +349,17 @@ def test_demo_end_to_end_on_the_tiny_recipe_then_resume(tmp_path, monkeypatch, c
     report = s.report_path.read_text()
     assert "## Gains" in report and f"of {recipe.max_val_stories} |" in report
     assert (s.report_path.parent / "compare.png").read_bytes()[:4] == b"\x89PNG"
-    base_rows, _ = utils.read_metrics(tmp_path / "base-tiny")
+    base_rows, _ = rundir.read_metrics(tmp_path / "base-tiny")
     assert [(r["method"], r["step"], r["extra"]["label"]) for r in base_rows] == [
         ("base", 0, "before"), ("base", 0, demo.CURVE_LABEL)]
     for mr in s.runs:
-        rows, _ = utils.read_metrics(mr.run_dir)
+        rows, _ = rundir.read_metrics(mr.run_dir)
         val = [r for r in rows if r["split"] == "val"]
         # the curve: curve_points greedy-only validations, every ceil(max_steps / curve_points) steps, and the last
         every = math.ceil(recipe.max_steps / args.curve_points)
         assert [r["step"] for r in val] == sorted({*range(every, recipe.max_steps + 1, every), recipe.max_steps})
         assert all(r["n"] == r["extra"]["stories"] for r in val) and "rouge_l_mean" in val[-1]["extra"]
-        after, _ = utils.read_metrics(mr.run_dir / demo.AFTER_DIR)
+        after, _ = rundir.read_metrics(mr.run_dir / demo.AFTER_DIR)
         assert [(r["method"], r["step"], r["n"]) for r in after] == [
             (mr.method.name, recipe.max_steps, recipe.max_val_stories * (1 + recipe.eval_samples))]
         assert (mr.run_dir / "demo_train.log").read_text().strip()
@@ -365,7 +370,7 @@ def test_demo_end_to_end_on_the_tiny_recipe_then_resume(tmp_path, monkeypatch, c
         httpx.get(f"{url}/health", timeout=2.0)
 
     # A rerun without --fresh resumes: nothing is retrained, the evaluations are redone (one row each).
-    train_rows = {mr.method.name: [r for r in utils.read_metrics(mr.run_dir)[0] if r["split"] == "train"]
+    train_rows = {mr.method.name: [r for r in rundir.read_metrics(mr.run_dir)[0] if r["split"] == "train"]
                   for mr in s.runs}
     titles = [(tmp_path / "base-tiny" / "eval" / "before.jsonl").read_text(),
               *[(mr.run_dir / demo.AFTER_DIR / "eval" / "after.jsonl").read_text() for mr in s.runs]]
@@ -375,9 +380,9 @@ def test_demo_end_to_end_on_the_tiny_recipe_then_resume(tmp_path, monkeypatch, c
     assert titles == [(tmp_path / "base-tiny" / "eval" / "before.jsonl").read_text(),
                       *[(mr.run_dir / demo.AFTER_DIR / "eval" / "after.jsonl").read_text() for mr in s2.runs]]
     for mr in s2.runs:
-        assert [r for r in utils.read_metrics(mr.run_dir)[0] if r["split"] == "train"] == train_rows[mr.method.name]
-        assert len(utils.read_metrics(mr.run_dir / demo.AFTER_DIR)[0]) == 1
-    assert len(utils.read_metrics(tmp_path / "base-tiny")[0]) == 2
+        assert [r for r in rundir.read_metrics(mr.run_dir)[0] if r["split"] == "train"] == train_rows[mr.method.name]
+        assert len(rundir.read_metrics(mr.run_dir / demo.AFTER_DIR)[0]) == 1
+    assert len(rundir.read_metrics(tmp_path / "base-tiny")[0]) == 2
 
 
 @pytest.mark.integration  # the plot is drawn by compare.py in its own process
@@ -385,14 +390,14 @@ def test_report_only_rebuilds_from_disk(tmp_path, monkeypatch):
     """--report_only: the evaluations read back (records -> EvalResult) give the same comparison."""
     monkeypatch.setenv("RUNS_DIR", str(tmp_path))
     before, after = _result(BEFORE), _result([b + 0.1 for b in BEFORE])
-    assert utils.EvalResult.from_records(after.records()).per_story_reward() == after.per_story_reward()
+    assert evaluation.EvalResult.from_records(after.records()).per_story_reward() == after.per_story_reward()
     for run_dir, label, res in ((tmp_path / "base-tiny", "before", before),
                                 (tmp_path / "trl-tiny" / demo.AFTER_DIR, "after", after)):
         (run_dir / "eval").mkdir(parents=True)
         (run_dir / "eval" / f"{label}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in res.records()))
     s = demo.main(demo.DemoArgs(recipe=str(demo.ROOT / "recipes" / "tiny.yaml"), report_only=True,
                                 setting="defaults"))  # run names without the -aligned tag
-    gain = utils.bootstrap_mean_diff(after.per_story_reward(), before.per_story_reward(), seed=0)
+    gain = stats.paired_bootstrap(after.per_story_reward(), before.per_story_reward(), seed=0)
     assert (s.gains["trl"].diff, s.gains["trl"].lo) == pytest.approx(gain[:2])
     assert [mr.method.name for mr in s.failed] == ["art"] and "no evaluation at" in s.failed[0].error
     assert s.report_path == tmp_path / "demo-tiny" / demo.REPORT_FILE and "## Failed" in s.report_path.read_text()

@@ -14,6 +14,8 @@ import types
 import pytest
 
 import fast_backend as fb
+import generation
+import settings
 import utils
 from fast_backend import Backend, BackendError, Machine
 
@@ -81,7 +83,7 @@ def test_this_cpu_machine_says_what_runs():
 
 @pytest.mark.integration
 def test_cli_fails_fast_for_unsloth_on_cpu():
-    proc = subprocess.run([sys.executable, str(utils.ROOT / "fast_backend.py"), "--backend", "unsloth"],
+    proc = subprocess.run([sys.executable, str(settings.ROOT / "fast_backend.py"), "--backend", "unsloth"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "needs an NVIDIA GPU with CUDA" in proc.stderr and "cuda=False" in proc.stdout
@@ -128,7 +130,7 @@ def fake_unsloth(monkeypatch):
     (False, True, True),
 ])
 def test_unsloth_load_policy_wiring(fake_unsloth, use_vllm, four_bit, checkpointing):
-    recipe = utils.Recipe(model="Qwen/Qwen2.5-0.5B-Instruct", lora_r=8, lora_alpha=16, lora_dropout=0.05,
+    recipe = settings.Recipe(model="Qwen/Qwen2.5-0.5B-Instruct", lora_r=8, lora_alpha=16, lora_dropout=0.05,
                           lora_target_modules=["q_proj", "v_proj"], max_prompt_tokens=8092,
                           max_completion_tokens=100, seed=7)
     args = types.SimpleNamespace(load_in_4bit=four_bit, gpu_memory_utilization=0.55,
@@ -208,7 +210,7 @@ def test_shared_prefix_greedy_equals_plain_generate(smollm):
     rows = [ids[0]] * 3 + [ids[1]] * 2  # unequal groups, prompts of different lengths (left padding)
     assert len(ids[0]) != len(ids[1])
     with torch.no_grad():
-        shared = fb.generate_shared_prefix(model, rows, tok.pad_token_id, max_new_tokens=12, do_sample=False)
+        shared = generation.generate_shared_prefix(model, rows, tok.pad_token_id, max_new_tokens=12, do_sample=False)
         tok.padding_side = "left"
         enc = tok.pad({"input_ids": rows}, return_tensors="pt")
         plain = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -222,16 +224,16 @@ def test_shared_prefix_sampling_is_per_row(smollm):
     model, tok, ids = smollm
     torch.manual_seed(0)
     with torch.no_grad():
-        out = fb.generate_shared_prefix(model, [ids[0]] * 4, tok.pad_token_id, max_new_tokens=8,
+        out = generation.generate_shared_prefix(model, [ids[0]] * 4, tok.pad_token_id, max_new_tokens=8,
                                         do_sample=True, temperature=1.0, top_k=None, top_p=None)
     assert out.shape[0] == 4
     assert len({tuple(r) for r in out.tolist()}) > 1  # the rows share a prefill, not their samples
 
 
 def test_cut_after_eos_matches_trl_mask():
-    assert fb.cut_after_eos([7, 2, 2, 2], [2]) == [7, 2]
-    assert fb.cut_after_eos([7, 8, 9], [2, 3]) == [7, 8, 9]
-    assert fb.cut_after_eos([3, 9], [2, 3]) == [3]
+    assert generation.cut_after_eos([7, 2, 2, 2], [2]) == [7, 2]
+    assert generation.cut_after_eos([7, 8, 9], [2, 3]) == [7, 8, 9]
+    assert generation.cut_after_eos([3, 9], [2, 3]) == [3]
 
 
 def test_trainer_class_per_backend():
@@ -274,7 +276,6 @@ def test_stop_at_tokens_sets_eos_for_every_engine():
 
 @pytest.mark.slow
 def test_hf_generator_stops_at_the_first_line_break(smollm):
-    import policy
 
     model, tok, _ = smollm
     convs = [utils.title_messages("We rewrote our build system in a weekend and cut CI times from forty minutes "
@@ -282,7 +283,7 @@ def test_hf_generator_stops_at_the_first_line_break(smollm):
     import torch
 
     torch.manual_seed(0)
-    g = policy.HFGenerator(model, tok, progress=False)
+    g = generation.HFGenerator(model, tok, progress=False)
     stopped = g.generate(convs, n=6, temperature=1.0, max_tokens=40, stop=("\n",))[0]
     torch.manual_seed(0)
     free = g.generate(convs, n=6, temperature=1.0, max_tokens=40)[0]

@@ -2,9 +2,10 @@
 SIGTERM / SIGUSR1 / SIGKILL at each phase of a TRL run (loading, a step, a validation, a
 checkpoint save, the final save), on models/tiny with the real reward server.
 
-Each trainer is a `python reference_grpo_trainer.py` process. The test holds it at a named
-phase with the trainer's test hook (HN_PAUSE_AT=<phase>[@<step>], utils.fault_pause), waits
-for its "[pause] ..." line, then signals it: the signal lands inside that phase every time.
+Each trainer is a `python reference_grpo_trainer.py` process. To signal it inside a phase the
+test starts it through tests/paused_trainer.py, which holds it at that phase (patched around
+the trainer's own functions: the trainer has no test hooks), waits for its "[pause] ..." line,
+then signals it: the signal lands inside that phase every time.
 recipes/tiny.yaml has 8 train stories and 2 per step: an epoch is 4 steps.
 """
 
@@ -21,12 +22,13 @@ from pathlib import Path
 
 import pytest
 
-import utils
+import rundir
+import runtime
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-EXIT_INTERRUPTED = 75  # reference_grpo_trainer.EXIT_INTERRUPTED (not imported: TRL costs seconds)
+EXIT_INTERRUPTED = runtime.EXIT_INTERRUPTED
 
 
 class Trainer:
@@ -34,9 +36,9 @@ class Trainer:
 
     def __init__(self, tmp: Path, url: str, *flags: str, pause: str = "", name: str = "trainer"):
         self.log = tmp / f"{name}.log"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "HN_PAUSE_SECONDS": "300",
-               utils.PAUSE_ENV: pause}
-        argv = [sys.executable, str(ROOT / "reference_grpo_trainer.py"), "--recipe", str(ROOT / "recipes" / "tiny.yaml"),
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        script = [str(ROOT / "tests" / "paused_trainer.py"), pause] if pause else [str(ROOT / "reference_grpo_trainer.py")]
+        argv = [sys.executable, *script, "--recipe", str(ROOT / "recipes" / "tiny.yaml"),
                 "--runs_dir", str(tmp), "--run_name", "run", "--reward_url", url, "--validator", "none",
                 "--eval_every", "0", "--torch_threads", "1", *flags]
         with self.log.open("wb") as out:
@@ -74,7 +76,7 @@ def run(tmp: Path, url: str, *flags: str, pause: str = "", sig: int | None = Non
 
 
 def steps(run_dir: Path, split: str = "train") -> list[int]:
-    rows, notes = utils.read_metrics(run_dir)
+    rows, notes = rundir.read_metrics(run_dir)
     assert not notes, notes
     return [r["step"] for r in rows if r["split"] == split]
 
@@ -100,7 +102,7 @@ def test_rerun_of_a_finished_run_trains_nothing(reward_server, tmp_path):
     code, out = run(tmp_path, reward_server, "--max_steps", "4")
     assert code == 0 and "resuming from" in out, out[-2000:]
     assert steps(run_dir) == [1, 2, 3, 4] and steps(run_dir, "val") == [2, 4]
-    rows = utils.read_metrics(run_dir)[0]
+    rows = rundir.read_metrics(run_dir)[0]
     assert [r["extra"]["epoch"] for r in rows if r["split"] == "train"] == [0.25, 0.5, 0.75, 1.0]
     assert checkpoint_names(run_dir) == ["checkpoint-2", "checkpoint-4"]
     assert (run_dir / "final" / "adapter_model.safetensors").exists()
@@ -136,14 +138,14 @@ def second_start_refused_then_sigterm_while_loading(tmp_path: Path, url: str) ->
     first = Trainer(tmp_path, url, *PHASE_FLAGS, pause="load", name="first")
     first.wait_for("[pause] load")
     code, out = run(tmp_path, url, *PHASE_FLAGS, name="second")
-    assert code == utils.EXIT_RUN_DIR_BUSY, out[-2000:]
+    assert code == runtime.EXIT_RUN_DIR_BUSY, out[-2000:]
     assert f"is in use by pid {first.proc.pid} on {socket.gethostname()} (trl, started 20" in out
     assert first.proc.poll() is None  # refused while the holder still runs
     # ... and SIGTERM while the holder loads its model: a clean stop, nothing half-written.
     first.signal(signal.SIGTERM)
     assert first.wait() == EXIT_INTERRUPTED
     assert "SIGTERM outside the training loop (while loading)" in first.text()
-    assert checkpoint_names(run_dir) == [] and (run_dir / utils.LOCK_FILE).read_text() == ""  # released
+    assert checkpoint_names(run_dir) == [] and (run_dir / rundir.LOCK_FILE).read_text() == ""  # released
 
 
 def signals_in_a_step_a_validation_and_a_save(tmp_path: Path, url: str) -> None:

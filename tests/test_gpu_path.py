@@ -19,8 +19,12 @@ from pathlib import Path
 import pytest
 from servers import JsonHandler, serve
 
+import art_config
 import fast_backend as fb
 import reference_grpo_trainer as rgt
+import runtime
+import settings
+import trl_config
 import utils
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,8 +59,8 @@ def run_py(code: str, env: dict[str, str], timeout: float = 120) -> subprocess.C
 def test_hub_mode_follows_the_recipe(recipe, user, expected):
     env = env_without_hub_mode(**({"HF_HUB_OFFLINE": user} if user else {}))
     proc = run_py(f"""
-        import utils
-        mode = utils.prepare_env(["--recipe", "{recipe}"])
+        import settings
+        mode = settings.prepare_env(["--recipe", "{recipe}"])
         import huggingface_hub.constants as c   # imported after: reads what prepare_env set
         print(mode.split()[0], c.HF_HUB_OFFLINE)
     """, env)
@@ -68,8 +72,8 @@ def test_hub_mode_follows_the_recipe(recipe, user, expected):
 def test_a_hub_id_on_the_command_line_goes_online_and_updates_an_imported_client():
     proc = run_py("""
         import huggingface_hub.constants as c   # already imported, with the variable unset
-        import utils
-        print(utils.prepare_env(["--recipe", "recipes/tiny.yaml", "--model", "Qwen/Qwen2.5-0.5B-Instruct"]),
+        import settings
+        print(settings.prepare_env(["--recipe", "recipes/tiny.yaml", "--model", "Qwen/Qwen2.5-0.5B-Instruct"]),
               c.HF_HUB_OFFLINE)
     """, env_without_hub_mode())
     assert proc.returncode == 0, proc.stderr
@@ -78,7 +82,7 @@ def test_a_hub_id_on_the_command_line_goes_online_and_updates_an_imported_client
 
 @pytest.mark.parametrize("load, what", [
     # a model id that is neither local nor cached, with the Hub off
-    (lambda: fb.load_policy(fb.Backend("cpu", "cpu", False), utils.Recipe(model="no-such-org/no-such-model"), None),
+    (lambda: fb.load_policy(fb.Backend("cpu", "cpu", False), settings.Recipe(model="no-such-org/no-such-model"), None),
      "model 'no-such-org/no-such-model'"),
     # the same for a hub dataset
     (lambda: utils.load_stories("no-such-org/no-such-dataset", "train"), "dataset 'no-such-org/no-such-dataset'"),
@@ -87,7 +91,7 @@ def test_a_hub_id_on_the_command_line_goes_online_and_updates_an_imported_client
 ])
 def test_unreachable_hub_id_names_it_and_the_way_out(load, what, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(utils.HubUnavailable) as e:
+    with pytest.raises(settings.HubUnavailable) as e:
         load()
     message = str(e.value)
     assert what in message and "HF_HUB_OFFLINE=1" in message and "local copy" in message and "\n" not in message
@@ -103,19 +107,19 @@ def test_trainer_prints_one_line_for_an_unreachable_model(tmp_path, capsys, monk
     with serve(Healthy) as (_, url):
         code = rgt.cli(["--recipe", str(ROOT / "recipes/tiny.yaml"), "--model", "no-such-org/no-such-model",
                         "--reward_url", url, "--runs_dir", str(tmp_path)])
-    assert code == rgt.EXIT_USAGE
+    assert code == runtime.EXIT_USAGE
     errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: cannot load the model 'no-such-org/no-such-model'")
 
 
 def test_local_path_errors_are_not_dressed_up_as_hub_errors(tmp_path):
-    with pytest.raises(OSError), utils.hub_errors(str(tmp_path / "missing")):
+    with pytest.raises(OSError), settings.hub_errors(str(tmp_path / "missing")):
         raise OSError("not found")
 
 
 def test_import_unsloth_first_loads_dotenv_before_anything(tmp_path, monkeypatch):
     (tmp_path / ".env").write_text("HF_HOME=/tmp/hf-home-from-dotenv\nHF_TOKEN=hf_dotenv_only\n")
-    monkeypatch.setattr(utils, "ROOT", tmp_path)
+    monkeypatch.setattr(settings, "ROOT", tmp_path)
     monkeypatch.delenv("HF_HOME", raising=False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -180,7 +184,7 @@ def test_gpu_recipe_on_a_cuda_less_torch_exits_with_the_message(fake_nvidia_smi,
     proc = subprocess.run([sys.executable, "reference_grpo_trainer.py", "--recipe", "recipes/gpu.yaml",
                            "--runs_dir", str(tmp_path / "runs")], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=180)
-    assert proc.returncode == rgt.EXIT_USAGE, proc.stdout + proc.stderr
+    assert proc.returncode == runtime.EXIT_USAGE, proc.stdout + proc.stderr
     assert "driver 535.104.05" in proc.stderr and "torch.cuda.is_available() is False" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "runs").exists()  # stopped before any run dir
 
@@ -213,9 +217,9 @@ def test_optimizer_knobs_reach_unsloths_grpo_config(monkeypatch, tmp_path, knobs
     import trl
 
     monkeypatch.setattr(trl, "GRPOConfig", unsloth_grpo_config_class())  # what `import unsloth` does
-    recipe = utils.Recipe(**knobs)
-    config = rgt.grpo_config(recipe, rgt.TrlArgs(), fb.Backend("cpu", "cpu", use_vllm=False), tmp_path)
-    used = rgt.optimizer_used(config)
+    recipe = settings.Recipe(**knobs)
+    config = trl_config.grpo_config(recipe, trl_config.TrlArgs(), fb.Backend("cpu", "cpu", use_vllm=False), tmp_path)
+    used = trl_config.optimizer_used(config)
     assert {k: used[k] for k in expected} == expected
     assert used["optimizer_steps"] == "per_step" and used["engine"].endswith("UnslothGRPOConfig")
 
@@ -237,7 +241,7 @@ ART_0518_TRAINER_DEFAULTS = {"adam_beta1": 0.9, "adam_beta2": 0.99, "gradient_ac
 def test_optimizer_knobs_reach_arts_local_backend(knobs, merged):
     import art_config
 
-    recipe = utils.Recipe(**knobs)
+    recipe = settings.Recipe(**knobs)
     config = art_config.internal_config(recipe, art_config.ArtArgs())
     assert config["init_args"]["use_exact_model_name"] is True  # ART's Unsloth loads the named model too
     trainer_args = {**ART_0518_TRAINER_DEFAULTS, **config["trainer_args"]}
@@ -256,8 +260,8 @@ def test_optimizer_knobs_reach_arts_local_backend(knobs, merged):
 def test_art_refuses_knobs_local_backend_cannot_honour(knobs, message):
     import train
 
-    with pytest.raises(SystemExit, match=message):
-        train.check_config(utils.Recipe(**knobs), train.ArtArgs(backend="local"))  # the CPU engine honours both
+    with pytest.raises(ValueError, match=message):
+        train.check_config(settings.Recipe(**knobs), art_config.ArtArgs(backend="local"))  # the CPU engine honours both
 
 
 # --------------------------------------------------------------------------------------
@@ -274,8 +278,8 @@ def test_art_refuses_knobs_local_backend_cannot_honour(knobs, message):
     (8, 6, 4, 1, {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 12, "steps_per_generation": 12}),
 ])
 def test_batch_kwargs(prompts, gens, micro, processes, expected):
-    recipe = utils.Recipe(prompts_per_step=prompts, num_generations=gens)
-    assert rgt.batch_kwargs(recipe, rgt.TrlArgs(loss_micro_batch=micro), processes) == expected
+    recipe = settings.Recipe(prompts_per_step=prompts, num_generations=gens)
+    assert trl_config.batch_kwargs(recipe, trl_config.TrlArgs(loss_micro_batch=micro), processes) == expected
 
 
 @pytest.mark.parametrize("prompts, gens, micro, processes, message", [
@@ -284,14 +288,14 @@ def test_batch_kwargs(prompts, gens, micro, processes, expected):
 ])
 def test_batch_kwargs_refuses_uneven_splits(prompts, gens, micro, processes, message):
     with pytest.raises(ValueError, match=message):
-        rgt.batch_kwargs(utils.Recipe(prompts_per_step=prompts, num_generations=gens),
-                         rgt.TrlArgs(loss_micro_batch=micro), processes)
+        trl_config.batch_kwargs(settings.Recipe(prompts_per_step=prompts, num_generations=gens),
+                         trl_config.TrlArgs(loss_micro_batch=micro), processes)
 
 
 def test_gpu_recipe_bounds_the_loss_pass():
-    recipe, args = utils.parse_args((utils.Recipe, rgt.TrlArgs), "trl", ["--recipe", str(ROOT / "recipes/gpu.yaml")])
+    recipe, args = settings.parse_args((settings.Recipe, trl_config.TrlArgs), "trl", ["--recipe", str(ROOT / "recipes/gpu.yaml")])
     assert args.require_gpu and args.gradient_checkpointing
-    kwargs = rgt.batch_kwargs(recipe, args, 1)
+    kwargs = trl_config.batch_kwargs(recipe, args, 1)
     assert kwargs["per_device_train_batch_size"] * kwargs["gradient_accumulation_steps"] == 48
     assert kwargs["per_device_train_batch_size"] <= 4
 
@@ -399,17 +403,17 @@ def one_step_lora(tiny_model, tmp_path, micro: int, policy) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    recipe = utils.Recipe(model=str(tiny_model), dataset=str(ROOT / "data/stories.jsonl"), prompts_per_step=2,
+    recipe = settings.Recipe(model=str(tiny_model), dataset=str(ROOT / "data/stories.jsonl"), prompts_per_step=2,
                           num_generations=4, max_completion_tokens=6, max_steps=1, max_train_stories=4,
                           learning_rate=0.5, max_grad_norm=1e9, loss_type="cispo", lora_r=4, lora_alpha=8)
-    args = rgt.TrlArgs(loss_micro_batch=micro)
+    args = trl_config.TrlArgs(loss_micro_batch=micro)
     backend = fb.Backend("cpu", "cpu", use_vllm=False)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     train_ds, _ = utils.load_split(recipe, "train", tokenizer, recipe.max_train_stories)
     model = copy.deepcopy(policy)  # the same LoRA init for both runs
     # plain SGD: the update is lr x gradient, so equal weights mean equal gradients (Adam's first
     # step would only compare signs)
-    config = rgt.grpo_config(recipe, args, backend, tmp_path / f"m{micro}",
+    config = trl_config.grpo_config(recipe, args, backend, tmp_path / f"m{micro}",
                              {"optim": "sgd", "save_strategy": "no", "report_to": "none"})
     trainer = fb.trainer_class(backend)(model=model, reward_funcs=[lengths_reward], args=config,
                                         train_dataset=train_ds, processing_class=tokenizer)

@@ -14,7 +14,9 @@ import threading
 import httpx
 import pytest
 
+import embeddings
 import local_reward as lr
+import reward_model
 import utils
 
 BODY = ("The Rust team released Rust 1.80 today. The release stabilises LazyCell and LazyLock, "
@@ -34,7 +36,7 @@ def without(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def scorer():
-    return lr.MiniLMScorer()
+    return reward_model.MiniLMScorer()
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,7 @@ def test_health(client):
     assert reply.status_code == 200
     body = reply.get_json()
     assert body["status"] == "ok" and body["scorer"] == "minilm"
-    assert body["model"] == utils.minilm_path() and body["version"].startswith(lr.__version__)
+    assert body["model"] == embeddings.minilm_path() and body["version"].startswith(lr.__version__)
 
 
 @pytest.mark.slow

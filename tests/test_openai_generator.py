@@ -10,6 +10,7 @@ import pytest
 from fake_endpoints import FakeChat, FakeReward, fake_score
 from servers import free_port
 
+import settings
 import utils
 from openai_generator import OpenAIGenerator, OpenAIGeneratorError
 
@@ -161,7 +162,7 @@ def test_evaluate_with_openai_generator_lands_in_compare(tmp_path, monkeypatch, 
     data.write_text("".join(json.dumps(s) + "\n" for s in STORIES))
     with FakeChat(model="big-model") as llm, FakeReward() as reward:
         monkeypatch.setenv("OPENAI_API_KEY", "k")
-        recipe = utils.Recipe(model=str(tiny_model), dataset=str(data), min_score=0, max_val_stories=3, eval_samples=2,
+        recipe = settings.Recipe(model=str(tiny_model), dataset=str(data), min_score=0, max_val_stories=3, eval_samples=2,
                               validator="none", reward_url=reward.url, runs_dir=str(tmp_path / "runs"),
                               run_name="prompted-big-model", max_completion_tokens=10)
         args = evaluate.EvalArgs(generator="openai", openai_model="big-model", openai_base_url=llm.base_url,
@@ -188,7 +189,7 @@ def test_evaluate_openai_errors_exit_cleanly(tmp_path, monkeypatch, tiny_model):
     import evaluate
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    recipe = utils.Recipe(model=str(tiny_model), runs_dir=str(tmp_path))
+    recipe = settings.Recipe(model=str(tiny_model), runs_dir=str(tmp_path))
     with pytest.raises(SystemExit, match="error: OPENAI_API_KEY is not set"):
         evaluate.main(recipe, evaluate.EvalArgs(generator="openai", openai_model="m"))
     with pytest.raises(SystemExit, match="unknown --generator 'vllm'"):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import pytest
 from servers import JsonHandler, free_port, serve
 
+import evaluation
 import utils
 
 
@@ -403,7 +404,7 @@ class StubGenerator:
 
 def test_evaluate_generator_structure_and_rewards(server):
     gen, client = StubGenerator(), client_for(server)
-    result = run(client, lambda c: utils.evaluate_generator(gen, ROWS[:2], c, StubValidator(), samples=2,
+    result = run(client, lambda c: evaluation.evaluate_generator(gen, ROWS[:2], c, StubValidator(), samples=2,
                                                             max_tokens=16, temperature=0.7))
     # one greedy call (temperature 0) and one sampled call, for all stories at once
     assert gen.calls == [(2, 1, 0.0, 16), (2, 2, 0.7, 16)]
@@ -413,7 +414,7 @@ def test_evaluate_generator_structure_and_rewards(server):
     # every title scored in one batch request, rewards = len(title) when supported
     assert server.paths() == ["/score_batch"] and len(server.requests[0]["json"]["stories"]) == 6
     assert result.per_story_reward() == pytest.approx([(8 + 10 + 10) / 3, (8 + 0 + 10) / 3])
-    row = utils.eval_metrics_row(result, method="eval", step=3, wall_time=1.0, run="r")
+    row = evaluation.eval_metrics_row(result, method="eval", step=3, wall_time=1.0, run="r")
     assert tuple(row) == utils.METRICS_KEYS
     assert row["n"] == 6 and row["split"] == "val"
     assert row["extra"]["greedy_reward_mean"] == pytest.approx(8.0)

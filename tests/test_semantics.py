@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+import art_config
 import grpo_semantics
-import utils
+import settings
+import trl_config
 
 
 def _fields(cls) -> set[str]:
@@ -16,10 +18,8 @@ def _fields(cls) -> set[str]:
 
 
 def test_every_named_knob_exists():
-    import reference_grpo_trainer
-    import train
 
-    known = _fields(utils.Recipe) | _fields(train.ArtArgs) | _fields(reference_grpo_trainer.TrlArgs)
+    known = _fields(settings.Recipe) | _fields(art_config.ArtArgs) | _fields(trl_config.TrlArgs)
     named = {k for row in grpo_semantics.TABLE for k in row.knobs}
     assert named and named <= known, named - known
     # the table covers every difference the comparison must name

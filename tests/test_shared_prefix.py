@@ -24,6 +24,8 @@ import os
 import pytest
 
 import fast_backend as fb
+import generation
+import settings
 import shared_prefix
 import utils
 from fast_backend import Backend
@@ -85,7 +87,7 @@ def lora_model(path, dtype="float32", attn="sdpa", seed=0):
 
 def story_prompts(tok, n=4, chars=600):
     """Chat prompts of the first n shipped stories (bodies cut to `chars` to keep the tests short)."""
-    rows = [json.loads(line) for line in (utils.ROOT / "data" / "stories.jsonl").read_text().splitlines()[:n]]
+    rows = [json.loads(line) for line in (settings.ROOT / "data" / "stories.jsonl").read_text().splitlines()[:n]]
     texts = [tok.apply_chat_template(utils.title_messages(r["scraped_body"][:chars - 37 * i]),
                                      add_generation_prompt=True, tokenize=False) for i, r in enumerate(rows)]
     return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -378,9 +380,9 @@ def test_merged_lora_generation_is_token_identical_and_restores_weights(tiny_set
     rows = [prompts[0]] * 3 + [prompts[1]] * 2
     kw = dict(max_new_tokens=12, do_sample=False)
     with torch.no_grad():
-        plain = fb.generate_shared_prefix(model, rows, tok.pad_token_id, **kw)
+        plain = generation.generate_shared_prefix(model, rows, tok.pad_token_id, **kw)
         with shared_prefix.merged_lora(model) as merged:
-            fused = fb.generate_shared_prefix(model, rows, tok.pad_token_id, **kw)
+            fused = generation.generate_shared_prefix(model, rows, tok.pad_token_id, **kw)
     assert merged and torch.equal(plain, fused)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # bit-exact: no merge/unmerge drift
@@ -440,7 +442,7 @@ def test_smollm_merged_lora_greedy_is_token_identical(smol_setup):
     model = lora_model(path)
     rows = [prompts[0]] * 2 + [prompts[1]] * 2
     with torch.no_grad():
-        plain = fb.generate_shared_prefix(model, rows, tok.pad_token_id, max_new_tokens=16, do_sample=False)
+        plain = generation.generate_shared_prefix(model, rows, tok.pad_token_id, max_new_tokens=16, do_sample=False)
         with shared_prefix.merged_lora(model):
-            fused = fb.generate_shared_prefix(model, rows, tok.pad_token_id, max_new_tokens=16, do_sample=False)
+            fused = generation.generate_shared_prefix(model, rows, tok.pad_token_id, max_new_tokens=16, do_sample=False)
     assert torch.equal(plain, fused)

@@ -11,6 +11,8 @@ import httpx
 import pytest
 from fake_endpoints import FakeChat
 
+import settings
+import text_metrics
 import titles
 import utils
 
@@ -26,12 +28,12 @@ def article(tmp_path) -> Path:
     return path
 
 
-def tiny_recipe(tiny_model, reward_url: str, **over) -> utils.Recipe:
+def tiny_recipe(tiny_model, reward_url: str, **over) -> settings.Recipe:
     # the tiny recipe's knobs: embedding validator, 8-token completions; generation not stopped at
     # line breaks, so the trailing-text path (and its penalty) is exercised
     base = dict(model=str(tiny_model), reward_url=reward_url, max_completion_tokens=8, validator="embedding",
                 trailing_penalty=0.2, reward_retries=0, stop_at_newline=False)
-    return utils.Recipe(**{**base, **over})
+    return settings.Recipe(**{**base, **over})
 
 
 def server_rm(url: str, title: str) -> float:
@@ -51,7 +53,7 @@ def test_ranked_candidates_with_components(tiny_model, reward_server, article, c
     assert [r["reward"] for r in ranked] == sorted((r["reward"] for r in ranked), reverse=True)
     for r in ranked:
         title, trailing = utils.extract_title(r["completion"])
-        assert (r["title"], r["trailing"], r["words"]) == (title, trailing, len(utils.words(title)))
+        assert (r["title"], r["trailing"], r["words"]) == (title, trailing, len(text_metrics.words(title)))
         assert r["rm"] == (pytest.approx(server_rm(reward_server, title), abs=1e-6) if title else 0.0)
         assert r["reward"] == pytest.approx((r["rm"] if r["matches"] else 0.0) - (0.2 if trailing else 0.0))
     assert "reward" in out and "match" in out and "trail" in out
@@ -90,27 +92,27 @@ def test_bad_article(tmp_path, name, content, message):
     if content is not None:
         (tmp_path / name).write_text(content)
     with pytest.raises(SystemExit, match=message):
-        titles.main(utils.Recipe(), titles.TitlesArgs(article=str(tmp_path / name)))
+        titles.main(settings.Recipe(), titles.TitlesArgs(article=str(tmp_path / name)))
 
 
 def test_reward_server_down_fails_before_loading_a_model(tmp_path, article):
     from servers import free_port
 
-    recipe = utils.Recipe(model=str(tmp_path / "no-model-here"), reward_url=f"http://127.0.0.1:{free_port()}")
+    recipe = settings.Recipe(model=str(tmp_path / "no-model-here"), reward_url=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(SystemExit, match=r"error: reward server at http://127.0.0.1:\d+ is unreachable"):
         titles.main(recipe, titles.TitlesArgs(article=str(article)))
 
 
 @pytest.mark.integration
 def test_missing_model(reward_server, tmp_path, article):
-    recipe = utils.Recipe(model=str(tmp_path / "no-model-here"), reward_url=reward_server)
+    recipe = settings.Recipe(model=str(tmp_path / "no-model-here"), reward_url=reward_server)
     with pytest.raises(SystemExit, match="error: cannot load model .*no-model-here"):
         titles.main(recipe, titles.TitlesArgs(article=str(article)))
 
 
 def test_bad_time(article):
     with pytest.raises(SystemExit, match="not ISO 8601"):
-        titles.main(utils.Recipe(), titles.TitlesArgs(article=str(article), time="yesterday"))
+        titles.main(settings.Recipe(), titles.TitlesArgs(article=str(article), time="yesterday"))
 
 
 @pytest.mark.integration

@@ -19,6 +19,10 @@ import pytest
 from servers import JsonHandler, serve
 
 import reference_grpo_trainer as rgt
+import rundir
+import runtime
+import settings
+import trl_config
 import utils
 
 pytestmark = pytest.mark.slow
@@ -65,12 +69,12 @@ class FlakyRewardServer:
 
 
 def tiny_argv(runs_dir: Path, url: str, *extra: str) -> list[str]:
-    return ["--recipe", str(utils.ROOT / "recipes" / "tiny.yaml"), "--runs_dir", str(runs_dir),
+    return ["--recipe", str(settings.ROOT / "recipes" / "tiny.yaml"), "--runs_dir", str(runs_dir),
             "--run_name", "run", "--reward_url", url, *extra]
 
 
 def metric_steps(run_dir: Path, split: str) -> list[int]:
-    rows, notes = utils.read_metrics(run_dir)
+    rows, notes = rundir.read_metrics(run_dir)
     assert not notes, notes
     return [r["step"] for r in rows if r["split"] == split]
 
@@ -94,7 +98,7 @@ def completions(*texts: str) -> list:
 def test_reward_func_scores_the_batch_with_the_real_server(reward_server):
     client = utils.RewardClient(reward_server)
     log = rgt.RewardLog()
-    fn = rgt.make_reward_func(client, None, trailing_penalty=0.5, log=log, max_completion_tokens=3)
+    fn = rgt.make_reward_func(client, None, settings.Recipe(trailing_penalty=0.5, max_completion_tokens=3), log)
     metrics: dict[str, float] = {}
     texts = ["Rust ships LazyCell", "Title: Rust ships LazyLock\nand more text", "   "]
 
@@ -127,7 +131,7 @@ def test_reward_func_raises_when_the_server_fails_and_scores_nothing():
     log = rgt.RewardLog()
     with FlakyRewardServer(ok_batches=0) as server:
         client = utils.RewardClient(server.url, retries=2, backoff=0.01)
-        fn = rgt.make_reward_func(client, None, 0.0, log, max_completion_tokens=8)
+        fn = rgt.make_reward_func(client, None, settings.Recipe(trailing_penalty=0.0, max_completion_tokens=8), log)
 
         async def run():
             try:
@@ -150,10 +154,10 @@ def test_reward_func_raises_when_the_server_fails_and_scores_nothing():
 def test_grpo_config_follows_the_recipe(tmp_path):
     import fast_backend
 
-    recipe = utils.Recipe(prompts_per_step=3, num_generations=4, max_completion_tokens=17, learning_rate=3e-4,
+    recipe = settings.Recipe(prompts_per_step=3, num_generations=4, max_completion_tokens=17, learning_rate=3e-4,
                           max_grad_norm=0.2, loss_type="cispo", beta=0.01, max_steps=7, save_every=5, seed=3)
-    args = rgt.TrlArgs()
-    config = rgt.grpo_config(recipe, args, fast_backend.Backend("cpu", "cpu", use_vllm=False), tmp_path)
+    args = trl_config.TrlArgs()
+    config = trl_config.grpo_config(recipe, args, fast_backend.Backend("cpu", "cpu", use_vllm=False), tmp_path)
     assert config.per_device_train_batch_size == 12  # completions per step = prompts x generations
     assert config.generation_batch_size == 12 and config.num_generations == 4
     assert (config.max_completion_length, config.learning_rate, config.max_grad_norm) == (17, 3e-4, 0.2)
@@ -176,7 +180,7 @@ def test_grpo_config_follows_the_recipe(tmp_path):
     ([(1, "train", 1.0), "partial"], 1, [1], 1.0, set(), 1),
 ])
 def test_trim_metrics(tmp_path, lines, keep_until, kept_steps, offset, val_done, dropped):
-    writer = utils.MetricsWriter(tmp_path)
+    writer = rundir.MetricsWriter(tmp_path)
     for line in lines:
         if line == "partial":
             with writer.path.open("a") as f:
@@ -184,16 +188,16 @@ def test_trim_metrics(tmp_path, lines, keep_until, kept_steps, offset, val_done,
             continue
         step, split, wall = line
         writer.write(utils.metrics_row(method="trl", step=step, split=split, scored=[], wall_time=wall))
-    got = rgt.trim_metrics(tmp_path, keep_until)
+    got = rundir.trim_metrics(tmp_path, keep_until, "trl")
     assert got == (offset, val_done, dropped)
-    assert [r["step"] for r in utils.read_metrics(tmp_path)[0]] == kept_steps
+    assert [r["step"] for r in rundir.read_metrics(tmp_path)[0]] == kept_steps
 
 
 def test_fails_fast_without_a_reward_server(tmp_path, capsys):
     from servers import free_port
 
     code = rgt.cli(tiny_argv(tmp_path, f"http://127.0.0.1:{free_port()}", "--reward_retries", "0"))
-    assert code == rgt.EXIT_REWARD_SERVER
+    assert code == runtime.EXIT_REWARD_SERVER
     assert "reward server not usable" in capsys.readouterr().err
     assert not list((tmp_path / "run").glob("checkpoint-*"))
 
@@ -204,7 +208,7 @@ def test_unsloth_backend_on_cpu_fails_fast(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(rgt.fast_backend, "load_policy", no_model)  # fail fast = before anything heavy
     code = rgt.cli(tiny_argv(tmp_path, "http://127.0.0.1:9", "--backend", "unsloth"))
-    assert code == rgt.EXIT_USAGE
+    assert code == runtime.EXIT_USAGE
     err = capsys.readouterr().err
     assert "needs an NVIDIA GPU with CUDA" in err and "--backend auto" in err
 
@@ -226,7 +230,7 @@ def test_two_steps_then_sigterm_then_resume(tiny_model, reward_server, tmp_path,
     # validator none: reward = RM score, so groups have variance and the adapter really moves.
     argv = tiny_argv(tmp_path, reward_server, "--validator", "none")
     run_dir = tmp_path / "run"
-    assert rgt.cli([*argv, "--max_steps", "2"]) == rgt.EXIT_OK
+    assert rgt.cli([*argv, "--max_steps", "2"]) == runtime.EXIT_OK
     assert (run_dir / "checkpoint-2" / "adapter_model.safetensors").exists()
     assert lora_b_norm(run_dir / "checkpoint-2") > 0  # LoRA B starts at zero: two steps changed it
     assert metric_steps(run_dir, "train") == [1, 2] and metric_steps(run_dir, "val") == [2]
@@ -248,7 +252,7 @@ def test_two_steps_then_sigterm_then_resume(tiny_model, reward_server, tmp_path,
     watcher.start()
     code = rgt.cli([*argv, "--max_steps", "40", "--save_every", "100", "--eval_every", "0"])
     watcher.join(timeout=5)
-    assert fired.is_set() and code == rgt.EXIT_INTERRUPTED
+    assert fired.is_set() and code == runtime.EXIT_INTERRUPTED
     out = capsys.readouterr().out
     assert "resuming from" in out and "checkpoint-2 (step 2)" in out and "SIGTERM: saving a checkpoint" in out
     stopped_at = max(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
@@ -260,11 +264,11 @@ def test_two_steps_then_sigterm_then_resume(tiny_model, reward_server, tmp_path,
     # Rerun to two steps past the interruption: the step count and the clock continue, nothing repeats;
     # this run's --save_every wins over the resumed checkpoint's 100 (transformers restores that one).
     end = stopped_at + 2
-    assert rgt.cli([*argv, "--max_steps", str(end), "--eval_every", "0", "--save_every", "1"]) == rgt.EXIT_OK
+    assert rgt.cli([*argv, "--max_steps", str(end), "--eval_every", "0", "--save_every", "1"]) == runtime.EXIT_OK
     assert (run_dir / f"checkpoint-{stopped_at + 1}" / "adapter_model.safetensors").exists()
     assert metric_steps(run_dir, "train") == list(range(1, end + 1))
     assert metric_steps(run_dir, "val") == [2, end]  # end: the final validation
-    rows = utils.read_metrics(run_dir)[0]
+    rows = rundir.read_metrics(run_dir)[0]
     walls = [r["wall_time"] for r in rows]
     assert walls == sorted(walls)
     train = [r for r in rows if r["split"] == "train"]
@@ -280,7 +284,7 @@ def test_two_steps_then_sigterm_then_resume(tiny_model, reward_server, tmp_path,
 
 def metric_steps_safe(run_dir: Path) -> list[int]:
     try:
-        return [r["step"] for r in utils.read_metrics(run_dir)[0] if r["split"] == "train"]
+        return [r["step"] for r in rundir.read_metrics(run_dir)[0] if r["split"] == "train"]
     except OSError:
         return []
 
@@ -290,7 +294,7 @@ def test_reward_server_failing_mid_run_stops_training_loudly(tiny_model, tmp_pat
     with FlakyRewardServer(ok_batches=1) as server:
         code = rgt.cli(tiny_argv(tmp_path, server.url, "--validator", "none", "--reward_retries", "1",
                                  "--max_steps", "3", "--eval_every", "0"))
-    assert code == rgt.EXIT_REWARD_SERVER
+    assert code == runtime.EXIT_REWARD_SERVER
     err = capsys.readouterr().err
     assert "the reward server failed during step 2" in err and "no reward was made up" in err
     assert "1 failure(s) recorded" in err and "HTTP 503" in err

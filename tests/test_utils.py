@@ -11,6 +11,12 @@ from collections import OrderedDict
 
 import pytest
 
+import embeddings
+import reward_model
+import rundir
+import settings
+import stats
+import text_metrics
 import utils
 
 # --------------------------------------------------------------------------------------
@@ -83,7 +89,7 @@ def test_extract_title(completion, title, trailing):
     ("... --", []),
 ])
 def test_words(text, expected):
-    assert utils.words(text) == expected
+    assert text_metrics.words(text) == expected
 
 
 @pytest.mark.parametrize("title, body, expected", [
@@ -102,7 +108,7 @@ def test_words(text, expected):
     ("title", "", 0.0),
 ])
 def test_copy_fraction(title, body, expected):
-    assert utils.copy_fraction(title, body) == pytest.approx(expected)
+    assert text_metrics.copy_fraction(title, body) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("reply, expected", [
@@ -159,7 +165,7 @@ def test_title_and_validator_messages():
 
 
 def test_serialize_story_tags_order_and_date():
-    text = utils.serialize_story("My title", "alice", "2024-03-05T10:11:12Z", "https://x.org/a", "Body here")
+    text = reward_model.serialize_story("My title", "alice", "2024-03-05T10:11:12Z", "https://x.org/a", "Body here")
     for tag, value in [("title", "My title"), ("submitter", "alice"), ("url", "https://x.org/a"),
                        ("date", "2024-03-05"), ("body", "Body here")]:
         assert f"<{tag}>{value}</{tag}>" in text
@@ -176,7 +182,7 @@ def test_serialize_story_tags_order_and_date():
     ("", "2023-12-31T23:00:00+00:00", "2023-12-31"),
 ])
 def test_serialize_story_edge_values(url, time_value, expected_date):
-    text = utils.serialize_story("t", "b", time_value, url, "body")
+    text = reward_model.serialize_story("t", "b", time_value, url, "body")
     assert "<url></url>" in text
     assert f"<date>{expected_date}</date>" in text
 
@@ -254,18 +260,18 @@ def test_check_row_errors_name_field_and_row(change, field_name):
 
 
 def test_stats_values():
-    s = utils.stats([1.0, 2.0, 3.0, 4.0, 5.0])
+    s = stats.describe([1.0, 2.0, 3.0, 4.0, 5.0])
     assert s["n"] == 5
     assert s["mean"] == pytest.approx(3.0)
     assert s["median"] == pytest.approx(3.0)
     assert s["std"] == pytest.approx(math.sqrt(2.0))  # population std
     assert s["p5"] == pytest.approx(1.2) and s["p95"] == pytest.approx(4.8)  # linear interpolation
     # a generator works
-    assert utils.stats(x for x in [2.0])["mean"] == 2.0
+    assert stats.describe(x for x in [2.0])["mean"] == 2.0
 
 
 def test_stats_empty_is_nan_not_zero():
-    s = utils.stats([])
+    s = stats.describe([])
     assert s["n"] == 0
     assert all(math.isnan(s[k]) for k in ("mean", "std", "p5", "median", "p95"))
 
@@ -273,18 +279,18 @@ def test_stats_empty_is_nan_not_zero():
 def test_bootstrap_mean_diff_contains_mean_and_is_deterministic():
     before = [0.1, 0.4, 0.2, 0.5, 0.3, 0.2, 0.6, 0.1]
     after = [0.3, 0.5, 0.2, 0.9, 0.4, 0.5, 0.6, 0.4]
-    mean, lo, hi = utils.bootstrap_mean_diff(after, before, n_boot=2000, seed=3)
+    mean, lo, hi = stats.paired_bootstrap(after, before, n_boot=2000, seed=3)
     assert mean == pytest.approx(sum(a - b for a, b in zip(after, before)) / len(after))
     assert lo <= mean <= hi
     assert lo > 0  # every story improved or tied: the interval excludes 0
-    assert utils.bootstrap_mean_diff(after, before, n_boot=2000, seed=3) == (mean, lo, hi)
-    assert utils.bootstrap_mean_diff(after, before, n_boot=2000, seed=4) != (mean, lo, hi)
+    assert stats.paired_bootstrap(after, before, n_boot=2000, seed=3) == (mean, lo, hi)
+    assert stats.paired_bootstrap(after, before, n_boot=2000, seed=4) != (mean, lo, hi)
 
 
 def test_bootstrap_no_difference_straddles_zero():
     a = [0.2, 0.8, 0.5, 0.1, 0.9, 0.4]
     b = [0.8, 0.2, 0.5, 0.9, 0.1, 0.4]  # same values, shuffled: mean diff 0
-    mean, lo, hi = utils.bootstrap_mean_diff(a, b, n_boot=2000)
+    mean, lo, hi = stats.paired_bootstrap(a, b, n_boot=2000)
     assert mean == pytest.approx(0.0)
     assert lo < 0 < hi
 
@@ -315,32 +321,32 @@ def test_metrics_row_keys_and_values():
 
 
 def test_metrics_writer_reader_round_trip(tmp_path):
-    writer = utils.MetricsWriter(tmp_path / "run")
+    writer = rundir.MetricsWriter(tmp_path / "run")
     rows = [utils.metrics_row(method="art", step=i, split="train", scored=[_scored(float(i))], wall_time=i)
             for i in range(3)]
     for row in rows:
         writer.write(row)
-    read, notes = utils.read_metrics(tmp_path / "run")  # a run dir works as well as the file
+    read, notes = rundir.read_metrics(tmp_path / "run")  # a run dir works as well as the file
     assert notes == []
     assert [r["step"] for r in read] == [0, 1, 2]
     assert read[2]["reward_mean"] == 2.0 and read[2]["extra"] == {}
-    assert utils.read_metrics(writer.path)[0] == read
+    assert rundir.read_metrics(writer.path)[0] == read
 
 
 def test_metrics_writer_refuses_incomplete_row(tmp_path):
     row = utils.metrics_row(method="x", step=0, split="train", scored=[], wall_time=0)
     del row["reward_mean"]
     with pytest.raises(ValueError, match="reward_mean"):
-        utils.MetricsWriter(tmp_path).write(row)
-    assert not (tmp_path / utils.METRICS_FILE).exists()
+        rundir.MetricsWriter(tmp_path).write(row)
+    assert not (tmp_path / rundir.METRICS_FILE).exists()
 
 
 def test_read_metrics_partial_line_and_missing_keys_are_notes(tmp_path):
     good = utils.metrics_row(method="trl", step=1, split="val", scored=[_scored(1.0)], wall_time=1)
     lacking = {k: v for k, v in good.items() if k != "match_rate"}
-    path = tmp_path / utils.METRICS_FILE
+    path = tmp_path / rundir.METRICS_FILE
     path.write_text(json.dumps(good) + "\n\n" + json.dumps(lacking) + "\n" + json.dumps(good)[:25])
-    rows, notes = utils.read_metrics(path)
+    rows, notes = rundir.read_metrics(path)
     assert len(rows) == 1 and rows[0]["step"] == 1
     assert len(notes) == 2
     assert "line 3" in notes[0] and "match_rate" in notes[0]  # blank line 2 is skipped silently
@@ -359,25 +365,25 @@ def test_read_metrics_partial_line_and_missing_keys_are_notes(tmp_path):
 ])
 def test_read_metrics_non_object_line_is_a_note(tmp_path, line):
     good = utils.metrics_row(method="trl", step=1, split="val", scored=[_scored(1.0)], wall_time=1)
-    (tmp_path / utils.METRICS_FILE).write_text(json.dumps(good) + "\n" + line + "\n")
-    rows, notes = utils.read_metrics(tmp_path)
+    (tmp_path / rundir.METRICS_FILE).write_text(json.dumps(good) + "\n" + line + "\n")
+    rows, notes = rundir.read_metrics(tmp_path)
     assert len(rows) == 1 and len(notes) == 1 and "line 2" in notes[0]
 
 
 def test_read_metrics_missing_file_is_a_note(tmp_path):
-    rows, notes = utils.read_metrics(tmp_path)
+    rows, notes = rundir.read_metrics(tmp_path)
     assert rows == [] and "no metrics yet" in notes[0]
 
 
 def test_timer_offset(monkeypatch):
     clock = iter([100.0, 103.5])
-    monkeypatch.setattr(utils.time, "perf_counter", lambda: next(clock))
-    timer = utils.Timer(offset=50.0)  # a resumed run continues from its last wall_time
+    monkeypatch.setattr(rundir.time, "perf_counter", lambda: next(clock))
+    timer = rundir.Timer(offset=50.0)  # a resumed run continues from its last wall_time
     assert timer() == pytest.approx(53.5)
 
 
 
-class LengthEmbedder(utils.Embedder):
+class LengthEmbedder(embeddings.Embedder):
     """Embedder.encode_cached's bookkeeping without the model: a text's vector is [len(text)]."""
 
     def __init__(self, cache_size: int):  # no model: only the cache state encode_cached uses
@@ -418,9 +424,9 @@ class ToolArgs:
 @pytest.fixture
 def clean_env(monkeypatch):
     """No override variables from the caller's shell, and no repo .env, leak into a test."""
-    for name in [*utils.ENV_OVERRIDES, "RECIPE"]:
+    for name in [*settings.ENV_OVERRIDES, "RECIPE"]:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(utils, "load_env", lambda *a, **k: None)
+    monkeypatch.setattr(settings, "load_env", lambda *a, **k: None)
 
 
 def write_recipe(tmp_path, text):
@@ -434,30 +440,43 @@ def test_parse_args_merges_shared_and_section(tmp_path, clean_env):
         shared:
           num_generations: 6
           learning_rate: 1.0e-5
-          label: shared
         trl:
           num_generations: 8
           label: from-trl
         art:
           num_generations: 2
     """)
-    recipe, args = utils.parse_args((utils.Recipe, ToolArgs), "trl", ["--recipe", recipe_path])
+    recipe, args = settings.parse_args((settings.Recipe, ToolArgs), "trl", ["--recipe", recipe_path])
     assert recipe.num_generations == 8  # the section beats shared
     assert recipe.learning_rate == 1e-5  # shared applies when the section is silent
     assert args.label == "from-trl"  # recipe keys reach any of the dataclasses
-    assert recipe.lora_r == utils.Recipe.lora_r  # untouched fields keep their defaults
-    recipe, _ = utils.parse_args((utils.Recipe, ToolArgs), "art", ["--recipe", recipe_path])
+    assert recipe.lora_r == settings.Recipe.lora_r  # untouched fields keep their defaults
+    recipe, _ = settings.parse_args((settings.Recipe, ToolArgs), "art", ["--recipe", recipe_path])
     assert recipe.num_generations == 2  # another section, another value
 
 
-def test_parse_args_unknown_key_names_it(tmp_path, clean_env):
-    recipe_path = write_recipe(tmp_path, """
-        shared:
-          num_generation: 6
-    """)
+@pytest.mark.parametrize("text, names", [
+    # a misspelt shared knob
+    ("shared:\n  num_generation: 6\n", ["num_generation", "'shared'"]),
+    # a key of another script's section in shared: shared holds only what both trainers read
+    ("shared:\n  label: x\n", ["label", "'shared'"]),
+    # a misspelt key in the script's own section
+    ("trl:\n  verbos: true\n", ["verbos", "'trl'"]),
+    # a misspelt section: its keys would otherwise be ignored without a word
+    ("shraed:\n  num_generations: 6\n", ["shraed", "unknown section"]),
+])
+def test_parse_args_unknown_key_or_section_names_it_and_the_file(tmp_path, clean_env, text, names):
+    recipe_path = write_recipe(tmp_path, text)
     with pytest.raises(SystemExit) as err:
-        utils.parse_args((utils.Recipe,), "trl", ["--recipe", recipe_path])
-    assert "num_generation" in str(err.value.code) and "trl" in str(err.value.code)
+        settings.parse_args((settings.Recipe, ToolArgs), "trl", ["--recipe", recipe_path])
+    assert recipe_path in str(err.value.code) and all(n in str(err.value.code) for n in names), err.value.code
+
+
+def test_a_misspelt_key_in_another_section_is_left_to_its_script(tmp_path, clean_env):
+    # The TRL trainer cannot know the ART trainer's knobs; train.py refuses this one when it reads `art:`.
+    recipe_path = write_recipe(tmp_path, "art:\n  pack_group: true\n")
+    (recipe, _) = settings.parse_args((settings.Recipe, ToolArgs), "trl", ["--recipe", recipe_path])
+    assert recipe.recipe == recipe_path
 
 
 @pytest.mark.parametrize("env, argv, expected", [
@@ -477,7 +496,7 @@ def test_parse_args_precedence(tmp_path, clean_env, monkeypatch, env, argv, expe
         shared:
           model: /recipe/model
     """)
-    (recipe,) = utils.parse_args((utils.Recipe,), "trl", ["--recipe", recipe_path, *argv])
+    (recipe,) = settings.parse_args((settings.Recipe,), "trl", ["--recipe", recipe_path, *argv])
     assert recipe.model == expected
 
 
@@ -487,7 +506,7 @@ def test_parse_args_recipe_from_env_and_cli_types(tmp_path, clean_env, monkeypat
           max_steps: 7
     """)
     monkeypatch.setenv("RECIPE", recipe_path)
-    recipe, args = utils.parse_args((utils.Recipe, ToolArgs), "trl", ["--lora_r", "4", "--verbose", "true"])
+    recipe, args = settings.parse_args((settings.Recipe, ToolArgs), "trl", ["--lora_r", "4", "--verbose", "true"])
     assert recipe.max_steps == 7  # RECIPE names the recipe when --recipe is absent
     assert recipe.lora_r == 4 and isinstance(recipe.lora_r, int)
     assert args.verbose is True
@@ -507,18 +526,18 @@ def test_parse_args_default_recipe_and_recipe_env(tmp_path, clean_env, monkeypat
     other.write_text("shared:\n  max_steps: 9\n")
     if env_recipe is not None:
         monkeypatch.setenv("RECIPE", str(other) if env_recipe else "")
-    (recipe,) = utils.parse_args((utils.Recipe,), "trl", [], default_recipe=default)
+    (recipe,) = settings.parse_args((settings.Recipe,), "trl", [], default_recipe=default)
     assert recipe.max_steps == expected_steps
 
 
 def test_parse_args_unrecognized_flag_exits(clean_env):
     with pytest.raises(SystemExit):
-        utils.parse_args((utils.Recipe,), "trl", ["--no_such_flag", "1"])
+        settings.parse_args((settings.Recipe,), "trl", ["--no_such_flag", "1"])
 
 
 def test_parse_args_resolves_repo_paths_from_another_cwd(tmp_path, clean_env, monkeypatch, root):
     monkeypatch.chdir(tmp_path)
-    (recipe,) = utils.parse_args((utils.Recipe,), "trl", ["--recipe", str(root / "recipes" / "tiny.yaml")])
+    (recipe,) = settings.parse_args((settings.Recipe,), "trl", ["--recipe", str(root / "recipes" / "tiny.yaml")])
     assert recipe.model == str(root / "models" / "tiny")
     assert recipe.dataset == str(root / "data" / "stories.jsonl")
     assert recipe.runs_dir == str(root / "runs")
@@ -527,12 +546,12 @@ def test_parse_args_resolves_repo_paths_from_another_cwd(tmp_path, clean_env, mo
 def test_default_recipe_resolves_against_the_repo_from_another_cwd(tmp_path, clean_env, monkeypatch, root):
     # `cd /tmp && python <repo>/train.py` used to fail: recipe not found: recipes/cpu.yaml
     monkeypatch.chdir(tmp_path)
-    (recipe,) = utils.parse_args((utils.Recipe,), "trl", [])
+    (recipe,) = settings.parse_args((settings.Recipe,), "trl", [])
     assert recipe.recipe == str(root / "recipes" / "cpu.yaml") and recipe.max_steps == 20
-    (recipe,) = utils.parse_args((utils.Recipe,), "eval", ["--recipe", "recipes/tiny.yaml"])
+    (recipe,) = settings.parse_args((settings.Recipe,), "eval", ["--recipe", "recipes/tiny.yaml"])
     assert recipe.recipe == str(root / "recipes" / "tiny.yaml")
     # the run directory is named after the recipe (evaluate.py used to write every recipe to eval-default)
-    assert utils.run_dir_for(dataclasses.replace(recipe, runs_dir=str(tmp_path)), "eval").name == "eval-tiny"
+    assert rundir.run_dir_for(dataclasses.replace(recipe, runs_dir=str(tmp_path)), "eval").name == "eval-tiny"
 
 
 def test_bad_recipe_values_are_refused_once_for_every_script(tmp_path, clean_env):
@@ -540,27 +559,27 @@ def test_bad_recipe_values_are_refused_once_for_every_script(tmp_path, clean_env
                            (["--num_generations", "1"], "num_generations must be >= 2"),
                            (["--optimizer", "adam"], "is not one of")):
         with pytest.raises(SystemExit):
-            utils.parse_args((utils.Recipe,), "trl", flags)
+            settings.parse_args((settings.Recipe,), "trl", flags)
         with pytest.raises(ValueError, match=message):
-            utils.Recipe(**{flags[0][2:]: int(flags[1]) if flags[1].isdigit() else flags[1]}).check()
+            settings.Recipe(**{flags[0][2:]: int(flags[1]) if flags[1].isdigit() else flags[1]}).check()
 
 
 def test_a_recipe_built_in_code_meets_the_same_validator_check():
     import policy  # no model loads: each case fails or returns before one would be needed
 
     with pytest.raises(ValueError, match="unknown validator 'judge'"):
-        policy.make_validator(utils.Recipe(validator="judge"))
-    assert policy.make_validator(utils.Recipe(validator="none")) is None
+        policy.make_validator(settings.Recipe(validator="judge"))
+    assert policy.make_validator(settings.Recipe(validator="none")) is None
     with pytest.raises(ValueError, match="needs the policy model"):
-        policy.make_validator(utils.Recipe(validator="model"))
+        policy.make_validator(settings.Recipe(validator="model"))
 
 
 def test_parse_args_keeps_hub_ids_and_existing_local_paths(tmp_path, clean_env, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "mine").mkdir(parents=True)
-    (recipe,) = utils.parse_args((utils.Recipe,), "trl", ["--model", "models/mine", "--dataset", utils.HUB_DATASET])
+    (recipe,) = settings.parse_args((settings.Recipe,), "trl", ["--model", "models/mine", "--dataset", settings.HUB_DATASET])
     assert recipe.model == "models/mine"  # exists relative to the cwd: the user's, not the repo's
-    assert recipe.dataset == utils.HUB_DATASET  # a hub id is not a path
+    assert recipe.dataset == settings.HUB_DATASET  # a hub id is not a path
 
 
 def test_load_env_fills_unset_variables_only(tmp_path, monkeypatch):
@@ -570,7 +589,7 @@ def test_load_env_fills_unset_variables_only(tmp_path, monkeypatch):
     monkeypatch.setenv("REWARD_URL", "http://from-shell:1")
     env_file = tmp_path / ".env"
     env_file.write_text("MODEL=/from/dotenv\nREWARD_URL=http://from-dotenv:2\n")
-    utils.load_env(env_file)
+    settings.load_env(env_file)
     import os
 
     assert os.environ["MODEL"] == "/from/dotenv"
@@ -605,8 +624,8 @@ def test_env_example_documents_every_variable(root):
     read = set().union(*(env_vars_read_by(p) for p in sources))
     assert {"MODEL", "DATASET", "REWARD_URL", "REWARD_API_KEY"} <= read  # the scan finds what we know is there
     # Not settings: RANK is set by torchrun / accelerate for each worker (an empty RANK= in .env
-    # would break a single-process run); HN_PAUSE_* are the fault tests' hook (utils.fault_pause).
-    not_settings = {"RANK", "HN_PAUSE_SECONDS"}
+    # would break a single-process run).
+    not_settings = {"RANK"}
     assert read - documented - not_settings == set(), "document these in .env.example"
 
 
@@ -624,13 +643,13 @@ def dead_pid() -> int:
 
 
 def test_run_lock_is_reentrant_and_released(tmp_path):
-    with utils.RunLock(tmp_path, "trl") as lock:
-        holder = json.loads((tmp_path / utils.LOCK_FILE).read_text())
+    with rundir.RunLock(tmp_path, "trl") as lock:
+        holder = json.loads((tmp_path / rundir.LOCK_FILE).read_text())
         assert holder["pid"] == os.getpid() and holder["owner"] == "trl" and holder["started"].endswith("Z")
-        with utils.RunLock(tmp_path, "trl") as inner:  # main() called again in one process (tests)
+        with rundir.RunLock(tmp_path, "trl") as inner:  # main() called again in one process (tests)
             assert inner is lock
         assert lock.fd is not None  # still held by the outer block
-    assert (tmp_path / utils.LOCK_FILE).read_text() == ""  # released: nobody to take over from
+    assert (tmp_path / rundir.LOCK_FILE).read_text() == ""  # released: nobody to take over from
 
 
 @pytest.mark.parametrize("kernel_lock, holder, outcome", [
@@ -651,14 +670,14 @@ def test_run_lock_left_behind(tmp_path, monkeypatch, capsys, kernel_lock, holder
     pid = dead_pid() if holder["pid"] == "dead" else os.getppid()
     host = socket.gethostname() if holder["host"] == "here" else "node-that-is-not-this-one"
     info = {"pid": pid, "host": host, "owner": "art", "started": "2026-01-01T00:00:00Z"}
-    (tmp_path / utils.LOCK_FILE).write_text(json.dumps(info) + "\n")
+    (tmp_path / rundir.LOCK_FILE).write_text(json.dumps(info) + "\n")
     if not kernel_lock:
-        monkeypatch.setattr(utils.RunLock, "_flock", lambda self, fd: False)
+        monkeypatch.setattr(rundir.RunLock, "_flock", lambda self, fd: False)
     if outcome == "busy":
-        with pytest.raises(utils.RunDirBusy, match=f"in use by pid {pid} on {host} \\(art, started 2026-01-01T00:00:00Z\\)"):
-            utils.RunLock(tmp_path, "trl").acquire()
-        assert json.loads((tmp_path / utils.LOCK_FILE).read_text()) == info  # untouched
+        with pytest.raises(rundir.RunDirBusy, match=f"in use by pid {pid} on {host} \\(art, started 2026-01-01T00:00:00Z\\)"):
+            rundir.RunLock(tmp_path, "trl").acquire()
+        assert json.loads((tmp_path / rundir.LOCK_FILE).read_text()) == info  # untouched
         return
-    with utils.RunLock(tmp_path, "trl"):
+    with rundir.RunLock(tmp_path, "trl"):
         assert f"taking over the lock left by pid {pid} on {host}" in capsys.readouterr().out
-        assert json.loads((tmp_path / utils.LOCK_FILE).read_text())["pid"] == os.getpid()
+        assert json.loads((tmp_path / rundir.LOCK_FILE).read_text())["pid"] == os.getpid()

@@ -1,0 +1,159 @@
+"""Comparisons of evaluations on the same stories: paired intervals, verdicts, cost per step.
+
+What the demo's report (and the study's) says about two policies comes from here:
+
+- `compare(before, after)` -> `Comparison`: mean per-story reward difference with its paired
+  bootstrap interval (stats.paired_bootstrap), stories better / worse, the same for ROUGE-L to the
+  real titles, and each side's numbers (`summarize`);
+- `verdict(comparison, name, ref)`: one sentence, with the independent metrics' warnings (a gain
+  ROUGE-L does not confirm, titles collapsing onto one template, a copy fraction that rose);
+- `run_cost(run_dir, method)`: per-step cost means from a run's train rows (`row_cost` reads our
+  own extras first, then ART's step metrics);
+- `interval`, `fmt`, `fmt_duration`: how the reports print numbers.
+
+    python -c "import comparison; print(comparison.interval(0.215, 0.130, 0.283))"
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import evaluation
+import rundir
+import stats
+import utils
+
+
+@dataclass
+class Comparison:
+    """Paired comparison of two evaluations on the same val stories (`after` - `before`)."""
+
+    before: dict
+    after: dict
+    diff: float
+    lo: float
+    hi: float
+    improved: int
+    worse: int
+    n: int
+    rouge_diff: float = float("nan")
+    rouge_lo: float = float("nan")
+    rouge_hi: float = float("nan")
+
+    @property
+    def significant(self) -> bool:
+        return self.lo > 0
+
+    @property
+    def copy_rose(self) -> bool:
+        return self.after["copy_frac_mean"] > self.before["copy_frac_mean"] + 1e-9
+
+    @property
+    def template_rose(self) -> bool:
+        """The commonest title skeleton gained 10 points or more: titles collapsing onto one form."""
+        return self.after["template_share"] > self.before["template_share"] + 0.1
+
+    @property
+    def rouge_confirms(self) -> bool:
+        return self.rouge_lo > 0
+
+
+def summarize(result: evaluation.EvalResult) -> dict:
+    """The shared-schema numbers of one evaluation, the greedy-only mean and the independent metrics."""
+    row = utils.metrics_row(method="", step=0, split="val", scored=result.all_scored(), wall_time=0)
+    row["greedy_reward_mean"] = stats.describe(s.reward for s in result.greedy)["mean"]
+    row.update(result.independent())
+    return row
+
+
+def compare(before: evaluation.EvalResult, after: evaluation.EvalResult, seed: int = 0) -> Comparison:
+    ids_b, ids_a = [r.get("id") for r in before.rows], [r.get("id") for r in after.rows]
+    if ids_b != ids_a:
+        raise ValueError("the two evaluations cover different stories; a paired comparison needs the same")
+    b, a = before.per_story_reward(), after.per_story_reward()
+    diff, lo, hi = stats.paired_bootstrap(a, b, seed=seed)
+    rd, rlo, rhi = stats.paired_bootstrap(after.per_story_rouge_l(), before.per_story_rouge_l(), seed=seed)
+    return Comparison(before=summarize(before), after=summarize(after), diff=diff, lo=lo, hi=hi,
+                      improved=sum(x > y for x, y in zip(a, b)), worse=sum(x < y for x, y in zip(a, b)), n=len(a),
+                      rouge_diff=rd, rouge_lo=rlo, rouge_hi=rhi)
+
+
+def verdict(cmp: Comparison, name: str, ref: str) -> str:
+    """One sentence on `name` vs `ref` and what the independent metrics say about it."""
+    if cmp.significant:
+        out = f"**{name} is measurably better than {ref}** (the interval excludes 0)."
+    elif cmp.hi < 0:
+        out = f"**{name} is measurably worse than {ref}** (the interval is below 0)."
+    else:
+        out = f"**No measurable difference between {name} and {ref}** (the interval includes 0)."
+    if cmp.significant and not cmp.rouge_confirms:
+        out += (f" **The reward gain does not show on ROUGE-L** ({cmp.rouge_diff:+.3f} [{cmp.rouge_lo:+.3f}, "
+                f"{cmp.rouge_hi:+.3f}]): the titles did not get closer to the real ones.")
+    if cmp.template_rose:
+        out += (f" **Titles collapsed toward one template**: `{cmp.after['template_top']}` "
+                f"{cmp.before['template_share']:.0%} -> {cmp.after['template_share']:.0%}.")
+    if cmp.copy_rose and cmp.significant:
+        out += " **The copy fraction rose**: part of the gain may come from copying the article."
+    return out
+
+
+# Where each cost lives in a train row's extras: our own key first, then ART's metrics of the
+# step (LocalBackend reports gradient steps and the assistant tokens it packed for training).
+COST_KEYS = {"optimizer_steps": ("optimizer_steps", "train_metrics/data/step_num_gradient_steps"),
+             "trained_tokens": ("trained_tokens", "train_metrics/data/step_trainer_tokens"),
+             "step_seconds": ("step_seconds",), "step_cpu_seconds": ("step_cpu_seconds",)}
+
+
+def _number(x) -> float | None:
+    ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return float(x) if ok else None
+
+
+def row_cost(row: dict, name: str) -> float | None:
+    """One cost of one train row (COST_KEYS), None when the trainer did not log it."""
+    extra = row.get("extra") or {}
+    if extra.get("skipped") and name in ("optimizer_steps", "trained_tokens"):
+        return 0.0  # an ART step whose groups could not teach: skipped untrained
+    for key in COST_KEYS[name]:
+        section, _, sub = key.partition("/")
+        value = (extra.get(section) or {}).get(sub) if sub else extra.get(key)
+        if _number(value) is not None:
+            return _number(value)
+    return None
+
+
+def mean_cost(rows: Sequence[dict], name: str) -> float | None:
+    vals = [v for v in (row_cost(r, name) for r in rows) if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def run_cost(run_dir: Path, method: str) -> dict:
+    """Per-step cost means from a run's own train rows (every step it ever trained, each once) and
+    its in-training validations."""
+    rows, _ = rundir.read_metrics(run_dir)
+    by_step = {r["step"]: r for r in rows if r["split"] == "train" and r["method"] == method}
+    train = [by_step[k] for k in sorted(by_step)]
+    val = [r for r in rows if r["split"] == "val" and r["method"] == method]
+    return {"steps": len(train), **{name: mean_cost(train, name) for name in COST_KEYS},
+            "val_seconds": sum((r.get("extra") or {}).get("eval_seconds") or 0.0 for r in val), "vals": len(val)}
+
+
+def fmt(x, spec: str) -> str:
+    """`x` formatted, or n/a for a missing or non-finite number."""
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def fmt_duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min ({seconds:.0f} s)" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def interval(diff: float, lo: float, hi: float) -> str:
+    """A difference and its interval as the reports print them.
+
+    >>> interval(-0.0617, -0.1291, 0.0)
+    '-0.062 [-0.129, +0.000]'
+    """
+    return f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]"

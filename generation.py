@@ -1,0 +1,198 @@
+"""Generation with transformers: each distinct prompt prefilled once, however many completions it gets.
+
+A GRPO group is num_generations copies of one prompt; HF generate prefills every copy. Here:
+
+- `generate_shared_prefix(model, prompt_ids, pad)`: new tokens for every row, one prefill per
+  distinct prompt (the KV cache copied out to its rows); the TRL trainer's rollouts use it;
+- `sample_completions(model, tokenizer, prompts, counts, ...)`: n completions per prompt with the
+  raw per-token logprobs an OpenAI-compatible server returns (the ART CPU engine's server);
+- `HFGenerator`: utils.Generator over a local model (evaluation, validation, titles.py);
+- `left_pad`, `cut_after_eos` (TRL's completion cut), `cut_at_stop` (the OpenAI API's stop cut).
+
+    python -c "import generation, policy; m, t = policy.load_model('models/tiny'); print(generation.HFGenerator(m, t).generate([[{'role': 'user', 'content': 'hi'}]], 2, 1.0, 5))"
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from utils import stop_token_ids
+
+
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int):
+    """(ids, attention mask) LongTensors, left-padded as generate() expects for decoder-only models."""
+    import torch
+
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def generate_shared_prefix(model, prompt_ids: Sequence[Sequence[int]], pad_token_id: int, **generate_kwargs):
+    """New tokens for each row of `prompt_ids`, prefilling each distinct prompt only once.
+
+    HF generate (and so TRL's transformers path) prefills every row, and a GRPO group is
+    num_generations copies of one prompt. On a CPU the prefill of a ~400-token prompt costs
+    ~17 decode steps, so a group of 4 paid ~75% of its generation time for copies. Here the
+    distinct prompts are left-padded and run once without their last token, the KV cache is
+    copied out to every row, and generate() continues from it: the same sampling and the same
+    tokens under greedy decoding (tests/test_fast_backend.py checks both).
+
+    Returns a LongTensor (rows, new tokens), right-padded with pad_token_id by generate().
+    """
+    import torch
+    from transformers import DynamicCache
+
+    position = {}  # distinct prompt -> its row in the prefill, first-seen order
+    index = torch.tensor([position.setdefault(tuple(p), len(position)) for p in prompt_ids], device=model.device)
+    ids, mask = (t.to(model.device) for t in left_pad(list(position), pad_token_id))
+    width = ids.shape[1]
+    if "generation_config" not in generate_kwargs:  # a GenerationConfig carries its own pad id
+        generate_kwargs["pad_token_id"] = pad_token_id
+    if width < 2:  # nothing to share
+        out = model.generate(input_ids=ids[index], attention_mask=mask[index], **generate_kwargs)
+        return out[:, width:]
+    # Positions exactly as generate() derives them from the mask, so the cache matches.
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+              past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache.reorder_cache(index)  # row r gets the cache of its distinct prompt
+    out = model.generate(input_ids=ids[index], attention_mask=mask[index], past_key_values=cache, **generate_kwargs)
+    return out[:, width:]
+
+
+def cut_after_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
+    """Token ids up to and including the first EOS (TRL's completion mask, as a list).
+
+    >>> cut_after_eos([5, 6, 2, 0, 0], [2]), cut_after_eos([5, 6], [2])
+    ([5, 6, 2], [5, 6])
+    """
+    for i, t in enumerate(ids):
+        if t in eos_ids:
+            return list(ids[:i + 1])
+    return list(ids)
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float] | None
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+class RawLogprobs:
+    """A logits processor that keeps log-softmax of the raw logits of every decoding step.
+
+    transformers runs user processors before the sampling warpers (temperature, top-k), so
+    these are the model's own probabilities, the ones ART's trainer recomputes.
+    """
+
+    def __init__(self):
+        self.steps: list = []
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        self.steps.append(torch.log_softmax(scores.float(), dim=-1))
+        return scores
+
+
+def sample_completions(model, tok, prompts: Sequence[Sequence[int]], counts: Sequence[int], *, adapter: bool,
+                       temperature: float, max_tokens: int, stops: Sequence[str], logprobs: bool,
+                       seed: int | None = None) -> list[list[Completion]]:
+    """`counts[i]` completions of `prompts[i]` (token ids) from a PEFT `model` (its adapter on or
+    off), with the raw per-token logprobs an OpenAI-compatible server returns; one prefill per prompt.
+
+    Plain temperature sampling (top-k and top-p off, as vLLM's defaults); `seed` makes it
+    repeatable without touching the process's RNG. The caller serialises access to `model`.
+    """
+    import torch
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    eos = [tok.eos_token_id, *stop_token_ids(tok, stops)]
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {
+        "do_sample": False}
+    config = GenerationConfig(**sampling, max_new_tokens=max_tokens, eos_token_id=list(dict.fromkeys(eos)),
+                              pad_token_id=tok.pad_token_id)
+    capture = RawLogprobs()
+    rows = [list(p) for p, c in zip(prompts, counts, strict=True) for _ in range(c)]
+    context = contextlib.nullcontext() if adapter else model.disable_adapter()
+    with context, torch.no_grad(), torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        new = generate_shared_prefix(model, rows, tok.pad_token_id, generation_config=config,
+                                     logits_processor=LogitsProcessorList([capture] if logprobs else []))
+    out, k = [], 0
+    for count in counts:
+        group = []
+        for _ in range(count):
+            ids = cut_after_eos(new[k].tolist(), set(eos))
+            lps = [float(capture.steps[t][k, i]) for t, i in enumerate(ids)] if logprobs else None
+            group.append(Completion(ids, lps, cut_at_stop(tok.decode(ids, skip_special_tokens=True), stops),
+                                    "stop" if ids and ids[-1] in eos else "length"))
+            k += 1
+        out.append(group)
+    return out
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """The text before the first stop string (the OpenAI API leaves the stop string out).
+
+    >>> cut_at_stop("A title\\nmore", ["\\n"]), cut_at_stop("no stop", ["\\n"])
+    ('A title', 'no stop')
+    """
+    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[:min(cuts)] if cuts else text
+
+
+class HFGenerator:
+    """utils.Generator over a transformers model (optionally with a PEFT adapter), batched."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 8, name: str = "hf", progress: bool = True):
+        self.model, self.tokenizer, self.batch_size, self.name = model, tokenizer, batch_size, name
+        self.progress = progress
+        tokenizer.padding_side = "left"  # decoder-only generation pads on the left
+
+    def generate(self, conversations: Sequence[list[dict]], n: int, temperature: float,
+                 max_tokens: int, stop: Sequence[str] = ()) -> list[list[str]]:
+        from tqdm.auto import tqdm
+
+        greedy = temperature <= 0
+        batches = range(0, len(conversations), self.batch_size)
+        out: list[list[str]] = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for i in tqdm(batches, desc=f"generate n={n}{' greedy' if greedy else ''}", disable=not self.progress, leave=False):
+                out.extend(self._batch(list(conversations[i:i + self.batch_size]), n, temperature, max_tokens, stop))
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _batch(self, convs: list[list[dict]], n: int, temperature: float, max_tokens: int,
+               stop: Sequence[str]) -> list[list[str]]:
+        import torch
+
+        eos = {}
+        if stop:  # EOS or any token holding a stop string ends a row
+            eos = {"eos_token_id": [self.tokenizer.eos_token_id, *stop_token_ids(self.tokenizer, stop)]}
+        greedy = temperature <= 0
+        texts = self.tokenizer.apply_chat_template(convs, tokenize=False, add_generation_prompt=True)
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        with torch.inference_mode():
+            # The n titles of a story share one prefill of its prompt.
+            gen = generate_shared_prefix(
+                self.model, [p for p in ids for _ in range(n)], self.tokenizer.pad_token_id,
+                max_new_tokens=max_tokens, do_sample=not greedy,
+                temperature=temperature if not greedy else None, top_p=None, top_k=None, **eos)
+        texts = self.tokenizer.batch_decode(gen, skip_special_tokens=True)
+        return [texts[j * n:(j + 1) * n] for j in range(len(convs))]

@@ -1,0 +1,418 @@
+"""The run directory: one per run, one writer, everything a run writes and reads back to resume.
+
+<runs_dir>/<run_name>/ holds config.json, metrics.jsonl (the one schema both trainers write,
+utils.metrics_row), eval/, failures.jsonl, the trainer's checkpoints and final/. Here:
+
+- `run_dir_for`, `save_config`, `record_in_config`: where a run writes, and its resolved settings;
+- `RunLock` / `hold_run_dir` / `RunDirBusy`: one writer per run directory (flock + holder info);
+- `MetricsWriter`, `read_metrics`, `trim_metrics`, `Timer`: the metrics file, read back and cut
+  to a resume point; wall time that continues across resumes;
+- `checkpoints`, `checkpoint_problem`, `resume_point`: the trainer's checkpoint-N folders, and
+  the newest complete one (cut-off ones are moved aside, never resumed);
+- `save_final`, `final_complete`: final/, the last checkpoint without its training state,
+  swapped in whole;
+- `record_failure`: failures.jsonl, one line per reward-server failure.
+
+    python -c "import rundir; print(rundir.read_metrics('runs/trl-cpu')[1])"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import runtime
+import utils
+from settings import Recipe
+
+METRICS_FILE = "metrics.jsonl"
+
+
+# --------------------------------------------------------------------------------------
+# Where a run writes, and its settings
+# --------------------------------------------------------------------------------------
+
+
+def run_dir_for(recipe: Recipe, method: str) -> Path:
+    """The one directory a run writes to: checkpoints, metrics.jsonl, config.json, logs.
+
+    Named <method>-<recipe file stem> unless the recipe sets run_name.
+    """
+    name = recipe.run_name or f"{method}-{Path(recipe.recipe).stem if recipe.recipe else 'default'}"
+    path = Path(recipe.runs_dir) / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_config(run_dir: Path, **objs: Any) -> None:
+    """Save the resolved configuration next to the checkpoints (as nanoGPT does)."""
+    _write_config(Path(run_dir), {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+                                  for k, v in objs.items()})
+
+
+def record_in_config(run_dir: Path, **entries) -> None:
+    """Add entries to the run's config.json (written by save_config at the start)."""
+    path = Path(run_dir) / "config.json"
+    _write_config(Path(run_dir), {**(json.loads(path.read_text()) if path.exists() else {}), **entries})
+
+
+def _write_config(run_dir: Path, payload: dict) -> None:
+    path = run_dir / "config.json"
+    tmp = path.with_name(f".config.json.{os.getpid()}")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)  # a signal mid-write leaves the previous config.json, never half of one
+
+
+# --------------------------------------------------------------------------------------
+# One writer per run directory
+# --------------------------------------------------------------------------------------
+
+
+LOCK_FILE = "run.lock"
+
+class RunDirBusy(RuntimeError):
+    """Another live process holds the run directory; the message names it."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+class RunLock:
+    """Exclusive hold on a run directory: `with RunLock(run_dir, "trl"): ...`, or `.acquire()`
+    (released at process exit).
+
+    `<run_dir>/run.lock` is never deleted (deleting it would let two processes lock two
+    different files); the holder keeps a `flock` on it and writes who it is (pid, host,
+    start time, command) into it, and empties it on release. A second process finds the
+    flock taken and stops with RunDirBusy naming the holder. The kernel drops the flock when
+    the holder dies, however it dies (SIGKILL, OOM): the next process takes the directory
+    over and logs whose lock it was.
+
+    Shared filesystems: NFSv4 (and v3 with lockd) implement flock as a whole-file POSIX lock
+    held by the client; if a client machine dies, its lock lasts until the server's lease
+    runs out (~90 s). Where the filesystem has no locking (`nolock` mounts, some Lustre /
+    FUSE setups, flock fails with ENOLCK/EOPNOTSUPP) the file's content decides: a holder
+    on this host whose pid is gone is taken over, a live one or one on another host is
+    busy (delete run.lock by hand once that job is really gone); two starts within the
+    same instant can then both pass. Re-entrant within one process (in-process tests call
+    main() again on the same run directory). In a multi-process launch (RANK set by
+    torchrun / accelerate) only rank 0 locks; if it stops as busy, the launcher stops the rest.
+    """
+
+    _held: dict[str, RunLock] = {}  # resolved lock path -> the lock this process holds
+
+    def __init__(self, run_dir: str | os.PathLike, owner: str = "run"):
+        self.path = Path(run_dir).resolve() / LOCK_FILE
+        self.owner = owner
+        self.fd: int | None = None
+        self.depth = 0
+        self._registered = False
+
+    def info(self) -> dict:
+        import socket
+        import sys
+
+        return {"pid": os.getpid(), "host": socket.gethostname(), "owner": self.owner,
+                "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+                "argv": sys.argv[:12]}
+
+    def acquire(self) -> RunLock:
+        if int(os.environ.get("RANK") or 0) != 0:
+            return self  # torchrun / accelerate workers: rank 0 holds the directory for its job
+        held = RunLock._held.get(str(self.path))
+        if held is not None:
+            held.depth += 1
+            return held
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            locked = self._flock(fd)
+            previous = self._read(fd)
+            self._check_previous(previous, locked)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(self.info()) + "\n").encode(), 0)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd, self.depth = fd, 1
+        RunLock._held[str(self.path)] = self
+        if not self._registered:
+            import atexit
+
+            atexit.register(self._release_all)
+            self._registered = True
+        return self
+
+    def _flock(self, fd: int) -> bool:
+        """True when the kernel lock is ours, False where the filesystem cannot lock; busy raises."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirBusy(self._busy_message(self._read(fd))) from None
+        except OSError:  # ENOLCK / EOPNOTSUPP: no locking on this mount; the content decides
+            return False
+        return True
+
+    def _check_previous(self, previous: dict | None, locked: bool) -> None:
+        if not previous:
+            return
+        import socket
+
+        same_host = previous.get("host") == socket.gethostname()
+        pid = int(previous.get("pid") or 0)
+        alive = _pid_alive(pid) if same_host else None
+        if not locked and alive is not False:
+            raise RunDirBusy(self._busy_message(previous))
+        why = "no longer running" if alive is False else "no longer holding it"
+        print(f"[lock] {self.path.parent}: taking over the lock left by pid {pid} on {previous.get('host')} "
+              f"(started {previous.get('started')}), {why}", flush=True)
+
+    @staticmethod
+    def _read(fd: int) -> dict | None:
+        raw = os.pread(fd, 65536, 0).decode("utf-8", "replace").strip()
+        try:
+            value = json.loads(raw) if raw else None
+        except json.JSONDecodeError:  # a holder killed while writing its own line
+            return None
+        return value if isinstance(value, dict) else None
+
+    def _busy_message(self, holder: dict | None) -> str:
+        who = (f"pid {holder.get('pid')} on {holder.get('host')} ({holder.get('owner')}, started {holder.get('started')})"
+               if holder else "another process (no holder information yet)")
+        return (f"run directory {self.path.parent} is in use by {who}; one run directory has one writer. "
+                f"Wait for it to finish or stop it, or pick another --run_name (lock: {self.path})")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        self.depth -= 1
+        if self.depth > 0:
+            return
+        RunLock._held.pop(str(self.path), None)
+        try:
+            os.ftruncate(self.fd, 0)  # an empty lock file: released cleanly, nobody to take over from
+        finally:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+    def _release_all(self) -> None:
+        self.depth = min(self.depth, 1)
+        self.release()
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        lock = RunLock._held.get(str(self.path), self)
+        lock.release()
+
+
+def hold_run_dir(run_dir: str | os.PathLike, owner: str) -> RunLock:
+    """Hold `run_dir` until this process exits, or exit runtime.EXIT_RUN_DIR_BUSY naming its holder.
+
+    The one-line form for a trainer's main(); RunLock is the context-manager form.
+    """
+    import sys
+
+    try:
+        return RunLock(run_dir, owner).acquire()
+    except RunDirBusy as e:
+        print(f"error: {e} (exit {runtime.EXIT_RUN_DIR_BUSY})", file=sys.stderr, flush=True)
+        raise SystemExit(runtime.EXIT_RUN_DIR_BUSY) from None
+
+
+
+# --------------------------------------------------------------------------------------
+# The metrics file
+# --------------------------------------------------------------------------------------
+
+
+class MetricsWriter:
+    """Appends rows to <run_dir>/metrics.jsonl, one flushed line each (readable while running)."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, row: dict) -> None:
+        missing = [k for k in utils.METRICS_KEYS if k not in row]
+        if missing:
+            raise ValueError(f"metrics row lacks {missing}")
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False, default=float) + "\n")
+            f.flush()
+
+
+def read_metrics(path: str | os.PathLike) -> tuple[list[dict], list[str]]:
+    """Rows of a metrics.jsonl (file or run dir) and notes about lines that were skipped.
+
+    A run that is still writing may end in a partial line; that is a note, not an error.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    rows, notes = [], []
+    if not path.exists():
+        return rows, [f"{path}: no metrics yet"]
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            notes.append(f"{path}: line {lineno} is incomplete or not JSON; skipped")
+            continue
+        if not isinstance(row, dict):  # e.g. a line cut down to a bare number
+            notes.append(f"{path}: line {lineno} is not a JSON object; skipped")
+            continue
+        missing = [k for k in utils.METRICS_KEYS if k not in row]
+        if missing:
+            notes.append(f"{path}: line {lineno} lacks {missing}; skipped")
+            continue
+        rows.append(row)
+    return rows, notes
+
+
+class Timer:
+    """Wall time that survives resumes: starts from the last logged wall_time."""
+
+    def __init__(self, offset: float = 0.0):
+        self.offset, self.start = offset, time.perf_counter()
+
+    def __call__(self) -> float:
+        return self.offset + time.perf_counter() - self.start
+
+
+def trim_metrics(run_dir: Path, keep_until: int, method: str) -> tuple[float, set[int], int]:
+    """Keep metrics rows up to the resume step (later ones will be redone).
+
+    Returns (wall-time offset, steps `method` already validated, rows dropped).
+    """
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return 0.0, set(), 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1  # a partial line from a killed run
+            continue
+        if int(row.get("step", 0)) <= keep_until:
+            kept.append(line)
+        else:
+            dropped += 1
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)
+    rows = [json.loads(line) for line in kept]
+    offset = max((float(r.get("wall_time", 0.0)) for r in rows), default=0.0)
+    val_done = {int(r["step"]) for r in rows if r.get("split") == "val" and r.get("method") == method}
+    return offset, val_done, dropped
+
+
+def record_failure(run_dir: Path, step: int, error: Exception, stats: dict) -> int:
+    """Append the failure to failures.jsonl; return how many this run directory has seen."""
+    path = run_dir / "failures.jsonl"
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "step": step,
+                            "error": str(error)[:500], "client": stats}) + "\n")
+    return sum(1 for line in path.read_text().splitlines() if line.strip())
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints and final/
+# --------------------------------------------------------------------------------------
+
+
+# What a checkpoint needs to resume from. transformers writes trainer_state.json last, after the
+# adapter, optimizer, scheduler and RNG state: a process killed while saving leaves a folder without
+# it (or with a cut-off one).
+CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` (checkpoint-N) cannot be resumed from, or None when it is complete."""
+    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
+    if missing:
+        return f"no {', '.join(missing)}"
+    try:
+        step = json.loads((path / "trainer_state.json").read_text())["global_step"]
+    except (ValueError, KeyError, TypeError):
+        return "trainer_state.json is cut off"
+    if f"checkpoint-{step}" != path.name:
+        return f"trainer_state.json says step {step}"
+    return None
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """checkpoint-N folders, newest first."""
+    found = [(int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*")
+             if p.is_dir() and p.name.split("-")[1].isdigit()]
+    return sorted(found, reverse=True)
+
+
+def resume_point(run_dir: Path, resume: bool) -> tuple[str | None, int]:
+    """(newest complete checkpoint folder or None, its step). Refuses to silently overwrite a
+    resumable run. Newer incomplete checkpoints (a kill during a save) are moved aside to
+    incomplete-checkpoint-N-<time>, where neither a resume nor TRL's rotation sees them."""
+    found = checkpoints(run_dir) if run_dir.exists() else []
+    if found and not resume:
+        raise SystemExit(f"{run_dir} already has {found[0][1].name}; resume (the default) or choose "
+                         "another --run_name (refusing to mix two runs in one directory)")
+    for step, path in found:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path), step
+        aside = path.with_name(f"incomplete-{path.name}-{time.strftime('%Y%m%dT%H%M%S')}")
+        path.rename(aside)
+        print(f"[resume] {path.name} is incomplete ({problem}; the process stopped while saving it): "
+              f"moved to {aside.name}, resuming from an earlier one")
+    return None, 0
+
+
+# The run's adapter for `make eval`: the last checkpoint's files without the training state.
+TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "rng_state")
+
+
+def final_complete(run_dir: Path) -> bool:
+    return all((run_dir / "final" / name).is_file() for name in ("adapter_config.json", "adapter_model.safetensors"))
+
+
+def save_final(run_dir: Path, checkpoint: Path) -> Path:
+    """final/ = the last checkpoint minus its training state, swapped in whole: a signal or a
+    kill during the copy leaves the previous final/ (or none), never half of one."""
+    final, tmp, old = run_dir / "final", run_dir / "final.tmp", run_dir / "final.old"
+    for path in (tmp, old):
+        shutil.rmtree(path, ignore_errors=True)
+    tmp.mkdir()
+    for src in checkpoint.iterdir():
+        if src.is_file() and not src.name.startswith(TRAINING_STATE):
+            shutil.copy2(src, tmp / src.name)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
