@@ -29,16 +29,28 @@ class ArtArgs:
 
     project: str = field(default="hn-titles", metadata={"help": "ART project (folder under the run's art/ directory)."})
     model_name: str = field(default="", metadata={"help": "ART model name (default: the run directory's name)."})
-    backend: str = field(default="auto", metadata={"help": "'cpu' (ART's loop on the CPU engine, art_cpu_backend.py), 'local' (ART's LocalBackend: vLLM + Unsloth on this node's GPU) or 'auto' (local with a usable GPU and ART's GPU extra installed, else cpu)."})
-    pack_groups: bool = field(default=False, metadata={"help": "CPU engine: ART's packer shares rows, a group's prompt stored once (LocalBackend on a GPU: one trajectory per row)."})
-    gpu_memory_utilization: float = field(default=0.75, metadata={"help": "vLLM's share of GPU memory (the original example used 0.75)."})
-    load_in_4bit: bool = field(default=False, metadata={"help": "Load the base model in 4 bit (ART's default is True; False matches the TRL side)."})
-    max_exceptions: float = field(default=0, metadata={"help": "Rollout groups allowed to fail per step (count, or a fraction < 1); failed groups are dropped and counted."})
-    keep_best: bool = field(default=True, metadata={"help": "After each validation keep only the best (val/reward) and latest checkpoints."})
-    validator_model: str = field(default="", metadata={"help": "Served name of the base model for validator=model (default: the server's root model from /v1/models)."})
+    backend: str = field(default="auto", metadata={
+        "help": "'cpu' (ART's loop on the CPU engine, art_cpu_backend.py), 'local' (ART's LocalBackend: vLLM + Unsloth "
+                "on this node's GPU) or 'auto' (local with a usable GPU and ART's GPU extra installed, else cpu)."})
+    pack_groups: bool = field(default=False, metadata={
+        "help": "CPU engine: ART's packer shares rows, a group's prompt stored once (LocalBackend on a GPU: one "
+                "trajectory per row)."})
+    gpu_memory_utilization: float = field(default=0.75, metadata={
+        "help": "vLLM's share of GPU memory (the original example used 0.75)."})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "Load the base model in 4 bit (ART's default is True; False matches the TRL side)."})
+    max_exceptions: float = field(default=0, metadata={
+        "help": "Rollout groups allowed to fail per step (count, or a fraction < 1); failed groups are dropped and "
+                "counted."})
+    keep_best: bool = field(default=True, metadata={
+        "help": "After each validation keep only the best (val/reward) and latest checkpoints."})
+    validator_model: str = field(default="", metadata={
+        "help": "Served name of the base model for validator=model (default: the server's root model from "
+                "/v1/models)."})
     concurrency: int = field(default=16, metadata={"help": "Parallel requests for validation and the model validator."})
     request_timeout: float = field(default=600.0, metadata={"help": "Seconds per inference request."})
-    scale_rewards: bool = field(default=True, metadata={"help": "Divide advantages by the group's reward std (TRL's scale_rewards='group')."})
+    scale_rewards: bool = field(default=True, metadata={
+        "help": "Divide advantages by the group's reward std (TRL's scale_rewards='group')."})
 
 
 def internal_config(recipe: Recipe, args: ArtArgs) -> dict:

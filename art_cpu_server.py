@@ -85,7 +85,8 @@ def _checked_messages(messages) -> list[dict]:
     if (not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in messages)):
-        raise RequestError(400, "messages", "'messages' must be a non-empty list of {role, content} with string content")
+        raise RequestError(400, "messages",
+                           "'messages' must be a non-empty list of {role, content} with string content")
     return messages
 
 
@@ -116,7 +117,8 @@ def _checked_logprobs(body: dict) -> bool:
     if not isinstance(logprobs, bool):
         raise RequestError(400, "logprobs", "'logprobs' must be true or false")
     if body.get("top_logprobs"):
-        raise RequestError(400, "top_logprobs", "'top_logprobs' is not supported by this server (use 0 or leave it out)")
+        raise RequestError(400, "top_logprobs",
+                           "'top_logprobs' is not supported by this server (use 0 or leave it out)")
     return logprobs
 
 
@@ -191,7 +193,8 @@ class InferenceServer:
         prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
         limit = getattr(self.service.model.config, "max_position_embeddings", 1 << 30)
         if len(prompt) + params["max_tokens"] > limit:
-            raise RequestError(400, "messages", f"prompt ({len(prompt)} tokens) + max_tokens exceeds the model's {limit}")
+            raise RequestError(400, "messages",
+                               f"prompt ({len(prompt)} tokens) + max_tokens exceeds the model's {limit}")
         job = _Job(params, prompt)
         self.jobs.put(job)
         job.done.wait()
@@ -231,7 +234,8 @@ class InferenceServer:
         try:
             adapter = self.served().get(p["model"])
             if adapter is None:  # the policy moved on while the request waited
-                raise RequestError(404, "model", f"model {p['model']!r} is no longer served (served: {sorted(self.served())})")
+                raise RequestError(404, "model",
+                                   f"model {p['model']!r} is no longer served (served: {sorted(self.served())})")
             with self.service.lock:
                 results = sample_completions(
                     self.service.model, self.service.tokenizer, [j.prompt for j in batch],
@@ -273,7 +277,8 @@ def completion_body(params: dict, prompt_len: int, completions: list[Completion]
     generated = sum(len(c.token_ids) for c in completions)
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": params["model"], "choices": choices,
-            "usage": {"prompt_tokens": prompt_len, "completion_tokens": generated, "total_tokens": prompt_len + generated}}
+            "usage": {"prompt_tokens": prompt_len, "completion_tokens": generated,
+                      "total_tokens": prompt_len + generated}}
 
 
 def create_app(inference: InferenceServer):

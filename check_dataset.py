@@ -187,7 +187,8 @@ def main(recipe: settings.Recipe, args: CheckArgs) -> dict:
 def cli(argv: list[str] | None = None) -> int:
     """Parse arguments, run, and turn expected failures into one line on stderr (exit 1)."""
     try:
-        recipe, args = settings.parse_args((settings.Recipe, CheckArgs), "check", argv, description=__doc__.splitlines()[0])
+        recipe, args = settings.parse_args((settings.Recipe, CheckArgs), "check", argv,
+                                           description=__doc__.splitlines()[0])
         main(recipe, args)
     except (utils.DatasetError, CheckError, FileNotFoundError) as e:
         print(f"check_dataset: error: {e}", file=sys.stderr)

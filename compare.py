@@ -32,12 +32,16 @@ TOKENS_PER_S_KEYS = ("tokens_per_s", "tokens_per_second", "completion_tokens_per
 @dataclass
 class CompareArgs:
     # Not a default read from os.environ here: that would run at import, before parse() loads .env.
-    runs_dir: str = field(default="", metadata={"help": "Where to look for runs when none are given (every folder with metrics.jsonl "
-                                                        "or config.json; default: RUNS_DIR from the environment or .env, else runs/)."})
-    out_dir: str = field(default="", metadata={"help": "Where compare.md and the PNGs go (default: <runs_dir>/compare)."})
-    n_boot: int = field(default=2000, metadata={"help": "Bootstrap resamples for the 95 percent interval over val stories."})
+    runs_dir: str = field(default="", metadata={
+        "help": "Where to look for runs when none are given (every folder with metrics.jsonl "
+                "or config.json; default: RUNS_DIR from the environment or .env, else runs/)."})
+    out_dir: str = field(default="", metadata={
+        "help": "Where compare.md and the PNGs go (default: <runs_dir>/compare)."})
+    n_boot: int = field(default=2000, metadata={
+        "help": "Bootstrap resamples for the 95 percent interval over val stories."})
     plots: bool = field(default=True, metadata={"help": "Draw the PNGs (--no_plots for the table only)."})
-    panels: bool = field(default=True, metadata={"help": "Besides compare.png, one PNG per panel (--no_panels: compare.png only)."})
+    panels: bool = field(default=True, metadata={
+        "help": "Besides compare.png, one PNG per panel (--no_panels: compare.png only)."})
     examples: int = field(default=4, metadata={"help": "Val stories shown with each run's greedy title (0 = none)."})
 
 
@@ -121,12 +125,15 @@ def load_run(path: Path) -> list[Run]:
         return [Run(path, label, notes=[f"{_display(path)}: no such run directory"], exists=False)]
     config, notes = read_config(path)
     rows, metric_notes = rundir.read_metrics(path)
-    notes += [n.replace(str(path / rundir.METRICS_FILE), f"{_display(path)}/{rundir.METRICS_FILE}") for n in metric_notes]
+    notes += [n.replace(str(path / rundir.METRICS_FILE), f"{_display(path)}/{rundir.METRICS_FILE}")
+              for n in metric_notes]
     if (path / rundir.METRICS_FILE).exists() and not rows and not metric_notes:
         notes.append(f"{_display(path)}/{rundir.METRICS_FILE} is empty (run just started?)")
-    bad = [r for r in rows if not isinstance(r["step"], int) or isinstance(r["step"], bool) or not isinstance(r["split"], str)]
+    bad = [r for r in rows
+           if not isinstance(r["step"], int) or isinstance(r["step"], bool) or not isinstance(r["split"], str)]
     if bad:
-        notes.append(f"{_display(path)}/{rundir.METRICS_FILE}: {len(bad)} row(s) with a non-integer step or no split; skipped")
+        notes.append(f"{_display(path)}/{rundir.METRICS_FILE}: {len(bad)} row(s) with a non-integer step or no split; "
+                     "skipped")
         rows = [r for r in rows if not any(r is x for x in bad)]
     groups: dict[str, list[dict]] = {}
     trained = {r.get("method") or "?" for r in rows if r["split"] == "train"}
@@ -243,7 +250,8 @@ def tokens_per_s(run: Run) -> float | None:
     tokens = seconds = 0.0
     for r in run.split("train"):
         extra = r.get("extra") or {}
-        if stats.is_finite_number(extra.get("completion_tokens_mean")) and stats.is_finite_number(extra.get("step_seconds")) and extra["step_seconds"] > 0:
+        if (stats.is_finite_number(extra.get("completion_tokens_mean"))
+                and stats.is_finite_number(extra.get("step_seconds")) and extra["step_seconds"] > 0):
             tokens += extra["completion_tokens_mean"] * r["n"]
             seconds += extra["step_seconds"]
     return tokens / seconds if seconds else None
@@ -349,7 +357,8 @@ def examples_table(runs: list[Run], k: int) -> str:
         cells = [cell(original or "")]
         for recs in per_run.values():
             g = recs.get(i, {}).get("greedy")
-            cells.append("n/a" if g is None else f"{cell(g.get('title') or '(empty)')} ({g.get('reward', float('nan')):.2f})")
+            cells.append("n/a" if g is None
+                         else f"{cell(g.get('title') or '(empty)')} ({g.get('reward', float('nan')):.2f})")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -360,12 +369,15 @@ def examples_table(runs: list[Run], k: int) -> str:
 
 PANELS = {
     # file stem: (title, y label, split, x, y)
-    "val_reward_step": ("Val reward vs step", "val reward (mean over the validated titles)", "val", "step", "reward_mean"),
-    "val_reward_time": ("Val reward vs wall-clock", "val reward (mean over the validated titles)", "val", "wall_time", "reward_mean"),
+    "val_reward_step": ("Val reward vs step", "val reward (mean over the validated titles)", "val", "step",
+                        "reward_mean"),
+    "val_reward_time": ("Val reward vs wall-clock", "val reward (mean over the validated titles)", "val", "wall_time",
+                        "reward_mean"),
     "train_reward_step": ("Train reward vs step", "train reward (group mean)", "train", "step", "reward_mean"),
     "match_rate_step": ("Match rate vs step (val)", "titles supported by the body", "val", "step", "match_rate"),
     "title_len_step": ("Title length vs step (val)", "words per title", "val", "step", "title_len_mean"),
-    "copy_frac_step": ("Copying vs step (val)", "longest verbatim body run / title words", "val", "step", "copy_frac_mean"),
+    "copy_frac_step": ("Copying vs step (val)", "longest verbatim body run / title words", "val", "step",
+                       "copy_frac_mean"),
     # The reward never sees these two: similarity to the real title, and mode collapse onto one template.
     "rouge_l_step": ("ROUGE-L to the real title vs step (val)", "ROUGE-L F1 (not in the reward)", "val", "step",
                      "extra.rouge_l_mean"),
@@ -420,7 +432,8 @@ def draw_panel(ax, panel: str, runs: list[Run], styles: dict[str, tuple[str, obj
     for run in runs:
         if run.is_reference and run.label not in refs:
             continue
-        rows = valid_val(run) if split == "val" else [r for r in run.split("train") if stats.is_finite_number(_get(r, y))]
+        rows = (valid_val(run) if split == "val"
+                else [r for r in run.split("train") if stats.is_finite_number(_get(r, y))])
         rows = [r for r in rows if stats.is_finite_number(r.get(x)) and stats.is_finite_number(_get(r, y))]
         if not rows:
             continue
@@ -546,7 +559,8 @@ def main(args: CompareArgs, run_paths: list[str] | None = None) -> dict:
     text = report(runs, summaries, pngs, args.examples)
     (out_dir / "compare.md").write_text(text, encoding="utf-8")
     print(text)
-    print(f"wrote {_display(out_dir / 'compare.md')}" + (f" and {', '.join(_display(p) for p in pngs)}" if pngs else ""))
+    print(f"wrote {_display(out_dir / 'compare.md')}"
+          + (f" and {', '.join(_display(p) for p in pngs)}" if pngs else ""))
     return {"runs": runs, "summaries": summaries, "pngs": pngs, "markdown": text, "out_dir": out_dir}
 
 

@@ -123,7 +123,8 @@ class DemoArgs:
     trl_args: str = field(default="", metadata={
         "help": "Extra flags for the TRL trainer only (e.g. '--gradient_checkpointing true': the same math in a "
                 "fraction of the memory, slower)."})
-    art_args: str = field(default="", metadata={"help": "Extra flags for the ART trainer only (e.g. '--pack_groups true')."})
+    art_args: str = field(default="", metadata={
+        "help": "Extra flags for the ART trainer only (e.g. '--pack_groups true')."})
     threads: int = field(default=0, metadata={
         "help": "Torch CPU threads for evaluation and training (0 = torch's default, one per core). On a machine "
                 "busy with other jobs, 1 avoids threads waiting on each other and is often several times faster."})
@@ -188,7 +189,8 @@ def check_data(recipe: settings.Recipe) -> dict[str, int]:
         used[split] = len(ds)
         print(f"{report.summary()}; {used[split]} used")
         if used[split] < need:
-            raise utils.DatasetError(f"{recipe.dataset}: split '{split}' has {used[split]} usable stories, needs {need}")
+            raise utils.DatasetError(f"{recipe.dataset}: split '{split}' has {used[split]} usable stories, "
+                                     f"needs {need}")
     return used
 
 
@@ -260,7 +262,8 @@ def exit_reason(code: int) -> str:
         name = signal.Signals(-code).name
     except ValueError:
         name = f"signal {-code}"
-    return f"killed by {name}" + (" (out of memory? the kernel's OOM killer sends it)" if -code == signal.SIGKILL else "")
+    return f"killed by {name}" + (" (out of memory? the kernel's OOM killer sends it)"
+                                  if -code == signal.SIGKILL else "")
 
 
 def last_line(log: Path) -> str:
@@ -366,15 +369,18 @@ def _gains(s: Summary) -> list[str]:
             lines.append(f"| {mr.method.title} | {mr.step} | **failed** (see below) | n/a | n/a | n/a |")
             continue
         lines.append(f"| {mr.method.title} | {mr.step} | {c.before['reward_mean']:.3f} -> {c.after['reward_mean']:.3f} "
-                     f"| **{comparison.interval(c.diff, c.lo, c.hi)}** | {c.improved} / {c.worse} of {c.n} | {comparison.interval(c.rouge_diff, c.rouge_lo, c.rouge_hi)} |")
+                     f"| **{comparison.interval(c.diff, c.lo, c.hi)}** | {c.improved} / {c.worse} of {c.n} "
+                     f"| {comparison.interval(c.rouge_diff, c.rouge_lo, c.rouge_hi)} |")
     if s.art_vs_trl is not None:
         c = s.art_vs_trl
         lines.append(f"| **ART - TRL** | | {c.before['reward_mean']:.3f} vs {c.after['reward_mean']:.3f} | "
-                     f"**{comparison.interval(c.diff, c.lo, c.hi)}** | ART better on {c.improved}, worse on {c.worse} of {c.n} | {comparison.interval(c.rouge_diff, c.rouge_lo, c.rouge_hi)} |")
+                     f"**{comparison.interval(c.diff, c.lo, c.hi)}** | ART better on {c.improved}, worse on {c.worse} "
+                     f"of {c.n} | {comparison.interval(c.rouge_diff, c.rouge_lo, c.rouge_hi)} |")
     lines.append("")
     for mr in s.runs:
         if mr.method.name in s.gains:
-            lines += [f"- {mr.method.title}: " + comparison.verdict(s.gains[mr.method.name], mr.method.title, "the untrained model")]
+            lines += [f"- {mr.method.title}: "
+                      + comparison.verdict(s.gains[mr.method.name], mr.method.title, "the untrained model")]
     if s.art_vs_trl is not None:
         lines += ["- ART vs TRL: " + comparison.verdict(s.art_vs_trl, "ART", "TRL")]
     elif len(s.runs) > 1:
@@ -382,7 +388,8 @@ def _gains(s: Summary) -> list[str]:
     return lines + [""]
 
 
-METRIC_ROWS = [("reward mean (all titles)", "reward_mean", "{:.3f}"), ("greedy reward mean", "greedy_reward_mean", "{:.3f}"),
+METRIC_ROWS = [("reward mean (all titles)", "reward_mean", "{:.3f}"),
+               ("greedy reward mean", "greedy_reward_mean", "{:.3f}"),
                ("reward-model score mean", "rm_mean", "{:.3f}"), ("match rate (validator)", "match_rate", "{:.0%}"),
                ("copy fraction", "copy_frac_mean", "{:.2f}"), ("title length (words)", "title_len_mean", "{:.1f}"),
                ("trailing-text rate", "trailing_rate", "{:.0%}"),
@@ -391,13 +398,15 @@ METRIC_ROWS = [("reward mean (all titles)", "reward_mean", "{:.3f}"), ("greedy r
 
 
 def _metrics(s: Summary) -> list[str]:
-    cols = [("untrained", comparison.summarize(s.before))] + [(mr.method.title, comparison.summarize(mr.result)) for mr in s.runs if mr.ok]
+    cols = ([("untrained", comparison.summarize(s.before))]
+            + [(mr.method.title, comparison.summarize(mr.result)) for mr in s.runs if mr.ok])
     lines = ["## Every metric", "", "| metric | " + " | ".join(c for c, _ in cols) + " |", "|---|" + "---|" * len(cols)]
     for label, key, fmt in METRIC_ROWS:
         lines.append(f"| {label} | " + " | ".join(fmt.format(v[key]) for _, v in cols) + " |")
     lines.append("| top template | " + " | ".join(f"`{v['template_top']}`" for _, v in cols) + " |")
     b = cols[0][1]
-    lines += ["", f"Original titles: top template `{b['original_template_top']}` on {b['original_template_share']:.0%}. "
+    lines += ["", f"Original titles: top template `{b['original_template_top']}` on "
+              f"{b['original_template_share']:.0%}. "
               "Template = a title's first word, plus the first word after the colon for 'X: Y' titles; its share "
               "is the fraction of all titles (greedy + sampled) with the commonest one. ROUGE-L = F1 of the longest "
               "common word subsequence with the story's real title.", ""]
@@ -411,7 +420,8 @@ def _cost(s: Summary) -> list[str]:
     for mr in s.runs:
         c = comparison.run_cost(mr.run_dir, mr.method.name)
         lines.append(f"| {mr.method.title} | {c['steps']} | {comparison.fmt(c['step_seconds'], '.1f')} | "
-                     f"{comparison.fmt(c['step_cpu_seconds'], '.1f')} | {comparison.fmt(c['optimizer_steps'], '.1f')} | "
+                     f"{comparison.fmt(c['step_cpu_seconds'], '.1f')} | "
+                     f"{comparison.fmt(c['optimizer_steps'], '.1f')} | "
                      f"{comparison.fmt(c['trained_tokens'], '.0f')} | {c['vals']} x, {c['val_seconds']:.0f} s | "
                      f"{comparison.fmt_duration(mr.train_wall)}, CPU {mr.train_cpu:.0f} s |")
     return lines + ["", "Per step: means over the run's train rows (rollouts, reward and update; validation not "
@@ -446,7 +456,8 @@ def render_report(s: Summary, show_titles: int = 5) -> str:
         lines += ["## Failed", ""] + [f"- {mr.method.title}: {mr.error}" for mr in s.failed] + [""]
     lines += ["## What differs between the two libraries' GRPO", "",
               f"This run: {SETTING_TITLES[s.setting]}. The other setting is one flag away "
-              f"(`--setting {'aligned' if s.setting == 'defaults' else 'defaults'}`).", "", grpo_semantics.markdown(), ""]
+              f"(`--setting {'aligned' if s.setting == 'defaults' else 'defaults'}`).", "",
+              grpo_semantics.markdown(), ""]
     lines += ["## Runs and wall time", ""]
     lines += [f"- {mr.method.title}: `{mr.run_dir}` (adapter `{mr.checkpoint}`)" for mr in s.runs]
     lines += ["", "| stage | wall time | CPU time |", "|---|---|---|"]
@@ -473,7 +484,8 @@ def plot_curves(summary: Summary, base_dir: Path, out_dir: Path) -> list[Path]:
     png, log = out_dir / "compare.png", out_dir / "demo_compare.log"
     out_dir.mkdir(parents=True, exist_ok=True)
     png.unlink(missing_ok=True)  # an old plot must not pass for this run's
-    cmd = [sys.executable, str(ROOT / "compare.py"), *[str(p) for p in [base_dir, *(mr.run_dir for mr in summary.runs)]],
+    cmd = [sys.executable, str(ROOT / "compare.py"),
+           *[str(p) for p in [base_dir, *(mr.run_dir for mr in summary.runs)]],
            "--out_dir", str(out_dir), "--n_boot", "2000", "--no_panels", "--examples", "0"]
     with log.open("w", encoding="utf-8") as out:
         code = subprocess.run(cmd, cwd=ROOT, env=procs.child_env(), stdout=out, stderr=subprocess.STDOUT).returncode
@@ -622,7 +634,8 @@ def main(args: DemoArgs) -> Summary:
 
 def exit_code(summary: Summary, strict: bool) -> int:
     if summary.failed:
-        print(f"demo: {', '.join(mr.method.name for mr in summary.failed)} failed; the report says why", file=sys.stderr)
+        print(f"demo: {', '.join(mr.method.name for mr in summary.failed)} failed; the report says why",
+              file=sys.stderr)
         return 1
     if strict and not all(c.significant for c in summary.gains.values()):
         return 1

@@ -30,9 +30,11 @@ class EvalArgs:
     step: int = field(default=0, metadata={"help": "Step recorded in the metrics row."})
     method: str = field(default="eval", metadata={"help": "Method recorded in the metrics row."})
     batch_size: int = field(default=8, metadata={"help": "Stories per generate() call."})
-    generator: str = field(default="hf", metadata={"help": "'hf' (recipe model + adapter) or 'openai' (an OpenAI-compatible endpoint, see openai_generator.py)."})
+    generator: str = field(default="hf", metadata={
+        "help": "'hf' (recipe model + adapter) or 'openai' (an OpenAI-compatible endpoint, see openai_generator.py)."})
     openai_model: str = field(default="", metadata={"help": "Model for --generator openai (default: OPENAI_MODEL)."})
-    openai_base_url: str = field(default="", metadata={"help": "Endpoint for --generator openai (default: OPENAI_BASE_URL)."})
+    openai_base_url: str = field(default="", metadata={
+        "help": "Endpoint for --generator openai (default: OPENAI_BASE_URL)."})
 
 
 def main(recipe: settings.Recipe, args: EvalArgs) -> evaluation.EvalResult:

@@ -37,7 +37,8 @@ class EvalResult:
 
     def per_story_reward(self) -> list[float]:
         """Mean reward per story over greedy + samples (the unit a bootstrap resamples)."""
-        return [sum(s.reward for s in [g, *ss]) / (1 + len(ss)) for g, ss in zip(self.greedy, self.sampled, strict=True)]
+        return [sum(s.reward for s in [g, *ss]) / (1 + len(ss))
+                for g, ss in zip(self.greedy, self.sampled, strict=True)]
 
     def all_scored(self) -> list[utils.Scored]:
         return [s for g, ss in zip(self.greedy, self.sampled, strict=True) for s in (g, *ss)]

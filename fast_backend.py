@@ -130,7 +130,8 @@ class Backend:
         elif self.name == "trl-vllm":
             what = f"transformers + PEFT on CUDA, generation with TRL's vLLM ({self.vllm_mode} mode)"
         elif self.device == "cpu":
-            what = "transformers + PEFT on CPU (fp32), generation with HF generate (one prefill per distinct prompt); no Unsloth/vLLM on CPU"
+            what = ("transformers + PEFT on CPU (fp32), generation with HF generate (one prefill per distinct prompt); "
+                    "no Unsloth/vLLM on CPU")
         else:
             what = "transformers + PEFT on CUDA, generation with HF generate (one prefill per distinct prompt)"
         return f"backend {self.name}: {what}" + "".join(f" ({n})" for n in self.notes)
@@ -178,7 +179,8 @@ def _refuse_an_unusable_gpu(requested: str, machine: Machine, require_gpu: bool)
     """A GPU request where torch sees no CUDA: the driver/torch mismatch, or (auto) no GPU at all."""
     wants_gpu = requested in ("unsloth", "trl-vllm", "transformers") or require_gpu
     if not machine.cuda and machine.driver and wants_gpu:
-        why = f"backend '{requested}' asks for the GPU" if requested != "auto" else "this recipe needs a GPU (require_gpu)"
+        why = (f"backend '{requested}' asks for the GPU" if requested != "auto"
+               else "this recipe needs a GPU (require_gpu)")
         raise BackendError(unusable_gpu_message(machine, why))
     if requested == "auto" and require_gpu and not machine.cuda:
         raise BackendError("this recipe needs a GPU (require_gpu) and torch sees none (no NVIDIA driver found). "

@@ -9,7 +9,8 @@ A GRPO group is num_generations copies of one prompt; HF generate prefills every
 - `HFGenerator`: utils.Generator over a local model (evaluation, validation, titles.py);
 - `left_pad`, `cut_after_eos` (TRL's completion cut), `cut_at_stop` (the OpenAI API's stop cut).
 
-    python -c "import generation, policy; m, t = policy.load_model('models/tiny'); print(generation.HFGenerator(m, t).generate([[{'role': 'user', 'content': 'hi'}]], 2, 1.0, 5))"
+    python -c "import generation, policy; m, t = policy.load_model('models/tiny'); print(generation.HFGenerator(m, t)
+        .generate([[{'role': 'user', 'content': 'hi'}]], 2, 1.0, 5))"
 """
 
 from __future__ import annotations
@@ -172,7 +173,8 @@ class HFGenerator:
         was_training = self.model.training
         self.model.eval()
         try:
-            for i in tqdm(batches, desc=f"generate n={n}{' greedy' if greedy else ''}", disable=not self.progress, leave=False):
+            for i in tqdm(batches, desc=f"generate n={n}{' greedy' if greedy else ''}", disable=not self.progress,
+                          leave=False):
                 out.extend(self._batch(list(conversations[i:i + self.batch_size]), n, temperature, max_tokens, stop))
         finally:
             self.model.train(was_training)

@@ -63,16 +63,25 @@ SHAPES = {  # prompts, generations, prompt tokens, new tokens, loss micro-batch
 
 @dataclass
 class CheckArgs:
-    bare: bool = field(default=False, metadata={"help": "Only torch + transformers + peft + trl: random-init Qwen2.5-0.5B shapes, no Hub, no model files."})
+    bare: bool = field(default=False, metadata={
+        "help": "Only torch + transformers + peft + trl: random-init Qwen2.5-0.5B shapes, no Hub, no model files."})
     device: str = field(default="cuda", metadata={"help": "cuda, or cpu for a dry run of the plumbing (with --bare)."})
-    tiny: bool = field(default=False, metadata={"help": "Tiny shapes (2 layers, hidden 64) and a tiny step: for the CPU dry run."})
-    recipe: str = field(default="recipes/gpu.yaml", metadata={"help": "Recipe whose model, LoRA and trl block the checks use."})
+    tiny: bool = field(default=False, metadata={
+        "help": "Tiny shapes (2 layers, hidden 64) and a tiny step: for the CPU dry run."})
+    recipe: str = field(default="recipes/gpu.yaml", metadata={
+        "help": "Recipe whose model, LoRA and trl block the checks use."})
     model: str = field(default="", metadata={"help": "Model id or local folder instead of the recipe's."})
-    shape: str = field(default="", metadata={"help": "Step shape: recipe (the GPU recipe's), small or tiny (default: recipe with --bare, small otherwise, tiny with --tiny)."})
-    memory_cap_gb: float = field(default=32.0, metadata={"help": "--bare: cap the trainer at this much GPU memory (what vLLM leaves on an 80 GB card at 0.6); 0 = no cap."})
-    checks: str = field(default="", metadata={"help": "Comma-separated subset of " + ", ".join(CHECKS) + " (default: all)."})
+    shape: str = field(default="", metadata={
+        "help": "Step shape: recipe (the GPU recipe's), small or tiny (default: recipe with --bare, small otherwise, "
+                "tiny with --tiny)."})
+    memory_cap_gb: float = field(default=32.0, metadata={
+        "help": "--bare: cap the trainer at this much GPU memory (what vLLM leaves on an 80 GB card at 0.6); 0 = no "
+                "cap."})
+    checks: str = field(default="", metadata={
+        "help": "Comma-separated subset of " + ", ".join(CHECKS) + " (default: all)."})
     timeout: float = field(default=1800.0, metadata={"help": "Seconds per check."})
-    only: str = field(default="", metadata={"help": "Internal: run this one check in this process and print its result line."})
+    only: str = field(default="", metadata={
+        "help": "Internal: run this one check in this process and print its result line."})
 
 
 # --------------------------------------------------------------------------------------
@@ -330,7 +339,8 @@ def torch_peaks(device: str) -> dict:
 
     if not torch.cuda.is_initialized():
         return {}
-    return {"alloc_gb": torch.cuda.max_memory_allocated() / 2**30, "reserved_gb": torch.cuda.max_memory_reserved() / 2**30}
+    return {"alloc_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "reserved_gb": torch.cuda.max_memory_reserved() / 2**30}
 
 
 class DevicePeak(threading.Thread):

@@ -74,23 +74,30 @@ ENV_SETTINGS = {
 
 @dataclass
 class ServerArgs:
-    host: str = field(default="127.0.0.1", metadata={"help": "Bind address. Anything but loopback requires REWARD_API_KEY."})
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "Bind address. Anything but loopback requires REWARD_API_KEY."})
     port: int = field(default=7000, metadata={"help": "Port."})
-    scorer: str = field(default="minilm", metadata={"help": "'minilm' (offline default) or 'hf' (sequence-classification RM).",
+    scorer: str = field(default="minilm", metadata={
+        "help": "'minilm' (offline default) or 'hf' (sequence-classification RM).",
                                                     "choices": ["minilm", "hf"]})
-    rm_model: str = field(default="", metadata={"help": "hf: hub id or folder of the RM; minilm: embedding model folder (default: the shipped MiniLM)."})
+    rm_model: str = field(default="", metadata={
+        "help": "hf: hub id or folder of the RM; minilm: embedding model folder (default: the shipped MiniLM)."})
     rm_adapter: str = field(default="", metadata={"help": "hf: optional PEFT adapter folder on top of --rm_model."})
     rm_batch_size: int = field(default=16, metadata={"help": "Stories per forward pass."})
-    rm_max_length: int = field(default=MAX_SEQ_TOKENS, metadata={"help": "hf: truncate serialized stories to this many tokens (and the model's limit)."})
+    rm_max_length: int = field(default=MAX_SEQ_TOKENS, metadata={
+        "help": "hf: truncate serialized stories to this many tokens (and the model's limit)."})
     max_bytes: int = field(default=16 * 1024 * 1024, metadata={"help": "Largest request body in bytes (413 above)."})
     max_batch: int = field(default=256, metadata={"help": "Most stories per request (413 above)."})
-    max_title_chars: int = field(default=2000, metadata={"help": "Longest accepted title (413 above); long titles are scored low, not refused, below this."})
+    max_title_chars: int = field(default=2000, metadata={
+        "help": "Longest accepted title (413 above); long titles are scored low, not refused, below this."})
     prod: bool = field(default=False, metadata={"help": "Serve with gunicorn instead of Flask's development server."})
     workers: int = field(default=1, metadata={"help": "gunicorn worker processes (each loads the model once)."})
-    threads: int = field(default=4, metadata={"help": "gunicorn threads per worker (keep-alive connections; scoring is serialised)."})
-    torch_threads: int = field(default=1, metadata={"help": "CPU threads per process for scoring (0 = torch's default, all cores). "
-                                                            "1 by default: beside a trainer on the same cores, spinning OpenMP "
-                                                            "threads made one request ~15x slower (measured)."})
+    threads: int = field(default=4, metadata={
+        "help": "gunicorn threads per worker (keep-alive connections; scoring is serialised)."})
+    torch_threads: int = field(default=1, metadata={
+        "help": "CPU threads per process for scoring (0 = torch's default, all cores). "
+                "1 by default: beside a trainer on the same cores, spinning OpenMP "
+                "threads made one request ~15x slower (measured)."})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning, error."})
     # Not a flag on purpose (init=False keeps it out of the parser): a secret on the command line is
     # visible to every user in `ps`. Set REWARD_API_KEY, or assign args.api_key in code.
@@ -194,7 +201,8 @@ def parse_stories(items: Any, where: str, args: ServerArgs) -> list[dict]:
     if not items:
         raise BadRequest(f"'{where}' is empty", where)
     if len(items) > args.max_batch:
-        raise BadRequest(f"{len(items)} stories in one request; the limit is {args.max_batch} (REWARD_MAX_BATCH)", where, 413)
+        raise BadRequest(f"{len(items)} stories in one request; the limit is {args.max_batch} (REWARD_MAX_BATCH)",
+                         where, 413)
     return [parse_story(item, f"{where}[{i}].", args) for i, item in enumerate(items)]
 
 

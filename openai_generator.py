@@ -55,7 +55,8 @@ class OpenAIGenerator:
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
         key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY", "")
         if not self.model:
-            raise OpenAIGeneratorError("no model for the OpenAI-compatible endpoint: pass --openai_model or set OPENAI_MODEL in .env")
+            raise OpenAIGeneratorError("no model for the OpenAI-compatible endpoint: pass --openai_model or set "
+                                       "OPENAI_MODEL in .env")
         if not key:
             raise OpenAIGeneratorError(
                 f"OPENAI_API_KEY is not set (needed for {self.base_url}): put it in .env "
@@ -99,9 +100,11 @@ class OpenAIGenerator:
                 f"cannot reach {where} after {self.max_retries + 1} attempts ({type(cause).__name__}: "
                 f"{_one_line(cause, 120)}); check OPENAI_BASE_URL and that the server is running")
         if isinstance(e, (openai.AuthenticationError, openai.PermissionDeniedError)):
-            return OpenAIGeneratorError(f"{where} rejected the API key (HTTP {e.status_code}); check OPENAI_API_KEY: {_one_line(e.message)}")
+            return OpenAIGeneratorError(f"{where} rejected the API key (HTTP {e.status_code}); check OPENAI_API_KEY: "
+                                        f"{_one_line(e.message)}")
         if isinstance(e, openai.NotFoundError):
-            return OpenAIGeneratorError(f"{where}: HTTP 404 for model '{self.model}' (check OPENAI_MODEL / --openai_model and the base URL's /v1): {_one_line(e.message)}")
+            return OpenAIGeneratorError(f"{where}: HTTP 404 for model '{self.model}' (check OPENAI_MODEL / "
+                                        f"--openai_model and the base URL's /v1): {_one_line(e.message)}")
         if isinstance(e, openai.APIStatusError):
             return OpenAIGeneratorError(f"{where}: HTTP {e.status_code}: {_one_line(e.message)}")
         return OpenAIGeneratorError(f"{where}: {type(e).__name__}: {_one_line(e)}")
@@ -121,7 +124,8 @@ class OpenAIGenerator:
                     self.usage["prompt_tokens"] += resp.usage.prompt_tokens or 0
                     self.usage["completion_tokens"] += resp.usage.completion_tokens or 0
             if not texts:
-                raise OpenAIGeneratorError(f"OpenAI-compatible endpoint {self.base_url} returned no choices for model '{self.model}'")
+                raise OpenAIGeneratorError(f"OpenAI-compatible endpoint {self.base_url} returned no choices for model "
+                                           f"'{self.model}'")
             out.extend(texts)
             if len(out) >= n:
                 break
@@ -167,7 +171,8 @@ class OpenAIGenerator:
 class OpenAIArgs:
     article: str = field(default="", metadata={"help": "Text file with the article body ('' or '-' = stdin)."})
     openai_model: str = field(default="", metadata={"help": "Model name (default: OPENAI_MODEL)."})
-    openai_base_url: str = field(default="", metadata={"help": f"Endpoint base URL (default: OPENAI_BASE_URL, else {DEFAULT_BASE_URL})."})
+    openai_base_url: str = field(default="", metadata={
+        "help": f"Endpoint base URL (default: OPENAI_BASE_URL, else {DEFAULT_BASE_URL})."})
     n: int = field(default=3, metadata={"help": "Completions to ask for."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (0 = greedy)."})
     max_tokens: int = field(default=24, metadata={"help": "Generation cap per completion."})
@@ -200,7 +205,8 @@ def main(args: OpenAIArgs) -> list[str]:
         title, trailing = utils.extract_title(text)
         print(f"{title}{'  [+trailing text]' if trailing else ''}")
     u = gen.usage_summary()
-    print(f"{u['requests']} request(s), {u['completion_tokens']} completion tokens, {u['seconds']:.1f}s", file=sys.stderr)
+    print(f"{u['requests']} request(s), {u['completion_tokens']} completion tokens, {u['seconds']:.1f}s",
+          file=sys.stderr)
     return texts
 
 

@@ -34,7 +34,8 @@ SAMPLE_BODY = (
 @dataclass
 class Args:
     out: str = field(default=str(ROOT / "models" / "smollm2-135m-instruct"), metadata={"help": "Output folder."})
-    tiny: bool = field(default=False, metadata={"help": "Also build models/tiny: 2-layer random model, same tokenizer."})
+    tiny: bool = field(default=False, metadata={
+        "help": "Also build models/tiny: 2-layer random model, same tokenizer."})
     tiny_out: str = field(default=str(ROOT / "models" / "tiny"), metadata={"help": "Output folder of the tiny model."})
     check: bool = field(default=False, metadata={"help": "Load the folder and greedily generate one title."})
     force: bool = field(default=False, metadata={"help": "Rebuild even if the folder exists."})

@@ -98,7 +98,8 @@ def main(recipe: Recipe, args: TrlArgs) -> int:  # noqa: C901 (the flow top to b
                 print(f"[trl] resuming from {start.checkpoint} (step {start.step}); dropped {start.dropped} "
                       "metrics rows past it")
             elif start.dropped:
-                print(f"[trl] no checkpoint in {run_dir}: starting at step 0, dropped {start.dropped} earlier metrics rows")
+                print(f"[trl] no checkpoint in {run_dir}: starting at step 0, dropped {start.dropped} "
+                      "earlier metrics rows")
             settings.set_seed(recipe.seed)
             if args.torch_threads:
                 import torch
@@ -472,7 +473,8 @@ class Validate:
         result = evaluation.score_val(run.recipe, generator, self.val_rows, self.validator)
         self.current = None
         row = evaluation.eval_metrics_row(result, method=METHOD, step=step, wall_time=run.timer(),
-                                          run=run.run_dir.name, extra={"eval_seconds": round(time.perf_counter() - t0, 1)})
+                                          run=run.run_dir.name,
+                                          extra={"eval_seconds": round(time.perf_counter() - t0, 1)})
         path = evaluation.write_eval(run.run_dir, f"step-{step:05d}", result, row)
         run.val_done.add(step)
         print(f"\n[val step {step}] {evaluation.eval_summary(result)}  ({time.perf_counter() - t0:.0f}s, {path})")

@@ -35,7 +35,8 @@ BAD_TITLES = ["YOU WON'T BELIEVE WHAT HAPPENED TO OUR CI!!! 🤯",
 
 @dataclass
 class CheckArgs:
-    url: str = field(default="", metadata={"help": "Server base URL (default: REWARD_URL from the environment/.env, else http://127.0.0.1:7000)."})
+    url: str = field(default="", metadata={
+        "help": "Server base URL (default: REWARD_URL from the environment/.env, else http://127.0.0.1:7000)."})
     requests: int = field(default=20, metadata={"help": "Requests timed for the latency percentiles."})
     batch_size: int = field(default=16, metadata={"help": "Stories per timed batch request."})
     timeout: float = field(default=60.0, metadata={"help": "Seconds per request."})

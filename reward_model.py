@@ -56,7 +56,8 @@ def title_length(title: str) -> int:
 
 
 _CLICKBAIT_PHRASES = re.compile(
-    r"\b(?:you won'?t believe|won'?t believe|this one (weird )?trick|one weird trick|will blow your mind|mind[- ]?blowing"
+    r"\b(?:you won'?t believe|won'?t believe|this one (weird )?trick|one weird trick|will blow your mind"
+    r"|mind[- ]?blowing"
     r"|what happen(s|ed) next|doctors hate|you need to (know|see)|must[- ]see|shocking|jaw[- ]dropping|insane"
     r"|changes? everything|secret (that|they)|nobody (is )?talking about|you('re| are) doing it wrong"
     r"|like a boss|the truth about|hate (him|her|this)|goes viral)\b",
@@ -259,7 +260,8 @@ class HFScorer:
             model, num_labels=1, dtype=dtype, output_loading_info=True)
         if info.get("missing_keys") and not adapter:
             # A base LM loaded as a classifier gets a random head: its "scores" would be noise.
-            raise ValueError(f"{model} has no trained classification head (missing {sorted(info['missing_keys'])[:4]}); "
+            raise ValueError(f"{model} has no trained classification head "
+                             f"(missing {sorted(info['missing_keys'])[:4]}); "
                              "pass a trained reward model or an adapter that carries the head")
         if net.config.num_labels != 1:
             raise ValueError(f"{model}: num_labels={net.config.num_labels}, a reward model needs exactly 1")
@@ -292,4 +294,5 @@ class HFScorer:
 
 
 def _has_tokenizer(path: str) -> bool:
-    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f))
+                                       for f in ("tokenizer.json", "tokenizer_config.json"))

@@ -195,7 +195,8 @@ class RunLock:
         return value if isinstance(value, dict) else None
 
     def _busy_message(self, holder: dict | None) -> str:
-        who = (f"pid {holder.get('pid')} on {holder.get('host')} ({holder.get('owner')}, started {holder.get('started')})"
+        who = (f"pid {holder.get('pid')} on {holder.get('host')} "
+               f"({holder.get('owner')}, started {holder.get('started')})"
                if holder else "another process (no holder information yet)")
         return (f"run directory {self.path.parent} is in use by {who}; one run directory has one writer. "
                 f"Wait for it to finish or stop it, or pick another --run_name (lock: {self.path})")

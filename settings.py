@@ -12,7 +12,8 @@ the environment (`.env` included: MODEL, DATASET, REWARD_URL, RUNS_DIR), then CL
 - `OPTIMIZERS` and `HF_OPTIM` (the recipe's optimizer names and transformers' names for them),
   `check_optimizer_knobs`, `set_seed`, and the repo's paths and defaults.
 
-    python -c "import settings; print(settings.parse_args((settings.Recipe,), 'trl', ['--recipe', 'recipes/tiny.yaml']))"
+    python -c "import settings; print(settings.parse_args((settings.Recipe,), 'trl',
+        ['--recipe', 'recipes/tiny.yaml']))"
 """
 
 from __future__ import annotations
@@ -153,7 +154,8 @@ def hub_errors(name: str, what: str = "model"):
         raise HubUnavailable(
             f"cannot load the {what} {name!r}: {why}. Point the recipe at a local copy instead "
             f"({field_name}: /path/to/copy, or {field_name.upper()}=/path/to/copy, or --{field_name} /path/to/copy; "
-            f"make one where the Hub is reachable with `hf download {name}{' --repo-type dataset' if field_name == 'dataset' else ''} "
+            "make one where the Hub is reachable with "
+            f"`hf download {name}{' --repo-type dataset' if field_name == 'dataset' else ''} "
             f"--local-dir <dir>`), or set HF_TOKEN in .env for a gated repo.") from None
 
 
@@ -164,15 +166,18 @@ class Recipe:
     `check()` refuses values no trainer understands; parse_args calls it for every script.
     """
 
-    recipe: str = field(default="", metadata={"help": "Recipe YAML (sections: shared, trl, art, eval, ...); names the run directory."})
+    recipe: str = field(default="", metadata={
+        "help": "Recipe YAML (sections: shared, trl, art, eval, ...); names the run directory."})
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "Hub id or local folder of the policy."})
-    dataset: str = field(default=DEFAULT_DATASET, metadata={"help": "Hub id, .jsonl/.parquet file or saved dataset folder."})
+    dataset: str = field(default=DEFAULT_DATASET, metadata={
+        "help": "Hub id, .jsonl/.parquet file or saved dataset folder."})
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     val_split: str = field(default="val", metadata={"help": "Split to validate on."})
     max_train_stories: int = field(default=5000, metadata={"help": "Train stories kept after filtering (0 = all)."})
     max_val_stories: int = field(default=100, metadata={"help": "Val stories kept after filtering (0 = all)."})
     min_score: int = field(default=20, metadata={"help": "Drop stories with fewer HN points."})
-    max_prompt_tokens: int = field(default=MAX_PROMPT_TOKENS, metadata={"help": "Drop longer prompts (chat template included)."})
+    max_prompt_tokens: int = field(default=MAX_PROMPT_TOKENS, metadata={
+        "help": "Drop longer prompts (chat template included)."})
     prompts_per_step: int = field(default=2, metadata={"help": "Distinct stories per optimizer step."})
     num_generations: int = field(default=4, metadata={"help": "Completions per prompt (the GRPO group)."})
     max_completion_tokens: int = field(default=24, metadata={"help": "Generation cap per completion."})
@@ -181,15 +186,23 @@ class Recipe:
     max_grad_norm: float = field(default=0.1, metadata={"help": "Gradient clipping."})
     loss_type: str = field(default="cispo", metadata={"help": "Policy loss; 'cispo' exists in TRL and ART."})
     beta: float = field(default=0.0, metadata={"help": "KL coefficient (TRL beta, ART kl_penalty_coef)."})
-    cispo_max_weight: float = field(default=5.0, metadata={"help": "CISPO's cap on the importance weight (TRL epsilon_high; ART 1 + epsilon_high)."})
+    cispo_max_weight: float = field(default=5.0, metadata={
+        "help": "CISPO's cap on the importance weight (TRL epsilon_high; ART 1 + epsilon_high)."})
     # The optimizer knobs: None = each library's own default (the "framework defaults" setting),
     # a value = both trainers use it (the "aligned" setting). What each engine really used is
     # written to the run's config.json.
-    optimizer: str | None = field(default=None, metadata={"help": "'adamw' (torch AdamW), 'adamw_8bit' or 'paged_adamw_8bit' (bitsandbytes, GPU only); empty = each library's default."})
-    weight_decay: float | None = field(default=None, metadata={"help": "AdamW weight decay; empty = each library's default (TRL 0.0, Unsloth 0.001, ART 0.1)."})
-    adam_beta1: float | None = field(default=None, metadata={"help": "AdamW beta1; empty = each library's default (0.9 everywhere)."})
-    adam_beta2: float | None = field(default=None, metadata={"help": "AdamW beta2; empty = each library's default (TRL 0.999, ART 0.99)."})
-    optimizer_steps: str | None = field(default=None, metadata={"help": "'per_step' (one optimizer step per GRPO step, TRL's way) or 'per_sequence' (one per trajectory, ART LocalBackend's way); empty = each library's default."})
+    optimizer: str | None = field(default=None, metadata={
+        "help": "'adamw' (torch AdamW), 'adamw_8bit' or 'paged_adamw_8bit' (bitsandbytes, GPU only); empty = each "
+                "library's default."})
+    weight_decay: float | None = field(default=None, metadata={
+        "help": "AdamW weight decay; empty = each library's default (TRL 0.0, Unsloth 0.001, ART 0.1)."})
+    adam_beta1: float | None = field(default=None, metadata={
+        "help": "AdamW beta1; empty = each library's default (0.9 everywhere)."})
+    adam_beta2: float | None = field(default=None, metadata={
+        "help": "AdamW beta2; empty = each library's default (TRL 0.999, ART 0.99)."})
+    optimizer_steps: str | None = field(default=None, metadata={
+        "help": "'per_step' (one optimizer step per GRPO step, TRL's way) or 'per_sequence' (one per trajectory, ART "
+                "LocalBackend's way); empty = each library's default."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
@@ -201,13 +214,16 @@ class Recipe:
     eval_every: int = field(default=50, metadata={"help": "Validate every N steps (0 = only at the end)."})
     eval_samples: int = field(default=4, metadata={"help": "Sampled titles per val story, besides the greedy one."})
     save_every: int = field(default=10, metadata={"help": "Checkpoint every N steps."})
-    validator: str = field(default="embedding", metadata={"help": "'model' (base model answers True/False), 'embedding' or 'none'."})
-    validator_threshold: float = field(default=0.25, metadata={"help": "Cosine(title, body) needed by the embedding validator."})
+    validator: str = field(default="embedding", metadata={
+        "help": "'model' (base model answers True/False), 'embedding' or 'none'."})
+    validator_threshold: float = field(default=0.25, metadata={
+        "help": "Cosine(title, body) needed by the embedding validator."})
     stop_at_newline: bool = field(default=True, metadata={
         "help": "End every completion at its first line break: the title is the first line, so nothing after it is "
                 "generated (saves tokens) and nothing can trail it. False: generate up to the cap and take the "
                 "first non-empty line (trailing_penalty then applies)."})
-    trailing_penalty: float = field(default=0.0, metadata={"help": "Subtracted from the reward when text follows the title line."})
+    trailing_penalty: float = field(default=0.0, metadata={
+        "help": "Subtracted from the reward when text follows the title line."})
     reward_url: str = field(default=DEFAULT_REWARD_URL, metadata={"help": "Base URL of local_reward.py."})
     reward_timeout: float = field(default=60.0, metadata={"help": "Seconds per reward request."})
     reward_retries: int = field(default=3, metadata={"help": "Retries on connection errors and 5xx."})
@@ -224,7 +240,8 @@ class Recipe:
         ValueError: unknown validator 'judge' (use embedding, model or none)
         """
         if self.validator not in VALIDATORS:
-            raise ValueError(f"unknown validator {self.validator!r} (use {', '.join(VALIDATORS[:-1])} or {VALIDATORS[-1]})")
+            raise ValueError(f"unknown validator {self.validator!r} "
+                             f"(use {', '.join(VALIDATORS[:-1])} or {VALIDATORS[-1]})")
         if self.num_generations < 2:
             raise ValueError("num_generations must be >= 2: a group of one has no advantage to learn from")
         if self.prompts_per_step < 1:
@@ -246,13 +263,15 @@ OPTIMIZER_STEPS = ("per_step", "per_sequence")
 def check_optimizer_knobs(recipe: Recipe) -> None:
     """Refuse optimizer knobs no engine understands (a typo must not fall back to a default).
 
-    >>> check_optimizer_knobs(Recipe(optimizer="adam"))
+    >>> check_optimizer_knobs(Recipe(optimizer="adam"))  # doctest: +NORMALIZE_WHITESPACE
     Traceback (most recent call last):
     ...
-    ValueError: optimizer 'adam' is not one of ('adamw', 'adamw_8bit', 'paged_adamw_8bit') (or empty for each library's default)
+    ValueError: optimizer 'adam' is not one of ('adamw', 'adamw_8bit', 'paged_adamw_8bit')
+        (or empty for each library's default)
     """
     if recipe.optimizer not in (None, *OPTIMIZERS):
-        raise ValueError(f"optimizer {recipe.optimizer!r} is not one of {OPTIMIZERS} (or empty for each library's default)")
+        raise ValueError(f"optimizer {recipe.optimizer!r} is not one of {OPTIMIZERS} "
+                         "(or empty for each library's default)")
     if recipe.optimizer_steps not in (None, *OPTIMIZER_STEPS):
         raise ValueError(f"optimizer_steps {recipe.optimizer_steps!r} is not one of {OPTIMIZER_STEPS} "
                          "(or empty for each library's default)")

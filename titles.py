@@ -31,9 +31,11 @@ class TitlesArgs:
     adapter: str = field(default="", metadata={"help": "PEFT adapter folder (a checkpoint); empty = the base model."})
     n: int = field(default=8, metadata={"help": "Sampled candidates (at the recipe's temperature)."})
     greedy: bool = field(default=True, metadata={"help": "Also write the greedy title (--no_greedy to skip)."})
-    generator: str = field(default="hf", metadata={"help": "'hf' (recipe model + adapter) or 'openai' (OpenAI-compatible endpoint)."})
+    generator: str = field(default="hf", metadata={
+        "help": "'hf' (recipe model + adapter) or 'openai' (OpenAI-compatible endpoint)."})
     openai_model: str = field(default="", metadata={"help": "Model for --generator openai (default: OPENAI_MODEL)."})
-    openai_base_url: str = field(default="", metadata={"help": "Endpoint for --generator openai (default: OPENAI_BASE_URL)."})
+    openai_base_url: str = field(default="", metadata={
+        "help": "Endpoint for --generator openai (default: OPENAI_BASE_URL)."})
     by: str = field(default="anonymous", metadata={"help": "Submitter the reward model sees."})
     url: str = field(default="", metadata={"help": "Article URL the reward model sees."})
     time: str = field(default="", metadata={"help": "Submission time (ISO 8601) the reward model sees; default now."})
@@ -165,7 +167,8 @@ def main(recipe: settings.Recipe, args: TitlesArgs) -> list[dict]:
         for r in ranked:
             print(json.dumps(r, ensure_ascii=False))
     else:
-        source = generator.name if args.generator == "openai" else recipe.model + (f" + {args.adapter}" if args.adapter else "")
+        source = (generator.name if args.generator == "openai"
+                  else recipe.model + (f" + {args.adapter}" if args.adapter else ""))
         print(f"{len(completions)} candidates from {source}; validator {recipe.validator}; "
               f"reward server {recipe.reward_url}\n")
         print(render(ranked))

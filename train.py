@@ -106,7 +106,8 @@ def main(recipe: Recipe, args: ArtArgs,  # noqa: C901 (the flow top to bottom: i
                                   engine=engine)
             if engine.get("requested_optim", "").endswith("8bit"):
                 print(f"note: ART's optimizer {engine['requested_optim']} needs CUDA; the CPU engine uses "
-                      f"{engine['optimizer']} with weight decay {engine['weight_decay']} and betas {engine['adam_betas']}")
+                      f"{engine['optimizer']} with weight decay {engine['weight_decay']} and betas "
+                      f"{engine['adam_betas']}")
             # Said, not silently dropped: ART writes a checkpoint after every step.
             print(f"note: save_every={recipe.save_every} does not apply to ART (a checkpoint per step); "
                   + ("each validation keeps only the best and latest" if args.keep_best else
@@ -194,7 +195,8 @@ def gpu_problem() -> str | None:
     except ImportError:
         return "torch is not installed in this environment (run `make setup-art`; it creates .venv-art)"
     if not torch.cuda.is_available():
-        return f"torch {torch.__version__} sees no CUDA device (a CPU build? `make setup-art` installs ART's CUDA stack)"
+        return (f"torch {torch.__version__} sees no CUDA device (a CPU build? `make setup-art` installs ART's "
+                "CUDA stack)")
     return None
 
 
@@ -317,7 +319,8 @@ async def rollout_group(client, model_name: str, row: dict, index: int, recipe: 
     messages = utils.title_messages(row["scraped_body"])
     resp = await client.chat.completions.create(
         model=model_name, messages=messages, n=recipe.num_generations, max_tokens=recipe.max_completion_tokens,
-        temperature=recipe.temperature, logprobs=True, **({"stop": list(stop)} if (stop := utils.stop_strings(recipe)) else {}))
+        temperature=recipe.temperature, logprobs=True,
+        **({"stop": list(stop)} if (stop := utils.stop_strings(recipe)) else {}))
     trajectories = [art.Trajectory(messages_and_choices=[*messages, choice], reward=math.nan,
                                    metadata={"story_id": str(row.get("id"))})
                     for choice in sorted(resp.choices, key=lambda c: c.index)]
@@ -489,9 +492,10 @@ class Loop:
             generator, self.val_rows, self.reward, self.validator, self.recipe.eval_samples,
             self.recipe.max_completion_tokens, self.recipe.temperature, self.recipe.trailing_penalty,
             utils.stop_strings(self.recipe))
-        row = evaluation.eval_metrics_row(result, method=METHOD, step=step, wall_time=self.timer(), run=self.run_dir.name,
-                                     extra={"art_step": art_step, "model": self.recipe.model, "policy": name,
-                                            "eval_seconds": round(time.perf_counter() - t0, 1)})
+        row = evaluation.eval_metrics_row(result, method=METHOD, step=step, wall_time=self.timer(),
+                                          run=self.run_dir.name,
+                                          extra={"art_step": art_step, "model": self.recipe.model, "policy": name,
+                                                 "eval_seconds": round(time.perf_counter() - t0, 1)})
         path = evaluation.write_eval(self.run_dir, f"step-{step:05d}", result, row)
         self.logged.add(("val", step))
         # history.jsonl is keyed by ART's step (= checkpoint number): delete_checkpoints reads

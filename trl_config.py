@@ -27,24 +27,43 @@ from settings import HF_OPTIM, Recipe, check_optimizer_knobs
 class TrlArgs:
     """TRL-side knobs only (a recipe's `trl:` block); anything shared with the ART trainer lives in settings.Recipe."""
 
-    backend: str = field(default="auto", metadata={"help": "auto | cpu | transformers | unsloth | trl-vllm (see fast_backend.py)."})
-    use_vllm: bool = field(default=True, metadata={"help": "On a GPU backend, generate with vLLM (Unsloth's own, or TRL's for trl-vllm)."})
-    vllm_mode: str = field(default="colocate", metadata={"help": "trl-vllm only: 'colocate' (in-process) or 'server' (`trl vllm-serve`)."})
-    vllm_server_base_url: str = field(default="", metadata={"help": "trl-vllm server mode: URL of `trl vllm-serve` (default host:port 0.0.0.0:8000)."})
-    gpu_memory_utilization: float = field(default=0.6, metadata={"help": "GPU memory share for the vLLM engine (Unsloth / colocate)."})
+    backend: str = field(default="auto", metadata={
+        "help": "auto | cpu | transformers | unsloth | trl-vllm (see fast_backend.py)."})
+    use_vllm: bool = field(default=True, metadata={
+        "help": "On a GPU backend, generate with vLLM (Unsloth's own, or TRL's for trl-vllm)."})
+    vllm_mode: str = field(default="colocate", metadata={
+        "help": "trl-vllm only: 'colocate' (in-process) or 'server' (`trl vllm-serve`)."})
+    vllm_server_base_url: str = field(default="", metadata={
+        "help": "trl-vllm server mode: URL of `trl vllm-serve` (default host:port 0.0.0.0:8000)."})
+    gpu_memory_utilization: float = field(default=0.6, metadata={
+        "help": "GPU memory share for the vLLM engine (Unsloth / colocate)."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Unsloth only: QLoRA (4-bit base weights)."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward; TRL turns it on by default, but on CPU with short completions it only costs time."})
-    steps_per_generation: int = field(default=1, metadata={"help": "Optimizer steps per generation batch (1 = fully on-policy)."})
-    loss_micro_batch: int = field(default=0, metadata={"help": "Completions per loss forward/backward on each process (0 = the whole step at once). Gradients accumulate to one optimizer step per GRPO step; TRL normalises cispo/dapo by the step's token count, so the update is the same, in less memory."})
-    require_gpu: bool = field(default=False, metadata={"help": "Refuse to fall back to the CPU (the GPU recipe sets it); --backend cpu still runs on the CPU on purpose."})
-    logging_steps: int = field(default=1, metadata={"help": "TRL logging interval in steps (metrics.jsonl gets every step regardless)."})
-    report_to: str = field(default="none", metadata={"help": "none | tensorboard | wandb (comma-separated for several)."})
-    log_completions: bool = field(default=False, metadata={"help": "Print/log a table of sampled completions at each log step."})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "Recompute activations in backward; TRL turns it on by default, but on CPU with short completions it "
+                "only costs time."})
+    steps_per_generation: int = field(default=1, metadata={
+        "help": "Optimizer steps per generation batch (1 = fully on-policy)."})
+    loss_micro_batch: int = field(default=0, metadata={
+        "help": "Completions per loss forward/backward on each process (0 = the whole step at once). Gradients "
+                "accumulate to one optimizer step per GRPO step; TRL normalises cispo/dapo by the step's token count, "
+                "so the update is the same, in less memory."})
+    require_gpu: bool = field(default=False, metadata={
+        "help": "Refuse to fall back to the CPU (the GPU recipe sets it); --backend cpu still runs on the CPU on "
+                "purpose."})
+    logging_steps: int = field(default=1, metadata={
+        "help": "TRL logging interval in steps (metrics.jsonl gets every step regardless)."})
+    report_to: str = field(default="none", metadata={
+        "help": "none | tensorboard | wandb (comma-separated for several)."})
+    log_completions: bool = field(default=False, metadata={
+        "help": "Print/log a table of sampled completions at each log step."})
     save_total_limit: int = field(default=0, metadata={"help": "Keep only the newest N checkpoints (0 = keep all)."})
-    torch_threads: int = field(default=0, metadata={"help": "torch intra-op threads (0 = torch's default, one per core). On a machine busy with other jobs, 1 is often faster (threads spin-wait on decoding's small ops)."})
+    torch_threads: int = field(default=0, metadata={
+        "help": "torch intra-op threads (0 = torch's default, one per core). On a machine busy with other jobs, 1 is "
+                "often faster (threads spin-wait on decoding's small ops)."})
     resume: bool = field(default=True, metadata={"help": "Continue from the newest checkpoint in the run directory."})
     eval_batch_size: int = field(default=8, metadata={"help": "Val stories per generate() call."})
-    show_titles: int = field(default=3, metadata={"help": "Val titles printed beside the originals at each validation."})
+    show_titles: int = field(default=3, metadata={
+        "help": "Val titles printed beside the originals at each validation."})
 
 
 def grpo_config(recipe: Recipe, args: TrlArgs, backend: fast_backend.Backend, run_dir: Path,

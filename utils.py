@@ -78,7 +78,8 @@ def validator_messages(body: str, title: str) -> list[dict[str, str]]:
     """Chat messages asking whether `title` is supported by `body` (answer True/False)."""
     return [
         {"role": "system", "content": VALIDATOR_SYSTEM_PROMPT},
-        {"role": "user", "content": f"<article>\n{body}\n</article>\n\n<title>{title}</title>\n\nIs the title supported? True or False:"},
+        {"role": "user", "content": f"<article>\n{body}\n</article>\n\n<title>{title}</title>\n\n"
+                                    "Is the title supported? True or False:"},
     ]
 
 
@@ -397,7 +398,8 @@ class RewardClient:
                 continue
             if resp.status_code >= 400:
                 self.stats["failures"] += 1
-                raise RewardServerError(f"{self.url}{path} rejected the request: HTTP {resp.status_code}: {resp.text[:300]}")
+                raise RewardServerError(f"{self.url}{path} rejected the request: HTTP {resp.status_code}: "
+                                        f"{resp.text[:300]}")
             try:
                 return resp.json()
             except ValueError:
@@ -438,7 +440,8 @@ class RewardClient:
         try:
             resp = await self._client().get("/health")
         except httpx.TransportError as e:
-            raise RewardServerError(f"reward server at {self.url} is unreachable ({type(e).__name__}); start it with `make reward`") from None
+            raise RewardServerError(f"reward server at {self.url} is unreachable ({type(e).__name__}); "
+                                    "start it with `make reward`") from None
         if resp.status_code != 200:
             raise RewardServerError(f"{self.url}/health: HTTP {resp.status_code}")
         return resp.json()

@@ -49,8 +49,10 @@ def parse_config(text: str) -> dict[str, str]:
 def uv_flags(config: dict[str, str]) -> list[str]:
     """uv flags for `config`; ValueError names the first option uv cannot mirror.
 
-    >>> uv_flags({"find-links": "/opt/wheels", "extra-index-url": "file:///a file:///b", "cert": "/c"})
-    ['--extra-index-url', 'file:///a', '--extra-index-url', 'file:///b', '--find-links', '/opt/wheels', '--index-strategy', 'unsafe-best-match']
+    >>> uv_flags({"find-links": "/opt/wheels", "extra-index-url": "file:///a file:///b",
+    ...           "cert": "/c"})  # doctest: +NORMALIZE_WHITESPACE
+    ['--extra-index-url', 'file:///a', '--extra-index-url', 'file:///b', '--find-links', '/opt/wheels',
+     '--index-strategy', 'unsafe-best-match']
     """
     flags = []
     for key, value in sorted(config.items()):

@@ -50,11 +50,14 @@ ART_PARTS = ("rollout", "reward", "training", "other")
 
 @dataclass
 class ArtBenchArgs:
-    recipe: str = field(default="recipes/cpu.yaml", metadata={"help": "Recipe whose model and step settings are timed."})
+    recipe: str = field(default="recipes/cpu.yaml", metadata={
+        "help": "Recipe whose model and step settings are timed."})
     steps: int = field(default=1, metadata={"help": "Timed steps per variant."})
     warmup: int = field(default=1, metadata={"help": "Untimed steps first (allocator, caches, lazy imports)."})
     variants: str = field(default="default,per_step,per_step+pack", metadata={"help": "ART variants, comma-separated."})
-    trl: bool = field(default=True, metadata={"help": "Also time the TRL step (bench/grpo_step.py's repo variant, in a child process, after the ART variants)."})
+    trl: bool = field(default=True, metadata={
+        "help": "Also time the TRL step (bench/grpo_step.py's repo variant, in a child process, after the ART "
+                "variants)."})
     reward_url: str = field(default="", metadata={"help": "Use this running reward server instead of starting one."})
     threads: int = field(default=0, metadata={"help": "Torch CPU threads (0 = torch's default)."})
 
@@ -156,7 +159,8 @@ def report(art: dict[str, dict], trl: dict | None, recipe: settings.Recipe, load
                                               ("generation", "reward", "rollout_other", "optimizer"))
                      + f"; total {trl['wall_total']:.2f}s wall, {trl['cpu_total']:.2f}s CPU")
         for name, s in art.items():
-            goal = "" if name == "default" else f" (goal <= 1.2x: {'met' if s['wall_total'] <= 1.2 * trl['wall_total'] else 'NOT met'})"
+            goal = ("" if name == "default"
+                    else f" (goal <= 1.2x: {'met' if s['wall_total'] <= 1.2 * trl['wall_total'] else 'NOT met'})")
             lines.append(f"ART {name} / TRL: {s['wall_total'] / trl['wall_total']:.2f}x wall, "
                          f"{s['cpu_total'] / trl['cpu_total']:.2f}x CPU; rollout / TRL generation "
                          f"{s['wall_rollout'] / trl['wall_generation']:.2f}x, training / TRL optimizer "

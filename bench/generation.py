@@ -39,7 +39,8 @@ EVAL_STORIES = 8  # evaluate.py's default batch of stories
 @dataclass
 class GenBenchArgs:
     recipe: str = field(default="recipes/cpu.yaml", metadata={"help": "Recipe whose model and shapes are timed."})
-    rounds: int = field(default=2, metadata={"help": "Runs per path and shape, in the order plain, shared, shared, plain, ..."})
+    rounds: int = field(default=2, metadata={
+        "help": "Runs per path and shape, in the order plain, shared, shared, plain, ..."})
     threads: int = field(default=0, metadata={"help": "Torch CPU threads (0 = torch's default); 1 on a busy machine."})
 
 
@@ -82,7 +83,8 @@ def main(args: GenBenchArgs) -> str:
                 for name in (("plain", "shared") if i % 2 == 0 else ("shared", "plain")):
                     times[shape, name].append(time_call(lambda n=name, r=rows: paths[n](r)))
                     print(f"[{shape}] {name}: {times[shape, name][-1][0]:.2f}s wall", flush=True)
-    lines = [f"generation on {Path(recipe.model).name}, {recipe.max_completion_tokens} new tokens, T={recipe.temperature}; "
+    lines = [f"generation on {Path(recipe.model).name}, {recipe.max_completion_tokens} new tokens, "
+             f"T={recipe.temperature}; "
              f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads, load average {load0:.1f} -> "
              f"{os.getloadavg()[0]:.1f}; wall: fastest of {args.rounds}, CPU: median",
              f"{'shape':<34}{'plain wall s':>13}{'shared wall s':>14}{'speedup':>9}{'CPU speedup':>13}"]

@@ -27,7 +27,8 @@ Wall time and CPU time (this process + the reward server) are both reported: on 
 machine wall time follows the load, CPU time the work. One run, ratios. The last line is
 `step speedup vs bare GRPOTrainer: N.NNx wall`.
 
-    python bench/grpo_step.py                           # recipes/cpu.yaml: repo, bare, bare, repo; 1 warm-up + 1 timed step each
+    python bench/grpo_step.py                           # recipes/cpu.yaml: repo, bare, bare, repo;
+                                                        # 1 warm-up + 1 timed step each
     python bench/grpo_step.py --threads 1               # on a machine busy with other jobs
     python bench/grpo_step.py --rounds 1 --long_prompt_tokens 0   # the step only
     python bench/grpo_step.py --rounds 4 --steps 2 --recipe recipes/tiny.yaml
@@ -60,13 +61,16 @@ PARTS = ("generation", "reward", "rollout_other", "optimizer")
 
 @dataclass
 class BenchArgs:
-    recipe: str = field(default="recipes/cpu.yaml", metadata={"help": "Recipe whose model and step settings are timed."})
+    recipe: str = field(default="recipes/cpu.yaml", metadata={
+        "help": "Recipe whose model and step settings are timed."})
     steps: int = field(default=1, metadata={"help": "Timed steps per trainer run."})
-    rounds: int = field(default=2, metadata={"help": "Trainer runs per variant, in the order repo, bare, bare, repo, ..."})
+    rounds: int = field(default=2, metadata={
+        "help": "Trainer runs per variant, in the order repo, bare, bare, repo, ..."})
     warmup: int = field(default=1, metadata={"help": "Untimed steps first (allocator, caches, lazy imports)."})
     reward_url: str = field(default="", metadata={"help": "Use this running reward server instead of starting one."})
     threads: int = field(default=0, metadata={"help": "Torch CPU threads (0 = torch's default); 1 on a busy machine."})
-    long_prompt_tokens: int = field(default=2000, metadata={"help": "Prompt length of the long-prompt loss shape (0 = skip it)."})
+    long_prompt_tokens: int = field(default=2000, metadata={
+        "help": "Prompt length of the long-prompt loss shape (0 = skip it)."})
 
 
 def constant_reward(completions, **kwargs) -> list[float]:
@@ -292,7 +296,8 @@ def report(repo: dict[str, float], bare: dict[str, float], recipe: settings.Reci
         f"load average {load[0]:.1f} -> {load[1]:.1f}",
         "repo: the repo's trainer (shared-prefix loss and rollouts, reward server + validator); "
         "bare: TRL's GRPOTrainer unmodified, constant reward; same GRPOConfig",
-        f"{'part':<16}{'repo wall s':>12}{'share':>8}{'bare wall s':>12}{'speedup':>9}{'repo CPU s':>12}{'bare CPU s':>12}",
+        f"{'part':<16}{'repo wall s':>12}{'share':>8}{'bare wall s':>12}{'speedup':>9}"
+        f"{'repo CPU s':>12}{'bare CPU s':>12}",
     ]
     for part in PARTS:
         rc = repo[f"cpu_{part}"] + (repo["cpu_server"] if part == "reward" else 0.0)

@@ -38,7 +38,8 @@ class BenchArgs:
     stories: str = field(default=str(ROOT / "data" / "stories.jsonl"), metadata={"help": "Stories to score (.jsonl)."})
     n: int = field(default=64, metadata={"help": "Stories per batch."})
     repeats: int = field(default=3, metadata={"help": "Repetitions per timing (the median is reported)."})
-    prod: bool = field(default=False, metadata={"help": "Bench gunicorn (--prod --workers 1) instead of the Flask server."})
+    prod: bool = field(default=False, metadata={
+        "help": "Bench gunicorn (--prod --workers 1) instead of the Flask server."})
     torch_threads: int = field(default=1, metadata={"help": "Threads for scoring, in the server and in process alike."})
     startup_timeout: float = field(default=300.0, metadata={"help": "Seconds to wait for the server's /health."})
 
@@ -145,7 +146,8 @@ def main(args: BenchArgs) -> dict:
         server_args += ["--prod", "--workers", "1"]
     print(f"starting the server ({'gunicorn' if args.prod else 'flask'}) ...", flush=True)
     results: dict[str, float] = {}
-    with reward_server_process(args=server_args, timeout=args.startup_timeout) as url, httpx.Client(base_url=url, timeout=600) as http:
+    with (reward_server_process(args=server_args, timeout=args.startup_timeout) as url,
+          httpx.Client(base_url=url, timeout=600) as http):
         client = ServerClient(http)
         client.post_batch(cold_batch(rows, 4, "warm-up"))  # first request pays lazy initialisation
         counter = iter(range(10**6))

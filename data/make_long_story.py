@@ -252,11 +252,13 @@ def _entry(rng: random.Random, prev_version: str) -> str:
                 f"fixed a leak of about {rng.randint(2, 900)} KB per request when the client disconnected early",
                 f"no longer ignores {opt} when it is set through an environment variable",
                 f"fixed one-pixel seams between adjacent tiles at zoom level {rng.randint(3, 22)}",
-                f"fixed a race that could serve stale tiles for up to {rng.randint(2, 120)} seconds after a style change",
+                f"fixed a race that could serve stale tiles for up to {rng.randint(2, 120)} seconds "
+                "after a style change",
                 f"fixed handling of empty geometries in {_pick(rng, FORMATS)} input",
                 f"fixed a deadlock when more than {n} workers reloaded configuration at once",
                 f"fixed a regression from {prev_version} that rejected lowercase parameter names",
-                f"fixed rounding of coordinates to {rng.randint(1, 9)} decimal places instead of the configured precision",
+                f"fixed rounding of coordinates to {rng.randint(1, 9)} decimal places "
+                "instead of the configured precision",
                 f"fixed a 500 error when {opt} was set to zero",
                 f"fixed a panic on {_pick(rng, FORMATS)} files larger than {rng.randint(2, 64)} GB",
             ],

@@ -37,7 +37,8 @@ class _ChatHandler(JsonHandler):
         if self.path != "/v1/chat/completions":
             return self.reply(404, {"error": {"message": f"no route {self.path}", "type": "not_found"}})
         if owner.api_key and self.headers.get("Authorization") != f"Bearer {owner.api_key}":
-            return self.reply(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
+            return self.reply(401, {"error": {"message": "Incorrect API key provided",
+                                              "type": "invalid_request_error"}})
         req = self.read_json({})
         with owner.lock:
             owner.requests.append(req)
@@ -46,9 +47,10 @@ class _ChatHandler(JsonHandler):
                 # retry-after-ms keeps the client's backoff short in tests
                 return self.reply(503, {"error": {"message": "overloaded"}}, {"retry-after-ms": "10"})
         if owner.new_token_param and "max_tokens" in req:  # as OpenAI answers for its newer models
-            return self.reply(400, {"error": {"message": "Unsupported parameter: 'max_tokens' is not supported with this "
-                                                          "model. Use 'max_completion_tokens' instead.",
-                                               "type": "invalid_request_error", "param": "max_tokens"}})
+            return self.reply(400, {"error": {
+                "message": "Unsupported parameter: 'max_tokens' is not supported with this "
+                           "model. Use 'max_completion_tokens' instead.",
+                "type": "invalid_request_error", "param": "max_tokens"}})
         if req.get("model") != owner.model:
             return self.reply(404, {"error": {"message": f"The model `{req.get('model')}` does not exist."}})
         n = int(req.get("n") or 1)
@@ -60,12 +62,14 @@ class _ChatHandler(JsonHandler):
             first, owner.counter = owner.counter, owner.counter + returned
         choices = [{"index": i, "finish_reason": "stop",
                     "message": {"role": "assistant",
-                                "content": apply_stop(f"Greedy {topic}" if greedy else f"Sample {first + i} {topic}\nextra line",
+                                "content": apply_stop(f"Greedy {topic}" if greedy
+                                                      else f"Sample {first + i} {topic}\nextra line",
                                                       req.get("stop"))}}
                    for i in range(returned)]
         self.reply(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": owner.model,
                           "choices": choices,
-                          "usage": {"prompt_tokens": 10, "completion_tokens": 5 * returned, "total_tokens": 10 + 5 * returned}})
+                          "usage": {"prompt_tokens": 10, "completion_tokens": 5 * returned,
+                                    "total_tokens": 10 + 5 * returned}})
 
 
 class FakeChat(_Server):

@@ -107,7 +107,8 @@ class FakeOpenAI:
         with self._lock:
             self.requests.append(request)
             if self.fail_if(request):
-                return 500, {"object": "error", "type": "InternalServerError", "code": 500, "message": "scripted failure"}
+                return 500, {"object": "error", "type": "InternalServerError", "code": 500,
+                             "message": "scripted failure"}
         max_tokens = request.get("max_tokens") or request.get("max_completion_tokens") or 1 << 30
         choices, completion_tokens = [], 0
         for i, text in enumerate(self.script(request)):

@@ -62,7 +62,8 @@ def main() -> int:
 
     wrap(runtime.StopOnSignal, "_handle", before=lambda *a: SIGNALLED.set())
     wrap(fast_backend, "load_policy", before=lambda *a, **k: pause("load"))
-    wrap(rgt.TrainRows, "on_step_begin", after=lambda self, args_, state, control, **k: pause("step", state.global_step + 1))
+    wrap(rgt.TrainRows, "on_step_begin",
+         after=lambda self, args_, state, control, **k: pause("step", state.global_step + 1))
     wrap(rgt.Validate, "validate", before=lambda self, model, step: pause("validation", step))
     wrap(Trainer, "save_model", after=lambda self, output_dir=None, _internal_call=False:
          _internal_call and pause("save", self.state.global_step))

@@ -368,7 +368,8 @@ def test_sigterm_checkpoints_and_exits_75_then_the_rerun_continues(tmp_path):
 
         # A finished run: nothing trains, nothing is written (in this process: no second model-loading subprocess).
         before = (run_dir / rundir.METRICS_FILE).read_text()
-        recipe, args = settings.parse_args((settings.Recipe, art_config.ArtArgs), "art", train_cmd(tmp_path, url, "--max_steps", "4")[2:])
+        recipe, args = settings.parse_args((settings.Recipe, art_config.ArtArgs), "art",
+                                           train_cmd(tmp_path, url, "--max_steps", "4")[2:])
         assert train.main(recipe, args) == runtime.EXIT_OK
         assert (run_dir / rundir.METRICS_FILE).read_text() == before and checkpoints(run_dir)[-1] == art_steps[-1]
 

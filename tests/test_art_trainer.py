@@ -484,7 +484,8 @@ def test_optimizer_knobs_reach_arts_trainer_args_and_the_engine():
     assert {k: cfg["trainer_args"][k] for k in ("optim", "weight_decay", "adam_beta2")} == {
         "optim": "adamw_torch", "weight_decay": 0.0, "adam_beta2": 0.999}
     engine = train.engine_config(recipe, art_config.ArtArgs(backend="cpu"))
-    assert engine["weight_decay"] == 0.0 and engine["adam_betas"] == [0.9, 0.999] and engine["optimizer"] == "torch AdamW"
+    assert (engine["weight_decay"] == 0.0 and engine["adam_betas"] == [0.9, 0.999]
+            and engine["optimizer"] == "torch AdamW")
     default = train.engine_config(settings.Recipe(), art_config.ArtArgs(backend="cpu"))  # ART's own values
     assert default["weight_decay"] == 0.1 and default["adam_betas"] == [0.9, 0.99]
     assert default["optimizer_steps"] == "per_sequence" and "paged_adamw_8bit" in default["optimizer"]
@@ -554,7 +555,8 @@ def test_a_second_writer_on_the_run_dir_stops_at_once(tmp_path, tiny_model, fake
     write_stories(tmp_path / "stories.jsonl", [VARIED + str(i) for i in range(4)], [VARIED])
     recipe = make_recipe(tmp_path, tiny_model, reward.url)
     run_dir = Path(recipe.runs_dir) / recipe.run_name
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, rundir; rundir.RunLock(sys.argv[1], 'trl').acquire(); "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, rundir; "
+                               "rundir.RunLock(sys.argv[1], 'trl').acquire(); "
                                "print('held', flush=True); time.sleep(120)", str(run_dir)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

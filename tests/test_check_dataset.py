@@ -49,7 +49,8 @@ def test_report_on_shipped_stories(tiny_recipe, stories_path, tmp_path, capsys):
         n, low, empty, long, blank = expected_counts(stories_path, split)
         kept = n - low - empty - long
         assert f"[{split}] {n} rows" in out
-        assert (f"score < 20: {low}, empty body: {empty}, empty title: 0, prompt > {settings.MAX_PROMPT_TOKENS} tokens: {long} "
+        assert (f"score < 20: {low}, empty body: {empty}, empty title: 0, "
+                f"prompt > {settings.MAX_PROMPT_TOKENS} tokens: {long} "
                 f"({low + empty + long} in total)") in out
         info = report["splits"][split]
         assert (info["rows"], info["kept"]) == (n, kept)

@@ -126,7 +126,8 @@ def test_pngs_are_real_images(result):
 
 
 def test_compare_png_only(tmp_path):
-    res = compare.main(compare.CompareArgs(out_dir=str(tmp_path), panels=False, n_boot=100), [str(FIXTURES / "trl-tiny")])
+    res = compare.main(compare.CompareArgs(out_dir=str(tmp_path), panels=False, n_boot=100),
+                       [str(FIXTURES / "trl-tiny")])
     assert [p.name for p in res["pngs"]] == ["compare.png"] and sorted(p.name for p in tmp_path.iterdir()) == [
         "compare.md", "compare.png"]
 
@@ -163,8 +164,10 @@ def _row(split: str, step: int, **over) -> dict:
     # a row whose step is not an integer
     (lambda d: _write(d, [_row("train", 1), {**_row("train", 1), "step": "2"}]), "1 row(s) with a non-integer step"),
     # a config.json cut mid-write
-    (lambda d: (_write(d, [_row("val", 0)]), (d / "config.json").write_text('{"recipe": {')), "config.json: unreadable"),
-], ids=["empty-metrics", "config-only", "missing-dir", "train-only", "nan-val", "foreign-row", "resumed", "revalidated", "bad-step", "cut-config"])
+    (lambda d: (_write(d, [_row("val", 0)]), (d / "config.json").write_text('{"recipe": {')),
+     "config.json: unreadable"),
+], ids=["empty-metrics", "config-only", "missing-dir", "train-only", "nan-val", "foreign-row", "resumed", "revalidated",
+        "bad-step", "cut-config"])
 def test_runs_in_progress_give_notes(tmp_path, make, note):
     run = tmp_path / "runs" / "r1"
     make(run)
@@ -233,7 +236,8 @@ def test_no_runs_is_a_clear_error(tmp_path):
     # two methods in one folder
     ([_row("val", 0, method="base"), _row("val", 0, method="eval")], ["eval-cpu (base)", "eval-cpu (eval)"]),
     # evaluate.py --label before, then --label after (same method, both at step 0)
-    ([_row("val", 0, method="eval", extra={"label": "before"}), _row("val", 0, method="eval", extra={"label": "after"})],
+    ([_row("val", 0, method="eval", extra={"label": "before"}),
+      _row("val", 0, method="eval", extra={"label": "after"})],
      ["eval-cpu (eval: after)", "eval-cpu (eval: before)"]),
     # one label: a single series
     ([_row("val", 0, method="eval", extra={"label": "x"})], ["eval-cpu"]),

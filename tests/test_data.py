@@ -18,7 +18,8 @@ NON_ASCII_BODY = "Zürich’s café served 東京-style ramen — naïve “quot
 
 
 def story(i: int, split: str = "train", **overrides) -> dict:
-    row = {"id": 1000 + i, "title": f"Story number {i}", "by": f"user{i}", "time": f"2024-02-{i % 27 + 1:02d}T10:00:00Z",
+    row = {"id": 1000 + i, "title": f"Story number {i}", "by": f"user{i}",
+           "time": f"2024-02-{i % 27 + 1:02d}T10:00:00Z",
            "url": f"https://example.org/{i}", "score": 50 + i, "scraped_body": f"Body of story {i}. " * 20,
            "split": split}
     row.update(overrides)

@@ -88,7 +88,8 @@ VARIED = ["Original title number 0", "Why we moved", "Show HN: a grep", "Rust sh
 ])
 def test_verdict_flags_a_gain_the_independent_metrics_do_not_show(titles_before, titles_after, rouge_confirms,
                                                                    collapsed, says):
-    cmp = comparison.compare(_result(BEFORE, titles=titles_before), _result([b + 0.1 for b in BEFORE], titles=titles_after))
+    cmp = comparison.compare(_result(BEFORE, titles=titles_before),
+                             _result([b + 0.1 for b in BEFORE], titles=titles_after))
     assert cmp.significant and cmp.rouge_confirms is rouge_confirms
     text = comparison.verdict(cmp, "TRL", "the untrained model")
     assert text.startswith("**TRL is measurably better than the untrained model**")
@@ -201,7 +202,8 @@ def test_report_of_both_methods(tmp_path):
     sec = sum(r["extra"]["step_seconds"] for r in trl_train) / len(trl_train)
     tok = sum(r["extra"]["trained_tokens"] for r in trl_train) / len(trl_train)
     vals = sum(r["split"] == "val" for r in trl_rows)
-    assert f"| TRL GRPOTrainer | 6 | {sec:.1f} | 28.5 | 1.0 | {tok:.0f} | {vals} x, 0 s | 2.2 min (130 s), CPU 160 s |" in text
+    assert (f"| TRL GRPOTrainer | 6 | {sec:.1f} | 28.5 | 1.0 | {tok:.0f} | {vals} x, 0 s | "
+            "2.2 min (130 s), CPU 160 s |") in text
     assert "| ART loop (CPU engine) | 6 | 12.0 | 20.0 | 6.0 | 108 |" in text
     assert "| original | untrained | TRL | ART |" in text and text.count("| Original title number") == 3
     assert "ROUGE-L to the real title (not in the reward)" in text and "top template's share" in text

@@ -138,8 +138,9 @@ def test_unsloth_load_policy_wiring(fake_unsloth, use_vllm, four_bit, checkpoint
     model, tokenizer = fb.load_policy(Backend("unsloth", "cuda", use_vllm=use_vllm), recipe, args)
     assert [name for name, _ in fake_unsloth.calls] == ["from_pretrained", "get_peft_model"]
     assert fake_unsloth.calls[0][1] == {
-        "model_name": "Qwen/Qwen2.5-0.5B-Instruct", "use_exact_model_name": True, "max_seq_length": 8192, "load_in_4bit": four_bit,
-        "fast_inference": use_vllm, "max_lora_rank": 8, "gpu_memory_utilization": 0.55, "random_state": 7}
+        "model_name": "Qwen/Qwen2.5-0.5B-Instruct", "use_exact_model_name": True, "max_seq_length": 8192,
+        "load_in_4bit": four_bit, "fast_inference": use_vllm, "max_lora_rank": 8, "gpu_memory_utilization": 0.55,
+        "random_state": 7}
     assert fake_unsloth.calls[1][1] == {
         "r": 8, "target_modules": ["q_proj", "v_proj"], "lora_alpha": 16, "lora_dropout": 0.05, "bias": "none",
         "use_gradient_checkpointing": "unsloth" if checkpointing else False, "random_state": 7}

@@ -37,7 +37,8 @@ class Trainer:
     def __init__(self, tmp: Path, url: str, *flags: str, pause: str = "", name: str = "trainer"):
         self.log = tmp / f"{name}.log"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        script = [str(ROOT / "tests" / "paused_trainer.py"), pause] if pause else [str(ROOT / "reference_grpo_trainer.py")]
+        script = ([str(ROOT / "tests" / "paused_trainer.py"), pause] if pause
+                  else [str(ROOT / "reference_grpo_trainer.py")])
         argv = [sys.executable, *script, "--recipe", str(ROOT / "recipes" / "tiny.yaml"),
                 "--runs_dir", str(tmp), "--run_name", "run", "--reward_url", url, "--validator", "none",
                 "--eval_every", "0", "--torch_threads", "1", *flags]
@@ -129,7 +130,8 @@ def test_one_writer_and_a_signal_at_every_phase(reward_server, tmp_path):
     code, out = run(tmp_path, reward_server, *PHASE_FLAGS)
     assert code == 0 and "nothing to do" in out, out[-2000:]
     assert steps(run_dir) == [1, 2, 3, 4]
-    assert checkpoint_names(run_dir) == checkpoints and (run_dir / "final" / "adapter_model.safetensors").read_bytes() == final
+    assert (checkpoint_names(run_dir) == checkpoints
+            and (run_dir / "final" / "adapter_model.safetensors").read_bytes() == final)
 
 
 def second_start_refused_then_sigterm_while_loading(tmp_path: Path, url: str) -> None:
@@ -204,5 +206,6 @@ def sigterm_during_the_final_save(tmp_path: Path, url: str) -> None:
     assert "arrived after the last step: the run is complete" in out
     assert steps(run_dir) == [1, 2, 3, 4] and steps(run_dir, "val") == [2, 4]
     final = run_dir / "final"
-    assert (final / "adapter_model.safetensors").read_bytes() == (run_dir / "checkpoint-4" / "adapter_model.safetensors").read_bytes()
+    assert ((final / "adapter_model.safetensors").read_bytes()
+            == (run_dir / "checkpoint-4" / "adapter_model.safetensors").read_bytes())
     assert not (final / "optimizer.pt").exists() and not (run_dir / "final.tmp").exists()

@@ -293,7 +293,8 @@ def test_batch_kwargs_refuses_uneven_splits(prompts, gens, micro, processes, mes
 
 
 def test_gpu_recipe_bounds_the_loss_pass():
-    recipe, args = settings.parse_args((settings.Recipe, trl_config.TrlArgs), "trl", ["--recipe", str(ROOT / "recipes/gpu.yaml")])
+    recipe, args = settings.parse_args((settings.Recipe, trl_config.TrlArgs), "trl",
+                                       ["--recipe", str(ROOT / "recipes/gpu.yaml")])
     assert args.require_gpu and args.gradient_checkpointing
     kwargs = trl_config.batch_kwargs(recipe, args, 1)
     assert kwargs["per_device_train_batch_size"] * kwargs["gradient_accumulation_steps"] == 48

@@ -341,7 +341,8 @@ def concurrent_clients(url: str, n_clients: int = 16, per_client: int = 4) -> li
             for i in range(per_client):
                 try:
                     if i % 2:
-                        r = http.post("/score_batch", json={"stories": [with_(title=f"Rust news number {k} {j}") for j in range(4)]})
+                        r = http.post("/score_batch",
+                                      json={"stories": [with_(title=f"Rust news number {k} {j}") for j in range(4)]})
                         ok = r.status_code == 200 and len(r.json()["scores"]) == 4
                     else:
                         r = http.post("/score", json=with_(title=f"Rust 1.80 is out, client {k}"))

@@ -54,7 +54,8 @@ def test_endpoint_that_ignores_n_is_asked_again():
 def test_endpoint_that_wants_max_completion_tokens():
     with FakeChat(new_token_param=True) as server:
         g = gen(server)
-        assert g.generate(CONVS, n=1, temperature=0.0, max_tokens=8) == [["Greedy Alpha beta gamma"], ["Greedy Zeta eta theta"]]
+        assert (g.generate(CONVS, n=1, temperature=0.0, max_tokens=8)
+                == [["Greedy Alpha beta gamma"], ["Greedy Zeta eta theta"]])
     # the first (concurrent) requests are refused, once each; then the other parameter is used
     old = [r for r in server.requests if "max_tokens" in r]
     new = [r for r in server.requests if r.get("max_completion_tokens") == 8 and "max_tokens" not in r]
@@ -162,9 +163,10 @@ def test_evaluate_with_openai_generator_lands_in_compare(tmp_path, monkeypatch, 
     data.write_text("".join(json.dumps(s) + "\n" for s in STORIES))
     with FakeChat(model="big-model") as llm, FakeReward() as reward:
         monkeypatch.setenv("OPENAI_API_KEY", "k")
-        recipe = settings.Recipe(model=str(tiny_model), dataset=str(data), min_score=0, max_val_stories=3, eval_samples=2,
-                              validator="none", reward_url=reward.url, runs_dir=str(tmp_path / "runs"),
-                              run_name="prompted-big-model", max_completion_tokens=10)
+        recipe = settings.Recipe(model=str(tiny_model), dataset=str(data), min_score=0, max_val_stories=3,
+                                 eval_samples=2, validator="none", reward_url=reward.url,
+                                 runs_dir=str(tmp_path / "runs"), run_name="prompted-big-model",
+                                 max_completion_tokens=10)
         args = evaluate.EvalArgs(generator="openai", openai_model="big-model", openai_base_url=llm.base_url,
                                  label="prompted")
         result = evaluate.main(recipe, args)

@@ -338,7 +338,8 @@ def test_score_completions_rule(server):
     sent = server.requests[0]["json"]["stories"]
     assert sent == [utils.story_for_scoring(t, ROWS[i]) for i, t in
                     [(0, "Good title"), (2, "An unsupported claim"), (3, "Fine one")]]
-    assert validator.calls == [([r["scraped_body"] for r in ROWS], ["Good title", "", "An unsupported claim", "Fine one"])]
+    assert validator.calls == [([r["scraped_body"] for r in ROWS],
+                                ["Good title", "", "An unsupported claim", "Fine one"])]
     good, empty, unsupported, fine = scored
     # supported, trailing text: RM score minus the penalty
     assert (good.title, good.rm, good.matches, good.trailing) == ("Good title", 10.0, True, True)
@@ -359,7 +360,8 @@ def test_score_completions_without_validator(server):
 
 
 def test_score_completions_all_empty_sends_nothing(server):
-    scored = run(client_for(server), lambda c: utils.score_completions(c, StubValidator(), ROWS[:3], ["", "\n", "\x00"]))
+    scored = run(client_for(server),
+                 lambda c: utils.score_completions(c, StubValidator(), ROWS[:3], ["", "\n", "\x00"]))
     assert server.requests == []  # a NUL-only title is no title either: the server would refuse it
     assert [s.reward for s in scored] == [0.0, 0.0, 0.0]
 

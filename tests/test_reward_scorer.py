@@ -83,7 +83,8 @@ VARIANTS = {
 
 
 def keyword_list(body: str, k: int = 10) -> str:
-    counts = collections.Counter(w for w in text_metrics.words(body) if w not in reward_model.FUNCTION_WORDS and len(w) > 2)
+    counts = collections.Counter(w for w in text_metrics.words(body)
+                                 if w not in reward_model.FUNCTION_WORDS and len(w) > 2)
     return " ".join(w for w, _ in counts.most_common(k)).title()
 
 
@@ -204,7 +205,8 @@ def test_style_terms(title, expected):
     # 15 words: relevance x 0.25
     (" ".join(["word"] * 15), "x", {"length": 0.25}),
     # a verbatim body span keeps 10%
-    ("the team released rust today", "yesterday the team released rust today", {"copy": 1.0, "copy_factor": pytest.approx(0.1)}),
+    ("the team released rust today", "yesterday the team released rust today",
+     {"copy": 1.0, "copy_factor": pytest.approx(0.1)}),
     # half the words in one run is still free
     ("the team ships a fast grep", "the team ships", {"copy": 0.5, "copy_factor": 1.0}),
 ])
@@ -245,7 +247,8 @@ HF_STORIES = [
      "scraped_body": "The Rust team released Rust 1.80 today. " * 200},  # far past the 256-token limit: truncated
     {"title": "Show HN: a tiny grep", "by": "b", "time": "2024-01-02", "url": "", "scraped_body": "I wrote a grep."},
     # a one-word body (an empty one is refused with a 422 naming scraped_body: tests/test_local_reward.py)
-    {"title": "Ask HN: on-call?", "by": "c", "time": "2023-05-06T07:08:09+02:00", "url": "", "scraped_body": "On-call?"},
+    {"title": "Ask HN: on-call?", "by": "c", "time": "2023-05-06T07:08:09+02:00", "url": "",
+     "scraped_body": "On-call?"},
 ]
 
 

@@ -94,7 +94,8 @@ def test_train_sbatch_requeue_directives():
 
 def cluster_conf(script: Path, **env: str) -> str:
     """What `local_cluster.sh env` prints (it only computes paths; no cluster needed)."""
-    proc = subprocess.run(["bash", str(script), "env"], env=clean_env(**env), capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(["bash", str(script), "env"], env=clean_env(**env), capture_output=True, text=True,
+                          timeout=30)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
 
@@ -129,7 +130,8 @@ def dry_run(**env: str) -> subprocess.CompletedProcess:
                     r"configs/accelerate_multigpu\.yaml --num_processes 4 --main_process_port \d+ "
                     r"reference_grpo_trainer\.py"),
     # ART drives its GPUs itself: one process whatever the count, its venv first on PATH (uv, vLLM runtime)
-    ({"GPUS": "4", "METHOD": "art"}, r"trainer \(python\): env PATH=\S+/bin:\S* \S+/python train\.py --recipe recipes/gpu\.yaml"),
+    ({"GPUS": "4", "METHOD": "art"},
+     r"trainer \(python\): env PATH=\S+/bin:\S* \S+/python train\.py --recipe recipes/gpu\.yaml"),
     # the recipe, run name and trainer flags are passed through
     ({"RECIPE": "recipes/tiny.yaml", "RUN_NAME": "x1"},
      r"--recipe recipes/tiny\.yaml --run_name x1 --runs_dir \S+ --reward_url http://127\.0\.0\.1:\d+ --max_steps 3"),

@@ -577,7 +577,8 @@ def test_a_recipe_built_in_code_meets_the_same_validator_check():
 def test_parse_args_keeps_hub_ids_and_existing_local_paths(tmp_path, clean_env, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "mine").mkdir(parents=True)
-    (recipe,) = settings.parse_args((settings.Recipe,), "trl", ["--model", "models/mine", "--dataset", settings.HUB_DATASET])
+    (recipe,) = settings.parse_args((settings.Recipe,), "trl",
+                                    ["--model", "models/mine", "--dataset", settings.HUB_DATASET])
     assert recipe.model == "models/mine"  # exists relative to the cwd: the user's, not the repo's
     assert recipe.dataset == settings.HUB_DATASET  # a hub id is not a path
 
@@ -674,7 +675,8 @@ def test_run_lock_left_behind(tmp_path, monkeypatch, capsys, kernel_lock, holder
     if not kernel_lock:
         monkeypatch.setattr(rundir.RunLock, "_flock", lambda self, fd: False)
     if outcome == "busy":
-        with pytest.raises(rundir.RunDirBusy, match=f"in use by pid {pid} on {host} \\(art, started 2026-01-01T00:00:00Z\\)"):
+        with pytest.raises(rundir.RunDirBusy,
+                           match=f"in use by pid {pid} on {host} \\(art, started 2026-01-01T00:00:00Z\\)"):
             rundir.RunLock(tmp_path, "trl").acquire()
         assert json.loads((tmp_path / rundir.LOCK_FILE).read_text()) == info  # untouched
         return

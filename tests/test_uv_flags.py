@@ -24,7 +24,8 @@ global.find-links='/opt/wheels'
     ("global.index-url='https://a/simple'\n:env:.index-url='https://b/simple'\ndownload.find-links='/x'\n",
      ["--index-url", "https://b/simple", "--index-strategy", "unsafe-best-match"]),
     # [install] wins over [global]
-    ("install.find-links='/i'\nglobal.find-links='/g'\n", ["--find-links", "/i", "--index-strategy", "unsafe-best-match"]),
+    ("install.find-links='/i'\nglobal.find-links='/g'\n",
+     ["--find-links", "/i", "--index-strategy", "unsafe-best-match"]),
     ("global.no-index='true'\n", ["--no-index", "--index-strategy", "unsafe-best-match"]),
 ])
 def test_flags(text, flags):
