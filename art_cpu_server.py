@@ -24,6 +24,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from werkzeug.serving import WSGIRequestHandler, make_server
+
 from generation import Completion, sample_completions
 
 MAX_BODY_BYTES = 1 << 20  # a chat request for a title is a few kB; anything bigger is refused
@@ -140,6 +142,13 @@ class _Job:
         return (p["model"], p["temperature"], p["max_tokens"], p["stop"], p["logprobs"], p["seed"])
 
 
+class QuietHandler(WSGIRequestHandler):
+    """werkzeug's request handler without its line per request (it would drown the training log)."""
+
+    def log_request(self, *args, **kwargs):
+        pass
+
+
 class InferenceServer:
     """/v1/chat/completions, /v1/models and /health on 127.0.0.1 for one CPU model service.
 
@@ -151,11 +160,10 @@ class InferenceServer:
     """
 
     def __init__(self, service):
-        from werkzeug.serving import make_server
-
         self.service = service
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
-        self.httpd = make_server("127.0.0.1", 0, create_app(self), threaded=True)  # port 0: the OS picks a free one
+        # port 0: the OS picks a free one
+        self.httpd = make_server("127.0.0.1", 0, create_app(self), threaded=True, request_handler=QuietHandler)
         self.port = self.httpd.server_port
         self._threads: list[threading.Thread] = []
         self._stopping = False

@@ -214,15 +214,19 @@ def write_curve_baseline(base_dir: Path, before: evaluation.EvalResult, model: s
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
-    """The newest adapter folder of a run: TRL's checkpoint-N, or ART's checkpoints/NNNN (any depth)."""
+    """The newest adapter folder of a run that loads: TRL's checkpoint-N, or ART's checkpoints/NNNN
+    (any depth); a newer one that does not load (rundir.adapter_problem) is passed over, said."""
     def step_of(p: Path) -> int | None:
         tail = p.name.split("-")[-1]
         return int(tail) if tail.isdigit() and (p.name.isdigit() or p.name.startswith("checkpoint-")) else None
 
     found = [p.parent for p in run_dir.rglob("adapter_config.json")
              if step_of(p.parent) is not None and AFTER_DIR not in p.parts]
-    return max(found, key=lambda p: (step_of(p), str(p)), default=None)
-
+    for path in sorted(found, key=lambda p: (step_of(p), str(p)), reverse=True):
+        if (problem := rundir.adapter_problem(path)) is None:
+            return path
+        print(f"[demo] passing over {path}: its adapter cannot be loaded ({problem})", flush=True)
+    return None
 
 
 def trained_steps(run_dir: Path, method: str) -> int:

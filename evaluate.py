@@ -13,12 +13,14 @@ schema goes to <run_dir>/metrics.jsonl and the titles, beside the originals, to
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 
 import evaluation
 import policy
 import rundir
+import runtime
 import settings
 import utils
 
@@ -101,4 +103,7 @@ if __name__ == "__main__":
         main(recipe, eval_args)
     except (settings.HubUnavailable, utils.RewardServerError) as e:
         raise SystemExit(f"error: {e}") from None
+    except rundir.CheckpointError as e:
+        print(f"error: {e} (exit {runtime.EXIT_NO_CHECKPOINT})", file=sys.stderr)
+        raise SystemExit(runtime.EXIT_NO_CHECKPOINT) from None
     print(f"done in {time.time() - t0:.0f}s")

@@ -48,7 +48,8 @@ class OpenAIGenerator:
     """
 
     def __init__(self, model: str | None = None, base_url: str | None = None, api_key: str | None = None,
-                 max_retries: int = 2, timeout: float = 60.0, concurrency: int = 4, progress: bool = True):
+                 max_retries: int = 2, timeout: float = 60.0, concurrency: int = 4, progress: bool = True,
+                 seed: int | None = None):
         import openai
 
         self.model = model or os.environ.get("OPENAI_MODEL", "")
@@ -63,6 +64,7 @@ class OpenAIGenerator:
                 "(any non-empty value such as EMPTY for a local server without auth)")
         self.name = f"openai:{self.model}"
         self.max_retries, self.concurrency, self.progress = max_retries, max(1, concurrency), progress
+        self.seed = seed  # conversation i of a generate() call is sampled with seed + i (the API's `seed`)
         self.client = openai.OpenAI(api_key=key, base_url=self.base_url, max_retries=max_retries, timeout=timeout)
         self._token_param = "max_tokens"  # switched once if the endpoint only accepts max_completion_tokens
         self._lock = threading.Lock()
@@ -70,20 +72,23 @@ class OpenAIGenerator:
 
     # -- one conversation ---------------------------------------------------------------
 
-    def _create(self, messages: list[dict], n: int, temperature: float, max_tokens: int, stop: Sequence[str] = ()):
+    def _create(self, messages: list[dict], n: int, temperature: float, max_tokens: int, stop: Sequence[str] = (),
+                seed: int | None = None):
         import openai
 
         param = self._token_param  # read once: another thread may switch it meanwhile
         kwargs = {"model": self.model, "messages": messages, "n": n, "temperature": temperature, param: max_tokens}
         if stop:
             kwargs["stop"] = list(stop)
+        if seed is not None:
+            kwargs["seed"] = seed
         try:
             return self.client.chat.completions.create(**kwargs)
         except openai.BadRequestError as e:
             # Newer hosted models reject max_tokens in favour of max_completion_tokens; vLLM takes both.
             if param == "max_tokens" and "max_completion_tokens" in str(e.message):
                 self._token_param = "max_completion_tokens"
-                return self._create(messages, n, temperature, max_tokens, stop)
+                return self._create(messages, n, temperature, max_tokens, stop, seed)
             raise self._error(e) from None
         except openai.OpenAIError as e:
             raise self._error(e) from None
@@ -110,11 +115,12 @@ class OpenAIGenerator:
         return OpenAIGeneratorError(f"{where}: {type(e).__name__}: {_one_line(e)}")
 
     def _complete(self, messages: list[dict], n: int, temperature: float, max_tokens: int,
-                  stop: Sequence[str] = ()) -> list[str]:
+                  stop: Sequence[str] = (), seed: int | None = None) -> list[str]:
         out: list[str] = []
         # At most n requests: each must return at least one choice or we stop with an error.
-        for _ in range(n):
-            resp = self._create(messages, n - len(out), temperature, max_tokens, stop)
+        for attempt in range(n):
+            again = None if seed is None else seed + 1_000_003 * attempt  # the rest: other draws
+            resp = self._create(messages, n - len(out), temperature, max_tokens, stop, again)
             choices = sorted(resp.choices or [], key=lambda c: c.index)
             texts = [(c.message.content or "") if c.message else "" for c in choices][:n - len(out)]
             with self._lock:
@@ -147,7 +153,8 @@ class OpenAIGenerator:
         # Sync client in threads: evaluate_generator calls generate() from inside an event loop.
         pool = ThreadPoolExecutor(max_workers=self.concurrency)
         try:
-            futures = {pool.submit(self._complete, list(c), n, 0.0 if greedy else temperature, max_tokens, stop): i
+            futures = {pool.submit(self._complete, list(c), n, 0.0 if greedy else temperature, max_tokens, stop,
+                                   None if self.seed is None else self.seed + i): i
                        for i, c in enumerate(conversations)}
             bar = tqdm(total=len(futures), desc=f"{self.name} n={n}{' greedy' if greedy else ''}",
                        disable=not self.progress, leave=False)

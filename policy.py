@@ -28,7 +28,8 @@ from generation import HFGenerator
 
 
 def load_model(model_id: str, adapter: str = ""):
-    """Model (+ adapter) and tokenizer, fp32 on CPU, in eval mode."""
+    """Model (+ adapter) and tokenizer, fp32 on CPU, in eval mode; an adapter that does not load
+    (rundir.adapter_problem) is a CheckpointError naming it."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -40,8 +41,9 @@ def load_model(model_id: str, adapter: str = ""):
     if adapter:
         from peft import PeftModel
 
-        if not (Path(adapter) / "adapter_config.json").exists():
-            raise SystemExit(f"{adapter}: no adapter_config.json (pass a checkpoint folder with a PEFT adapter)")
+        if problem := rundir.adapter_problem(Path(adapter)):
+            raise rundir.CheckpointError(f"the adapter in {adapter} cannot be loaded ({problem}); pass a checkpoint "
+                                         "folder that holds an intact PEFT adapter")
         model = PeftModel.from_pretrained(model, adapter)
     return model.eval(), tokenizer
 

@@ -188,6 +188,8 @@ def main(recipe: Recipe, args: TrlArgs) -> int:  # noqa: C901 (the flow top to b
             return runtime.EXIT_OK
     except rundir.RunDirBusy as e:
         return fail(e, runtime.EXIT_RUN_DIR_BUSY)
+    except rundir.NoIntactCheckpoint as e:
+        return fail(e, runtime.EXIT_NO_CHECKPOINT)
     except runtime.StartInterrupted as e:
         return fail(f"[trl] {e} outside the training loop (while loading): stopped at once, no checkpoint was "
                     "being written. Rerun the same command to start or resume", runtime.EXIT_INTERRUPTED)

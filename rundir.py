@@ -346,6 +346,118 @@ def record_failure(run_dir: Path, step: int, error: Exception, stats: dict) -> i
 # --------------------------------------------------------------------------------------
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint or adapter folder cannot be used; the message names it, why, and what to do."""
+
+
+class NoIntactCheckpoint(CheckpointError):
+    """A run directory has checkpoints and none of them can be resumed."""
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what a PEFT adapter folder needs
+
+
+def adapter_problem(path: Path) -> str | None:
+    """Why the PEFT adapter in `path` cannot be loaded (its two files, whatever else the folder holds), or None."""
+    if not path.is_dir():
+        return "no such folder"
+    missing = [name for name in ADAPTER_FILES if not (path / name).is_file()]
+    return f"no {', '.join(missing)}" if missing else next(
+        (p for p in (file_problem(path / name) for name in ADAPTER_FILES) if p), None)
+
+
+def file_problem(path: Path) -> str | None:
+    """Why the checkpoint file `path` cannot be loaded, or None.
+
+    The load check, by format: a .safetensors file must hold its whole header and every tensor
+    the header names (a file cut short by a full disk or a dying node does not); a torch
+    .pt/.pth/.bin file (a zip archive) must open and pass every member's CRC; a .json file must
+    parse. Other files are not checked.
+
+    >>> import tempfile
+    >>> bad = Path(tempfile.mkdtemp()) / "adapter_model.safetensors"
+    >>> _ = bad.write_bytes((16).to_bytes(8, "little") + b"{}")  # a header of 16 bytes, 2 written
+    >>> file_problem(bad)
+    'adapter_model.safetensors is cut off (its header needs 24 bytes, the file has 10)'
+    """
+    import zipfile
+
+    name = path.name
+    try:
+        if name.endswith(".safetensors"):
+            return _safetensors_problem(path)
+        if name.endswith((".pt", ".pth", ".bin")):
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+            return f"{name} is damaged ({damaged} fails its CRC)" if damaged else None
+        if name.endswith(".json"):
+            json.loads(path.read_text(encoding="utf-8"))
+    except zipfile.BadZipFile:
+        return f"{name} is cut off or not a torch file (no zip directory)"
+    except (ValueError, UnicodeDecodeError):
+        return f"{name} is cut off (not valid JSON)"
+    except OSError as e:
+        return f"{name} cannot be read ({e.strerror or e})"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{path.name} is cut off ({size} bytes, no header)"
+        n = int.from_bytes(head, "little")
+        if 8 + n > size:
+            return f"{path.name} is cut off (its header needs {8 + n} bytes, the file has {size})"
+        header = json.loads(f.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        return f"{path.name} is cut off (its tensors need {8 + n + end} bytes, the file has {size})"
+    return None
+
+
+def folder_problem(path: Path, required: tuple[str, ...] = ()) -> str | None:
+    """Why the checkpoint folder `path` cannot be loaded, or None: a required file is missing, or
+    a file fails its load check (file_problem)."""
+    missing = [name for name in required if not (path / name).is_file()]
+    if missing:
+        return f"no {', '.join(missing)}"
+    for file in sorted(p for p in path.iterdir() if p.is_file()):
+        if problem := file_problem(file):
+            return problem
+    return None
+
+
+def set_aside(path: Path, problem: str, kind: str = "incomplete") -> Path:
+    """Move a checkpoint that cannot be resumed out of every resume's and rotation's sight
+    (`<kind>-<name>-<time>` beside it), with one log line naming it and why."""
+    aside = path.with_name(f"{kind}-{path.name}-{time.strftime('%Y%m%dT%H%M%S')}")
+    path.rename(aside)
+    print(f"[resume] {path} cannot be resumed from ({problem}): moved to {aside.name}", flush=True)
+    return aside
+
+
+def newest_intact(found: list[tuple[int, Path]], problem_of, run_dir: Path) -> tuple[int, Path] | None:
+    """The newest of `found` ((step, folder), newest first) that `problem_of(folder)` passes; the
+    newer ones are set aside. None when there is nothing to resume; NoIntactCheckpoint when
+    there are checkpoints and none passes (they are left where they are: never a silent restart
+    from scratch)."""
+    problems = {}
+    for step, path in found:
+        problems[path] = problem_of(path)
+        if problems[path] is None:
+            for newer, _ in ((p, s) for s, p in found if s > step):
+                set_aside(newer, problems[newer])
+            return step, path
+    if found:
+        listed = "; ".join(f"{p.name}: {problems[p]}" for _, p in found)
+        raise NoIntactCheckpoint(
+            f"{run_dir} has checkpoints but none can be resumed ({listed}). Move them aside (or delete the run "
+            "directory) to start this run again from step 0, or pick another --run_name")
+    return None
+
+
 # What a checkpoint needs to resume from. transformers writes trainer_state.json last, after the
 # adapter, optimizer, scheduler and RNG state: a process killed while saving leaves a folder without
 # it (or with a cut-off one).
@@ -353,14 +465,13 @@ CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
 
 
 def checkpoint_problem(path: Path) -> str | None:
-    """Why `path` (checkpoint-N) cannot be resumed from, or None when it is complete."""
-    missing = [name for name in CHECKPOINT_FILES if not (path / name).is_file()]
-    if missing:
-        return f"no {', '.join(missing)}"
+    """Why `path` (checkpoint-N) cannot be resumed from, or None when it is complete and loads."""
+    if problem := folder_problem(path, CHECKPOINT_FILES):
+        return problem
     try:
         step = json.loads((path / "trainer_state.json").read_text())["global_step"]
-    except (ValueError, KeyError, TypeError):
-        return "trainer_state.json is cut off"
+    except (KeyError, TypeError):
+        return "trainer_state.json has no global_step"
     if f"checkpoint-{step}" != path.name:
         return f"trainer_state.json says step {step}"
     return None
@@ -375,21 +486,15 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 def resume_point(run_dir: Path, resume: bool) -> tuple[str | None, int]:
     """(newest complete checkpoint folder or None, its step). Refuses to silently overwrite a
-    resumable run. Newer incomplete checkpoints (a kill during a save) are moved aside to
-    incomplete-checkpoint-N-<time>, where neither a resume nor TRL's rotation sees them."""
+    resumable run. Newer checkpoints that cannot be resumed (a kill during a save, a file cut
+    short) are set aside, where neither a resume nor TRL's rotation sees them; NoIntactCheckpoint
+    when none can be."""
     found = checkpoints(run_dir) if run_dir.exists() else []
     if found and not resume:
         raise SystemExit(f"{run_dir} already has {found[0][1].name}; resume (the default) or choose "
                          "another --run_name (refusing to mix two runs in one directory)")
-    for step, path in found:
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return str(path), step
-        aside = path.with_name(f"incomplete-{path.name}-{time.strftime('%Y%m%dT%H%M%S')}")
-        path.rename(aside)
-        print(f"[resume] {path.name} is incomplete ({problem}; the process stopped while saving it): "
-              f"moved to {aside.name}, resuming from an earlier one")
-    return None, 0
+    intact = newest_intact(found, checkpoint_problem, run_dir)
+    return (str(intact[1]), intact[0]) if intact else (None, 0)
 
 
 # The run's adapter for `make eval`: the last checkpoint's files without the training state.
@@ -397,7 +502,8 @@ TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.js
 
 
 def final_complete(run_dir: Path) -> bool:
-    return all((run_dir / "final" / name).is_file() for name in ("adapter_config.json", "adapter_model.safetensors"))
+    """final/ is there and loads (a cut-off one is redone from the last checkpoint)."""
+    return adapter_problem(run_dir / "final") is None
 
 
 def save_final(run_dir: Path, checkpoint: Path) -> Path:
@@ -415,5 +521,3 @@ def save_final(run_dir: Path, checkpoint: Path) -> Path:
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     return final
-
-

@@ -1,7 +1,7 @@
 """What both trainers do the same way around training: exit codes, stop signals, argument logging.
 
-- the exit codes (README "Faults"): EXIT_OK, EXIT_USAGE, EXIT_REWARD_SERVER, EXIT_RUN_DIR_BUSY,
-  EXIT_INTERRUPTED, EXIT_ABORTED;
+- the exit codes (README "Faults"): EXIT_OK, EXIT_USAGE, EXIT_REWARD_SERVER, EXIT_NO_CHECKPOINT,
+  EXIT_RUN_DIR_BUSY, EXIT_INTERRUPTED, EXIT_ABORTED;
 - `StopOnSignal`: SIGTERM / SIGUSR1 / SIGINT ask the trainer to finish what it is doing, save and
   stop (exit 75); a second signal stops at once (KeyboardInterrupt, exit 130);
 - `refuse_signals`: while a trainer loads, a stop signal raises `StartInterrupted` (nothing is being
@@ -23,6 +23,7 @@ from collections.abc import Iterator
 EXIT_OK = 0
 EXIT_USAGE = 1  # bad settings or files, a hub id out of reach, a backend this machine cannot run
 EXIT_REWARD_SERVER = 3  # the reward server failed (after bounded retries); nothing was scored as 0
+EXIT_NO_CHECKPOINT = 65  # sysexits' EX_DATAERR: checkpoints exist and none can be resumed (none was moved)
 EXIT_RUN_DIR_BUSY = 73  # sysexits' EX_CANTCREAT: another live process holds the run directory
 EXIT_INTERRUPTED = 75  # sysexits' EX_TEMPFAIL: stopped by a signal after saving; rerun to resume
 EXIT_ABORTED = 130  # a second signal while stopping: exited at once, no new checkpoint

@@ -47,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import random
 import shutil
 import subprocess
 import sys
@@ -130,6 +131,8 @@ def main(recipe: Recipe, args: ArtArgs,  # noqa: C901 (the flow top to bottom: i
                                  backend_factory, stopper))
     except rundir.RunDirBusy as e:
         return fail(e, runtime.EXIT_RUN_DIR_BUSY)
+    except rundir.NoIntactCheckpoint as e:
+        return fail(e, runtime.EXIT_NO_CHECKPOINT)
     except (utils.DatasetError, settings.HubUnavailable) as e:
         return fail(e, runtime.EXIT_USAGE)
     except utils.RewardServerError as e:
@@ -161,6 +164,7 @@ async def run_loop(recipe: Recipe, args: ArtArgs, run_dir: Path, train_rows: lis
     art_path = run_dir / "art"
     model = art.TrainableModel(name=args.model_name or run_dir.name, project=args.project, base_model=recipe.model,
                                base_path=str(art_path), _internal_config=internal_config(recipe, args))
+    restore_point(run_dir, model)  # before ART reads its step: what cannot be resumed is set aside
     reward = utils.RewardClient(recipe.reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
     backend = None
     try:
@@ -261,12 +265,13 @@ def engine_config(recipe: Recipe, args: ArtArgs) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-def server_generator(model, name: str, args: ArtArgs, progress: bool = True):
-    """utils.Generator over the model's OpenAI-compatible server (vLLM under LocalBackend)."""
+def server_generator(model, name: str, args: ArtArgs, progress: bool = True, seed: int | None = None):
+    """utils.Generator over the model's OpenAI-compatible server (vLLM under LocalBackend); with
+    `seed`, conversation i is sampled with seed + i."""
     from openai_generator import OpenAIGenerator
 
     return OpenAIGenerator(model=name, base_url=model.inference_base_url, api_key=model.inference_api_key,
-                           timeout=args.request_timeout, concurrency=args.concurrency, progress=progress)
+                           timeout=args.request_timeout, concurrency=args.concurrency, progress=progress, seed=seed)
 
 
 def base_model_name(generator, wanted: str = "") -> str:
@@ -310,16 +315,19 @@ def make_validator(recipe: Recipe, args: ArtArgs, model) -> Any:
 # --------------------------------------------------------------------------------------
 
 
-async def rollout_group(client, model_name: str, row: dict, index: int, recipe: Recipe):
+async def rollout_group(client, model_name: str, row: dict, index: int, recipe: Recipe, step: int):
     """One request with n = num_generations; each choice (with its logprobs) is a trajectory.
 
-    The reward starts as NaN, not 0.0: an unscored trajectory must never look like a score.
+    The request's sampling seed is a function of the recipe's seed, the step and the group
+    (settings.derived_seed): a step's rollouts are the same whether or not the run was resumed
+    before it (vLLM and the CPU engine both honour a request's seed). The reward starts as NaN,
+    not 0.0: an unscored trajectory must never look like a score.
     """
     art = import_art()
     messages = utils.title_messages(row["scraped_body"])
     resp = await client.chat.completions.create(
         model=model_name, messages=messages, n=recipe.num_generations, max_tokens=recipe.max_completion_tokens,
-        temperature=recipe.temperature, logprobs=True,
+        temperature=recipe.temperature, logprobs=True, seed=settings.derived_seed(recipe.seed, step, index),
         **({"stop": list(stop)} if (stop := utils.stop_strings(recipe)) else {}))
     trajectories = [art.Trajectory(messages_and_choices=[*messages, choice], reward=math.nan,
                                    metadata={"story_id": str(row.get("id"))})
@@ -371,6 +379,43 @@ def is_eval_step(step: int, recipe: Recipe) -> bool:
     return step == recipe.max_steps or (recipe.eval_every > 0 and step % recipe.eval_every == 0)
 
 
+def restore_point(run_dir: Path, model) -> int:
+    """Make the run directory consistent before ART reads its step; returns the step it resumes after.
+
+    ART's step is its newest numeric checkpoint folder. A checkpoint that cannot be loaded (a
+    file cut short: rundir.folder_problem), or whose step has no metrics row (the process died
+    between the two), is set aside, so that step is trained again; every step is a function of
+    the seed and the step (Loop.run), so it is trained the same. Metrics rows and skipped steps
+    past the resume point are dropped, so each step is logged once. NoIntactCheckpoint when
+    there are checkpoints and none can be resumed.
+    """
+    from art.utils.output_dirs import get_model_dir
+
+    folder = Path(get_model_dir(model=model, art_path=model.base_path)) / "checkpoints"
+    found = sorted(((int(p.name), p) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()),
+                   reverse=True) if folder.is_dir() else []
+    rows = [r for r in rundir.read_metrics(run_dir)[0] if r["method"] == METHOD and r["split"] == "train"]
+    logged = {r["extra"].get("art_step") for r in rows if not r["extra"].get("skipped")}
+
+    def problem(path: Path) -> str | None:
+        if not int(path.name):
+            return rundir.folder_problem(path, rundir.ADAPTER_FILES)  # step 0: the untrained adapter
+        if int(path.name) not in logged:
+            return "its step has no metrics row: the process stopped between the checkpoint and the row"
+        return rundir.folder_problem(path, rundir.ADAPTER_FILES)
+
+    intact = rundir.newest_intact(found, problem, run_dir)
+    art_step = intact[0] if intact else 0
+    step = max((r["step"] for r in rows if (r["extra"].get("art_step") or 0) <= art_step), default=0)
+    _, _, dropped = rundir.trim_metrics(run_dir, step, METHOD)
+    state = model.read_state() or {}
+    if state.get("skipped_steps"):
+        model.merge_state({"skipped_steps": [s for s in state["skipped_steps"] if s <= step]})
+    if dropped:
+        print(f"[art] resuming after step {step} (ART step {art_step}): dropped {dropped} metrics rows past it")
+    return step
+
+
 class Loop:
     """State of one run: the model, its clients, the data and the metrics writer."""
 
@@ -413,7 +458,11 @@ class Loop:
             print(f"nothing to do: {done} of max_steps={recipe.max_steps} steps are done")
             return
         steps_per_epoch = math.ceil(len(self.train_rows) / recipe.prompts_per_step)
-        batches = iterate_dataset(self.train_rows, groups_per_step=recipe.prompts_per_step,
+        # ART's iterate_dataset shuffles each epoch by the epoch number alone; the stories are put in
+        # an order of the recipe's seed first, so the seed drives the story order (as it does TRL's).
+        stories = list(self.train_rows)
+        random.Random(recipe.seed).shuffle(stories)
+        batches = iterate_dataset(stories, groups_per_step=recipe.prompts_per_step,
                                   num_epochs=math.ceil(recipe.max_steps / steps_per_epoch),
                                   initial_step=done, use_tqdm=False)
         bar = tqdm(total=recipe.max_steps, initial=done, desc="art steps", unit="step")
@@ -421,10 +470,13 @@ class Loop:
             step = batch.step + 1
             if step > recipe.max_steps or self.stopping():
                 break
+            # Everything random in the step (ART's shuffles while tokenizing and packing, dropout) is a
+            # function of the seed and the step: a resumed run takes the uninterrupted run's steps.
+            settings.set_seed(settings.derived_seed(recipe.seed, step))
             inference_name = self.model.get_inference_name()
             t0, self.cpu0 = time.perf_counter(), time.process_time()
             groups = await art.gather_trajectory_groups(
-                (rollout_group(self.model.openai_client(), inference_name, row, i, recipe)
+                (rollout_group(self.model.openai_client(), inference_name, row, i, recipe, step)
                  for i, row in enumerate(batch.items)),
                 pbar_desc=f"rollouts step {step}", max_exceptions=self.args.max_exceptions,
                 max_metrics=0)  # the unscored rewards are NaN: keep them out of the bar
@@ -487,7 +539,8 @@ class Loop:
         t0 = time.perf_counter()
         art_step = await self.model.get_step()
         name = self.model.get_inference_name()
-        generator = server_generator(self.model, name, self.args)
+        generator = server_generator(self.model, name, self.args,
+                                     seed=settings.derived_seed(self.recipe.seed, "val", step))
         result = await evaluation.evaluate_generator(
             generator, self.val_rows, self.reward, self.validator, self.recipe.eval_samples,
             self.recipe.max_completion_tokens, self.recipe.temperature, self.recipe.trailing_penalty,

@@ -118,3 +118,41 @@ def serve(handler_cls: type[BaseHTTPRequestHandler], owner: Any = None) -> Itera
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+# A reward server that ranks titles, for end-to-end training runs of the tiny random model (which
+# cannot write a title the real scorer supports): 0.5 x the title's words + 0.01 x its place in the
+# request. Word counts alone tie often (two 8-token completions of a random model: about half of the
+# groups of 2 in a measured run), and a step whose groups all tie is skipped untrained; the place term
+# makes every two titles of one request differ (two places would have to be 50 apart, and these runs
+# send a few titles a request), so a group ties only when both titles are empty (empty titles get 0
+# without a request) and every step really trains.
+RANKING_REWARD_SCRIPT = """
+import json, sys, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def _send(self, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(200); self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data))); self.end_headers(); self.wfile.write(data)
+    def do_GET(self): self._send({"status": "ok"})
+    def do_POST(self):
+        time.sleep(float(sys.argv[2]))  # a step lasts long enough for the test to act mid-run
+        stories = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["stories"]
+        self._send({"scores": [0.5 * len(s["title"].split()) + 0.01 * i for i, s in enumerate(stories)]})
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+@contextlib.contextmanager
+def ranking_reward_process(delay: float = 0.3) -> Iterator[tuple[str, subprocess.Popen]]:
+    """The ranking reward server as a process (`delay` s per request): yields (url, process); killed after."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", RANKING_REWARD_SCRIPT, str(port), str(delay)])
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", 30, proc)
+        yield f"http://127.0.0.1:{port}", proc
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)

@@ -2,19 +2,13 @@
 end to end in real processes (a reward server process killed mid-run, SIGTERM, resume, rerun).
 
 The tiny random model cannot write a supported title, so the end-to-end runs use validator
-'none' and a reward server process that scores 0.5 x the words of the title plus 0.01 x the
-title's place in the request. Word counts alone tie often (two 8-token completions of a random
-model: about half of the groups of 2 in a measured run), and a step whose groups all tie is
-skipped untrained; the place term makes every two titles of one request differ (two places would
-have to be 50 apart, and these runs send 4 titles a request), so a group ties only when both
-titles are empty (empty titles get 0 without a request). Every step trains, and the tests can
-say so without depending on what the sampler drew.
+'none' and tests/servers.py's ranking reward server (0.5 x the title's words + 0.01 x its place in
+the request): every step trains, and the tests can say so without depending on what the sampler drew.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import os
@@ -27,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from servers import ranking_reward_process
 
 import art_compat
 import art_config
@@ -262,40 +257,6 @@ def _configs():
 # train.py end to end, real processes
 # --------------------------------------------------------------------------------------
 
-REWARD_SCRIPT = """
-import json, sys, time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-class H(BaseHTTPRequestHandler):
-    def log_message(self, *a): pass
-    def _send(self, obj):
-        data = json.dumps(obj).encode()
-        self.send_response(200); self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data))); self.end_headers(); self.wfile.write(data)
-    def do_GET(self): self._send({"status": "ok"})
-    def do_POST(self):
-        time.sleep(float(sys.argv[2]))  # a step lasts long enough for the test to act mid-run
-        stories = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["stories"]
-        # + 0.01 x place: a tie needs 0.5 x (word difference) = 0.01 x (place difference), places 50 apart
-        self._send({"scores": [0.5 * len(s["title"].split()) + 0.01 * i for i, s in enumerate(stories)]})
-ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
-"""
-
-
-@contextlib.contextmanager
-def reward_process(delay: float = 0.3):
-    """A reward server process (0.5 x title words + 0.01 x place, `delay` s per request): yields (url, process)."""
-    from servers import free_port, wait_healthy
-
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", REWARD_SCRIPT, str(port), str(delay)])
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}", 30, proc)
-        yield f"http://127.0.0.1:{port}", proc
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
-
-
 def train_cmd(tmp_path: Path, reward_url: str, *extra: str) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), "--recipe", str(ROOT / "recipes" / "tiny.yaml"), "--backend", "cpu",
             "--validator", "none", "--reward_url", reward_url, "--reward_retries", "1", "--runs_dir", str(tmp_path),
@@ -340,7 +301,7 @@ def test_sigterm_checkpoints_and_exits_75_then_the_rerun_continues(tmp_path):
     """cispo, ART's defaults: SIGTERM after the first row -> exit 75; the rerun trains the
     remaining steps once each; a third run of the finished run trains nothing."""
     run_dir = tmp_path / "r"
-    with reward_process() as (url, _):
+    with ranking_reward_process() as (url, _):
         proc = start(train_cmd(tmp_path, url, "--max_steps", "4"), tmp_path / "1.log")
         wait_for_train_row(run_dir, proc)
         proc.send_signal(signal.SIGTERM)
@@ -380,7 +341,7 @@ def test_reward_server_killed_mid_run_stops_the_step_and_the_rerun_resumes(tmp_p
     mid-run -> the step is not trained, exit 3 with the error; a rerun resumes at that step."""
     run_dir = tmp_path / "r"
     knobs = ("--loss_type", "ppo", "--pack_groups", "true", "--optimizer_steps", "per_step", "--max_steps", "6")
-    with reward_process() as (url, server):
+    with ranking_reward_process() as (url, server):
         proc = start(train_cmd(tmp_path, url, *knobs), tmp_path / "1.log")
         wait_for_train_row(run_dir, proc)
         server.kill()
@@ -392,7 +353,7 @@ def test_reward_server_killed_mid_run_stops_the_step_and_the_rerun_resumes(tmp_p
     assert trained == list(range(1, len(trained) + 1)) and len(trained) < 6
     # the failing step left no checkpoint (ART's step counts the steps that trained; a rare skip keeps it)
     assert checkpoints(run_dir)[-1] == sum(not r["extra"].get("skipped") for r in rows)
-    with reward_process() as (url, _):
+    with ranking_reward_process() as (url, _):
         code, log = finish(start(train_cmd(tmp_path, url, *knobs), tmp_path / "2.log"), tmp_path / "2.log")
     assert code == 0, log[-3000:]
     rows = rows_of(run_dir, "train")

@@ -189,7 +189,7 @@ def takeover_then_sigterm_in_the_last_step(tmp_path: Path, url: str, killed_pid:
     code, out = run(tmp_path, url, *PHASE_FLAGS, pause="step@4", sig=signal.SIGTERM)
     assert code == EXIT_INTERRUPTED, out[-2000:]
     assert f"taking over the lock left by pid {killed_pid}" in out
-    assert "checkpoint-4 is incomplete (no optimizer.pt" in out and "checkpoint-3 (step 3)" in out
+    assert "checkpoint-4 cannot be resumed from (no optimizer.pt" in out and "checkpoint-3 (step 3)" in out
     names = checkpoint_names(run_dir)
     assert names[:4] == ["checkpoint-1", "checkpoint-2", "checkpoint-3", "checkpoint-4"]
     assert names[4].startswith("incomplete-checkpoint-4-") and len(names) == 5
