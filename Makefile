@@ -17,7 +17,7 @@ RECIPE ?= recipes/cpu.yaml
 STAMP := $(VENV)/.setup-$(shell cat requirements.txt | md5sum | cut -c1-8)
 MODEL_DIR := models/smollm2-135m-instruct
 
-.PHONY: setup setup-gpu setup-art gpu-check gpu-check-bare check reward reward-prod train-trl train-art eval demo compare titles test test-fast lint bench clean
+.PHONY: setup setup-gpu setup-art gpu-check gpu-check-bare check reward reward-prod train-trl train-art eval demo study compare titles test test-fast lint bench clean
 
 setup: $(STAMP) $(MODEL_DIR)/model.safetensors models/tiny/model.safetensors
 
@@ -97,6 +97,10 @@ eval: setup
 
 demo: setup
 	$(PYTHON) demo.py --recipe $(RECIPE) $(if $(SETTING),--setting $(SETTING),) $(if $(METHODS),--methods $(METHODS),) $(ARGS)
+
+# Both methods trained with SEEDS training seeds (default 3: ~30 min on 2 cores), compared over seeds and stories.
+study: setup
+	$(PYTHON) study.py --recipe $(RECIPE) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(SETTING),--setting $(SETTING),) $(if $(METHODS),--methods $(METHODS),) $(ARGS)
 
 compare: setup
 	$(PYTHON) compare.py $(RUNS) $(ARGS)

@@ -9,13 +9,16 @@ What the demo's report (and the study's) says about two policies comes from here
   ROUGE-L does not confirm, titles collapsing onto one template, a copy fraction that rose);
 - `run_cost(run_dir, method)`: per-step cost means from a run's train rows (`row_cost` reads our
   own extras first, then ART's step metrics);
-- `interval`, `fmt`, `fmt_duration`: how the reports print numbers.
+- `interval`, `fmt`, `fmt_duration`: how the reports print numbers;
+- `spread_path`, `read_spread`, `spread_lines`: the seed spread the latest study measured
+  (docs/study-<recipe>[-<setting>].json), which the demo's one-run report quotes.
 
     python -c "import comparison; print(comparison.interval(0.215, 0.130, 0.283))"
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -157,3 +160,36 @@ def interval(diff: float, lo: float, hi: float) -> str:
     '-0.062 [-0.129, +0.000]'
     """
     return f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def spread_path(docs_dir: Path, recipe_path: str, setting: str) -> Path:
+    """Where a study of this recipe and setting writes its seed spread.
+
+    >>> spread_path(Path("docs"), "recipes/cpu.yaml", "aligned").as_posix()
+    'docs/study-cpu-aligned.json'
+    """
+    return docs_dir / f"study-{Path(recipe_path).stem}{'' if setting == 'defaults' else '-' + setting}.json"
+
+
+def read_spread(docs_dir: Path, recipe_path: str, setting: str) -> dict | None:
+    """The latest study's seed spread for this recipe and setting, or None when there is none."""
+    path = spread_path(docs_dir, recipe_path, setting)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def spread_lines(spread: dict | None, recipe_path: str, setting: str) -> list[str]:
+    """The demo report's paragraph on the seed spread: one run's verdict is one draw of the training seed."""
+    if spread is None:
+        return ["One training seed: the intervals above cover the stories, not the training run. No study has "
+                f"measured the seed spread of {Path(recipe_path).name} ({setting}) yet: `make study` does.", ""]
+    lines = [f"One training seed: the intervals above cover the stories, not the training run. The latest study "
+             f"({len(spread['seeds'])} seeds {spread['seeds']}, {spread['date'][:10]}, commit {spread['commit']}):", ""]
+    for key in ("trl", "art", "art-trl"):
+        if key in spread:
+            e = spread[key]
+            lines.append(f"- {e['line']}; between-seed sd {fmt(e['sd'], '.3f')}; per seed "
+                         + ", ".join(f"{s}: {v:+.3f}" for s, v in e["per_seed"].items()))
+    return lines + [""]

@@ -23,8 +23,8 @@
 
 Settings (--setting): `defaults` runs each library as a user gets it (the recipe's optimizer
 knobs left empty); `aligned` (the default) sets the same optimizer, weight decay, betas and one
-optimizer step per GRPO step on both, and packs each ART group into one row (SETTINGS and
-SETTING_ART_FLAGS below); it writes to runs/<method>-<recipe>-aligned. `defaults` costs ~2.5x more
+optimizer step per GRPO step on both, and packs each ART group into one row (experiment.SETTINGS and
+experiment.SETTING_ART_FLAGS below); it writes to runs/<method>-<recipe>-aligned. `defaults` costs ~2.5x more
 ART time on a CPU (8 full-prompt rows and 8 optimizer steps per GRPO step, as LocalBackend does).
 
 A method that fails mid-run does not stop the demo: the report says which, why (exit code,
@@ -45,65 +45,25 @@ when a method is not measurably better than the untrained model).
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
-import datetime as dt
-import math
 import os
-import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import comparison
 import evaluation
+import experiment
 import grpo_semantics
 import procs
-import rundir
 import settings
-import utils
 
 ROOT = settings.ROOT
 REPORT_FILE = "demo_report.md"
-AFTER_DIR = "demo-eval"  # <run dir>/demo-eval: the demo's evaluation of the final adapter
-CURVE_LABEL = "before-greedy"  # the baseline's greedy titles: the in-training curve's protocol
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    title: str
-    script: str
-    args: tuple[str, ...] = ()
-
-
-METHODS = {
-    "trl": Method("trl", "TRL GRPOTrainer", "reference_grpo_trainer.py"),
-    "art": Method("art", "ART loop (CPU engine)", "train.py", ("--backend", "cpu")),
-}
-
-# `aligned`: one optimizer configuration for both. TRL cannot take one step per trajectory
-# (reference_grpo_trainer.optimizer_kwargs refuses it), so both take one per GRPO step, with
-# TRL's CPU optimizer (torch AdamW, no weight decay, betas 0.9 / 0.999).
-SETTINGS: dict[str, dict[str, str]] = {
-    "defaults": {},
-    "aligned": {"optimizer": "adamw", "weight_decay": "0.0", "adam_beta1": "0.9", "adam_beta2": "0.999",
-                "optimizer_steps": "per_step"},
-}
-# ART-only flags of a setting. `aligned` packs each group into one row, prompt stored once: ART's
-# loss then normalises over all the group's completion tokens as TRL's CISPO does (unpacked, each
-# trajectory over its own length), and a step costs what TRL's shared-prefix step costs.
-SETTING_ART_FLAGS: dict[str, tuple[str, ...]] = {"defaults": (), "aligned": ("--pack_groups", "true")}
-SETTING_TITLES = {"defaults": "framework defaults (each library as a user gets it)",
-                  "aligned": "aligned (same optimizer, weight decay, betas, one optimizer step per GRPO step; "
-                             "ART packs each group into one row)"}
-
-
 @dataclass
 class DemoArgs:
     recipe: str = field(default="recipes/cpu.yaml", metadata={"help": "Recipe YAML shared by training and evaluation."})
@@ -117,7 +77,8 @@ class DemoArgs:
                 "eval_every and eval_samples."})
     reward_url: str = field(default="", metadata={
         "help": "Use this already running reward server (must answer /health) instead of starting one."})
-    server_args: str = field(default="", metadata={"help": "Extra flags for local_reward.py (e.g. '--rm_path dir')."})
+    server_args: str = field(default="", metadata={
+        "help": "Extra flags for local_reward.py (e.g. '--scorer hf --rm_model dir')."})
     server_timeout: float = field(default=300.0, metadata={"help": "Seconds to wait for the started server's /health."})
     trainer_args: str = field(default="", metadata={"help": "Extra flags for both trainers (e.g. '--max_steps 10')."})
     trl_args: str = field(default="", metadata={
@@ -132,6 +93,8 @@ class DemoArgs:
     report_only: bool = field(default=False, metadata={
         "help": "Train and evaluate nothing: rebuild the report and plot from the evaluations already on disk "
                 "(runs/base-<recipe>/eval/before.jsonl, <run>/demo-eval/eval/after.jsonl)."})
+    docs_dir: str = field(default="docs", metadata={
+        "help": "Where `make study` wrote the seed spread this report quotes (study-<recipe>[-<setting>].json)."})
     strict: bool = field(default=False, metadata={
         "help": "Exit 1 unless every method is measurably better than the untrained model (interval above 0)."})
 
@@ -140,179 +103,6 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-# --------------------------------------------------------------------------------------
-# Stages
-# --------------------------------------------------------------------------------------
-
-
-def load_recipe(path: str, overrides: dict[str, str] | None = None) -> settings.Recipe:
-    """The recipe as evaluate.py and the trainers resolve it (YAML + environment + the setting's flags)."""
-    argv = ["--recipe", path] + [a for k, v in (overrides or {}).items() for a in (f"--{k}", v)]
-    (recipe,) = settings.parse_args((settings.Recipe,), "eval", argv)
-    return recipe
-
-
-def parse_methods(text: str) -> list[str]:
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods or len(set(methods)) != len(methods):
-        raise SystemExit(f"--methods {text!r}: give one or more of {', '.join(METHODS)}, comma-separated, once each")
-    return methods
-
-
-def run_names(recipe_path: str, setting: str = "defaults") -> dict[str, str]:
-    """Run directory names: base-<recipe>, <method>-<recipe>[-<setting>], demo-<recipe>[-<setting>]."""
-    stem = Path(recipe_path).stem
-    tag = "" if setting == "defaults" else f"-{setting}"
-    return {"base": f"base-{stem}", "demo": f"demo-{stem}{tag}", **{m: f"{m}-{stem}{tag}" for m in METHODS}}
-
-
-def curve_flags(recipe: settings.Recipe, points: int) -> list[str]:
-    """Trainer flags for the in-training curve: `points` validations on greedy titles only."""
-    if points <= 0:
-        return []
-    every = max(1, math.ceil(recipe.max_steps / points))
-    return ["--eval_every", str(every), "--eval_samples", "0"]
-
-
-def check_data(recipe: settings.Recipe) -> dict[str, int]:
-    """Both splits loaded and filtered as the trainers do (utils.load_split; `make check` reports
-    more); fail if training or validation cannot work. Returns the stories used per split."""
-    from transformers import AutoTokenizer
-
-    with settings.hub_errors(recipe.model):
-        tokenizer = AutoTokenizer.from_pretrained(recipe.model)
-    used = {}
-    for split, limit, need in ((recipe.train_split, recipe.max_train_stories, recipe.prompts_per_step),
-                               (recipe.val_split, recipe.max_val_stories, 2)):
-        ds, report = utils.load_split(recipe, split, tokenizer, limit)
-        used[split] = len(ds)
-        print(f"{report.summary()}; {used[split]} used")
-        if used[split] < need:
-            raise utils.DatasetError(f"{recipe.dataset}: split '{split}' has {used[split]} usable stories, "
-                                     f"needs {need}")
-    return used
-
-
-def evaluate_policy(recipe: settings.Recipe, run_name: str, label: str, method: str, step: int, adapter: str = ""):
-    """`make eval`'s procedure (policy.evaluate_policy: the trainers' validation) into runs/<run_name>."""
-    import policy
-
-    recipe = dataclasses.replace(copy.deepcopy(recipe), run_name=run_name)
-    result, path = policy.evaluate_policy(recipe, adapter, label, method, step)
-    print(f"[{label}] {evaluation.eval_summary(result)}\ntitles -> {path}")
-    return result
-
-
-def write_curve_baseline(base_dir: Path, before: evaluation.EvalResult, model: str = "") -> None:
-    """The untrained model's greedy titles as their own row, so the curves have a baseline band
-    on their own protocol (greedy decoding is deterministic: no second generation needed)."""
-    result = evaluation.greedy_only(before)
-    row = evaluation.eval_metrics_row(result, method="base", step=0, wall_time=0.0, run=base_dir.name,
-                                 extra={"label": CURVE_LABEL, "derived_from": "before", "model": model})
-    evaluation.write_eval(base_dir, CURVE_LABEL, result, row)
-
-
-def find_checkpoint(run_dir: Path) -> Path | None:
-    """The newest adapter folder of a run that loads: TRL's checkpoint-N, or ART's checkpoints/NNNN
-    (any depth); a newer one that does not load (rundir.adapter_problem) is passed over, said."""
-    def step_of(p: Path) -> int | None:
-        tail = p.name.split("-")[-1]
-        return int(tail) if tail.isdigit() and (p.name.isdigit() or p.name.startswith("checkpoint-")) else None
-
-    found = [p.parent for p in run_dir.rglob("adapter_config.json")
-             if step_of(p.parent) is not None and AFTER_DIR not in p.parts]
-    for path in sorted(found, key=lambda p: (step_of(p), str(p)), reverse=True):
-        if (problem := rundir.adapter_problem(path)) is None:
-            return path
-        print(f"[demo] passing over {path}: its adapter cannot be loaded ({problem})", flush=True)
-    return None
-
-
-def trained_steps(run_dir: Path, method: str) -> int:
-    """The last step the run logged (its train rows; an ART step skipped untrained counts too)."""
-    rows, _ = rundir.read_metrics(run_dir)
-    return max((r["step"] for r in rows if r["split"] == "train" and r["method"] == method), default=0)
-
-
-@dataclass
-class MethodRun:
-    """One method's part of the demo: training outcome, evaluation, cost."""
-
-    method: Method
-    run_dir: Path
-    code: int | None = None       # the trainer's exit code (None: not run)
-    error: str = ""               # why it failed; empty when it finished
-    step: int = 0                 # last step logged
-    checkpoint: Path | None = None
-    result: evaluation.EvalResult | None = None
-    train_wall: float = 0.0       # this invocation's training stage
-    train_cpu: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.error and self.result is not None
-
-
-TRAINER_EXITS = {3: "the reward server failed; no reward was made up",
-                 75: "interrupted; a checkpoint was saved, rerun to resume"}
-
-
-def exit_reason(code: int) -> str:
-    """A signal's name for a negative exit code (SIGKILL without a Ctrl-C is usually the OOM killer)."""
-    if code >= 0:
-        return ""
-    try:
-        name = signal.Signals(-code).name
-    except ValueError:
-        name = f"signal {-code}"
-    return f"killed by {name}" + (" (out of memory? the kernel's OOM killer sends it)"
-                                  if -code == signal.SIGKILL else "")
-
-
-def last_line(log: Path) -> str:
-    """The log's last non-empty line (usually the trainer's one-line error), without progress bars."""
-    lines = [ln.strip() for raw in procs.tail(log, 40).splitlines() for ln in raw.split("\r")]
-    lines = [ln for ln in lines if ln and not ("%|" in ln and "it/s" in ln or "it]" in ln)]
-    return lines[-1][:300] if lines else "no output"
-
-
-def train_method(mr: MethodRun, recipe_path: str, url: str, flags: Sequence[str], max_steps: int) -> None:
-    """Run the method's trainer to the end; on failure record why (the demo goes on)."""
-    script = ROOT / mr.method.script
-    cmd = [sys.executable, str(script), "--recipe", recipe_path, "--reward_url", url,
-           "--run_name", mr.run_dir.name, *mr.method.args, *flags]
-    print("$ " + shlex.join(cmd), flush=True)
-    mr.run_dir.mkdir(parents=True, exist_ok=True)
-    mr.code = procs.stream(cmd, mr.run_dir / "demo_train.log") if script.exists() else 127
-    mr.step = trained_steps(mr.run_dir, mr.method.name)
-    mr.checkpoint = find_checkpoint(mr.run_dir)
-    log = mr.run_dir / "demo_train.log"
-    if mr.code != 0:
-        why = TRAINER_EXITS.get(mr.code, f"{script.name} not found" if mr.code == 127 else
-                                exit_reason(mr.code) or last_line(log))
-        mr.error = f"training failed at step {mr.step} of {max_steps} (exit {mr.code}: {why}); log: {log}"
-    elif mr.checkpoint is None:
-        mr.error = f"training finished but {mr.run_dir} holds no adapter checkpoint; log: {log}"
-    elif mr.step < max_steps:
-        mr.error = f"training stopped at step {mr.step} of {max_steps} (exit 0); log: {log}"
-    if mr.error:
-        print(f"\n[{mr.method.name}] {mr.error}", flush=True)
-
-
-def evaluate_method(mr: MethodRun, recipe: settings.Recipe) -> None:
-    """The full-protocol evaluation of the method's newest adapter; a failure is recorded, not raised."""
-    # Its own run dir inside the training run: the trainer already logged a val row at this step.
-    shutil.rmtree(mr.run_dir / AFTER_DIR, ignore_errors=True)  # redone on every run, like the baseline
-    try:
-        mr.result = evaluate_policy(recipe, f"{mr.run_dir.name}/{AFTER_DIR}", "after", mr.method.name, mr.step,
-                                    adapter=str(mr.checkpoint))
-    except (Exception, SystemExit) as e:  # one method's broken adapter must not cost the other's report
-        mr.error = f"evaluation of {mr.checkpoint} failed: {type(e).__name__}: {e}"
-        print(f"\n[{mr.method.name}] {mr.error}", flush=True)
-
-
-# --------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------
 
@@ -325,7 +115,7 @@ class Summary:
     recipe_path: str
     setting: str
     before: evaluation.EvalResult
-    runs: list[MethodRun]
+    runs: list[experiment.MethodRun]
     gains: dict[str, comparison.Comparison] = field(default_factory=dict)
     art_vs_trl: comparison.Comparison | None = None
     stages: list[tuple[str, float]] = field(default_factory=list)
@@ -334,9 +124,10 @@ class Summary:
     curve: str = ""                 # how the in-training curve was validated
     pngs: list[Path] = field(default_factory=list)
     report_path: Path | None = None
+    spread: dict | None = None      # the latest study's seed spread for this recipe and setting
 
     @property
-    def failed(self) -> list[MethodRun]:
+    def failed(self) -> list[experiment.MethodRun]:
         return [mr for mr in self.runs if not mr.ok]
 
 
@@ -351,11 +142,11 @@ def compute(summary: Summary) -> Summary:
 
 def _header(s: Summary) -> list[str]:
     r = s.recipe
-    overrides = SETTINGS[s.setting]
+    overrides = experiment.SETTINGS[s.setting]
     knobs = ", ".join(f"`{k}: {v}`" for k, v in overrides.items()) or "none: every optimizer knob left to each library"
     return [
         f"# Demo report: {', '.join(mr.method.title for mr in s.runs)} on {Path(s.recipe_path).name}", "",
-        f"Setting: **{SETTING_TITLES[s.setting]}**; recipe overrides: {knobs}.", "",
+        f"Setting: **{experiment.SETTING_TITLES[s.setting]}**; recipe overrides: {knobs}.", "",
         f"Model `{r.model}`, {r.max_steps} GRPO steps of {r.prompts_per_step} x {r.num_generations} completions, "
         f"lr {r.learning_rate:g}, loss {r.loss_type}, beta {r.beta:g}, LoRA r{r.lora_r}/a{r.lora_alpha}. "
         f"Evaluation: {len(s.before.rows)} val stories x {1 + r.eval_samples} titles (1 greedy + {r.eval_samples} "
@@ -389,7 +180,7 @@ def _gains(s: Summary) -> list[str]:
         lines += ["- ART vs TRL: " + comparison.verdict(s.art_vs_trl, "ART", "TRL")]
     elif len(s.runs) > 1:
         lines += ["- ART vs TRL: not compared (a method did not finish)."]
-    return lines + [""]
+    return lines + [""] + comparison.spread_lines(s.spread, s.recipe_path, s.setting)
 
 
 METRIC_ROWS = [("reward mean (all titles)", "reward_mean", "{:.3f}"),
@@ -459,7 +250,7 @@ def render_report(s: Summary, show_titles: int = 5) -> str:
     if s.failed:
         lines += ["## Failed", ""] + [f"- {mr.method.title}: {mr.error}" for mr in s.failed] + [""]
     lines += ["## What differs between the two libraries' GRPO", "",
-              f"This run: {SETTING_TITLES[s.setting]}. The other setting is one flag away "
+              f"This run: {experiment.SETTING_TITLES[s.setting]}. The other setting is one flag away "
               f"(`--setting {'aligned' if s.setting == 'defaults' else 'defaults'}`).", "",
               grpo_semantics.markdown(), ""]
     lines += ["## Runs and wall time", ""]
@@ -473,13 +264,6 @@ def render_report(s: Summary, show_titles: int = 5) -> str:
     if s.machine:
         lines += [s.machine, ""]
     return "\n".join(lines)
-
-
-def machine_note(load_before: tuple[float, ...]) -> str:
-    load_after = os.getloadavg()
-    return (f"Machine: {os.cpu_count()} cores, load average {load_before[0]:.1f} at the start and "
-            f"{load_after[0]:.1f} at the end (1-min); `make setup` time is not included. "
-            f"Finished {dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}.")
 
 
 def plot_curves(summary: Summary, base_dir: Path, out_dir: Path) -> list[Path]:
@@ -503,80 +287,41 @@ def plot_curves(summary: Summary, base_dir: Path, out_dir: Path) -> list[Path]:
 # --------------------------------------------------------------------------------------
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process and its finished children (the trainers): a load-independent cost."""
-    import resource
-
-    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
-               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-
-
-class Stages:
-    """Wall and CPU time per stage, printed as each one starts and ends."""
-
-    def __init__(self, total: int):
-        self.total, self.done, self.cpu = total, [], []
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        print(f"\n=== [{len(self.done) + 1}/{self.total}] {name} ===", flush=True)
-        t0, c0 = time.perf_counter(), cpu_seconds()
-        try:
-            yield
-        finally:
-            self.done.append((name, time.perf_counter() - t0))
-            self.cpu.append(cpu_seconds() - c0)
-            print(f"=== {name}: {self.done[-1][1]:.0f}s (CPU {self.cpu[-1]:.0f}s) ===", flush=True)
-
-
-def prepare(args: DemoArgs) -> tuple[settings.Recipe, dict[str, Path], list[MethodRun]]:
+def prepare(args: DemoArgs) -> tuple[settings.Recipe, dict[str, Path], list[experiment.MethodRun]]:
     """The recipe with the setting applied, the run directories (emptied by --fresh), one MethodRun per method."""
-    if args.setting not in SETTINGS:
-        raise SystemExit(f"--setting {args.setting!r}: use one of {', '.join(SETTINGS)}")
-    methods = parse_methods(args.methods)
-    recipe = load_recipe(args.recipe, SETTINGS[args.setting])
-    dirs = {k: Path(recipe.runs_dir) / v for k, v in run_names(args.recipe, args.setting).items()}
+    if args.setting not in experiment.SETTINGS:
+        raise SystemExit(f"--setting {args.setting!r}: use one of {', '.join(experiment.SETTINGS)}")
+    methods = experiment.parse_methods(args.methods)
+    recipe = experiment.load_recipe(args.recipe, experiment.SETTINGS[args.setting])
+    dirs = {k: Path(recipe.runs_dir) / v for k, v in experiment.run_names(args.recipe, args.setting).items()}
     if args.fresh:
         for key in ("base", "demo", *methods):
             shutil.rmtree(dirs[key], ignore_errors=True)
     # The baseline is recomputed on every run, so its old rows would only duplicate step 0.
     shutil.rmtree(dirs["base"], ignore_errors=True)
     dirs["demo"].mkdir(parents=True, exist_ok=True)
-    return recipe, dirs, [MethodRun(METHODS[m], dirs[m]) for m in methods]
-
-
-@contextlib.contextmanager
-def server_url(args: DemoArgs, log: Path) -> Iterator[str]:
-    """The reward server's URL: the running one given, or one started (and always stopped) here."""
-    if args.reward_url:
-        url = args.reward_url.rstrip("/")
-        health = procs.wait_healthy(url, timeout=10.0)
-        print(f"using the running server at {url}: {health}")
-        yield url
-        return
-    with procs.reward_server(log, args.server_timeout, shlex.split(args.server_args)) as (url, health):
-        print(f"started local_reward.py at {url} (log {log}): {health}")
-        yield url
+    return recipe, dirs, [experiment.MethodRun(experiment.METHODS[m], dirs[m]) for m in methods]
 
 
 def report_only(args: DemoArgs) -> Summary:
     """The report from the evaluations on disk (no server, no training, no generation)."""
-    if args.setting not in SETTINGS:
-        raise SystemExit(f"--setting {args.setting!r}: use one of {', '.join(SETTINGS)}")
-    recipe = load_recipe(args.recipe, SETTINGS[args.setting])
-    dirs = {k: Path(recipe.runs_dir) / v for k, v in run_names(args.recipe, args.setting).items()}
+    if args.setting not in experiment.SETTINGS:
+        raise SystemExit(f"--setting {args.setting!r}: use one of {', '.join(experiment.SETTINGS)}")
+    recipe = experiment.load_recipe(args.recipe, experiment.SETTINGS[args.setting])
+    dirs = {k: Path(recipe.runs_dir) / v for k, v in experiment.run_names(args.recipe, args.setting).items()}
     before = evaluation.read_eval(dirs["base"], "before")
     if before is None:
         raise SystemExit(f"{dirs['base']}/eval/before.jsonl not found: run the demo first")
-    runs = [MethodRun(METHODS[m], dirs[m]) for m in parse_methods(args.methods)]
+    runs = [experiment.MethodRun(experiment.METHODS[m], dirs[m]) for m in experiment.parse_methods(args.methods)]
     for mr in runs:
-        mr.step, mr.checkpoint = trained_steps(mr.run_dir, mr.method.name), find_checkpoint(mr.run_dir)
-        mr.result = evaluation.read_eval(mr.run_dir / AFTER_DIR, "after")
+        mr.step = experiment.trained_steps(mr.run_dir, mr.method.name)
+        mr.checkpoint = experiment.find_checkpoint(mr.run_dir)
+        mr.result = evaluation.read_eval(mr.run_dir / experiment.AFTER_DIR, "after")
         if mr.result is None:
-            mr.error = f"no evaluation at {mr.run_dir / AFTER_DIR} (training failed or not run)"
+            mr.error = f"no evaluation at {mr.run_dir / experiment.AFTER_DIR} (training failed or not run)"
     summary = compute(Summary(recipe=recipe, recipe_path=args.recipe, setting=args.setting, before=before, runs=runs,
                               machine="Rebuilt from the evaluations on disk (--report_only): no stage times."))
-    return finish(summary, args, dirs, curve_note(curve_flags(recipe, args.curve_points)))
+    return finish(summary, args, dirs, curve_note(experiment.curve_flags(recipe, args.curve_points)))
 
 
 def curve_note(flags: Sequence[str]) -> str:
@@ -590,6 +335,7 @@ def curve_note(flags: Sequence[str]) -> str:
 def finish(summary: Summary, args: DemoArgs, dirs: dict[str, Path], curve: str) -> Summary:
     """Plot, render, write and print the report."""
     summary.curve = curve
+    summary.spread = comparison.read_spread(ROOT / args.docs_dir, args.recipe, args.setting)
     summary.pngs = plot_curves(summary, dirs["base"], dirs["demo"])
     text = render_report(summary, args.show_titles)
     summary.report_path = dirs["demo"] / REPORT_FILE
@@ -606,33 +352,32 @@ def main(args: DemoArgs) -> Summary:
         return report_only(args)
     procs.set_threads(args.threads)
     recipe, dirs, runs = prepare(args)
-    flags = [a for k, v in SETTINGS[args.setting].items() for a in (f"--{k}", v)]
-    flags += curve_flags(recipe, args.curve_points) + shlex.split(args.trainer_args)
-    load0, stages = os.getloadavg(), Stages(3 + 2 * len(runs))
+    flags = experiment.trainer_flags(args.setting, recipe, args.curve_points, args.trainer_args)
+    load0, stages = os.getloadavg(), experiment.Stages(3 + 2 * len(runs))
 
     with contextlib.ExitStack() as stack:
         with stages("reward server"):
-            recipe.reward_url = stack.enter_context(server_url(args, dirs["demo"] / "demo_reward_server.log"))
+            recipe.reward_url = stack.enter_context(experiment.server_url(
+                args.reward_url, args.server_args, args.server_timeout, dirs["demo"] / "demo_reward_server.log"))
         with stages("data check"):
-            check_data(recipe)
+            experiment.check_data(recipe)
         with stages("evaluate untrained (baseline)"):
-            before = evaluate_policy(recipe, dirs["base"].name, "before", "base", 0)
-            write_curve_baseline(dirs["base"], before, recipe.model)
+            before = experiment.evaluate_policy(recipe, dirs["base"].name, "before", "base", 0)
+            experiment.write_curve_baseline(dirs["base"], before, recipe.model)
         for mr in runs:
             with stages(f"train {mr.method.title}"):
-                t0, c0 = time.perf_counter(), cpu_seconds()
-                own = shlex.split({"trl": args.trl_args, "art": args.art_args}.get(mr.method.name, ""))
-                if mr.method.name == "art":
-                    own = [*SETTING_ART_FLAGS[args.setting], *own]
-                train_method(mr, args.recipe, recipe.reward_url, flags + own, recipe.max_steps)
-                mr.train_wall, mr.train_cpu = time.perf_counter() - t0, cpu_seconds() - c0
+                t0, c0 = time.perf_counter(), experiment.cpu_seconds()
+                own = experiment.method_flags(mr.method.name, args.setting,
+                                              {"trl": args.trl_args, "art": args.art_args}[mr.method.name])
+                experiment.train_method(mr, args.recipe, recipe.reward_url, flags + own, recipe.max_steps)
+                mr.train_wall, mr.train_cpu = time.perf_counter() - t0, experiment.cpu_seconds() - c0
         for mr in runs:
             if not mr.error:
                 with stages(f"evaluate {mr.method.title}"):
-                    evaluate_method(mr, recipe)
+                    experiment.evaluate_method(mr, recipe)
 
     summary = compute(Summary(recipe=recipe, recipe_path=args.recipe, setting=args.setting, before=before, runs=runs,
-                              stages=stages.done, cpu=stages.cpu, machine=machine_note(load0)))
+                              stages=stages.done, cpu=stages.cpu, machine=experiment.machine_note(load0)))
     return finish(summary, args, dirs, curve_note(flags))
 
 

@@ -22,6 +22,7 @@ import pytest
 import comparison
 import demo
 import evaluation
+import experiment
 import grpo_semantics
 import procs
 import rundir
@@ -101,43 +102,56 @@ def test_verdict_flags_a_gain_the_independent_metrics_do_not_show(titles_before,
     assert cmp.template_rose is (collapsed and titles_after is COLLAPSED)
 
 
-def test_find_checkpoint_both_layouts(tmp_path):
+EMPTY_SAFETENSORS = (2).to_bytes(8, "little") + b"{}"  # a complete safetensors file that holds no tensor
+
+
+def write_adapter(folder: Path, complete: bool = True) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text("{}")
+    (folder / "adapter_model.safetensors").write_bytes(EMPTY_SAFETENSORS if complete else EMPTY_SAFETENSORS[:9])
+
+
+def test_find_checkpoint_both_layouts(tmp_path, capsys):
     for step, adapter in ((5, True), (20, True), (25, False), (100, False)):
         d = tmp_path / f"checkpoint-{step}"
         d.mkdir()
         if adapter:
-            (d / "adapter_config.json").write_text("{}")
+            write_adapter(d)
+    write_adapter(tmp_path / "checkpoint-30", complete=False)  # cut short: passed over, said
     (tmp_path / "checkpoint-final").mkdir()
-    # The newest checkpoint with an adapter wins; folders without one (being written) are skipped.
-    assert demo.find_checkpoint(tmp_path).name == "checkpoint-20"
-    assert demo.find_checkpoint(tmp_path / "checkpoint-final") is None
+    # The newest checkpoint with an adapter that loads wins; folders without one (being written) are skipped.
+    assert experiment.find_checkpoint(tmp_path).name == "checkpoint-20"
+    assert "passing over" in capsys.readouterr().out
+    assert experiment.find_checkpoint(tmp_path / "checkpoint-final") is None
     # ART: <run>/art/<project>/models/<name>/checkpoints/NNNN; the demo's own eval folder never counts
     art = tmp_path / "art-run"
     for step in ("0003", "0012"):
-        (art / "art" / "p" / "models" / "m" / "checkpoints" / step).mkdir(parents=True)
-        (art / "art" / "p" / "models" / "m" / "checkpoints" / step / "adapter_config.json").write_text("{}")
-    (art / demo.AFTER_DIR / "checkpoint-99").mkdir(parents=True)
-    (art / demo.AFTER_DIR / "checkpoint-99" / "adapter_config.json").write_text("{}")
-    assert demo.find_checkpoint(art).name == "0012"
+        write_adapter(art / "art" / "p" / "models" / "m" / "checkpoints" / step)
+    write_adapter(art / experiment.AFTER_DIR / "checkpoint-99")
+    assert experiment.find_checkpoint(art).name == "0012"
 
 
 def test_run_names_settings_and_methods():
-    assert demo.run_names("recipes/cpu.yaml") == {"base": "base-cpu", "demo": "demo-cpu", "trl": "trl-cpu",
-                                                  "art": "art-cpu"}
-    aligned = demo.run_names("recipes/cpu.yaml", "aligned")
+    assert experiment.run_names("recipes/cpu.yaml") == {"base": "base-cpu", "demo": "demo-cpu", "study": "study-cpu",
+                                                        "trl": "trl-cpu", "art": "art-cpu"}
+    # a training seed other than the recipe's gets runs of its own; the baseline and report folders do not
+    seeded = experiment.run_names("recipes/cpu.yaml", "aligned", seed=43)
+    assert seeded["trl"] == "trl-cpu-aligned-s43" and seeded["art"] == "art-cpu-aligned-s43"
+    assert seeded["base"] == "base-cpu" and seeded["demo"] == "demo-cpu-aligned"
+    aligned = experiment.run_names("recipes/cpu.yaml", "aligned")
     assert aligned["trl"] == "trl-cpu-aligned" and aligned["art"] == "art-cpu-aligned"
     assert aligned["base"] == "base-cpu"  # the untrained model does not depend on the optimizer
-    assert demo.parse_methods("trl, art") == ["trl", "art"] and demo.parse_methods("art") == ["art"]
+    assert experiment.parse_methods("trl, art") == ["trl", "art"] and experiment.parse_methods("art") == ["art"]
     for bad in ("", "trl,ppo", "trl,trl"):
         with pytest.raises(SystemExit, match="--methods"):
-            demo.parse_methods(bad)
+            experiment.parse_methods(bad)
 
 
 def test_aligned_setting_reaches_the_recipe_and_both_trainers_flags():
-    recipe = demo.load_recipe(str(demo.ROOT / "recipes" / "tiny.yaml"), demo.SETTINGS["aligned"])
+    recipe = experiment.load_recipe(str(experiment.ROOT / "recipes" / "tiny.yaml"), experiment.SETTINGS["aligned"])
     assert (recipe.optimizer, recipe.weight_decay, recipe.adam_beta1, recipe.adam_beta2, recipe.optimizer_steps) == (
         "adamw", 0.0, 0.9, 0.999, "per_step")
-    defaults = demo.load_recipe(str(demo.ROOT / "recipes" / "tiny.yaml"), demo.SETTINGS["defaults"])
+    defaults = experiment.load_recipe(str(experiment.ROOT / "recipes" / "tiny.yaml"), experiment.SETTINGS["defaults"])
     assert (defaults.optimizer, defaults.weight_decay, defaults.optimizer_steps) == (None, None, None)
 
     assert trl_config.optimizer_kwargs(recipe) == {"optim": "adamw_torch", "weight_decay": 0.0,
@@ -151,7 +165,7 @@ def test_aligned_setting_reaches_the_recipe_and_both_trainers_flags():
     (20, 0, []),                                             # 0: the recipe's own validations
 ])
 def test_curve_flags(max_steps, points, expected):
-    assert demo.curve_flags(settings.Recipe(max_steps=max_steps), points) == expected
+    assert experiment.curve_flags(settings.Recipe(max_steps=max_steps), points) == expected
 
 
 def test_greedy_only_view_and_curve_baseline_row(tmp_path):
@@ -159,17 +173,17 @@ def test_greedy_only_view_and_curve_baseline_row(tmp_path):
     full.sampled[0][0] = _scored(0.9)  # a sample differs from the greedy title
     greedy = evaluation.greedy_only(full)
     assert greedy.per_story_reward() == [0.1, 0.5, 0.3]
-    demo.write_curve_baseline(tmp_path, full)
+    experiment.write_curve_baseline(tmp_path, full)
     (row,), _ = rundir.read_metrics(tmp_path)
-    assert row["n"] == 3 and row["extra"]["stories"] == 3 and row["extra"]["label"] == demo.CURVE_LABEL
+    assert row["n"] == 3 and row["extra"]["stories"] == 3 and row["extra"]["label"] == experiment.CURVE_LABEL
     assert row["reward_mean"] == pytest.approx(0.3)
 
 
-def _fixture_run(tmp_path: Path, name: str, method: str) -> demo.MethodRun:
+def _fixture_run(tmp_path: Path, name: str, method: str) -> experiment.MethodRun:
     import shutil
 
     shutil.copytree(FIXTURES / name, tmp_path / name)
-    return demo.MethodRun(demo.METHODS[method], tmp_path / name)
+    return experiment.MethodRun(experiment.METHODS[method], tmp_path / name)
 
 
 def _summary(tmp_path, art_fails: bool) -> demo.Summary:
@@ -246,19 +260,19 @@ def test_train_method_records_a_failure_mid_run(tmp_path):
         "    w.write(utils.metrics_row(method='art', step=step, split='train', scored=[], wall_time=step))\n"
         "print('error: reward server at http://x unreachable', flush=True)\n"
         "sys.exit(3)\n")
-    mr = demo.MethodRun(demo.Method("art", "ART", str(script)), tmp_path / "art-x")
+    mr = experiment.MethodRun(experiment.Method("art", "ART", str(script)), tmp_path / "art-x")
     env_path = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = str(demo.ROOT) + (os.pathsep + env_path if env_path else "")
+    os.environ["PYTHONPATH"] = str(experiment.ROOT) + (os.pathsep + env_path if env_path else "")
     try:
-        demo.train_method(mr, "recipes/tiny.yaml", "http://127.0.0.1:1", [], max_steps=4)
+        experiment.train_method(mr, "recipes/tiny.yaml", "http://127.0.0.1:1", [], max_steps=4)
     finally:
         os.environ["PYTHONPATH"] = env_path
     assert mr.code == 3 and mr.step == 2 and mr.checkpoint is None
     assert mr.error.startswith("training failed at step 2 of 4 (exit 3: the reward server failed")
-    assert demo.exit_reason(-9).startswith("killed by SIGKILL (out of memory?")
-    assert demo.exit_reason(-15) == "killed by SIGTERM" and demo.exit_reason(1) == ""
-    missing = demo.MethodRun(demo.Method("art", "ART", str(tmp_path / "nope.py")), tmp_path / "art-y")
-    demo.train_method(missing, "recipes/tiny.yaml", "http://127.0.0.1:1", [], max_steps=4)
+    assert experiment.exit_reason(-9).startswith("killed by SIGKILL (out of memory?")
+    assert experiment.exit_reason(-15) == "killed by SIGTERM" and experiment.exit_reason(1) == ""
+    missing = experiment.MethodRun(experiment.Method("art", "ART", str(tmp_path / "nope.py")), tmp_path / "art-y")
+    experiment.train_method(missing, "recipes/tiny.yaml", "http://127.0.0.1:1", [], max_steps=4)
     assert missing.code == 127 and "nope.py not found" in missing.error
 
 
@@ -315,7 +329,7 @@ def test_sigterm_stops_the_demo_and_its_server(tmp_path, stories_path):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(f"shared:\n  model: models/tiny\n  dataset: {stories_path}\n  max_val_stories: 2\n")
     env = {**os.environ, "RUNS_DIR": str(tmp_path / "runs"), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "demo.py", "--recipe", str(recipe)], cwd=demo.ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "demo.py", "--recipe", str(recipe)], cwd=experiment.ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url, seen = None, []
     try:
@@ -342,9 +356,9 @@ METHODS_E2E = "trl,art"  # ART: train.py --backend cpu
 def test_demo_end_to_end_on_the_tiny_recipe_then_resume(tmp_path, monkeypatch, capsys):
     """Every stage for real on models/tiny (a random 2-layer model: it learns nothing, the pipeline is the test)."""
     monkeypatch.setenv("RUNS_DIR", str(tmp_path))
-    args = demo.DemoArgs(recipe=str(demo.ROOT / "recipes" / "tiny.yaml"), methods=METHODS_E2E, fresh=True,
+    args = demo.DemoArgs(recipe=str(experiment.ROOT / "recipes" / "tiny.yaml"), methods=METHODS_E2E, fresh=True,
                          show_titles=2, threads=1)
-    recipe = demo.load_recipe(args.recipe)
+    recipe = experiment.load_recipe(args.recipe)
     s = demo.main(args)
     out = capsys.readouterr().out
     assert not s.failed, [mr.error for mr in s.failed]
@@ -353,7 +367,7 @@ def test_demo_end_to_end_on_the_tiny_recipe_then_resume(tmp_path, monkeypatch, c
     assert (s.report_path.parent / "compare.png").read_bytes()[:4] == b"\x89PNG"
     base_rows, _ = rundir.read_metrics(tmp_path / "base-tiny")
     assert [(r["method"], r["step"], r["extra"]["label"]) for r in base_rows] == [
-        ("base", 0, "before"), ("base", 0, demo.CURVE_LABEL)]
+        ("base", 0, "before"), ("base", 0, experiment.CURVE_LABEL)]
     for mr in s.runs:
         rows, _ = rundir.read_metrics(mr.run_dir)
         val = [r for r in rows if r["split"] == "val"]
@@ -361,7 +375,7 @@ def test_demo_end_to_end_on_the_tiny_recipe_then_resume(tmp_path, monkeypatch, c
         every = math.ceil(recipe.max_steps / args.curve_points)
         assert [r["step"] for r in val] == sorted({*range(every, recipe.max_steps + 1, every), recipe.max_steps})
         assert all(r["n"] == r["extra"]["stories"] for r in val) and "rouge_l_mean" in val[-1]["extra"]
-        after, _ = rundir.read_metrics(mr.run_dir / demo.AFTER_DIR)
+        after, _ = rundir.read_metrics(mr.run_dir / experiment.AFTER_DIR)
         assert [(r["method"], r["step"], r["n"]) for r in after] == [
             (mr.method.name, recipe.max_steps, recipe.max_val_stories * (1 + recipe.eval_samples))]
         assert (mr.run_dir / "demo_train.log").read_text().strip()
@@ -375,16 +389,65 @@ def test_demo_end_to_end_on_the_tiny_recipe_then_resume(tmp_path, monkeypatch, c
     train_rows = {mr.method.name: [r for r in rundir.read_metrics(mr.run_dir)[0] if r["split"] == "train"]
                   for mr in s.runs}
     titles = [(tmp_path / "base-tiny" / "eval" / "before.jsonl").read_text(),
-              *[(mr.run_dir / demo.AFTER_DIR / "eval" / "after.jsonl").read_text() for mr in s.runs]]
+              *[(mr.run_dir / experiment.AFTER_DIR / "eval" / "after.jsonl").read_text() for mr in s.runs]]
     s2 = demo.main(dataclasses.replace(args, fresh=False))
     assert not s2.failed
     # every evaluation is seeded: the redone ones write the same titles (sampled ones included) and rewards
     assert titles == [(tmp_path / "base-tiny" / "eval" / "before.jsonl").read_text(),
-                      *[(mr.run_dir / demo.AFTER_DIR / "eval" / "after.jsonl").read_text() for mr in s2.runs]]
+                      *[(mr.run_dir / experiment.AFTER_DIR / "eval" / "after.jsonl").read_text() for mr in s2.runs]]
     for mr in s2.runs:
         assert [r for r in rundir.read_metrics(mr.run_dir)[0] if r["split"] == "train"] == train_rows[mr.method.name]
-        assert len(rundir.read_metrics(mr.run_dir / demo.AFTER_DIR)[0]) == 1
+        assert len(rundir.read_metrics(mr.run_dir / experiment.AFTER_DIR)[0]) == 1
     assert len(rundir.read_metrics(tmp_path / "base-tiny")[0]) == 2
+    study_on_the_demos_runs(tmp_path, args, s2, train_rows)
+
+
+def study_on_the_demos_runs(tmp_path: Path, args, demo_summary, demo_train_rows) -> None:
+    """`make study` after `make demo`: killed while it trains the second seed, then run again. The recipe's
+    seed is the demo's run (reused: nothing retrained, its evaluation read back, the demo's numbers); the
+    second seed trains runs of its own, which differ; the report and the seed spread the demo then quotes."""
+    import study
+
+    docs = tmp_path / "docs"
+    argv = [sys.executable, "study.py", "--recipe", args.recipe, "--methods", METHODS_E2E, "--seeds", "2",
+            "--threads", "1", "--docs_dir", str(docs)]
+    env = {**os.environ, "RUNS_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(argv, cwd=experiment.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    seeded = tmp_path / "trl-tiny-aligned-s43"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not (
+            (seeded / rundir.METRICS_FILE).exists() and rundir.read_metrics(seeded)[0]):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # a killed study: its trainer checkpoints, the study stops
+    out = proc.communicate(timeout=300)[0].decode(errors="replace")
+    assert proc.returncode != 0, out[-3000:]
+
+    result = study.main(study.StudyArgs(recipe=args.recipe, methods=METHODS_E2E, seeds=2, threads=1,
+                                        docs_dir=str(docs)))
+    assert not result.failed, [mr.error for _, mr in result.failed]
+    steps = lambda mr: [r["step"] for r in rundir.read_metrics(mr.run_dir)[0] if r["split"] == "train"]  # noqa: E731
+    for mr in result.runs[42]:  # the demo's runs: nothing retrained
+        assert [r for r in rundir.read_metrics(mr.run_dir)[0] if r["split"] == "train"] == demo_train_rows[
+            mr.method.name]
+    for mr in result.runs[43]:  # resumed where the kill left it: every step once
+        assert steps(mr) == list(range(1, len(steps(mr)) + 1)) == list(range(1, 5))
+    summary = study.summarize(result)
+    for method in ("trl", "art"):  # --seeds 1 of a study is the demo: the same numbers
+        mine, theirs = summary[method].per_seed[42], demo_summary.gains[method]
+        assert (mine.diff, mine.lo, mine.hi) == (theirs.diff, theirs.lo, theirs.hi)
+        # another training seed trains another run: another LoRA init at least (the tiny model's titles all
+        # score 0 under the real reward, so there is no gradient to tell the runs apart by)
+        from safetensors.torch import load_file
+
+        adapters = [load_file(str(mr.checkpoint / "adapter_model.safetensors"))
+                    for s in (42, 43) for mr in result.runs[s] if mr.method.name == method]
+        assert any(not (adapters[0][k] == adapters[1][k]).all() for k in adapters[0])
+    report = (tmp_path / "study-tiny-aligned" / study.REPORT_FILE).read_text()
+    assert "**ART - TRL over 2 seeds x 4 stories: " in report and "| 43 |" in report
+    spread = json.loads((docs / "study-tiny-aligned.json").read_text())
+    assert spread["seeds"] == [42, 43] and spread["commit"] and spread["art-trl"]["line"] in report
+    quoted = demo.main(dataclasses.replace(args, fresh=False, report_only=True, docs_dir=str(docs)))
+    assert "The latest study (2 seeds [42, 43]" in quoted.report_path.read_text()
 
 
 @pytest.mark.integration  # the plot is drawn by compare.py in its own process
@@ -394,10 +457,10 @@ def test_report_only_rebuilds_from_disk(tmp_path, monkeypatch):
     before, after = _result(BEFORE), _result([b + 0.1 for b in BEFORE])
     assert evaluation.EvalResult.from_records(after.records()).per_story_reward() == after.per_story_reward()
     for run_dir, label, res in ((tmp_path / "base-tiny", "before", before),
-                                (tmp_path / "trl-tiny" / demo.AFTER_DIR, "after", after)):
+                                (tmp_path / "trl-tiny" / experiment.AFTER_DIR, "after", after)):
         (run_dir / "eval").mkdir(parents=True)
         (run_dir / "eval" / f"{label}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in res.records()))
-    s = demo.main(demo.DemoArgs(recipe=str(demo.ROOT / "recipes" / "tiny.yaml"), report_only=True,
+    s = demo.main(demo.DemoArgs(recipe=str(experiment.ROOT / "recipes" / "tiny.yaml"), report_only=True,
                                 setting="defaults"))  # run names without the -aligned tag
     gain = stats.paired_bootstrap(after.per_story_reward(), before.per_story_reward(), seed=0)
     assert (s.gains["trl"].diff, s.gains["trl"].lo) == pytest.approx(gain[:2])

@@ -1,0 +1,380 @@
+"""A verdict that holds across training runs: both methods trained with several seeds, evaluated on the
+same stories, and compared over seeds and stories.
+
+    make study                                   # 3 seeds, recipes/cpu.yaml, aligned, both methods
+    make study SEEDS=5 RECIPE=recipes/tiny.yaml  # SETTING and METHODS work as in the demo
+    python study.py --seeds 1                    # the recipe's seed alone: the demo's run and numbers
+    python study.py --report_only                # the report again, from the evaluations on disk
+
+The seeds are the recipe's `seed` and the ones after it (42, 43, 44 for --seeds 3). A seed is a
+training seed and drives what it drives in each library: TRL's sampler seed and data_seed, the LoRA
+init and the rollout sampling; ART's story order, LoRA init and every step's sampling seeds. The
+evaluation protocol stays fixed (the recipe's val stories, samples per story and evaluation seed,
+as in the demo), so runs differ only by training. The recipe's seed trains the demo's runs
+(runs/<method>-<recipe>[-<setting>], reused: a study after `make demo` retrains nothing for it);
+another seed s trains runs/<method>-<recipe>[-<setting>]-s<s>. Every run resumes like the demo's,
+an evaluation of the same adapter already on disk is reused, and a run that fails is reported, not
+hidden (the study goes on with the others and exits 1).
+
+The stages: the reward server, the data check, the untrained model's evaluation (once), then per
+seed each method trained and evaluated. The report (runs/study-<recipe>[-<setting>]/study_report.md
+and study.png): each method's gain per seed (a paired bootstrap over stories) and over all seeds,
+ART - TRL the same, the over-seeds intervals two-level (stats.two_level_bootstrap: training seeds and
+stories), the between-seed standard deviation of each gain, how often one run's story-only interval
+missed the mean over seeds, ROUGE-L to the real titles and the top template's share, and the val
+curves with a band per method across seeds. It also writes docs/study-<recipe>[-<setting>].json (the
+seed spread, with the date and the commit), which the demo's report quotes next to its one-run verdict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import comparison
+import evaluation
+import experiment
+import procs
+import rundir
+import settings
+import stats
+
+REPORT_FILE = "study_report.md"
+
+
+@dataclass
+class StudyArgs:
+    recipe: str = field(default="recipes/cpu.yaml", metadata={"help": "Recipe YAML shared by training and evaluation."})
+    seeds: int = field(default=3, metadata={"help": "Training seeds: the recipe's seed and the ones after it."})
+    methods: str = field(default="trl,art", metadata={"help": "Comma-separated methods to train: trl, art."})
+    setting: str = field(default="aligned", metadata={"help": "'defaults' or 'aligned', as in the demo."})
+    curve_points: int = field(default=3, metadata={
+        "help": "Validations during training per run, greedy titles only (as in the demo)."})
+    reward_url: str = field(default="", metadata={
+        "help": "Use this already running reward server (must answer /health) instead of starting one."})
+    server_args: str = field(default="", metadata={"help": "Extra flags for local_reward.py."})
+    server_timeout: float = field(default=300.0, metadata={"help": "Seconds to wait for the started server's /health."})
+    trainer_args: str = field(default="", metadata={"help": "Extra flags for both trainers."})
+    threads: int = field(default=0, metadata={"help": "Torch CPU threads (0 = torch's default)."})
+    fresh: bool = field(default=False, metadata={
+        "help": "Delete the study's run directories first, the recipe's seed's included (they are the demo's)."})
+    report_only: bool = field(default=False, metadata={
+        "help": "Train and evaluate nothing: rebuild the report from the evaluations on disk."})
+    docs_dir: str = field(default="docs", metadata={
+        "help": "Where the seed spread goes (study-<recipe>[-<setting>].json), for the demo's report to quote."})
+
+
+@dataclass
+class Study:
+    """Everything the report shows."""
+
+    recipe: settings.Recipe
+    recipe_path: str
+    setting: str
+    seeds: list[int]
+    before: evaluation.EvalResult
+    runs: dict[int, list[experiment.MethodRun]]  # seed -> one MethodRun per method
+    stages: list[tuple[str, float]] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    machine: str = ""
+
+    def done(self, method: str) -> dict[int, evaluation.EvalResult]:
+        """seed -> evaluation of `method`'s run, for the runs that finished."""
+        return {s: mr.result for s, runs in self.runs.items() for mr in runs if mr.method.name == method and mr.ok}
+
+    @property
+    def failed(self) -> list[tuple[int, experiment.MethodRun]]:
+        return [(s, mr) for s, runs in self.runs.items() for mr in runs if not mr.ok]
+
+
+def main(args: StudyArgs) -> Study:
+    # ---- The recipe, the seeds and every run directory
+    settings.load_env()
+    procs.set_threads(args.threads)
+    if args.setting not in experiment.SETTINGS or args.seeds < 1:
+        raise SystemExit(f"--setting {args.setting!r} / --seeds {args.seeds}: a setting of "
+                         f"{', '.join(experiment.SETTINGS)} and at least one seed")
+    methods = experiment.parse_methods(args.methods)
+    recipe = experiment.load_recipe(args.recipe, experiment.SETTINGS[args.setting])
+    seeds = [recipe.seed + k for k in range(args.seeds)]
+    runs_dir = Path(recipe.runs_dir)
+    names = experiment.run_names(args.recipe, args.setting)
+    base_dir, study_dir = runs_dir / names["base"], runs_dir / names["study"]
+    runs = {s: [experiment.MethodRun(experiment.METHODS[m], runs_dir / run_name(args, recipe, s, m)) for m in methods]
+            for s in seeds}
+    if args.report_only:
+        return finish(reread(args, recipe, seeds, base_dir, runs), study_dir, experiment.ROOT / args.docs_dir)
+    if args.fresh:
+        for path in [base_dir, study_dir, *(mr.run_dir for rs in runs.values() for mr in rs)]:
+            shutil.rmtree(path, ignore_errors=True)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    flags = experiment.trainer_flags(args.setting, recipe, args.curve_points, args.trainer_args)
+    load0, stages = os.getloadavg(), experiment.Stages(3 + 2 * len(seeds) * len(methods))
+
+    with contextlib.ExitStack() as stack:
+        # ---- The reward server, the data, the untrained model (once for every seed)
+        with stages("reward server"):
+            recipe.reward_url = stack.enter_context(experiment.server_url(
+                args.reward_url, args.server_args, args.server_timeout, study_dir / "study_reward_server.log"))
+        with stages("data check"):
+            experiment.check_data(recipe)
+        with stages("evaluate untrained (baseline)"):
+            before = evaluation.read_eval(base_dir, "before")  # deterministic: the demo's, when it is there
+            if before is None:
+                before = experiment.evaluate_policy(recipe, base_dir.name, "before", "base", 0)
+                experiment.write_curve_baseline(base_dir, before, recipe.model)
+
+        # ---- Per seed: train each method, then evaluate each (an evaluation of the same adapter is reused)
+        for seed in seeds:
+            for mr in runs[seed]:
+                with stages(f"seed {seed}: train {mr.method.title}"):
+                    t0, c0 = time.perf_counter(), experiment.cpu_seconds()
+                    own = experiment.method_flags(mr.method.name, args.setting)
+                    experiment.train_method(mr, args.recipe, recipe.reward_url, [*flags, "--seed", str(seed), *own],
+                                            recipe.max_steps)
+                    mr.train_wall, mr.train_cpu = time.perf_counter() - t0, experiment.cpu_seconds() - c0
+            for mr in runs[seed]:
+                if not mr.error:
+                    with stages(f"seed {seed}: evaluate {mr.method.title}"):
+                        experiment.evaluate_method(mr, recipe, reuse=True)
+
+    # ---- The report
+    study = Study(recipe=recipe, recipe_path=args.recipe, setting=args.setting, seeds=seeds, before=before,
+                  runs=runs, stages=stages.done, cpu=stages.cpu, machine=experiment.machine_note(load0))
+    return finish(study, study_dir, experiment.ROOT / args.docs_dir)
+
+
+def run_name(args: StudyArgs, recipe: settings.Recipe, seed: int, method: str) -> str:
+    """The recipe's seed trains the demo's run; another seed a run of its own."""
+    return experiment.run_names(args.recipe, args.setting, None if seed == recipe.seed else seed)[method]
+
+
+def reread(args: StudyArgs, recipe, seeds: list[int], base_dir: Path, runs: dict) -> Study:
+    """The study from the evaluations on disk (no server, no training, no generation)."""
+    before = evaluation.read_eval(base_dir, "before")
+    if before is None:
+        raise SystemExit(f"{base_dir}/eval/before.jsonl not found: run the study first")
+    for mr in (mr for rs in runs.values() for mr in rs):
+        mr.step, mr.checkpoint = experiment.trained_steps(mr.run_dir, mr.method.name), None
+        mr.result = evaluation.read_eval(mr.run_dir / experiment.AFTER_DIR, "after")
+        if mr.result is None:
+            mr.error = f"no evaluation at {mr.run_dir / experiment.AFTER_DIR} (training failed or not run)"
+    return Study(recipe=recipe, recipe_path=args.recipe, setting=args.setting, seeds=seeds, before=before,
+                 runs=runs, machine="Rebuilt from the evaluations on disk (--report_only): no stage times.")
+
+
+# --------------------------------------------------------------------------------------
+# Over seeds: per-seed comparisons, two-level intervals, the spread
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class OverSeeds:
+    """One quantity (a method's gain, or ART - TRL) per seed and over all seeds."""
+
+    name: str
+    per_seed: dict[int, comparison.Comparison]
+    mean: float
+    lo: float
+    hi: float
+    sd: float  # between-seed standard deviation of the per-seed means (nan below 2 seeds)
+    missed: int  # seeds whose story-only interval does not hold the mean over seeds
+    rouge: tuple[float, float, float]  # the same, two-level, for ROUGE-L to the real titles
+
+    @property
+    def line(self) -> str:
+        seeds = len(self.per_seed)
+        stories = next(iter(self.per_seed.values())).n
+        return (f"{self.name} over {seeds} seed{'s' if seeds > 1 else ''} x {stories} stories: "
+                f"{comparison.interval(self.mean, self.lo, self.hi)}")
+
+
+def over_seeds(name: str, before: dict[int, evaluation.EvalResult], after: dict[int, evaluation.EvalResult]
+               ) -> OverSeeds | None:
+    """`after` - `before`, paired by seed (the seeds both have) and story; None without a common seed."""
+    import numpy as np
+
+    seeds = sorted(set(before) & set(after))
+    if not seeds:
+        return None
+    per_seed = {s: comparison.compare(before[s], after[s]) for s in seeds}
+    reward = [np.subtract(after[s].per_story_reward(), before[s].per_story_reward()) for s in seeds]
+    rouge = [np.subtract(after[s].per_story_rouge_l(), before[s].per_story_rouge_l()) for s in seeds]
+    mean, lo, hi = stats.two_level_bootstrap(reward)
+    sd = float(np.std([c.diff for c in per_seed.values()], ddof=1)) if len(seeds) > 1 else float("nan")
+    missed = sum(not c.lo <= mean <= c.hi for c in per_seed.values())
+    return OverSeeds(name, per_seed, mean, lo, hi, sd, missed, stats.two_level_bootstrap(rouge))
+
+
+def summarize(study: Study) -> dict[str, OverSeeds]:
+    """Each method's gain over the untrained model, and ART - TRL, over the seeds that finished."""
+    untrained = {s: study.before for s in study.seeds}
+    out = {m: over_seeds(f"{m.upper()} gain", untrained, study.done(m)) for m in experiment.METHODS}
+    out["art-trl"] = over_seeds("ART - TRL", study.done("trl"), study.done("art"))
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def spread_record(study: Study, summary: dict[str, OverSeeds]) -> dict:
+    """What the demo's report quotes: the seed spread of this study, with its date and commit."""
+    def entry(o: OverSeeds) -> dict:
+        return {"mean": o.mean, "lo": o.lo, "hi": o.hi, "sd": o.sd, "line": o.line,
+                "per_seed": {str(s): c.diff for s, c in o.per_seed.items()}}
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=experiment.ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    return {"recipe": Path(study.recipe_path).name, "setting": study.setting, "seeds": study.seeds,
+            "stories": len(study.before.rows), "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "commit": commit, **{k: entry(v) for k, v in summary.items()}}
+
+
+# --------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------
+
+
+def verdict(o: OverSeeds, name: str, ref: str) -> str:
+    if o.lo > 0:
+        return f"**{name} is measurably better than {ref} over seeds and stories** ({o.line})."
+    if o.hi < 0:
+        return f"**{name} is measurably worse than {ref} over seeds and stories** ({o.line})."
+    return f"**No measurable difference between {name} and {ref} over seeds and stories** ({o.line})."
+
+
+def render(study: Study, summary: dict[str, OverSeeds], png: Path | None) -> str:
+    """The study's report as Markdown (what it prints and writes to study_report.md)."""
+    r = study.recipe
+    lines = [f"# Study: {', '.join(m.upper() for m in summary if m != 'art-trl')} over {len(study.seeds)} "
+             f"training seeds on {Path(study.recipe_path).name}", "",
+             f"Setting: **{experiment.SETTING_TITLES[study.setting]}**. Seeds {study.seeds} (training only). "
+             f"Evaluation fixed for every run: {len(study.before.rows)} val stories x {1 + r.eval_samples} titles, "
+             f"evaluation seed {r.seed}. Per-seed intervals: paired bootstrap over stories; over seeds: two-level "
+             "bootstrap (training seeds and stories).", ""]
+    if "art-trl" in summary:
+        lines += [f"**{summary['art-trl'].line}**", ""]
+    lines += _per_seed(study, summary) + _over_seeds(summary) + _independent(study)
+    if png is not None:
+        lines += ["## Curves", "", f"![val reward per method across seeds]({png.name})", "",
+                  "Greedy-title validation during training; a line per seed, the band spans the seeds.", ""]
+    if study.failed:
+        lines += ["## Failed", ""] + [f"- seed {s}, {mr.method.title}: {mr.error}" for s, mr in study.failed] + [""]
+    return "\n".join(lines + _runs(study) + ["", study.machine, ""])
+
+
+def _per_seed(study: Study, summary: dict[str, OverSeeds]) -> list[str]:
+    lines = ["## Per seed", "", "| seed | " + " | ".join(o.name for o in summary.values()) + " |",
+             "|---|" + "---|" * len(summary)]
+    for seed in study.seeds:
+        cells = [comparison.interval(c.diff, c.lo, c.hi) if (c := o.per_seed.get(seed)) else "failed"
+                 for o in summary.values()]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _over_seeds(summary: dict[str, OverSeeds]) -> list[str]:
+    lines = ["## Over seeds", "", "| quantity | mean [95%, two-level] | between-seed sd | one run's story "
+             "interval missed the mean | ROUGE-L [95%, two-level] |", "|---|---|---|---|---|"]
+    for o in summary.values():
+        lines.append(f"| {o.name} | **{comparison.interval(o.mean, o.lo, o.hi)}** | {comparison.fmt(o.sd, '.3f')} | "
+                     f"{o.missed} of {len(o.per_seed)} seeds | {comparison.interval(*o.rouge)} |")
+    names = {"art-trl": ("ART", "TRL")}
+    return lines + [""] + [f"- {verdict(o, *names.get(k, (k.upper(), 'the untrained model')))}"
+                           for k, o in summary.items()] + [""]
+
+
+def _independent(study: Study) -> list[str]:
+    lines = ["## Independent metrics per run (the reward sees neither)", "",
+             "| seed | method | reward | ROUGE-L | top template's share | copy fraction | title words |",
+             "|---|---|---|---|---|---|---|"]
+    rows = [(str(s), mr.method.name, mr.result) for s in study.seeds for mr in study.runs[s] if mr.ok]
+    for seed, method, result in [*rows, ("", "untrained", study.before)]:
+        v = comparison.summarize(result)
+        lines.append(f"| {seed} | {method} | {v['reward_mean']:.3f} | {v['rouge_l_mean']:.3f} | "
+                     f"{v['template_share']:.0%} (`{v['template_top']}`) | {v['copy_frac_mean']:.2f} | "
+                     f"{v['title_len_mean']:.1f} |")
+    return lines + [""]
+
+
+def _runs(study: Study) -> list[str]:
+    lines = ["## Runs and time", ""] + [f"- seed {s}, {mr.method.title}: `{mr.run_dir}`"
+                                        for s, rs in study.runs.items() for mr in rs]
+    lines += ["", "| stage | wall time | CPU time |", "|---|---|---|"]
+    lines += [f"| {name} | {comparison.fmt_duration(sec)} | {cpu:.0f} s |"
+              for (name, sec), cpu in zip(study.stages, study.cpu, strict=True)]
+    if study.stages:
+        lines += [f"| **total** | **{comparison.fmt_duration(sum(sec for _, sec in study.stages))}** | "
+                  f"{sum(study.cpu):.0f} s |"]
+    return lines
+
+
+def plot(study: Study, out: Path) -> Path | None:
+    """Val reward during training per method: a thin line per seed, a band across seeds, the untrained line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for colour, method in zip(("tab:blue", "tab:orange"), experiment.METHODS, strict=True):
+        curves = {}
+        for mr in (mr for rs in study.runs.values() for mr in rs if mr.method.name == method):
+            rows = [r for r in rundir.read_metrics(mr.run_dir)[0] if r["split"] == "val" and r["method"] == method]
+            curves[mr.run_dir.name] = {r["step"]: r["reward_mean"] for r in rows}
+        steps = sorted(set.intersection(*(set(c) for c in curves.values()))) if curves else []
+        if not steps:
+            continue
+        drawn = True
+        for curve in curves.values():
+            ax.plot(steps, [curve[s] for s in steps], color=colour, alpha=0.35, linewidth=1)
+        lows = [min(c[s] for c in curves.values()) for s in steps]
+        highs = [max(c[s] for c in curves.values()) for s in steps]
+        ax.fill_between(steps, lows, highs, color=colour, alpha=0.2, label=f"{method.upper()} ({len(curves)} seeds)")
+    greedy = [s.reward for s in study.before.greedy]
+    ax.axhline(sum(greedy) / max(len(greedy), 1), color="grey", linestyle="--", label="untrained (greedy)")
+    ax.set(xlabel="step", ylabel="val reward (greedy titles)", title=f"{Path(study.recipe_path).name}, {study.setting}")
+    ax.legend()
+    fig.tight_layout()
+    if drawn:
+        fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out if drawn else None
+
+
+def finish(study: Study, study_dir: Path, docs_dir: Path) -> Study:
+    """Compute, plot, write the report and the seed spread; print the per-seed table and the one line."""
+    summary = summarize(study)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    png = plot(study, study_dir / "study.png")
+    text = render(study, summary, png)
+    (study_dir / REPORT_FILE).write_text(text, encoding="utf-8")
+    if summary:
+        spread = comparison.spread_path(docs_dir, study.recipe_path, study.setting)
+        spread.parent.mkdir(parents=True, exist_ok=True)
+        spread.write_text(json.dumps(spread_record(study, summary), indent=2) + "\n", encoding="utf-8")
+    print("\n" + text)
+    print(f"report -> {study_dir / REPORT_FILE}" + (f"; plot -> {png}" if png else ""))
+    return study
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+if __name__ == "__main__":
+    import signal
+
+    from transformers import HfArgumentParser
+
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # so every `finally` (server stop) runs on SIGTERM too
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cli_args = HfArgumentParser(StudyArgs, description=__doc__.splitlines()[0]).parse_args_into_dataclasses()[0]
+    result = main(cli_args)
+    sys.exit(1 if result.failed else 0)
