@@ -94,10 +94,11 @@ class ServerArgs:
     workers: int = field(default=1, metadata={"help": "gunicorn worker processes (each loads the model once)."})
     threads: int = field(default=4, metadata={
         "help": "gunicorn threads per worker (keep-alive connections; scoring is serialised)."})
+    # 1 by default: beside a trainer on the same cores, spinning OpenMP threads made one request
+    # ~15x slower (measured on 2 cores).
     torch_threads: int = field(default=1, metadata={
-        "help": "CPU threads per process for scoring (0 = torch's default, all cores). "
-                "1 by default: beside a trainer on the same cores, spinning OpenMP "
-                "threads made one request ~15x slower (measured)."})
+        "help": "CPU threads per process for scoring (0 = torch's default, all cores); 1 leaves the cores to a "
+                "trainer beside it."})
     log_level: str = field(default="info", metadata={"help": "debug, info, warning, error."})
     # Not a flag on purpose (init=False keeps it out of the parser): a secret on the command line is
     # visible to every user in `ps`. Set REWARD_API_KEY, or assign args.api_key in code.

@@ -156,3 +156,19 @@ def ranking_reward_process(delay: float = 0.3) -> Iterator[tuple[str, subprocess
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+def start_trainer(cmd: Sequence[str], log: Path) -> subprocess.Popen:
+    """A trainer (or any repo script) as a process, its output in `log`: offline, one torch thread."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(list(cmd), cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def finish_trainer(proc: subprocess.Popen, log: Path, timeout: float = 600) -> tuple[int, str]:
+    """Wait for a process from start_trainer (killed after `timeout`); (exit code, its output)."""
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, log.read_text(errors="replace")

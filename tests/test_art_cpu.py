@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from servers import ranking_reward_process
+from servers import finish_trainer, ranking_reward_process, start_trainer
 
 import art_compat
 import art_config
@@ -263,11 +262,6 @@ def train_cmd(tmp_path: Path, reward_url: str, *extra: str) -> list[str]:
             "--run_name", "r", "--eval_every", "0", "--eval_samples", "1", "--max_val_stories", "2", *extra]
 
 
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-
-
 def wait_for_train_row(run_dir: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
@@ -287,31 +281,23 @@ def checkpoints(run_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
 
 
-def finish(proc: subprocess.Popen, log: Path, timeout: float = 600) -> tuple[int, str]:
-    try:
-        proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode, log.read_text()
-
-
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_75_then_the_rerun_continues(tmp_path):
     """cispo, ART's defaults: SIGTERM after the first row -> exit 75; the rerun trains the
     remaining steps once each; a third run of the finished run trains nothing."""
     run_dir = tmp_path / "r"
     with ranking_reward_process() as (url, _):
-        proc = start(train_cmd(tmp_path, url, "--max_steps", "4"), tmp_path / "1.log")
+        proc = start_trainer(train_cmd(tmp_path, url, "--max_steps", "4"), tmp_path / "1.log")
         wait_for_train_row(run_dir, proc)
         proc.send_signal(signal.SIGTERM)
-        code, log = finish(proc, tmp_path / "1.log")
+        code, log = finish_trainer(proc, tmp_path / "1.log")
         assert code == 75, log[-3000:]
         done = [r["step"] for r in rows_of(run_dir, "train")]
         assert done == list(range(1, len(done) + 1)) and len(done) < 4
         assert checkpoints(run_dir)[-1] == rows_of(run_dir, "train")[-1]["extra"]["art_step"]
 
-        code, log = finish(start(train_cmd(tmp_path, url, "--max_steps", "4"), tmp_path / "2.log"), tmp_path / "2.log")
+        second = start_trainer(train_cmd(tmp_path, url, "--max_steps", "4"), tmp_path / "2.log")
+        code, log = finish_trainer(second, tmp_path / "2.log")
         assert code == 0, log[-3000:]
         rows = rows_of(run_dir, "train")
         assert [r["step"] for r in rows] == [1, 2, 3, 4]  # each step's row exactly once
@@ -342,10 +328,10 @@ def test_reward_server_killed_mid_run_stops_the_step_and_the_rerun_resumes(tmp_p
     run_dir = tmp_path / "r"
     knobs = ("--loss_type", "ppo", "--pack_groups", "true", "--optimizer_steps", "per_step", "--max_steps", "6")
     with ranking_reward_process() as (url, server):
-        proc = start(train_cmd(tmp_path, url, *knobs), tmp_path / "1.log")
+        proc = start_trainer(train_cmd(tmp_path, url, *knobs), tmp_path / "1.log")
         wait_for_train_row(run_dir, proc)
         server.kill()
-        code, log = finish(proc, tmp_path / "1.log")
+        code, log = finish_trainer(proc, tmp_path / "1.log")
     assert code == 3, log[-3000:]
     assert "reward server failed" in log and "make reward" in log
     rows = rows_of(run_dir, "train")
@@ -354,7 +340,8 @@ def test_reward_server_killed_mid_run_stops_the_step_and_the_rerun_resumes(tmp_p
     # the failing step left no checkpoint (ART's step counts the steps that trained; a rare skip keeps it)
     assert checkpoints(run_dir)[-1] == sum(not r["extra"].get("skipped") for r in rows)
     with ranking_reward_process() as (url, _):
-        code, log = finish(start(train_cmd(tmp_path, url, *knobs), tmp_path / "2.log"), tmp_path / "2.log")
+        code, log = finish_trainer(start_trainer(train_cmd(tmp_path, url, *knobs), tmp_path / "2.log"),
+                                   tmp_path / "2.log")
     assert code == 0, log[-3000:]
     rows = rows_of(run_dir, "train")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]

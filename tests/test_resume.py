@@ -12,15 +12,13 @@ in half and the run continued to step 5; every checkpoint cut, and the refusal.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from servers import ranking_reward_process
+from servers import finish_trainer, ranking_reward_process, start_trainer
 
 import rundir
 import runtime
@@ -44,22 +42,8 @@ def command(trainer: str, tmp: Path, url: str, name: str, *extra: str) -> list[s
     return [sys.executable, str(ROOT / "train.py"), *common, "--backend", "cpu", "--keep_best", "false", *extra]
 
 
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-
-
-def finish(proc: subprocess.Popen, log: Path, timeout: float = 600) -> tuple[int, str]:
-    try:
-        proc.wait(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode, log.read_text(errors="replace")
-
-
 def run(cmd: list[str], log: Path) -> tuple[int, str]:
-    return finish(start(cmd, log), log)
+    return finish_trainer(start_trainer(cmd, log), log)
 
 
 def rows(run_dir: Path, split: str = "train") -> list[dict]:
@@ -89,14 +73,14 @@ def final_adapter(trainer: str, run_dir: Path) -> dict:
 
 def kill_after_step(cmd: list[str], run_dir: Path, step: int, log: Path) -> None:
     """Start `cmd`, SIGKILL it as soon as the metrics row of `step` is written."""
-    proc = start(cmd, log)
+    proc = start_trainer(cmd, log)
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
         if (run_dir / rundir.METRICS_FILE).exists() and any(r["step"] >= step for r in rows(run_dir)):
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
-    code, text = finish(proc, log)
+    code, text = finish_trainer(proc, log)
     assert code == -signal.SIGKILL, f"not killed mid-run (exit {code}):\n{text[-3000:]}"
 
 
