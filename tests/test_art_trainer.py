@@ -42,6 +42,13 @@ art = art_compat.import_art()
 # --------------------------------------------------------------------------------------
 
 
+def write_checkpoint(folder: Path) -> None:
+    """What LocalBackend saves for a step: a PEFT adapter folder (here one that holds no tensor, but loads)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text("{}")
+    (folder / "adapter_model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
+
+
 class FakeBackend:
     """LocalBackend's surface as 0.5.18 uses it; records every train() call."""
 
@@ -66,7 +73,7 @@ class FakeBackend:
     async def _prepare_backend_for_training(self, model, config=None):
         # LocalBackend saves checkpoint 0 (the fresh adapter) when there is none yet.
         if self._step(model) == 0:
-            (self._dir(model) / "checkpoints" / "0000").mkdir(parents=True, exist_ok=True)
+            write_checkpoint(self._dir(model) / "checkpoints" / "0000")
         self.fake.adapters.add(self._model_inference_name(model))
         return self.fake.base_url, "test-key"
 
@@ -80,9 +87,7 @@ class FakeBackend:
         groups = list(trajectory_groups)
         self.calls.append((groups, kwargs))
         step = self._step(model) + 1
-        ckpt = self._dir(model) / "checkpoints" / f"{step:04d}"
-        ckpt.mkdir(parents=True)
-        (ckpt / "adapter_config.json").write_text("{}")
+        write_checkpoint(self._dir(model) / "checkpoints" / f"{step:04d}")
         self.fake.adapters.add(f"{model.name}@{step}")
         return art.TrainResult(step=step, metrics={"loss/train": 0.25, "loss/grad_norm": 1.5})
 
@@ -279,10 +284,14 @@ def test_resume_continues_from_the_models_step(tmp_path, tiny_model, fake, rewar
     train_rows = rows_of(run_dir, "train")
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]  # no step twice, none missing
     assert [r["extra"]["art_step"] for r in train_rows] == [0, 1, 2, 3]
-    # The batches continue where the first run stopped (ART's deterministic epoch shuffle).
+    # The batches continue where the first run stopped: the stories in the recipe seed's order, then ART's
+    # deterministic epoch shuffle.
+    import random
+
     from art.utils import iterate_dataset
 
     ids = [str(i) for i in range(4)]
+    random.Random(settings.Recipe().seed).shuffle(ids)
     expected = [b.items for b in iterate_dataset(ids, groups_per_step=2, num_epochs=2, use_tqdm=False)]
     assert [r["extra"]["stories"] for r in train_rows] == expected
     # The val at step 2 (end of run 1) is not repeated; run 2 validates at 4.
