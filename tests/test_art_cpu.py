@@ -150,13 +150,13 @@ def test_concurrent_requests_are_all_answered(service):
 # --------------------------------------------------------------------------------------
 
 
-def served_group(service, n: int = 3, max_tokens: int = 8):
+def served_group(service, n: int = 3, max_tokens: int = 8, temperature: float = 1.0):
     """A TrajectoryGroup from one served request, rewards i**2 (none at the mean: every trajectory trains)."""
     from openai import OpenAI
 
     client = OpenAI(base_url=service.url + "/v1", api_key="x")
     resp = client.chat.completions.create(model=f"{service.model_name}@{service.step}", messages=MESSAGES, n=n,
-                                          max_tokens=max_tokens, temperature=1.0, logprobs=True, seed=3)
+                                          max_tokens=max_tokens, temperature=temperature, logprobs=True, seed=3)
     return art.TrajectoryGroup([art.Trajectory(messages_and_choices=[*MESSAGES, c], reward=float(i * i))
                                 for i, c in enumerate(resp.choices)])
 
@@ -172,12 +172,12 @@ def packed_rows(service, groups, pack: bool) -> list[dict]:
     return packed, acb.trimmed_rows(packed)
 
 
-def max_logprob_gap(service, rows) -> tuple[float, int]:
+def max_logprob_gap(service, rows, temperature: float = 1.0) -> tuple[float, int]:
     import torch
 
     gap, n = 0.0, 0
     for row in rows:
-        new, _ = acb.row_logprobs(service.model, row, reference=False)
+        new, _ = acb.row_logprobs(service.model, row, reference=False, temperature=temperature)
         with torch.no_grad():
             old = row["logprobs"][0, 1:]  # logprobs[t + 1] was served for the token at t + 1
             mask = row["assistant_mask"][0, 1:]
@@ -197,6 +197,27 @@ def test_trainer_logprobs_match_the_servers_before_any_update(service):
     # Packed rows (a group's prompt once, ART's block mask and positions) give the same logprobs.
     _, packed = packed_rows(service, [group], pack=True)
     assert len(packed) == 1 and max_logprob_gap(service, packed)[0] < 1e-4
+
+
+@pytest.mark.slow
+def test_fidelity_when_the_engine_scores_at_the_sampling_temperature(tiny_model, tmp_path):
+    """score_temperature: the server returns log-softmax(logits / T) of the request's T and the trainer
+    recomputes exactly that (CISPO's ratio is 1 on-policy); at temperature 1 they would differ."""
+    svc = acb.CpuModelService("h", str(tiny_model), {"peft_args": {"r": 4, "lora_alpha": 8}}, str(tmp_path / "h"),
+                              options=acb.EngineOptions(score_temperature=0.5))
+    host, port = asyncio.run(svc.start_openai_server(None))
+    svc.url = f"http://{host}:{port}"
+    try:
+        group = served_group(svc, temperature=0.5)
+        for pack in (False, True):
+            _, rows = packed_rows(svc, [group], pack=pack)
+            gap, tokens = max_logprob_gap(svc, rows, temperature=0.5)
+            assert tokens and gap < 1e-4, f"trainer vs server logprobs at T=0.5 differ by {gap:.2e}"
+            raw_gap, _ = max_logprob_gap(svc, rows, temperature=1.0)
+            assert raw_gap > 1e-2, f"scoring at T=0.5 and at T=1 gave the same logprobs ({raw_gap:.2e})"
+        print(f"tiny, T=0.5: {tokens} tokens, max |trainer - server| {gap:.2e} (at T=1: {raw_gap:.2e})")
+    finally:
+        svc.close()
 
 
 @pytest.mark.slow
