@@ -369,29 +369,33 @@ def attention_for(row: dict):
 
 
 def row_logprobs(model, row: dict, *, reference: bool = False, temperature: float = 1.0):
-    """log p(token[t+1] | ..t) and the entropy at t, for the positions ART's loss reads.
+    """log p(token[t+1] | ..t) and the entropy at t, where ART's loss reads them.
 
-    Returns full-length [1, L] tensors (zeros where the loss does not look: there the
-    shifted assistant mask is 0), as ART's `_calculate_logprobs` would, but the LM head
-    runs only on the completion positions (`logits_to_keep` with indices). `temperature`
-    1 is ART's (raw logits); T scores log-softmax(logits / T), TRL's `selective_log_softmax`.
+    Returns full-length [1, L] tensors (zeros where the loss does not look), as ART's
+    `_calculate_logprobs` would, but the LM head runs only where the loss looks (`logits_to_keep`
+    with indices): the logprobs at the predictions of assistant tokens, the entropies there and
+    one position further (ART's loss_fn shifts the entropies once more than the logprobs, so its
+    entropy metric reads the distribution after each assistant token, the last one's included).
+    `temperature` 1 is ART's (raw logits); T scores log-softmax(logits / T), TRL's `selective_log_softmax`.
     """
     import torch
 
     tokens = row["tokens"]
     length = tokens.shape[1]
     wanted = row["assistant_mask"][0, 1:].nonzero().flatten()  # predictions of assistant tokens
+    keep = torch.unique(torch.cat([wanted, (wanted + 1).clamp(max=length - 1)]))  # sorted
     mask, positions = attention_for(row)
     kwargs = {"attention_mask": mask, "position_ids": positions} if mask is not None else {}
     context = model.disable_adapter() if reference else contextlib.nullcontext()
     with context, (torch.no_grad() if reference else contextlib.nullcontext()):
-        logits = model(input_ids=tokens, logits_to_keep=wanted, use_cache=False, **kwargs).logits[0].float()
+        logits = model(input_ids=tokens, logits_to_keep=keep, use_cache=False, **kwargs).logits[0].float()
     logp_all = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
-    picked = logp_all.gather(-1, tokens[0, wanted + 1].unsqueeze(-1)).squeeze(-1)
+    at_wanted = torch.searchsorted(keep, wanted)
+    picked = logp_all[at_wanted].gather(-1, tokens[0, wanted + 1].unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     zeros = torch.zeros(length, dtype=picked.dtype)
     return (zeros.index_copy(0, wanted, picked)[None],
-            zeros.index_copy(0, wanted, entropy.detach())[None])
+            zeros.index_copy(0, keep, entropy.detach())[None])
 
 
 def row_loss(model, row: dict, config, _config: dict, temperature: float = 1.0):

@@ -237,7 +237,7 @@ def test_fidelity_on_smollm2(smollm_model, tmp_path):
 @pytest.mark.slow
 def test_trimmed_rows_give_the_padded_rows_loss_and_gradients(service):
     """Cutting ART's 2048-token padding and computing the LM head only where the loss looks
-    changes nothing: loss and LoRA gradients equal ART's full-row computation."""
+    changes nothing: loss, LoRA gradients and the entropy metric equal ART's full-row computation."""
     import torch
     from art.loss import loss_fn
 
@@ -255,11 +255,14 @@ def test_trimmed_rows_give_the_padded_rows_loss_and_gradients(service):
             logp = torch.log_softmax(logits, -1)
             nxt = torch.nn.functional.pad(full["tokens"][:, 1:], (0, 1))
             new = logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
-            ref = loss_fn(full, new, None, None, dev_config).policy_loss
+            entropies = -(logp.exp() * logp).sum(-1).detach()  # ART's _calculate_logprobs: at every position
+            art_loss = loss_fn(full, new, None, entropies, dev_config)
+            ref = art_loss.policy_loss
             ref_grads = torch.autograd.grad(ref, lora)
-            ours, _ = acb.row_loss(service.model, row, config, dev_config)
+            ours, parts = acb.row_loss(service.model, row, config, dev_config)
             grads = torch.autograd.grad(ours, lora)
             assert float(ours.detach()) == pytest.approx(float(ref.detach()), rel=1e-5, abs=1e-6)
+            assert parts["loss/entropy"] == pytest.approx(float(art_loss.entropy), rel=1e-5)
             for a, b in zip(grads, ref_grads, strict=True):
                 assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     finally:
