@@ -361,10 +361,12 @@ def test_sigterm_checkpoints_and_exits_75_then_the_rerun_continues(tmp_path):
 
 @pytest.mark.slow
 def test_reward_server_killed_mid_run_stops_the_step_and_the_rerun_resumes(tmp_path):
-    """ppo, packed rows, one optimizer step per ART step: the reward server process dies
-    mid-run -> the step is not trained, exit 3 with the error; a rerun resumes at that step."""
+    """ppo, packed rows, one optimizer step per ART step, tokens scored at T=0.8 with token-level
+    weights (the aligned setting's ART knobs): the reward server process dies mid-run -> the step
+    is not trained, exit 3 with the error; a rerun resumes at that step."""
     run_dir = tmp_path / "r"
-    knobs = ("--loss_type", "ppo", "--pack_groups", "true", "--optimizer_steps", "per_step", "--max_steps", "6")
+    knobs = ("--loss_type", "ppo", "--pack_groups", "true", "--optimizer_steps", "per_step", "--max_steps", "6",
+             "--temperature", "0.8", "--score_temperature", "true", "--token_level_loss", "true")
     with ranking_reward_process() as (url, server):
         proc = start(train_cmd(tmp_path, url, *knobs), tmp_path / "1.log")
         wait_for_train_row(run_dir, proc)
@@ -387,6 +389,7 @@ def test_reward_server_killed_mid_run_stops_the_step_and_the_rerun_resumes(tmp_p
                for r in rows if not r["extra"].get("skipped"))
     config = json.loads((run_dir / "config.json").read_text())
     assert config["engine"]["pack_groups"] is True and config["train_kwargs"]["loss_fn"] == "ppo"
+    assert config["engine"]["logprob_temperature"] == 0.8 and config["engine"]["loss_weights"].startswith("token")
 
 
 @pytest.mark.slow  # the tiny model's tokenizer
