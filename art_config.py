@@ -7,7 +7,8 @@ ART's model and train call the same way:
 - `internal_config(recipe, args)`: TrainableModel's `_internal_config` (LoRA, clipping, memory, optimizer);
 - `optimizer_args(recipe)`, `local_backend_optimizer(recipe)`: the optimizer knobs as ART's
   TrainerArgs, and what LocalBackend really uses (refusing what it cannot honour);
-- `train_kwargs(recipe, args)`: the keyword arguments of `backend.train` (loss, clip bounds, KL, lr).
+- `train_kwargs(recipe, args)`: the keyword arguments of `backend.train` (loss, clip bounds, KL, lr);
+- `engine_options(recipe, args)`: the CPU engine's knobs (art_cpu_backend.EngineOptions).
 
     python -c "import art_config, settings; print(art_config.train_kwargs(settings.Recipe(), art_config.ArtArgs()))"
 """
@@ -51,6 +52,13 @@ class ArtArgs:
     request_timeout: float = field(default=600.0, metadata={"help": "Seconds per inference request."})
     scale_rewards: bool = field(default=True, metadata={
         "help": "Divide advantages by the group's reward std (TRL's scale_rewards='group')."})
+    score_temperature: bool = field(default=False, metadata={
+        "help": "CPU engine: score tokens at the recipe's sampling temperature (log-softmax of logits / T), as TRL's "
+                "loss does, in the trainer and in the server's rollout logprobs; ART (and LocalBackend on a GPU) "
+                "scores them at temperature 1."})
+    token_level_loss: bool = field(default=False, metadata={
+        "help": "CPU engine: every completion token of a step weighs the same in the loss (TRL's cispo/dapo "
+                "normalisation) instead of ART's 1 / trajectory length (a per-sequence mean)."})
 
 
 def internal_config(recipe: Recipe, args: ArtArgs) -> dict:
@@ -133,3 +141,16 @@ def train_kwargs(recipe: Recipe, args: ArtArgs) -> dict:
     if recipe.loss_type == "cispo":
         kwargs.update(epsilon=1.0, epsilon_high=recipe.cispo_max_weight - 1.0)
     return kwargs
+
+
+def engine_options(recipe: Recipe, args: ArtArgs):
+    """The CPU engine's knobs (art_cpu_backend.EngineOptions): ART's GPU behaviour unless the recipe asks otherwise.
+
+    >>> engine_options(Recipe(temperature=0.7), ArtArgs(score_temperature=True)).score_temperature
+    0.7
+    """
+    from art_cpu_backend import EngineOptions
+
+    return EngineOptions(pack_groups=args.pack_groups, optimizer_steps=recipe.optimizer_steps or "per_sequence",
+                         score_temperature=recipe.temperature if args.score_temperature else None,
+                         token_level_loss=args.token_level_loss)

@@ -48,11 +48,19 @@ Where it differs (and why):
   transformers' sampler: same distribution as vLLM, not the same random numbers;
 - the server holds the current policy (`name@step`) and the base model, not older steps.
 
-Knobs beyond the GPU behaviour (`EngineOptions`, set from the recipe by train.py):
+Knobs beyond the GPU behaviour (`EngineOptions`, set from the recipe by art_config.engine_options):
 - `pack_groups`: ART's packer puts trajectories side by side in one row with a group's prompt
   stored once (the positions and block mask ART's packer records are honoured);
 - `optimizer_steps="per_step"`: gradients of all rows of an ART step are averaged and one
-  optimizer step is taken (TRL's way), instead of one per row.
+  optimizer step is taken (TRL's way), instead of one per row;
+- `score_temperature=T` (ArtArgs.score_temperature: the recipe's temperature): tokens scored at
+  the sampling temperature, as TRL does: the trainer's logprobs and entropies are log-softmax of
+  logits / T, and the server's returned logprobs are at the request's temperature, so CISPO's
+  importance ratio stays 1 on-policy. ART's own way (None) scores at temperature 1 whatever the
+  sampling temperature;
+- `token_level_loss`: every completion token of an optimizer step weighs the same in the loss
+  (TRL's cispo/dapo normalisation) instead of ART's 1 / trajectory length; the packer's weights
+  are replaced by the assistant mask before loss_fn, and rows count by their completion tokens.
 """
 
 from __future__ import annotations
@@ -93,17 +101,26 @@ class EngineOptions:
 
     pack_groups: bool = False  # True: ART's packer shares rows (a group's prompt stored once)
     optimizer_steps: str = "per_sequence"  # "per_step": one optimizer step per ART step
+    # None: ART's way, tokens scored at temperature 1 (its loss, vLLM's raw logprobs). A temperature T:
+    # the trainer scores log-softmax(logits / T) and the server returns logprobs at the request's
+    # temperature, as TRL scores them (train.py sets the recipe's sampling temperature).
+    score_temperature: float | None = None
+    # False: ART's loss weights, each trajectory's tokens 1 / its length (a per-sequence mean). True:
+    # every completion token of the step weighs the same (TRL's cispo/dapo: tokens summed / their number).
+    token_level_loss: bool = False
 
 
 def engine_settings(internal_config: dict | None, options: EngineOptions) -> dict:
     """The values the engine really uses, from ART's internal config over ART's defaults.
 
     >>> s = engine_settings({"trainer_args": {"weight_decay": 0.0}}, EngineOptions())
-    >>> s["optimizer"], s["weight_decay"], s["adam_betas"], s["optimizer_steps"]
-    ('torch AdamW (fp32): paged_adamw_8bit needs bitsandbytes on CUDA', 0.0, [0.9, 0.99], 'per_sequence')
+    >>> s["optimizer"], s["weight_decay"], s["adam_betas"], s["optimizer_steps"], s["logprob_temperature"]
+    ('torch AdamW (fp32): paged_adamw_8bit needs bitsandbytes on CUDA', 0.0, [0.9, 0.99], 'per_sequence', 1.0)
     """
     if options.optimizer_steps not in OPTIMIZER_STEPS:
         raise ValueError(f"optimizer_steps {options.optimizer_steps!r} is not one of {OPTIMIZER_STEPS}")
+    if options.score_temperature is not None and not options.score_temperature > 0:
+        raise ValueError(f"score_temperature must be > 0 (or None: temperature 1), got {options.score_temperature}")
     config = internal_config or {}
     peft = {**ART_PEFT_DEFAULTS, **{k: v for k, v in config.get("peft_args", {}).items() if k in ART_PEFT_DEFAULTS}}
     trainer = {**ART_TRAINER_DEFAULTS, **config.get("trainer_args", {})}
@@ -118,6 +135,9 @@ def engine_settings(internal_config: dict | None, options: EngineOptions) -> dic
             "max_grad_norm": float(trainer["max_grad_norm"]), "seed": int(trainer.get("seed", 42)),
             "lora": {k: peft[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "random_state")},
             "pack_groups": options.pack_groups, "optimizer_steps": options.optimizer_steps,
+            "logprob_temperature": float(options.score_temperature or 1.0),
+            "loss_weights": "token (every completion token the same)" if options.token_level_loss
+            else "1 / trajectory length (ART's)",
             "rows": "packed (ART's packer, prompt once per row)" if options.pack_groups else "one trajectory per row"}
 
 
@@ -265,6 +285,9 @@ class CpuModelService:
         if unsupported:
             raise NotImplementedError(f"the CPU engine does not implement {unsupported}")
         rows = trimmed_rows(packed_tensors_from_dir(**disk_packed_tensors))
+        if self.options.token_level_loss:
+            for row in rows:  # in place of the packer's 1 / trajectory length (its advantage rescale stays)
+                row["weights"] = row["assistant_mask"].to(row["weights"].dtype)
         steps = len(rows) if self.options.optimizer_steps == "per_sequence" else 1
         groups = [rows[i:i + 1] for i in range(len(rows))] if steps == len(rows) else [rows]
         for chunk in groups:
@@ -274,7 +297,7 @@ class CpuModelService:
         self.step += 1
 
     def _optimizer_step(self, rows: list[dict], config, _config: dict) -> dict[str, float]:
-        """Loss of each row (ART's loss_fn), gradients averaged over `rows`, clip, one AdamW step."""
+        """Loss of each row (ART's loss_fn), gradients averaged over `rows` (row_shares), clip, one AdamW step."""
         import torch
 
         with self.lock:
@@ -282,11 +305,11 @@ class CpuModelService:
             try:
                 self.optimizer.zero_grad(set_to_none=True)
                 sums: dict[str, float] = {}
-                for row in rows:
-                    loss, parts = row_loss(self.model, row, config, _config)
-                    (loss / len(rows)).backward()
+                for row, share in zip(rows, row_shares(rows, self.options.token_level_loss), strict=True):
+                    loss, parts = row_loss(self.model, row, config, _config, self.options.score_temperature or 1.0)
+                    (loss * share).backward()
                     for k, v in parts.items():
-                        sums[k] = sums.get(k, 0.0) + v / len(rows)
+                        sums[k] = sums.get(k, 0.0) + v * share
                 lr = config.learning_rate * lr_multiplier(rows, _config)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
@@ -345,37 +368,43 @@ def attention_for(row: dict):
     return mask[None, None], positions[None]
 
 
-def row_logprobs(model, row: dict, *, reference: bool = False):
-    """log p(token[t+1] | ..t) and the entropy at t, for the positions ART's loss reads.
+def row_logprobs(model, row: dict, *, reference: bool = False, temperature: float = 1.0):
+    """log p(token[t+1] | ..t) and the entropy at t, where ART's loss reads them.
 
-    Returns full-length [1, L] tensors (zeros where the loss does not look: there the
-    shifted assistant mask is 0), as ART's `_calculate_logprobs` would, but the LM head
-    runs only on the completion positions (`logits_to_keep` with indices).
+    Returns full-length [1, L] tensors (zeros where the loss does not look), as ART's
+    `_calculate_logprobs` would, but the LM head runs only where the loss looks (`logits_to_keep`
+    with indices): the logprobs at the predictions of assistant tokens, the entropies there and
+    one position further (ART's loss_fn shifts the entropies once more than the logprobs, so its
+    entropy metric reads the distribution after each assistant token, the last one's included).
+    `temperature` 1 is ART's (raw logits); T scores log-softmax(logits / T), TRL's `selective_log_softmax`.
     """
     import torch
 
     tokens = row["tokens"]
     length = tokens.shape[1]
     wanted = row["assistant_mask"][0, 1:].nonzero().flatten()  # predictions of assistant tokens
+    keep = torch.unique(torch.cat([wanted, (wanted + 1).clamp(max=length - 1)]))  # sorted
     mask, positions = attention_for(row)
     kwargs = {"attention_mask": mask, "position_ids": positions} if mask is not None else {}
     context = model.disable_adapter() if reference else contextlib.nullcontext()
     with context, (torch.no_grad() if reference else contextlib.nullcontext()):
-        logits = model(input_ids=tokens, logits_to_keep=wanted, use_cache=False, **kwargs).logits[0].float()
-    logp_all = torch.log_softmax(logits, dim=-1)
-    picked = logp_all.gather(-1, tokens[0, wanted + 1].unsqueeze(-1)).squeeze(-1)
+        logits = model(input_ids=tokens, logits_to_keep=keep, use_cache=False, **kwargs).logits[0].float()
+    logp_all = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+    at_wanted = torch.searchsorted(keep, wanted)
+    picked = logp_all[at_wanted].gather(-1, tokens[0, wanted + 1].unsqueeze(-1)).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1)
     zeros = torch.zeros(length, dtype=picked.dtype)
     return (zeros.index_copy(0, wanted, picked)[None],
-            zeros.index_copy(0, wanted, entropy.detach())[None])
+            zeros.index_copy(0, keep, entropy.detach())[None])
 
 
-def row_loss(model, row: dict, config, _config: dict):
-    """ART's loss_fn on one row; returns (policy loss, metrics of the row)."""
+def row_loss(model, row: dict, config, _config: dict, temperature: float = 1.0):
+    """ART's loss_fn on one row, tokens scored at `temperature`; returns (policy loss, metrics of the row)."""
     from art.loss import loss_fn
 
-    new_logprobs, entropies = row_logprobs(model, row)
-    ref_logprobs = row_logprobs(model, row, reference=True)[0] if config.kl_penalty_coef > 0 else None
+    new_logprobs, entropies = row_logprobs(model, row, temperature=temperature)
+    ref_logprobs = (row_logprobs(model, row, reference=True, temperature=temperature)[0]
+                    if config.kl_penalty_coef > 0 else None)
     loss = loss_fn(row, new_logprobs, ref_logprobs, entropies, _config)
     parts = {"loss/train": float(loss.policy_loss.detach())}
     if loss.entropy is not None:
@@ -383,6 +412,16 @@ def row_loss(model, row: dict, config, _config: dict):
     if loss.kl_policy_ref is not None:
         parts["loss/kl_policy_ref"] = float(loss.kl_policy_ref)
     return loss.policy_loss, parts
+
+
+def row_shares(rows: list[dict], token_level: bool) -> list[float]:
+    """What each row's loss (a mean over its own completion tokens) counts in the step: 1 / rows, or
+    with `token_level` its share of the step's completion tokens (the step's loss is then a mean
+    over all of them, TRL's normalisation)."""
+    if not token_level:
+        return [1.0 / len(rows)] * len(rows)
+    tokens = [float(r["assistant_mask"][0, 1:].sum()) for r in rows]  # what loss_fn divides each row by
+    return [t / sum(tokens) for t in tokens]
 
 
 def lr_multiplier(rows: list[dict], _config: dict) -> float:

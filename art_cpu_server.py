@@ -6,7 +6,9 @@ as `<name>@<step>` (the LoRA on) and the base model (the LoRA off):
 
 - `GET /health`, `GET /v1/models`, `POST /v1/chat/completions` with `n`, `temperature`,
   `max_tokens` / `max_completion_tokens`, `stop`, `logprobs` (tokens as `token_id:N`, vLLM's
-  `return_tokens_as_token_ids`, which ART reads back) and `seed`;
+  `return_tokens_as_token_ids`, which ART reads back) and `seed`; the logprobs are the raw
+  model's (temperature 1, as vLLM's), or at the request's temperature when the engine scores
+  there (`EngineOptions.score_temperature`, `logprob_temperature`);
 - a request it cannot serve gets a 4xx naming the field (`parse_chat_request`), in the OpenAI
   API's error shape; bodies over MAX_BODY_BYTES get a 413;
 - one worker thread generates (generation.sample_completions), batching waiting requests that
@@ -124,6 +126,19 @@ def _checked_logprobs(body: dict) -> bool:
     return logprobs
 
 
+def logprob_temperature(options, temperature: float) -> float:
+    """What the returned logprobs divide the logits by: 1 (the raw model's, vLLM's default), or the
+    request's sampling temperature when the engine scores there (`options.score_temperature` set).
+
+    >>> from types import SimpleNamespace as NS
+    >>> logprob_temperature(None, 0.7), logprob_temperature(NS(score_temperature=0.7), 0.7)
+    (1.0, 0.7)
+    >>> logprob_temperature(NS(score_temperature=0.7), 0.0)  # greedy: the raw logits
+    1.0
+    """
+    return float(temperature) if getattr(options, "score_temperature", None) and temperature > 0 else 1.0
+
+
 # --------------------------------------------------------------------------------------
 # Generation: one worker, requests with the same settings batched
 # --------------------------------------------------------------------------------------
@@ -153,7 +168,8 @@ class InferenceServer:
     """/v1/chat/completions, /v1/models and /health on 127.0.0.1 for one CPU model service.
 
     `service` has `model` (a PEFT model), `tokenizer`, `lock` (held while generating),
-    `base_model`, `model_name` and `step` (the policy is served as `<model_name>@<step>`).
+    `base_model`, `model_name` and `step` (the policy is served as `<model_name>@<step>`), and
+    may have `options` (art_cpu_backend.EngineOptions: where the logprobs are scored).
     Flask's handler threads check and tokenize requests; one worker thread generates, taking
     every waiting request with the same settings into one batch (one prefill per prompt).
     Stopped by `stop()` (LocalBackend.close -> service.close): no thread outlives the backend.
@@ -248,7 +264,8 @@ class InferenceServer:
                 results = sample_completions(
                     self.service.model, self.service.tokenizer, [j.prompt for j in batch],
                     [j.params["n"] for j in batch], adapter=adapter, temperature=p["temperature"],
-                    max_tokens=p["max_tokens"], stops=p["stop"], logprobs=p["logprobs"], seed=p["seed"])
+                    max_tokens=p["max_tokens"], stops=p["stop"], logprobs=p["logprobs"], seed=p["seed"],
+                    logprob_temperature=logprob_temperature(getattr(self.service, "options", None), p["temperature"]))
             for job, result in zip(batch, results, strict=True):
                 job.result = result
         except RequestError as e:

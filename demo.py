@@ -23,9 +23,11 @@
 
 Settings (--setting): `defaults` runs each library as a user gets it (the recipe's optimizer
 knobs left empty); `aligned` (the default) sets the same optimizer, weight decay, betas and one
-optimizer step per GRPO step on both, and packs each ART group into one row (experiment.SETTINGS and
-experiment.SETTING_ART_FLAGS below); it writes to runs/<method>-<recipe>-aligned. `defaults` costs ~2.5x more
-ART time on a CPU (8 full-prompt rows and 8 optimizer steps per GRPO step, as LocalBackend does).
+optimizer step per GRPO step on both, packs each ART group into one row, scores ART's tokens at
+the sampling temperature and weighs every completion token the same, as TRL does
+(experiment.SETTINGS and experiment.SETTING_ART_FLAGS); it writes to runs/<method>-<recipe>-aligned.
+`defaults` costs ~2.5x more ART time on a CPU (8 full-prompt rows and 8 optimizer steps per GRPO step,
+as LocalBackend does).
 
 A method that fails mid-run does not stop the demo: the report says which, why (exit code,
 log) and how far it got, and compares what finished. A rerun resumes every method from its

@@ -64,13 +64,17 @@ SETTINGS: dict[str, dict[str, str]] = {
     "aligned": {"optimizer": "adamw", "weight_decay": "0.0", "adam_beta1": "0.9", "adam_beta2": "0.999",
                 "optimizer_steps": "per_step"},
 }
-# ART-only flags of a setting. `aligned` packs each group into one row, prompt stored once: ART's
-# loss then normalises over all the group's completion tokens as TRL's CISPO does (unpacked, each
-# trajectory over its own length), and a step costs what TRL's shared-prefix step costs.
-SETTING_ART_FLAGS: dict[str, tuple[str, ...]] = {"defaults": (), "aligned": ("--pack_groups", "true")}
+# ART-only flags of a setting. `aligned` packs each group into one row, prompt stored once (a step costs
+# what TRL's shared-prefix step costs), scores ART's tokens at the sampling temperature and weighs every
+# completion token of a step the same, as TRL's CISPO does (ART scores at temperature 1 and weighs each
+# trajectory's tokens 1 / its length, packed or not). update_parity.py measures what each changes in one update.
+SETTING_ART_FLAGS: dict[str, tuple[str, ...]] = {
+    "defaults": (),
+    "aligned": ("--pack_groups", "true", "--score_temperature", "true", "--token_level_loss", "true")}
 SETTING_TITLES = {"defaults": "framework defaults (each library as a user gets it)",
                   "aligned": "aligned (same optimizer, weight decay, betas, one optimizer step per GRPO step; "
-                             "ART packs each group into one row)"}
+                             "ART packs each group into one row, scores tokens at the sampling temperature and "
+                             "weighs every completion token the same, as TRL)"}
 
 
 

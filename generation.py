@@ -91,30 +91,39 @@ class Completion:
 
 
 class RawLogprobs:
-    """A logits processor that keeps log-softmax of the raw logits of every decoding step.
+    """A logits processor that keeps log-softmax of the logits of every decoding step, divided
+    by `temperature` (1 = the raw logits).
 
-    transformers runs user processors before the sampling warpers (temperature, top-k), so
-    these are the model's own probabilities, the ones ART's trainer recomputes.
+    transformers runs user processors before the sampling warpers (temperature, top-k), so at
+    temperature 1 these are the model's own probabilities, the ones ART's trainer recomputes
+    (vLLM's raw logprobs); at the sampling temperature they are the probabilities the tokens
+    were drawn with, the ones TRL's loss scores (`logits / temperature`). Greedy decoding
+    (temperature 0) keeps the raw logits.
     """
 
-    def __init__(self):
+    def __init__(self, temperature: float = 1.0):
+        self.temperature = float(temperature) if temperature and temperature > 0 else 1.0
         self.steps: list = []
 
     def __call__(self, input_ids, scores):
         import torch
 
-        self.steps.append(torch.log_softmax(scores.float(), dim=-1))
+        logits = scores.float() if self.temperature == 1.0 else scores.float() / self.temperature
+        self.steps.append(torch.log_softmax(logits, dim=-1))
         return scores
 
 
 def sample_completions(model, tok, prompts: Sequence[Sequence[int]], counts: Sequence[int], *, adapter: bool,
                        temperature: float, max_tokens: int, stops: Sequence[str], logprobs: bool,
-                       seed: int | None = None) -> list[list[Completion]]:
+                       seed: int | None = None, logprob_temperature: float = 1.0) -> list[list[Completion]]:
     """`counts[i]` completions of `prompts[i]` (token ids) from a PEFT `model` (its adapter on or
-    off), with the raw per-token logprobs an OpenAI-compatible server returns; one prefill per prompt.
+    off), with the per-token logprobs an OpenAI-compatible server returns; one prefill per prompt.
 
-    Plain temperature sampling (top-k and top-p off, as vLLM's defaults); `seed` makes it
-    repeatable without touching the process's RNG. The caller serialises access to `model`.
+    The logprobs are log-softmax of the logits / `logprob_temperature`: 1 (the default) gives the
+    raw model's, as vLLM returns them; the sampling temperature gives the distribution the tokens
+    were drawn from (the CPU engine's `score_temperature`). Plain temperature sampling (top-k and
+    top-p off, as vLLM's defaults); `seed` makes it repeatable without touching the process's RNG.
+    The caller serialises access to `model`.
     """
     import torch
     from transformers import GenerationConfig, LogitsProcessorList
@@ -124,7 +133,7 @@ def sample_completions(model, tok, prompts: Sequence[Sequence[int]], counts: Seq
         "do_sample": False}
     config = GenerationConfig(**sampling, max_new_tokens=max_tokens, eos_token_id=list(dict.fromkeys(eos)),
                               pad_token_id=tok.pad_token_id)
-    capture = RawLogprobs()
+    capture = RawLogprobs(logprob_temperature)
     rows = [list(p) for p, c in zip(prompts, counts, strict=True) for _ in range(c)]
     context = contextlib.nullcontext() if adapter else model.disable_adapter()
     with context, torch.no_grad(), torch.random.fork_rng(devices=[], enabled=seed is not None):

@@ -60,9 +60,12 @@ TABLE: tuple[Difference, ...] = (
         "(r - group mean) / (group std + 1e-6), population std (preprocessing/tokenize.py); then every advantage "
         "of the batch is rescaled so that mean |A| x token weight = 1 (preprocessing/pack.py)",
         "`scale_rewards` (ArtArgs; TRL keeps 'group') for the std division. The batch-wide rescale has no knob: "
-        "it is a constant factor per batch, which Adam's update mostly cancels, but gradient clipping "
-        "(`max_grad_norm`) does not",
-        ("scale_rewards",)),
+        "a constant factor per batch (one group: ART's advantages are TRL's x the rewards' sample std / their "
+        "mean absolute deviation) that Adam's step does not see, and that clipping removes when both gradients "
+        "are above `max_grad_norm`; it shows only when one is above and the other below. One SmolLM2 group "
+        "(update_parity.py): grad norms 0.90 (TRL) vs 1.15 (ART), both clipped to 0.1, and the aligned updates "
+        "equal to a relative L2 of 8e-4",
+        ("scale_rewards", "max_grad_norm")),
     Difference(
         "zero-advantage trajectories",
         "kept: no gradient, but their tokens count in the loss normaliser",
@@ -73,9 +76,37 @@ TABLE: tuple[Difference, ...] = (
     Difference(
         "loss normalisation",
         "CISPO/DAPO: sum over all completion tokens of the batch / their number",
-        "each trajectory's tokens weighted 1 / its length, summed per row / the row's assistant tokens (loss.py)",
-        "none (the libraries' own reductions); `loss_type` picks the same CISPO on both",
-        ("loss_type",)),
+        "each trajectory's tokens weighted 1 / its length (preprocessing/tokenize.py), summed per row / the row's "
+        "assistant tokens (loss.py): a mean of per-trajectory means, packed or not; short completions weigh more "
+        "per token",
+        "`token_level_loss` (ArtArgs, CPU engine only; LocalBackend refuses it): every completion token of a step "
+        "weighs the same, TRL's normalisation; the demo's `aligned` setting sets it. One SmolLM2 group of 8 "
+        "(12 to 24 tokens, update_parity.py): update cosine 0.90 without it (0.93 at step 3), 1.0000 with it; "
+        "TRL's `grpo` loss (a per-sequence mean, CISPO's gradient on-policy) matches ART's own weights to 1.0000",
+        ("loss_type", "token_level_loss")),
+    Difference(
+        "logprob temperature",
+        "tokens scored at the sampling temperature: log-softmax(logits / temperature) in the loss, the old and "
+        "reference logprobs and the entropy (`selective_log_softmax(..., temperature=self.temperature)`)",
+        "tokens scored at temperature 1 whatever the sampling temperature: loss.py and unsloth/train.py use the raw "
+        "logits, vLLM returns raw logprobs and `Model.litellm_completion_params` pins `temperature: 1` (\"Important "
+        "for trainable models\"). At T != 1 the gradient is the T = 1 distribution's, not the sampled one's",
+        "`score_temperature` (ArtArgs, CPU engine only; LocalBackend refuses it): the trainer's logprobs and "
+        "entropies and the server's rollout logprobs at the sampling temperature, so CISPO's ratio stays 1 "
+        "on-policy; the demo's `aligned` setting sets it. One SmolLM2 group at T = 0.7 (update_parity.py): update "
+        "cosine 0.79 without it (0.86 at step 3), 1.0000 with it; 0.75 with neither it nor `token_level_loss`",
+        ("score_temperature", "temperature")),
+    Difference(
+        "entropy metric",
+        "`entropy`: mean over completion tokens of the entropy of the distribution each was drawn from (at the "
+        "sampling temperature)",
+        "`loss/entropy`: loss.py shifts the entropies once more than the logprobs, so it averages the entropy of "
+        "the distribution after each completion token (the first token's left out, the one after the last "
+        "counted), weighted as the loss weighs tokens, at temperature 1; the CPU engine computes it where loss.py "
+        "reads it",
+        "`score_temperature` puts it at the sampling temperature; the shift stays (a logged number, not the "
+        "update). One SmolLM2 group at T = 0.7: TRL 2.13, ART 3.70 at T = 1 and 1.92 with it",
+        ("score_temperature",)),
     Difference(
         "importance-weight cap (CISPO)",
         "clamp(ratio, max=epsilon_high)",
@@ -98,10 +129,12 @@ TABLE: tuple[Difference, ...] = (
         "every completion is a row with its full left-padded prompt",
         "LocalBackend: one trajectory per row, full prompt each; the CPU engine the same, or with `pack_groups` "
         "ART's packer puts a group's trajectories in one row with the prompt stored once",
-        "`pack_groups` (ArtArgs, CPU engine only). The same tokens get the same logprobs, but ART's loss divides "
-        "each row by its own assistant tokens: packed, a group is normalised over all its completion tokens (as "
-        "TRL's CISPO is); unpacked, each trajectory over its own length. Under `per_sequence` a packed row is one "
-        "optimizer step for several trajectories. The demo's `aligned` setting packs",
+        "`pack_groups` (ArtArgs, CPU engine only). The same tokens get the same logprobs; ART's loss divides each "
+        "row by its own assistant tokens and its packer weighs a trajectory's tokens 1 / its length (rescaled to "
+        "average 1 over the batch): packed, each trajectory counts its mean token term; unpacked (`per_step`), "
+        "that x mean length / its length. TRL's token normalisation is `token_level_loss`, packed or not. Under "
+        "`per_sequence` a packed row is one optimizer step for several trajectories. The demo's `aligned` setting "
+        "packs",
         ("pack_groups",)),
     Difference(
         "generation engine",

@@ -64,7 +64,7 @@ import runtime
 import settings
 import utils
 from art_compat import import_art
-from art_config import ART_LOSSES, ArtArgs, internal_config, local_backend_optimizer, train_kwargs
+from art_config import ART_LOSSES, ArtArgs, engine_options, internal_config, local_backend_optimizer, train_kwargs
 from settings import Recipe
 
 METHOD = "art"
@@ -215,12 +215,6 @@ def resolve_backend(args: ArtArgs) -> str:
     return "local"
 
 
-def engine_options(recipe: Recipe, args: ArtArgs) -> art_cpu_backend.EngineOptions:
-    """The CPU engine's knobs: ART's GPU behaviour unless the recipe asks otherwise."""
-    return art_cpu_backend.EngineOptions(pack_groups=args.pack_groups,
-                                         optimizer_steps=recipe.optimizer_steps or "per_sequence")
-
-
 def make_backend(args: ArtArgs, art_path: Path, recipe: Recipe):
     """The one place a backend is built; tests of the GPU wiring pass a double through main(backend_factory=)."""
     if args.backend == "local":
@@ -247,6 +241,12 @@ def check_config(recipe: Recipe, args: ArtArgs) -> None:
     if backend == "local" and args.pack_groups:
         raise ValueError("pack_groups exists only on the CPU engine (--backend cpu): ART's LocalBackend puts one "
                          "trajectory in each row")
+    if backend == "local" and args.score_temperature:
+        raise ValueError("score_temperature exists only on the CPU engine (--backend cpu): ART's LocalBackend scores "
+                         "tokens at temperature 1 (its loss and vLLM's raw logprobs)")
+    if backend == "local" and args.token_level_loss:
+        raise ValueError("token_level_loss exists only on the CPU engine (--backend cpu): ART's LocalBackend weighs "
+                         "each trajectory's tokens 1 / its length")
     if backend == "cpu" and recipe.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
         raise ValueError(f"optimizer {recipe.optimizer!r} needs bitsandbytes on CUDA; on the CPU engine use 'adamw' "
                          "(or leave it empty: ART's default, replaced by torch AdamW on the CPU and said so)")

@@ -149,13 +149,13 @@ def test_concurrent_requests_are_all_answered(service):
 # --------------------------------------------------------------------------------------
 
 
-def served_group(service, n: int = 3, max_tokens: int = 8):
+def served_group(service, n: int = 3, max_tokens: int = 8, temperature: float = 1.0):
     """A TrajectoryGroup from one served request, rewards i**2 (none at the mean: every trajectory trains)."""
     from openai import OpenAI
 
     client = OpenAI(base_url=service.url + "/v1", api_key="x")
     resp = client.chat.completions.create(model=f"{service.model_name}@{service.step}", messages=MESSAGES, n=n,
-                                          max_tokens=max_tokens, temperature=1.0, logprobs=True, seed=3)
+                                          max_tokens=max_tokens, temperature=temperature, logprobs=True, seed=3)
     return art.TrajectoryGroup([art.Trajectory(messages_and_choices=[*MESSAGES, c], reward=float(i * i))
                                 for i, c in enumerate(resp.choices)])
 
@@ -171,12 +171,12 @@ def packed_rows(service, groups, pack: bool) -> list[dict]:
     return packed, acb.trimmed_rows(packed)
 
 
-def max_logprob_gap(service, rows) -> tuple[float, int]:
+def max_logprob_gap(service, rows, temperature: float = 1.0) -> tuple[float, int]:
     import torch
 
     gap, n = 0.0, 0
     for row in rows:
-        new, _ = acb.row_logprobs(service.model, row, reference=False)
+        new, _ = acb.row_logprobs(service.model, row, reference=False, temperature=temperature)
         with torch.no_grad():
             old = row["logprobs"][0, 1:]  # logprobs[t + 1] was served for the token at t + 1
             mask = row["assistant_mask"][0, 1:]
@@ -199,6 +199,27 @@ def test_trainer_logprobs_match_the_servers_before_any_update(service):
 
 
 @pytest.mark.slow
+def test_fidelity_when_the_engine_scores_at_the_sampling_temperature(tiny_model, tmp_path):
+    """score_temperature: the server returns log-softmax(logits / T) of the request's T and the trainer
+    recomputes exactly that (CISPO's ratio is 1 on-policy); at temperature 1 they would differ."""
+    svc = acb.CpuModelService("h", str(tiny_model), {"peft_args": {"r": 4, "lora_alpha": 8}}, str(tmp_path / "h"),
+                              options=acb.EngineOptions(score_temperature=0.5))
+    host, port = asyncio.run(svc.start_openai_server(None))
+    svc.url = f"http://{host}:{port}"
+    try:
+        group = served_group(svc, temperature=0.5)
+        for pack in (False, True):
+            _, rows = packed_rows(svc, [group], pack=pack)
+            gap, tokens = max_logprob_gap(svc, rows, temperature=0.5)
+            assert tokens and gap < 1e-4, f"trainer vs server logprobs at T=0.5 differ by {gap:.2e}"
+            raw_gap, _ = max_logprob_gap(svc, rows, temperature=1.0)
+            assert raw_gap > 1e-2, f"scoring at T=0.5 and at T=1 gave the same logprobs ({raw_gap:.2e})"
+        print(f"tiny, T=0.5: {tokens} tokens, max |trainer - server| {gap:.2e} (at T=1: {raw_gap:.2e})")
+    finally:
+        svc.close()
+
+
+@pytest.mark.slow
 def test_fidelity_on_smollm2(smollm_model, tmp_path):
     svc = acb.CpuModelService("s", str(smollm_model), {"peft_args": {"r": 16, "lora_alpha": 32}}, str(tmp_path / "s"))
     host, port = asyncio.run(svc.start_openai_server(None))
@@ -215,7 +236,7 @@ def test_fidelity_on_smollm2(smollm_model, tmp_path):
 @pytest.mark.slow
 def test_trimmed_rows_give_the_padded_rows_loss_and_gradients(service):
     """Cutting ART's 2048-token padding and computing the LM head only where the loss looks
-    changes nothing: loss and LoRA gradients equal ART's full-row computation."""
+    changes nothing: loss, LoRA gradients and the entropy metric equal ART's full-row computation."""
     import torch
     from art.loss import loss_fn
 
@@ -233,11 +254,14 @@ def test_trimmed_rows_give_the_padded_rows_loss_and_gradients(service):
             logp = torch.log_softmax(logits, -1)
             nxt = torch.nn.functional.pad(full["tokens"][:, 1:], (0, 1))
             new = logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
-            ref = loss_fn(full, new, None, None, dev_config).policy_loss
+            entropies = -(logp.exp() * logp).sum(-1).detach()  # ART's _calculate_logprobs: at every position
+            art_loss = loss_fn(full, new, None, entropies, dev_config)
+            ref = art_loss.policy_loss
             ref_grads = torch.autograd.grad(ref, lora)
-            ours, _ = acb.row_loss(service.model, row, config, dev_config)
+            ours, parts = acb.row_loss(service.model, row, config, dev_config)
             grads = torch.autograd.grad(ours, lora)
             assert float(ours.detach()) == pytest.approx(float(ref.detach()), rel=1e-5, abs=1e-6)
+            assert parts["loss/entropy"] == pytest.approx(float(art_loss.entropy), rel=1e-5)
             for a, b in zip(grads, ref_grads, strict=True):
                 assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     finally:
@@ -323,10 +347,12 @@ def test_sigterm_checkpoints_and_exits_75_then_the_rerun_continues(tmp_path):
 
 @pytest.mark.slow
 def test_reward_server_killed_mid_run_stops_the_step_and_the_rerun_resumes(tmp_path):
-    """ppo, packed rows, one optimizer step per ART step: the reward server process dies
-    mid-run -> the step is not trained, exit 3 with the error; a rerun resumes at that step."""
+    """ppo, packed rows, one optimizer step per ART step, tokens scored at T=0.8 with token-level
+    weights (the aligned setting's ART knobs): the reward server process dies mid-run -> the step
+    is not trained, exit 3 with the error; a rerun resumes at that step."""
     run_dir = tmp_path / "r"
-    knobs = ("--loss_type", "ppo", "--pack_groups", "true", "--optimizer_steps", "per_step", "--max_steps", "6")
+    knobs = ("--loss_type", "ppo", "--pack_groups", "true", "--optimizer_steps", "per_step", "--max_steps", "6",
+             "--temperature", "0.8", "--score_temperature", "true", "--token_level_loss", "true")
     with ranking_reward_process() as (url, server):
         proc = start_trainer(train_cmd(tmp_path, url, *knobs), tmp_path / "1.log")
         wait_for_train_row(run_dir, proc)
@@ -350,6 +376,7 @@ def test_reward_server_killed_mid_run_stops_the_step_and_the_rerun_resumes(tmp_p
                for r in rows if not r["extra"].get("skipped"))
     config = json.loads((run_dir / "config.json").read_text())
     assert config["engine"]["pack_groups"] is True and config["train_kwargs"]["loss_fn"] == "ppo"
+    assert config["engine"]["logprob_temperature"] == 0.8 and config["engine"]["loss_weights"].startswith("token")
 
 
 @pytest.mark.slow  # the tiny model's tokenizer

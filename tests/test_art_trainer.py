@@ -481,6 +481,8 @@ def test_bad_settings_fail_before_anything_starts(over, message):
 @pytest.mark.parametrize("over, args", [
     ({"optimizer_steps": "per_step"}, {}),   # LocalBackend steps once per trajectory
     ({}, {"pack_groups": True}),             # LocalBackend does not pack
+    ({}, {"score_temperature": True}),       # LocalBackend scores at temperature 1 (vLLM's raw logprobs)
+    ({}, {"token_level_loss": True}),        # LocalBackend weighs a trajectory's tokens 1 / its length
 ])
 def test_cpu_engine_knobs_are_refused_for_the_gpu_backend(over, args):
     with pytest.raises(ValueError, match="only on the CPU engine"):
@@ -498,6 +500,18 @@ def test_optimizer_knobs_reach_arts_trainer_args_and_the_engine():
     default = train.engine_config(settings.Recipe(), art_config.ArtArgs(backend="cpu"))  # ART's own values
     assert default["weight_decay"] == 0.1 and default["adam_betas"] == [0.9, 0.99]
     assert default["optimizer_steps"] == "per_sequence" and "paged_adamw_8bit" in default["optimizer"]
+
+
+def test_score_temperature_reaches_the_engine_and_its_config():
+    recipe = settings.Recipe(temperature=0.7)
+    assert train.engine_config(recipe, art_config.ArtArgs(backend="cpu"))["logprob_temperature"] == 1.0  # ART's way
+    hot = art_config.ArtArgs(backend="cpu", score_temperature=True)
+    assert train.engine_config(recipe, hot)["logprob_temperature"] == 0.7  # what config.json records
+    assert art_config.engine_options(recipe, hot).score_temperature == 0.7
+    import art_cpu_backend
+
+    with pytest.raises(ValueError, match="score_temperature must be > 0"):
+        art_cpu_backend.engine_settings({}, art_cpu_backend.EngineOptions(score_temperature=0.0))
 
 
 def test_recipe_parsing_reads_shared_and_art_blocks():

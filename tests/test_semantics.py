@@ -26,7 +26,7 @@ def test_every_named_knob_exists():
     whats = {row.what for row in grpo_semantics.TABLE}
     for must in ("optimizer", "weight decay", "Adam betas", "optimizer steps per batch", "advantage scaling",
                  "zero-advantage trajectories", "importance-weight cap (CISPO)", "KL placement", "prompt packing",
-                 "generation engine", "validator model"):
+                 "generation engine", "validator model", "loss normalisation", "logprob temperature", "entropy metric"):
         assert must in whats
 
 
@@ -57,9 +57,28 @@ def _source(module: str) -> str:
     ("trl.trainer.grpo_trainer", "per_token_loss = per_token_loss + self.beta * per_token_kl"),
     # transformers' optimizer defaults under TRL
     ("transformers.training_args", 'default_optim = "adamw_torch_fused"'),
+    # loss normalisation: ART weighs each trajectory's tokens 1 / its length
+    ("art.preprocessing.tokenize", "weight = 1 / ("),
+    # logprob temperature: TRL divides the logits by its (sampling) temperature in the loss ...
+    ("trl.trainer.grpo_trainer", "logits, completion_ids, temperature=self.temperature"),
+    ("trl.trainer.utils", "logits = logits / temperature"),
+    # ... ART scores raw logits (no temperature in its loss or its logprob kernel; test below) and pins 1
+    ("art.unsloth.train", "chunk_logsumexp = torch.logsumexp(chunk_logits, dim=-1)"),
+    ("art.model", '"temperature": 1,  # Important for trainable models'),
+    # entropy metric: TRL's mean over the completion tokens; ART's loss shifts the entropies once more
+    ("trl.trainer.grpo_trainer", 'self._metrics[mode]["entropy"].append(global_masked_mean(entropies))'),
+    ("art.loss", "shifted_entropies = shift_tensor(entropies, 0.0)"),
 ])
 def test_library_facts_still_hold(module, needle):
     assert needle in _source(module), f"{module} changed: re-check grpo_semantics.TABLE"
+
+
+def test_art_scores_tokens_at_temperature_1():
+    """Nothing in ART's loss or in its GPU trainer's logprob code divides by a temperature."""
+    assert "temperature" not in _source("art.loss")
+    train = _source("art.unsloth.train")
+    kernel = train[train.index("def _calculate_logprobs("):train.index("def gc_and_empty_cuda_cache(")]
+    assert "temperature" not in kernel and "temperature" not in train[train.index("def calculate_logprobs("):]
 
 
 def test_markdown_has_one_row_per_difference():
