@@ -68,6 +68,9 @@ class StudyArgs:
         "help": "Delete the study's run directories first, the recipe's seed's included (they are the demo's)."})
     report_only: bool = field(default=False, metadata={
         "help": "Train and evaluate nothing: rebuild the report from the evaluations on disk."})
+    parity_steps: int = field(default=3, metadata={
+        "help": "Same batch, same update: updates of one fixed group compared per step (update_parity.py), with the "
+                "aligned setting's ART knobs and without them; 0 = skip. Aligned setting only."})
     docs_dir: str = field(default="docs", metadata={
         "help": "Where the seed spread goes (study-<recipe>[-<setting>].json), for the demo's report to quote."})
 
@@ -85,6 +88,7 @@ class Study:
     stages: list[tuple[str, float]] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
     machine: str = ""
+    parity: dict[str, list[dict]] = field(default_factory=dict)  # variant -> update_parity rows
 
     def done(self, method: str) -> dict[int, evaluation.EvalResult]:
         """seed -> evaluation of `method`'s run, for the runs that finished."""
@@ -127,10 +131,7 @@ def main(args: StudyArgs) -> Study:
         with stages("data check"):
             experiment.check_data(recipe)
         with stages("evaluate untrained (baseline)"):
-            before = evaluation.read_eval(base_dir, "before")  # deterministic: the demo's, when it is there
-            if before is None:
-                before = experiment.evaluate_policy(recipe, base_dir.name, "before", "base", 0)
-                experiment.write_curve_baseline(base_dir, before, recipe.model)
+            before = baseline(recipe, base_dir)
 
         # ---- Per seed: train each method, then evaluate each (an evaluation of the same adapter is reused)
         for seed in seeds:
@@ -146,10 +147,44 @@ def main(args: StudyArgs) -> Study:
                     with stages(f"seed {seed}: evaluate {mr.method.title}"):
                         experiment.evaluate_method(mr, recipe, reuse=True)
 
+    # ---- Same batch, same update? One fixed group through both trainers' own update code
+    parity = {}
+    if args.parity_steps and args.setting == "aligned":
+        with stages("same batch, same update"):
+            parity = same_update(recipe, args.parity_steps, study_dir / "parity.json")
+
     # ---- The report
     study = Study(recipe=recipe, recipe_path=args.recipe, setting=args.setting, seeds=seeds, before=before,
-                  runs=runs, stages=stages.done, cpu=stages.cpu, machine=experiment.machine_note(load0))
+                  runs=runs, stages=stages.done, cpu=stages.cpu, machine=experiment.machine_note(load0), parity=parity)
     return finish(study, study_dir, experiment.ROOT / args.docs_dir)
+
+
+# What aligning changed: the aligned setting's ART knobs, and the setting as it was without them.
+PARITY_VARIANTS = {"aligned": {}, "aligned without score_temperature and token_level_loss":
+                   {"score_temperature": False, "token_level_loss": False}}
+
+
+def same_update(recipe: settings.Recipe, steps: int, cache: Path) -> dict[str, list[dict]]:
+    """update_parity's rows for each variant (read back from `cache` when it holds them: they are a
+    function of the recipe and the code, not of the training seeds)."""
+    import update_parity
+
+    found = json.loads(cache.read_text()) if cache.exists() else {}
+    if found.get("steps") == steps and set(found.get("rows", {})) == set(PARITY_VARIANTS):
+        return found["rows"]
+    rows = {name: update_parity.compare_updates(recipe, steps, **knobs) for name, knobs in PARITY_VARIANTS.items()}
+    cache.write_text(json.dumps({"steps": steps, "rows": rows}, indent=1, default=str))
+    return rows
+
+
+def baseline(recipe: settings.Recipe, base_dir: Path) -> evaluation.EvalResult:
+    """The untrained model's evaluation: the one on disk (the demo's, or an earlier study's: the
+    evaluation is deterministic), else a new one with its greedy curve baseline."""
+    before = evaluation.read_eval(base_dir, "before")
+    if before is None:
+        before = experiment.evaluate_policy(recipe, base_dir.name, "before", "base", 0)
+        experiment.write_curve_baseline(base_dir, before, recipe.model)
+    return before
 
 
 def run_name(args: StudyArgs, recipe: settings.Recipe, seed: int, method: str) -> str:
@@ -259,7 +294,7 @@ def render(study: Study, summary: dict[str, OverSeeds], png: Path | None) -> str
              "bootstrap (training seeds and stories).", ""]
     if "art-trl" in summary:
         lines += [f"**{summary['art-trl'].line}**", ""]
-    lines += _per_seed(study, summary) + _over_seeds(summary) + _independent(study)
+    lines += _per_seed(study, summary) + _over_seeds(summary) + _independent(study) + _parity(study)
     if png is not None:
         lines += ["## Curves", "", f"![val reward per method across seeds]({png.name})", "",
                   "Greedy-title validation during training; a line per seed, the band spans the seeds.", ""]
@@ -300,6 +335,24 @@ def _independent(study: Study) -> list[str]:
                      f"{v['template_share']:.0%} (`{v['template_top']}`) | {v['copy_frac_mean']:.2f} | "
                      f"{v['title_len_mean']:.1f} |")
     return lines + [""]
+
+
+def _parity(study: Study) -> list[str]:
+    """The same-update check: do the two methods' updates agree on one fixed group?"""
+    if not study.parity:
+        return []
+    import update_parity
+
+    group = next(iter(study.parity.values()))[0].get("group", {})
+    lines = ["## Same batch, same update?", "",
+             f"One fixed group (story {group.get('story_id')}, {len(group.get('rewards', []))} completions of "
+             f"{group.get('lengths')} tokens, fixed rewards) through each trainer's own update code from the same "
+             "adapter (update_parity.py); per step, the cosine and relative L2 (||d_ART - d_TRL|| / ||d_TRL||) of "
+             "the two adapter updates. Agreement here means a difference between the methods' results is a "
+             "difference between the runs (seeds, sampling), not between the updates.", ""]
+    for name, rows in study.parity.items():
+        lines += [f"**{name}**", "", update_parity.markdown(rows), ""]
+    return lines
 
 
 def _runs(study: Study) -> list[str]:

@@ -410,7 +410,7 @@ def study_on_the_demos_runs(tmp_path: Path, args, demo_summary, demo_train_rows)
 
     docs = tmp_path / "docs"
     argv = [sys.executable, "study.py", "--recipe", args.recipe, "--methods", METHODS_E2E, "--seeds", "2",
-            "--threads", "1", "--docs_dir", str(docs)]
+            "--threads", "1", "--docs_dir", str(docs), "--parity_steps", "0"]  # parity: tests/test_study.py
     env = {**os.environ, "RUNS_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(argv, cwd=experiment.ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     seeded = tmp_path / "trl-tiny-aligned-s43"
@@ -423,7 +423,7 @@ def study_on_the_demos_runs(tmp_path: Path, args, demo_summary, demo_train_rows)
     assert proc.returncode != 0, out[-3000:]
 
     result = study.main(study.StudyArgs(recipe=args.recipe, methods=METHODS_E2E, seeds=2, threads=1,
-                                        docs_dir=str(docs)))
+                                        docs_dir=str(docs), parity_steps=0))
     assert not result.failed, [mr.error for _, mr in result.failed]
     steps = lambda mr: [r["step"] for r in rundir.read_metrics(mr.run_dir)[0] if r["split"] == "train"]  # noqa: E731
     for mr in result.runs[42]:  # the demo's runs: nothing retrained
