@@ -252,6 +252,40 @@ def test_block_mask_and_doctests():
     assert m.min() == torch.finfo(torch.float64).min
 
 
+def test_packed_mask_and_flex_mask_are_one_rule():
+    """The packed layout's 4-D mask, and flex attention's BlockMask from the same rule, give the same
+    attention output as the rule written out by hand (flex run uncompiled: forward only, any device)."""
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    lengths, p = [3, 1, 5], 7
+    m = shared_prefix.packed_mask(lengths, p, torch.bool, DEVICE)[0, 0]
+    seg = [0] * p + [1] * 3 + [2] + [3] * 5
+    by_hand = [[k <= q and (seg[k] == 0 or seg[k] == seg[q]) for k in range(len(seg))] for q in range(len(seg))]
+    assert m.tolist() == by_hand
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, len(seg), 8, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(3))
+    expected = sdpa(q, k, v, attn_mask=m)
+    flex = flex_attention(q, k, v, block_mask=shared_prefix.flex_mask(lengths, p, DEVICE))
+    assert (flex - expected).abs().max() < 1e-12
+    eager = shared_prefix.packed_mask(lengths, p, torch.float64, DEVICE)  # eager attention's additive form
+    assert (sdpa(q, k, v, attn_mask=eager) - expected).abs().max() < 1e-12
+
+
+@pytest.mark.slow
+def test_flex_attention_runs_the_packed_layout(tiny_setup, tmp_path):
+    """Flex attention through the trainer (a BlockMask over one packed row) against TRL's own path."""
+    if DEVICE == "cpu":
+        pytest.skip("FlexAttention has no backward on the CPU (torch 2.13); gpu_check's shared-prefix check runs "
+                    "this file with TEST_DEVICE=cuda")
+    path, tok, prompts = tiny_setup
+    trainer = trainer_for(lora_model(path, attn="flex_attention"), tok, tmp_path)
+    assert shared_prefix.model_reason(trainer.model) is None and shared_prefix.layout_for(trainer.model) == "packed"
+    for shape in ("uneven", "1x8"):
+        compare(trainer, trl_batch(tok, prompts, *SHAPES[shape]), 1e-4, 1e-4)
+
+
 @pytest.mark.parametrize("mask, keep, reason", [
     # a prompt padded on the right: not TRL's layout
     ([[1, 1, 0, 1, 1]], 2, "not left-padded"),
