@@ -240,6 +240,7 @@ def per_token_logps(model, input_ids, attention_mask, logits_to_keep: int, group
         # completion i feeds its tokens 0..L_i-2: they predict tokens 1..L_i-1
         feed = [max(n - 1, 0) for n in g.lengths]
         first, packed = encode(model, g, feed, completions, width)
+        first = first.expand(sum(1 for n in g.lengths if n), -1)  # one row per non-empty completion
         logits, labels, cells = _arrange(first, packed, g, feed, completions)
         logits_rows.append(logits)
         targets.append(labels)
@@ -335,17 +336,18 @@ def _mask_dtype(model):
 def _arrange(first, packed, g: Group, feed: list[int], completions):
     """Order the group's logits as (row, column) cells and pick each cell's label.
 
-    first: the last prompt token's logits (1, V), every non-empty completion's first cell;
-    packed (if any): the packed tokens' logits, completion after completion, feed[i] positions each.
+    first: the last prompt token's logits expanded to one row per non-empty completion (its first
+    cell); packed (if any): the packed tokens' logits, completion after completion, feed[i] each.
     """
     import torch
 
     chunks, labels, cells = [], [], []
-    offset = 0
+    k, offset = 0, 0
     for r, n, f in zip(g.rows, g.lengths, feed, strict=True):
         if not n:
             continue
-        chunks.append(first)
+        chunks.append(first[k:k + 1])
+        k += 1
         if f:
             chunks.append(packed[offset:offset + f])
             offset += f
