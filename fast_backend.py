@@ -31,7 +31,8 @@ Public names, by purpose (nothing heavy is imported until one of them is called)
   `left_pad`, `cut_after_eos` (TRL's completion cut);
 - the trainer class: `trainer_class(backend)` -> TRL's GRPOTrainer under Unsloth, otherwise
   `shared_prefix_trainer_class()`: GRPOTrainer with `SharedPrefixMixin` in front (each distinct
-  prompt encoded once in the loss and in rollouts; the math is shared_prefix.py's).
+  prompt encoded once in the loss, also under gradient checkpointing, and in rollouts; loss
+  micro-batches cut by whole groups; the math is shared_prefix.py's).
 
 Check what this machine would use (no model is loaded), and run the checks of this module:
 

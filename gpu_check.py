@@ -173,7 +173,15 @@ def trl_step(args: CheckArgs, engine: str) -> dict:
             f"~{recipe.max_prompt_tokens}+{recipe.max_completion_tokens} tokens, loss micro-batch "
             f"{config.per_device_train_batch_size} x {config.gradient_accumulation_steps}, checkpointing "
             f"{config.gradient_checkpointing}, {recipe.loss_type} epsilon_high {config.epsilon_high}, "
-            f"loss {trainer.state.log_history[0].get('loss')}"}
+            f"loss {trainer.state.log_history[0].get('loss')}" + shared_prefix_note(trainer)}
+
+
+def shared_prefix_note(trainer) -> str:
+    """What the repo's trainer said about its shared-prefix loss (its fallbacks), or that it ran throughout."""
+    if not hasattr(trainer, "_shared_prefix_groups"):
+        return ""  # TRL's own class (Unsloth)
+    off = sorted(getattr(trainer, "_shared_prefix_fallbacks", set()))
+    return ", " + ("; ".join(off) if off else "shared-prefix loss on every micro-batch")
 
 
 def cap_memory(args: CheckArgs) -> None:
