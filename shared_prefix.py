@@ -20,8 +20,9 @@ log-probabilities (and entropies) from P + G x R tokens, in one of two layouts (
   (forward + backward of one ~430-token story x 8 titles, 1 thread, best / median of 6 on a busy
   2-core box: SmolLM2-135M 4.82 / 5.02 s vs 4.91 / 5.08 s; the tiny model 0.13 / 0.22 vs
   0.21 / 0.24 s); "cached" stays the default because the CPU demo's numbers are computed with it
-  to the last digit, and on a GPU its prompt pass needs no mask (SDPA's flash kernel), where a
-  packed row's 4-D mask over ~8k tokens does not (bench/gpu_step.py --attention measures it).
+  to the last digit, and on a GPU its prompt pass runs without a mask (causal: SDPA may pick its
+  flash kernel) where a packed row's 4-D mask over ~8k tokens rules flash out; unmeasured there
+  yet: `bench/gpu_step.py --attention sdpa,eager,flex_attention` measures both layouts.
 
 Every token keeps the position id TRL gives it (its column in TRL's padded batch: a left-padded
 prompt starts after its padding, completion token j sits at prompt width + j), so even the
