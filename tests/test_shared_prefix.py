@@ -451,7 +451,7 @@ def test_tiny_whole_grpo_step_same_adapter(tiny_setup, tmp_path, monkeypatch):
 def micro_batch_step(path, tok, tmp_path, cls, micro: int, **config):
     """One GRPO step of 3 story prompts x 4 completions in micro-batches of `micro` rows (plain SGD:
     the update is lr x gradient). Returns the updated LoRA weights, the rollouts, and per loss
-    micro-batch the prompt (its token tuple) of each row, in row order."""
+    micro-batch (prompt, completion, advantage) of each row, in row order."""
     model = lora_model(path, "float64")
     rows = json.loads((settings.ROOT / "data" / "stories.jsonl").read_text().splitlines()[0])["scraped_body"]
     prompts = [{"prompt": utils.title_messages(rows[i * 80:i * 80 + 150])} for i in range(3)]
@@ -466,12 +466,14 @@ def micro_batch_step(path, tok, tmp_path, cls, micro: int, **config):
     trainer = trainer_for(model, tok, tmp_path, trainer_cls=cls, reward=reward, prompts=prompts, max_steps=1,
                           per_device_train_batch_size=micro, gradient_accumulation_steps=steps,
                           steps_per_generation=steps, num_generations=4, learning_rate=1e-2, optim="sgd",
-                          max_grad_norm=1e9, temperature=0.7, seed=3, save_strategy="no", **config)
+                          max_grad_norm=1e9, temperature=0.7, seed=4, save_strategy="no", **config)
     compute_loss = trainer._compute_loss
 
     def spy(model, inputs):
         ids, mask = inputs["prompt_ids"], inputs["prompt_mask"].bool()
-        micro_batches.append([tuple(ids[r][mask[r]].tolist()) for r in range(ids.shape[0])])
+        comp, cmask = inputs["completion_ids"], inputs["completion_mask"].bool()
+        micro_batches.append([(tuple(ids[r][mask[r]].tolist()), tuple(comp[r][cmask[r]].tolist()),
+                               float(inputs["advantages"][r])) for r in range(ids.shape[0])])
         return compute_loss(model, inputs)
 
     trainer._compute_loss = spy
@@ -504,9 +506,14 @@ def test_tiny_step_over_group_aligned_micro_batches_same_adapter(tiny_setup, tmp
     cls = fb.shared_prefix_trainer_class()
     ours, gen_ours, ours_micro = micro_batch_step(path, tok, tmp_path / "ours", cls, micro, **config)
     assert gen_stock == gen_ours  # the same rollouts
-    assert [len(set(m)) for m in ours_micro] == per_micro_batch  # distinct prompts per loss micro-batch
-    assert all(len(runs(m)) == len(set(m)) for m in ours_micro)  # each group's rows together
-    assert sum(len(runs(m)) for m in stock_micro) > 12 // 4  # TRL's row shuffle mixed the groups
+    prompts = [[row[0] for row in m] for m in ours_micro]
+    assert [len(set(m)) for m in prompts] == per_micro_batch  # distinct prompts per loss micro-batch
+    assert all(len(runs(m)) == len(set(m)) for m in prompts)  # each group's rows together
+    # TRL's row shuffle cut the groups into more pieces: more prompt encodings than ours
+    assert sum(len(runs([row[0] for row in m])) for m in stock_micro) > sum(len(runs(m)) for m in prompts)
+    # the groups were moved (not left in generation order), and every field moved with its row
+    assert [row[1] for m in ours_micro for row in m] != list(gen_ours[0])
+    assert sorted(row for m in ours_micro for row in m) == sorted(row for m in stock_micro for row in m)
     assert max(float((stock[k] - before[k]).abs().max()) for k in stock) > 1e-6  # the step moved the adapter
     delta_stock = {k: stock[k] - before[k] for k in stock}
     delta_ours = {k: ours[k] - before[k] for k in stock}
