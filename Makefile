@@ -17,7 +17,7 @@ RECIPE ?= recipes/cpu.yaml
 STAMP := $(VENV)/.setup-$(shell cat requirements.txt | md5sum | cut -c1-8)
 MODEL_DIR := models/smollm2-135m-instruct
 
-.PHONY: setup setup-gpu setup-art gpu-check gpu-check-bare check reward reward-prod train-trl train-art eval demo study compare titles test test-fast lint bench clean
+.PHONY: setup setup-gpu setup-art gpu-check gpu-check-bare gpu-bench check reward reward-prod train-trl train-art eval demo study compare titles test test-fast lint bench clean
 
 setup: $(STAMP) $(MODEL_DIR)/model.safetensors models/tiny/model.safetensors
 
@@ -73,6 +73,12 @@ gpu-check: setup
 # A bare CUDA box (torch + transformers + peft + trl, no internet): random-init Qwen2.5-0.5B shapes.
 gpu-check-bare:
 	$(if $(wildcard $(PYTHON)),$(PYTHON),python3) gpu_check.py --bare $(ARGS)
+
+# The same bare box: the repo's trainer against TRL's stock GRPOTrainer at recipes/gpu.yaml's step shape,
+# each in its own process (step, generation, loss part, peak GPU memory; the speedups last).
+# ARGS="--attention sdpa,eager,flex_attention" times the loss pass per attention kernel instead.
+gpu-bench:
+	$(if $(wildcard $(PYTHON)),$(PYTHON),python3) bench/gpu_step.py $(ARGS)
 
 check: setup
 	$(PYTHON) check_dataset.py --recipe $(RECIPE) $(ARGS)

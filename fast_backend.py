@@ -31,7 +31,8 @@ Public names, by purpose (nothing heavy is imported until one of them is called)
   `left_pad`, `cut_after_eos` (TRL's completion cut);
 - the trainer class: `trainer_class(backend)` -> TRL's GRPOTrainer under Unsloth, otherwise
   `shared_prefix_trainer_class()`: GRPOTrainer with `SharedPrefixMixin` in front (each distinct
-  prompt encoded once in the loss and in rollouts; the math is shared_prefix.py's).
+  prompt encoded once in the loss, also under gradient checkpointing, and in rollouts; loss
+  micro-batches cut by whole groups; the math is shared_prefix.py's).
 
 Check what this machine would use (no model is loaded), and run the checks of this module:
 
@@ -381,13 +382,36 @@ def stop_at_tokens(backend: Backend, model, stop_ids: Sequence[int]) -> dict:
 # --------------------------------------------------------------------------------------
 
 
+# Batch fields of a multimodal step (their rows are images or tiles, not completions)
+MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+                   "num_images", "num_tiles", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
 class SharedPrefixMixin:
     """What `shared_prefix_trainer_class` puts in front of TRL's GRPOTrainer (trl 1.14.2):
 
     - `_get_per_token_logps_and_entropies` (the loss, and the old/reference logprob passes TRL
-      runs when steps_per_generation > 1, beta > 0 or under vLLM importance sampling):
-      shared_prefix.per_token_logps, one prompt pass per distinct prompt with its KV states
-      shared by the group; TRL's own path, with a one-line log, for what it does not cover.
+      runs when steps_per_generation > gradient_accumulation_steps, beta > 0 or under vLLM
+      importance sampling): shared_prefix.per_token_logps, each distinct prompt of a micro-batch
+      encoded once for its rows ("cached" layout: the prompt's KV states shared by the group;
+      "packed" layout under gradient checkpointing or flex attention: one row per group, one
+      forward); TRL's own path, with a one-line log, for what it does not cover.
+    - `_prepare_inputs`: when the generation batch is cut into several micro-batches
+      (steps_per_generation > 1) and the shared-prefix loss will run, the batch is permuted by
+      whole groups, not by rows, before TRL's split_tensor_dict: a micro-batch of
+      num_generations rows is one group, one prompt encoding (TRL's row shuffle gives a
+      micro-batch of 4 rows ~4 prompts and nothing to share). The group order is drawn from
+      the same torch.randperm of the rows TRL draws (shared_prefix.group_order), so the RNG
+      stream, and with it every later rollout, is TRL's. A micro-batch size that does not fit
+      the group size is not refused: a group then continues in the next micro-batch (rows in
+      order), its prompt encoded once in each; the same holds for a group that a process
+      boundary cuts (per-process rows not a multiple of num_generations). The update is the
+      same sum: TRL's cispo/dapo/vespo normalise by the step's token count, grpo/sapo/dr_grpo/
+      luspo by equal micro-batch sizes, so which rows share a micro-batch does not matter.
+      Where it does (bnpo's per-micro-batch token count, the entropy bonus, top_entropy_quantile),
+      and whenever the shared-prefix loss is off, TRL's row shuffle runs (logged once). One
+      micro-batch per generation batch keeps TRL's row shuffle too: nothing to group, and the
+      CPU recipe's numbers stay TRL's bit for bit.
     - `_generate_single_turn`'s regular path: one prefill per distinct prompt
       (generate_shared_prefix) with the LoRA folded into the weights (shared_prefix.merged_lora).
       vLLM, continuous batching, multimodal and tool calls go to TRL's own code.
@@ -398,6 +422,59 @@ class SharedPrefixMixin:
     """
 
     _shared_prefix_fallbacks: set
+
+    def _prepare_inputs(self, generation_batch):
+        if not self._group_aligned():
+            return super()._prepare_inputs(generation_batch)
+        # TRL's _prepare_inputs (training branch) with the row shuffle replaced by a group shuffle
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self._step % generate_every == 0 or self._buffered_inputs is None:
+            batch = self._generate_and_score_completions(generation_batch)
+            self._buffered_inputs = self._group_aligned_split(batch)
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
+    def _group_aligned(self) -> bool:
+        """Whether this training step's generation batch is split by whole groups (class doc)."""
+        if not self.model.training or self.args.steps_per_generation == 1:
+            return False  # evaluation, or one micro-batch: TRL's own code, bit for bit
+        reason = self._shared_prefix_reason(self.accelerator.unwrap_model(self.model), self.aux_loss_enabled, {})
+        if not reason and (self.loss_type == "bnpo" or self._entropy_bonus_enabled or self.top_entropy_quantile < 1):
+            reason = "the loss depends on which rows share a micro-batch (bnpo, entropy bonus or top_entropy_quantile)"
+        if reason:
+            self._log_once(f"[trl] micro-batches from TRL's row shuffle ({reason})")
+        return not reason
+
+    def _group_aligned_split(self, batch: dict) -> list[dict]:
+        """The generation batch permuted by whole groups, then TRL's split into micro-batches."""
+        import torch
+        from trl.trainer.utils import split_tensor_dict
+
+        import shared_prefix
+
+        if any(batch.get(k) is not None for k in MULTIMODAL_KEYS):  # TRL's own shuffle and split, as it is
+            from trl.trainer.utils import (
+                shuffle_sequence_dict,
+                split_pixel_values_by_grid,
+                unsplit_pixel_values_by_grid,
+            )
+
+            chunks = split_tensor_dict(shuffle_sequence_dict(split_pixel_values_by_grid(batch)),
+                                       self.args.steps_per_generation)
+            return [unsplit_pixel_values_by_grid(c) for c in chunks]
+        rows = len(batch["prompt_ids"])
+        offset = self.accelerator.process_index * rows  # where this process's rows start in the global batch
+        order = shared_prefix.group_order(torch.randperm(rows).tolist(), self.num_generations, offset)
+        index = torch.tensor(order)
+        permuted = {k: v if v is None or (isinstance(v, torch.Tensor) and v.ndim == 0)
+                    else v[index.to(v.device)] if isinstance(v, torch.Tensor) else [v[i] for i in order]
+                    for k, v in batch.items()}
+        return split_tensor_dict(permuted, self.args.steps_per_generation)
+
+    def _log_once(self, line: str) -> None:
+        seen = self.__dict__.setdefault("_shared_prefix_fallbacks", set())
+        if line not in seen:
+            seen.add(line)
+            print(line)
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if (self.use_vllm or self.use_transformers_continuous_batching or images is not None
@@ -457,19 +534,22 @@ class SharedPrefixMixin:
         """shared_prefix.Group list, or why TRL's own path runs (logged once per reason)."""
         import shared_prefix
 
-        extras = sorted(k for k, v in extra.items() if v is not None)
-        reason = ("multimodal inputs " + ", ".join(extras) if extras
-                  else "MoE aux loss" if compute_aux_loss
-                  else "Liger kernel" if self.use_liger_kernel
-                  else "the model has no logits_to_keep" if "logits_to_keep" not in self.model_kwarg_keys
-                  else shared_prefix.model_reason(model))
-        groups = reason or shared_prefix.group_rows(input_ids, attention_mask, logits_to_keep)
+        groups = (self._shared_prefix_reason(model, compute_aux_loss, extra)
+                  or shared_prefix.group_rows(input_ids, attention_mask, logits_to_keep))
         if isinstance(groups, str):
-            seen = self.__dict__.setdefault("_shared_prefix_fallbacks", set())
-            if groups not in seen:
-                seen.add(groups)
-                print(f"[trl] shared-prefix loss off for this batch ({groups}): TRL's own logprob path")
+            self._log_once(f"[trl] shared-prefix loss off for this batch ({groups}): TRL's own logprob path")
         return groups
+
+    def _shared_prefix_reason(self, model, compute_aux_loss, extra) -> str | None:
+        """Why the shared-prefix loss cannot run for this trainer and model (whatever the batch), or None."""
+        import shared_prefix
+
+        extras = sorted(k for k, v in extra.items() if v is not None)
+        return ("multimodal inputs " + ", ".join(extras) if extras
+                else "MoE aux loss" if compute_aux_loss
+                else "Liger kernel" if self.use_liger_kernel
+                else "the model has no logits_to_keep" if "logits_to_keep" not in self.model_kwarg_keys
+                else shared_prefix.model_reason(model))
 
 
 def shared_prefix_trainer_class():

@@ -17,10 +17,11 @@ line when its package is missing:
 
 The model is the GPU recipe's (or --model). `--bare` needs no Hub and no model files: the
 policy is Qwen2.5-0.5B-Instruct's architecture (configs/qwen2.5-0.5b-instruct.json) with
-random weights and a word-level tokenizer built on the spot, and the step has the GPU recipe's
-shape (8 prompts x 6 generations, 8092-token prompts, 100 new tokens, loss micro-batches and
-gradient checkpointing as in recipes/gpu.yaml) inside --memory_cap_gb of GPU memory, the share
-vLLM leaves on an 80 GB card. Rewards are a fixed function of the completion (no reward server).
+random weights and a word-level tokenizer built on the spot (bare_policy.py, which
+bench/gpu_step.py uses too), and the step has the GPU recipe's shape (8 prompts x 6
+generations, 8092-token prompts, 100 new tokens, loss micro-batches of one group and gradient
+checkpointing as in recipes/gpu.yaml) inside --memory_cap_gb of GPU memory, the share vLLM
+leaves on an 80 GB card. Rewards are a fixed function of the completion (no reward server).
 
 Each line: check, ok/FAIL/skip, wall seconds (load + step), step seconds, torch peak GPU
 memory (allocated / reserved) and the device-wide peak from nvidia-smi. Exit 0 when nothing
@@ -42,6 +43,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import bare_policy
 import fast_backend
 import settings
 import trl_config
@@ -50,15 +52,9 @@ from settings import Recipe
 from trl_config import TrlArgs
 
 ROOT = Path(__file__).resolve().parent
-QWEN_CONFIG = ROOT / "configs" / "qwen2.5-0.5b-instruct.json"
 CHECKS = ("transformers", "unsloth", "trl-vllm", "art", "shared-prefix")
 RESULT = "GPU_CHECK_RESULT "  # prefix of the one JSON line a child prints
 EXIT_OK, EXIT_FAILED, EXIT_CANNOT = 0, 1, 2
-SHAPES = {  # prompts, generations, prompt tokens, new tokens, loss micro-batch
-    "recipe": (8, 6, 8092, 100, 4),  # recipes/gpu.yaml's step (see the arithmetic there)
-    "small": (2, 4, 512, 32, 4),
-    "tiny": (2, 2, 24, 4, 2),
-}
 
 
 @dataclass
@@ -133,7 +129,7 @@ def check_recipe(args: CheckArgs) -> tuple[Recipe, TrlArgs]:
     section or key is an error naming it), with this check's step shape and one step."""
     argv = ["--recipe", args.recipe] + (["--model", args.model] if args.model else [])
     recipe, trl_args = settings.parse_args((Recipe, TrlArgs), "trl", argv)
-    prompts, gens, prompt_tokens, new_tokens, micro = SHAPES[step_shape(args)]
+    prompts, gens, prompt_tokens, new_tokens, micro = bare_policy.SHAPES[step_shape(args)]
     recipe.prompts_per_step, recipe.num_generations = prompts, gens
     recipe.max_completion_tokens, recipe.max_prompt_tokens = new_tokens, prompt_tokens
     recipe.max_steps, recipe.stop_at_newline = 1, False
@@ -145,71 +141,6 @@ def check_recipe(args: CheckArgs) -> tuple[Recipe, TrlArgs]:
 
 def step_shape(args: CheckArgs) -> str:
     return args.shape or ("tiny" if args.tiny else "recipe" if args.bare else "small")
-
-
-def bare_policy(args: CheckArgs, recipe: settings.Recipe, device: str):
-    """Random-init Qwen2.5-0.5B (or a 2-layer slice with --tiny) + the recipe's LoRA, and a
-    word-level ChatML tokenizer built from the shipped stories: no Hub, no model files."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    values = json.loads(QWEN_CONFIG.read_text())
-    values.pop("architectures", None)
-    values.pop("torch_dtype", None)
-    if args.tiny:
-        values.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=4096)
-    tokenizer = word_tokenizer(values["vocab_size"])
-    values.update(bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(Qwen2Config(**values), dtype=dtype).to(device)
-    lora = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-                      target_modules=list(recipe.lora_target_modules), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora), tokenizer
-
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def word_tokenizer(vocab_size: int):
-    """A WordLevel tokenizer over the shipped stories' words (`tokenizers` comes with transformers)."""
-    import re
-
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
-    text = (ROOT / "data" / "stories.jsonl").read_text(encoding="utf-8")
-    words = sorted(set(re.findall(r"\w+|[^\w\s]", text)))[:max(vocab_size - len(specials), 0)]
-    vocab = {w: i for i, w in enumerate([*specials, *words])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    # whitespace separates tokens and is dropped, so decode (which joins with spaces) and encode agree
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>",
-                                   additional_special_tokens=["<|im_start|>"])
-    fast.chat_template = CHATML
-    return fast
-
-
-def prompts(tokenizer, count: int, prompt_tokens: int) -> list[dict]:
-    """`count` title prompts whose articles are stories repeated up to about `prompt_tokens` tokens."""
-    stories = [json.loads(line) for line in (ROOT / "data" / "stories.jsonl").read_text().splitlines() if line.strip()]
-    rows = []
-    for i in range(count):
-        body = stories[i % len(stories)]["scraped_body"] or "An article."
-        while len(tokenizer(body)["input_ids"]) < prompt_tokens - 80:  # room for the template and instruction
-            body = body + "\n\n" + body
-        ids = tokenizer(body)["input_ids"][:max(prompt_tokens - 80, 8)]
-        rows.append({"prompt": utils.title_messages(tokenizer.decode(ids))})
-    return rows
-
-
-def length_reward(completions, **_) -> list[float]:
-    """A fixed reward with variance inside a group (so the loss is not zero): the text's length."""
-    return [float(len(c[0]["content"] if isinstance(c, list) else c)) / 100 for c in completions]
 
 
 def trl_step(args: CheckArgs, engine: str) -> dict:
@@ -225,14 +156,15 @@ def trl_step(args: CheckArgs, engine: str) -> dict:
                                    device, use_vllm=use_vllm, vllm_mode="colocate" if engine == "trl-vllm" else "")
     if args.bare:
         cap_memory(args)
-        model, tokenizer = bare_policy(args, recipe, device)
+        model, tokenizer = bare_policy.bare_policy(recipe, device, tiny=args.tiny)
     else:
         model, tokenizer = fast_backend.load_policy(backend, recipe, trl_args)
     config = trl_config.grpo_config(recipe, trl_args, backend, Path(tempfile.mkdtemp(prefix="gpu-check-")),
                                     {"save_strategy": "no"})
     trainer = fast_backend.trainer_class(backend)(
-        model=model, reward_funcs=[length_reward], args=config, processing_class=tokenizer,
-        train_dataset=Dataset.from_list(prompts(tokenizer, recipe.prompts_per_step, recipe.max_prompt_tokens)))
+        model=model, reward_funcs=[bare_policy.length_reward], args=config, processing_class=tokenizer,
+        train_dataset=Dataset.from_list(bare_policy.prompts(tokenizer, recipe.prompts_per_step,
+                                                            recipe.max_prompt_tokens)))
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -241,7 +173,15 @@ def trl_step(args: CheckArgs, engine: str) -> dict:
             f"~{recipe.max_prompt_tokens}+{recipe.max_completion_tokens} tokens, loss micro-batch "
             f"{config.per_device_train_batch_size} x {config.gradient_accumulation_steps}, checkpointing "
             f"{config.gradient_checkpointing}, {recipe.loss_type} epsilon_high {config.epsilon_high}, "
-            f"loss {trainer.state.log_history[0].get('loss')}"}
+            f"loss {trainer.state.log_history[0].get('loss')}" + shared_prefix_note(trainer)}
+
+
+def shared_prefix_note(trainer) -> str:
+    """What the repo's trainer said about its shared-prefix loss (its fallbacks), or that it ran throughout."""
+    if not hasattr(trainer, "_shared_prefix_groups"):
+        return ""  # TRL's own class (Unsloth)
+    off = sorted(getattr(trainer, "_shared_prefix_fallbacks", set()))
+    return ", " + ("; ".join(off) if off else "shared-prefix loss on every micro-batch")
 
 
 def cap_memory(args: CheckArgs) -> None:
@@ -418,9 +358,10 @@ def main(args: CheckArgs, argv: list[str]) -> int:
         print(f"error: unknown check(s) {unknown}; choose from {', '.join(CHECKS)}", file=sys.stderr)
         return EXIT_CANNOT
     gpu = fast_backend.Machine.detect() if args.device == "cuda" else None
+    policy = f"bare (random-init {bare_policy.QWEN_CONFIG.name})" if args.bare else f"model from {args.recipe}"
     print(f"gpu_check {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: device {args.device}"
           + (f" ({gpu.gpu_name}, driver {gpu.driver}, torch {gpu.torch_version} CUDA {gpu.torch_cuda})" if gpu else "")
-          + f", {'bare (random-init ' + QWEN_CONFIG.name + ')' if args.bare else 'model from ' + args.recipe}"
+          + f", {policy}"
           + f", step shape {step_shape(args)}", flush=True)
     failed = 0
     for check in wanted:

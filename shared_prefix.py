@@ -3,27 +3,41 @@
 A GRPO group is `num_generations` completions of one prompt. TRL's loss pass feeds every row
 its own copy of the prompt (G x (P + R) tokens for G completions of R tokens); for a ~400-token
 article and ~12-token titles that is 97% prompt. `per_token_logps` computes the same per-token
-log-probabilities (and entropies) from P + G x R tokens:
+log-probabilities (and entropies) from P + G x R tokens, in one of two layouts (`LAYOUTS`):
 
-1. the prompt runs once, batch 1, with gradients, and keeps its key/value states in a cache;
-   its last hidden state gives the first completion token's logit;
-2. the group's completions are packed into one row behind a 4-D block mask: each completion
-   token sees the whole prompt (through the cache) and the earlier tokens of its own
-   completion, never another completion's; position ids restart for every completion.
+- "cached" (DEFAULT_LAYOUT): the prompt runs once, batch 1, with gradients, and keeps its
+  key/value states in a cache; its last hidden state gives the first completion token's logit.
+  The group's completions are then packed into one row behind a 4-D block mask (`block_mask`):
+  each completion token sees the whole prompt (through the cache) and the earlier tokens of its
+  own completion, never another completion's. Autograd carries each completion's gradient back
+  through the cached keys/values into the one prompt pass, summed over the group.
+- "packed": one row per group, the prompt then the completions, run as a single forward behind
+  `packed_mask` (the prompt causal over itself, then block_mask's rows; `flex_mask` is the same
+  rule as flex attention's BlockMask). No cache, so transformers' layer checkpointing recomputes
+  it as it ran (under gradient checkpointing transformers drops a KV cache, which the cached
+  layout needs): the layout Prefix Grouper (arXiv 2506.05433) uses. `layout_for` picks it under
+  gradient checkpointing and with flex attention. On the CPU it measured no slower than "cached"
+  (forward + backward of one ~430-token story x 8 titles, 1 thread, best / median of 6 on a busy
+  2-core box: SmolLM2-135M 4.82 / 5.02 s vs 4.91 / 5.08 s; the tiny model 0.13 / 0.22 vs
+  0.21 / 0.24 s); "cached" stays the default because the CPU demo's numbers are computed with it
+  to the last digit, and on a GPU its prompt pass runs without a mask (causal: SDPA may pick its
+  flash kernel) where a packed row's 4-D mask over ~8k tokens rules flash out; unmeasured there
+  yet: `bench/gpu_step.py --attention sdpa,eager,flex_attention` measures both layouts.
 
-Autograd carries each completion's gradient back through the cached keys/values into the one
-prompt pass, summed over the group: the standard path's gradient, computed once. Every token
-keeps the position id TRL gives it (its column in TRL's padded batch: a left-padded prompt
-starts after its padding, completion token j sits at prompt width + j), so even the rotary
-embeddings' float32 cos/sin tables are the same numbers. tests/test_shared_prefix.py checks
-logprobs and LoRA gradients against TRL's own computation (float64: within 1e-10; float32:
-within 1e-4, summation order).
+Every token keeps the position id TRL gives it (its column in TRL's padded batch: a left-padded
+prompt starts after its padding, completion token j sits at prompt width + j), so even the
+rotary embeddings' float32 cos/sin tables are the same numbers. tests/test_shared_prefix.py
+checks logprobs and LoRA gradients of both layouts, the packed one also under gradient
+checkpointing, against TRL's own computation (float64: within 1e-10; float32: within 1e-4,
+summation order).
 
-`unsupported_reason` lists what this does not cover (the trainer then runs TRL's own path and
-logs why once): multimodal inputs, MoE aux loss, Liger kernels, gradient checkpointing (it
-drops the cache), sliding-window attention, length-dependent RoPE scaling, attention kernels that take no 4-D
-mask (flash-attention, flex), and masks that are not left-padded prompt + right-padded
-completion.
+`model_reason` and `group_rows` say what this does not cover (the trainer then runs TRL's own
+path and logs why once): multimodal inputs, MoE aux loss, Liger kernels, sliding-window attention,
+length-dependent RoPE scaling, attention kernels that take no 4-D mask or BlockMask
+(flash-attention), and masks that are not left-padded prompt + right-padded completion.
+
+`group_order` is the trainer's micro-batch side (fast_backend.SharedPrefixMixin._prepare_inputs):
+the generation batch permuted by whole groups, so a micro-batch holds whole groups to share.
 
 `merged_lora` is the rollout side: LoRA folded into copies of the base weights while
 generating, the original weight tensors put back untouched afterwards.
@@ -37,7 +51,9 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-ATTENTION = ("sdpa", "eager")  # kernels that accept an additive 4-D mask as is
+ATTENTION = ("sdpa", "eager", "flex_attention")  # kernels that take the block mask (flex: as a BlockMask)
+LAYOUTS = ("packed", "cached")
+DEFAULT_LAYOUT = "cached"
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # frequencies that do not depend on the pass's length
 
 
@@ -53,7 +69,7 @@ class Group:
 def model_reason(model) -> str | None:
     """Why the model's attention cannot take the shared-prefix layout, or None when it can."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    attn = getattr(config, "_attn_implementation", None)
+    attn = _attn(model)
     if attn not in ATTENTION:
         return f"attention implementation {attn!r} takes no 4-D mask (supported: {', '.join(ATTENTION)})"
     layer_types = getattr(config, "layer_types", None) or ()
@@ -64,8 +80,6 @@ def model_reason(model) -> str | None:
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) not in ROPE_TYPES:
         return f"rope_type {rope.get('rope_type')!r} depends on the sequence length"
-    if getattr(model, "is_gradient_checkpointing", False) and model.training:
-        return "gradient checkpointing (transformers drops the KV cache under it)"
     return None
 
 
@@ -98,12 +112,79 @@ def group_rows(input_ids, attention_mask, logits_to_keep: int) -> list[Group] | 
     return list(groups.values())
 
 
+def group_order(row_permutation: list[int], group_size: int, offset: int = 0) -> list[int]:
+    """The batch's rows reordered by whole groups: the groups in the order in which their first
+    row appears in `row_permutation`, each group's rows together and in batch order.
+
+    Row i belongs to group (offset + i) // group_size: TRL's batch holds each prompt's
+    group_size completions in consecutive rows, and `offset` is where this process's slice
+    starts in the global batch (a slice may start or end inside a group: its part stays one
+    block). With a uniformly random row permutation (TRL's torch.randperm of the rows, drawn
+    the same way) every order of the groups is equally likely.
+
+    >>> group_order([4, 0, 5, 1, 2, 3], 2)
+    [4, 5, 0, 1, 2, 3]
+    >>> group_order([3, 0, 2, 1], 3, offset=1)  # rows 0-1 end group 0, rows 2-3 start group 1
+    [2, 3, 0, 1]
+    """
+    blocks: dict[int, list[int]] = {}
+    for row in sorted(row_permutation):
+        blocks.setdefault((offset + row) // group_size, []).append(row)
+    seen: dict[int, None] = {}
+    for row in row_permutation:
+        seen.setdefault((offset + row) // group_size)
+    return [row for block in seen for row in blocks[block]]
+
+
+def layout_for(model) -> str:
+    """The layout `per_token_logps` uses for `model`: "packed" under gradient checkpointing (a
+    KV cache does not survive it) and with flex attention (a BlockMask over one packed row),
+    otherwise DEFAULT_LAYOUT."""
+    if getattr(model, "is_gradient_checkpointing", False) and model.training:
+        return "packed"
+    return "packed" if _attn(model) == "flex_attention" else DEFAULT_LAYOUT
+
+
+def segments(lengths: list[int], prompt_len: int, device):
+    """Segment id of every token of a prompt followed by packed completions: 0 for the prompt,
+    i + 1 for completion i.
+
+    >>> segments([2, 1], 2, "cpu").tolist()
+    [0, 0, 1, 1, 2]
+    """
+    import torch
+
+    return torch.repeat_interleave(torch.arange(len(lengths) + 1, device=device),
+                                   torch.tensor([prompt_len, *lengths], device=device))
+
+
+def allowed(seg, first_query: int = 0):
+    """(T - first_query, T) bool: query q (q >= first_query) may see key k when k <= q and k is a
+    prompt token or a token of q's own completion. The rule of both layouts; flex attention's
+    mask_mod (`flex_mask`) is the same expression."""
+    import torch
+
+    idx = torch.arange(seg.numel(), device=seg.device)
+    q = idx[first_query:]
+    return (idx[None, :] <= q[:, None]) & ((seg[None, :] == 0) | (seg[None, :] == seg[q][:, None]))
+
+
+def _as_mask(allow, dtype):
+    """(1, 1, Q, K) from a bool (Q, K): dtype bool as is (True = attend, SDPA); a float dtype: 0 =
+    attend, the dtype's minimum = blocked (eager attention adds it to the scores)."""
+    import torch
+
+    if dtype == torch.bool:
+        return allow[None, None]
+    out = torch.zeros(allow.shape, dtype=dtype, device=allow.device)
+    return out.masked_fill_(~allow, torch.finfo(dtype).min)[None, None]
+
+
 def block_mask(lengths: list[int], prompt_len: int, dtype, device):
-    """(1, 1, T, P + T) mask for completions packed after a cached prompt.
+    """(1, 1, T, P + T) mask for completions packed after a cached prompt (the "cached" layout).
 
     Row t (a token of completion i) may attend to every prompt column and to the columns of
-    completion i up to itself. dtype bool: True = attend (SDPA); a float dtype: 0 = attend,
-    the dtype's minimum = blocked (eager attention adds it to the scores).
+    completion i up to itself.
 
     >>> import torch
     >>> block_mask([2, 1], 1, torch.bool, "cpu")[0, 0].int().tolist()
@@ -111,58 +192,111 @@ def block_mask(lengths: list[int], prompt_len: int, dtype, device):
     >>> block_mask([1], 1, torch.float32, "cpu")[0, 0].tolist()
     [[0.0, 0.0]]
     """
-    import torch
+    return _as_mask(allowed(segments(lengths, prompt_len, device), prompt_len), dtype)
 
-    seg = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                  torch.tensor(lengths, device=device))
+
+def packed_mask(lengths: list[int], prompt_len: int, dtype, device):
+    """(1, 1, P + T, P + T) mask of one packed row (the "packed" layout): the prompt causal over
+    itself, then block_mask's rows.
+
+    >>> import torch
+    >>> packed_mask([1, 1], 2, torch.bool, "cpu")[0, 0].int().tolist()
+    [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 0, 1]]
+    """
+    return _as_mask(allowed(segments(lengths, prompt_len, device)), dtype)
+
+
+def flex_mask(lengths: list[int], prompt_len: int, device):
+    """packed_mask as flex attention's BlockMask (the same rule as `allowed`, as a mask_mod)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seg = segments(lengths, prompt_len, device)
     t = seg.numel()
-    idx = torch.arange(t, device=device)
-    allowed = (seg[:, None] == seg[None, :]) & (idx[None, :] <= idx[:, None])
-    allowed = torch.cat([torch.ones(t, prompt_len, dtype=torch.bool, device=device), allowed], dim=1)
-    if dtype == torch.bool:
-        return allowed[None, None]
-    out = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return out.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+    def mask_mod(b, h, q, k):
+        return (k <= q) & ((seg[k] == 0) | (seg[k] == seg[q]))
+
+    return create_block_mask(mask_mod, None, None, t, t, device=str(device))
 
 
 def per_token_logps(model, input_ids, attention_mask, logits_to_keep: int, groups: list[Group], *,
-                    temperature: float = 1.0, compute_entropy: bool = False, entropy_requires_grad: bool = True):
+                    temperature: float = 1.0, compute_entropy: bool = False, entropy_requires_grad: bool = True,
+                    layout: str | None = None):
     """(logps, entropies or None), both (B, logits_to_keep) like TRL's, zero where the completion is masked.
 
-    `model` is the causal LM TRL would call (PEFT-wrapped or not); `groups` from group_rows.
-    Logits go through TRL's own selective_log_softmax(_and_entropy) with its temperature.
+    `model` is the causal LM TRL would call (PEFT-wrapped or not); `groups` from group_rows;
+    `layout` one of LAYOUTS (default: layout_for(model)). Logits go through TRL's own
+    selective_log_softmax(_and_entropy) with its temperature.
     """
-    import torch
-    from transformers import DynamicCache
-    from trl.trainer.utils import selective_log_softmax, selective_log_softmax_and_entropy
-
-    device = input_ids.device
+    layout = layout or layout_for(model)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    encode = _packed_group if layout == "packed" else _cached_group
     completions = input_ids[:, -logits_to_keep:]
     width = input_ids.shape[1] - logits_to_keep  # TRL's prompt columns: its position ids are column indices
     logits_rows, targets, where = [], [], []  # per group: (N, V) logits, (N,) labels, (row, col) of each
     for g in groups:
         if not any(g.lengths):
             continue  # every completion masked: TRL's values there are 0, kept below
-        p = g.prompt.shape[0]
-        cache = DynamicCache(config=model.config)
-        out = model(input_ids=g.prompt[None], position_ids=torch.arange(width - p, width, device=device)[None],
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        first = out.logits[0, -1:]  # the last prompt token predicts each completion's first token
         # completion i feeds its tokens 0..L_i-2: they predict tokens 1..L_i-1
         feed = [max(n - 1, 0) for n in g.lengths]
-        parts = [first.expand(sum(1 for n in g.lengths if n), -1)]
-        if sum(feed):
-            ids = torch.cat([completions[r, :n] for r, n in zip(g.rows, feed, strict=True) if n])[None]
-            pos = torch.cat([torch.arange(width, width + n, device=device) for n in feed if n])[None]
-            mask = block_mask([n for n in feed if n], p, _mask_dtype(model), device)
-            packed = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                           use_cache=True).logits[0]
-            parts.append(packed)
-        logits, labels, cells = _arrange(parts, g, feed, completions)
+        first, packed = encode(model, g, feed, completions, width)
+        first = first.expand(sum(1 for n in g.lengths if n), -1)  # one row per non-empty completion
+        logits, labels, cells = _arrange(first, packed, g, feed, completions)
         logits_rows.append(logits)
         targets.append(labels)
         where += cells
-    shape = completions.shape
+    return _scatter(logits_rows, targets, where, completions.shape, input_ids.device, temperature,
+                    compute_entropy, entropy_requires_grad)
+
+
+def _cached_group(model, g: Group, feed: list[int], completions, width: int):
+    """The "cached" layout: the prompt once with its KV states in a cache, then the group's
+    completions in one packed row behind block_mask, reading that cache. Returns (the last prompt
+    token's logits (1, V), the packed tokens' logits (sum(feed), V) or None)."""
+    import torch
+    from transformers import DynamicCache
+
+    device = completions.device
+    p = g.prompt.shape[0]
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=g.prompt[None], position_ids=torch.arange(width - p, width, device=device)[None],
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    first = out.logits[0, -1:]  # the last prompt token predicts each completion's first token
+    kept = [n for n in feed if n]
+    if not kept:
+        return first, None
+    ids = torch.cat([completions[r, :n] for r, n in zip(g.rows, feed, strict=True) if n])[None]
+    pos = torch.cat([torch.arange(width, width + n, device=device) for n in kept])[None]
+    mask = block_mask(kept, p, _mask_dtype(model), device)
+    return first, model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                        use_cache=True).logits[0]
+
+
+def _packed_group(model, g: Group, feed: list[int], completions, width: int):
+    """The "packed" layout: one row, the prompt then the group's completions, one forward behind
+    packed_mask (flex_mask under flex attention). No cache: layer checkpointing recomputes the
+    row the way it ran. Returns what _cached_group returns."""
+    import torch
+
+    device = completions.device
+    p = g.prompt.shape[0]
+    kept = [n for n in feed if n]
+    ids = torch.cat([g.prompt, *(completions[r, :n] for r, n in zip(g.rows, feed, strict=True) if n)])[None]
+    pos = torch.cat([torch.arange(width - p, width, device=device),
+                     *(torch.arange(width, width + n, device=device) for n in kept)])[None]
+    kind = _mask_dtype(model)
+    mask = flex_mask(kept, p, device) if kind == "flex" else packed_mask(kept, p, kind, device)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                   logits_to_keep=sum(kept) + 1).logits[0]
+    return logits[:1], (logits[1:] if kept else None)
+
+
+def _scatter(logits_rows, targets, where, shape, device, temperature, compute_entropy, entropy_requires_grad):
+    """TRL's selective log-softmax over every kept logit, put back at its (row, column)."""
+    import torch
+    from trl.trainer.utils import selective_log_softmax, selective_log_softmax_and_entropy
+
     if not where:  # nothing unmasked: TRL returns zeros; keep them connected to nothing
         zeros = torch.zeros(shape, device=device)
         return zeros, (zeros.clone() if compute_entropy else None)
@@ -182,26 +316,32 @@ def per_token_logps(model, input_ids, attention_mask, logits_to_keep: int, group
     return out_logps, out_ents
 
 
+def _attn(model) -> str | None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return getattr(config, "_attn_implementation", None)
+
+
 def _mask_dtype(model):
-    """bool for SDPA (any query dtype, also under autocast); for eager attention, which adds the
-    mask to its scores, the model's floating dtype."""
+    """bool for SDPA (any query dtype, also under autocast); "flex" for flex attention (a
+    BlockMask); for eager attention, which adds the mask to its scores, the model's floating dtype."""
     import torch
 
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if getattr(config, "_attn_implementation", None) == "sdpa":
+    attn = _attn(model)
+    if attn == "sdpa":
         return torch.bool
+    if attn == "flex_attention":
+        return "flex"
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _arrange(parts, g: Group, feed: list[int], completions):
+def _arrange(first, packed, g: Group, feed: list[int], completions):
     """Order the group's logits as (row, column) cells and pick each cell's label.
 
-    parts[0]: one first-token logit per non-empty completion; parts[1] (if any): the packed
-    row's logits, completion after completion, feed[i] positions each.
+    first: the last prompt token's logits expanded to one row per non-empty completion (its first
+    cell); packed (if any): the packed tokens' logits, completion after completion, feed[i] each.
     """
     import torch
 
-    first, packed = parts[0], (parts[1] if len(parts) > 1 else None)
     chunks, labels, cells = [], [], []
     k, offset = 0, 0
     for r, n, f in zip(g.rows, g.lengths, feed, strict=True):

@@ -46,7 +46,10 @@ class TrlArgs:
     loss_micro_batch: int = field(default=0, metadata={
         "help": "Completions per loss forward/backward on each process (0 = the whole step at once). Gradients "
                 "accumulate to one optimizer step per GRPO step; TRL normalises cispo/dapo by the step's token count, "
-                "so the update is the same, in less memory."})
+                "so the update is the same, in less memory. The micro-batches keep each group whole "
+                "(fast_backend.SharedPrefixMixin): num_generations (or a multiple) encodes each prompt once; a size "
+                "that does not fit the group size continues a group in the next micro-batch, its prompt encoded "
+                "once in each."})
     require_gpu: bool = field(default=False, metadata={
         "help": "Refuse to fall back to the CPU (the GPU recipe sets it); --backend cpu still runs on the CPU on "
                 "purpose."})
@@ -124,10 +127,18 @@ def batch_kwargs(recipe: Recipe, args: TrlArgs, processes: int) -> dict:
     completions and it steps the optimizer every gradient_accumulation_steps micro-batches, so
     steps_per_generation = accumulation x args.steps_per_generation optimizer steps per generation.
 
+    A micro-batch size that does not fit num_generations is not refused: the repo's trainer cuts
+    the batch by whole groups (fast_backend.SharedPrefixMixin), and a group that a micro-batch
+    boundary (or a process boundary) cuts continues in the next one, its prompt encoded once in
+    each part; the update is the same sum. Sizes of one group (or whole groups) encode the fewest
+    prompts: micro-batches of 4 with groups of 6 encode 16 prompt parts per step, of 6 encode 8.
+
     >>> batch_kwargs(Recipe(prompts_per_step=8, num_generations=6), TrlArgs(loss_micro_batch=4), 2)
     {'per_device_train_batch_size': 4, 'gradient_accumulation_steps': 6, 'steps_per_generation': 6}
     >>> batch_kwargs(Recipe(prompts_per_step=8, num_generations=6), TrlArgs(loss_micro_batch=4), 1)
     {'per_device_train_batch_size': 4, 'gradient_accumulation_steps': 12, 'steps_per_generation': 12}
+    >>> batch_kwargs(Recipe(prompts_per_step=8, num_generations=6), TrlArgs(loss_micro_batch=6), 1)
+    {'per_device_train_batch_size': 6, 'gradient_accumulation_steps': 8, 'steps_per_generation': 8}
     """
     completions = recipe.prompts_per_step * recipe.num_generations
     if completions % processes:

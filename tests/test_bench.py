@@ -21,3 +21,41 @@ def test_generation_bench_reports_both_shapes(tiny_model, capsys):
     assert lines[0].startswith("generation on tiny")
     assert [line.split(":")[0] for line in lines[2:]] == ["train", "eval"]
     assert all(line.rstrip().endswith("x") for line in lines[2:])
+
+
+@pytest.mark.slow
+def test_gpu_bench_dry_run_reports_both_sides_and_the_speedups():
+    """bench/gpu_step.py's plumbing on the CPU (tiny shapes): each side in its own process, the
+    repo side's shared-prefix loss on every micro-batch, the table, then the two speedup lines."""
+    import re
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "bench/gpu_step.py", "--device", "cpu", "--tiny"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("gpu_step ") and "bare random-init qwen2.5-0.5b-instruct.json (tiny)" in lines[0]
+    table = lines[lines.index(next(line for line in lines if line.startswith("side "))):]
+    assert re.fullmatch(r"side +step s +generation s +loss s +peak RSS GB +settings", table[0])
+    number = r" +\d+\.\d\d"
+    assert re.match(rf"repo{number * 4}  SharedPrefixGRPOTrainer, loss micro-batch 2 x 2, checkpointing False; "
+                    r"shared-prefix loss on every micro-batch$", table[1]), table[1]
+    assert re.match(rf"stock{number * 4}  GRPOTrainer, loss micro-batch 2 x 2, checkpointing True$", table[2])
+    assert re.fullmatch(r"gpu loss speedup vs stock GRPOTrainer: \d+\.\d\dx", lines[-2])
+    assert re.fullmatch(r"gpu step speedup vs stock GRPOTrainer: \d+\.\d\dx", lines[-1])
+
+
+@pytest.mark.slow
+def test_gpu_bench_attention_mode_times_each_kernel_and_layout():
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "bench/gpu_step.py", "--device", "cpu", "--tiny", "--repeats", "1",
+                           "--attention", "sdpa,eager,flex_attention"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split()[:2] for line in proc.stdout.splitlines()[3:-1]]
+    # flex attention has no backward on a CPU: its row says why instead of a time
+    assert rows == [["sdpa", "packed"], ["sdpa", "cached"], ["eager", "packed"], ["eager", "cached"],
+                    ["flex_attention", "packed"]], proc.stdout
+    assert "_scaled_dot_product" in proc.stdout  # the SDPA kernel that ran is named
+    assert proc.stdout.splitlines()[-1].startswith("fastest: ")

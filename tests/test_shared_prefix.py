@@ -5,8 +5,11 @@ subclass's override on the same trainer, model and batch (real prompts from data
 a LoRA whose B matrices are random: with PEFT's B = 0 the lora_A gradients are exactly 0 and
 would prove nothing). float64 runs with LlamaRMSNorm computing in float64 (it casts to float32
 internally), so both paths are exact to rounding: logprobs within 1e-10, gradients relative L2
-<= 1e-10. float32: within 1e-4 (summation order only). The tiny model runs in the fast suite,
-SmolLM2-135M in the slow one.
+<= 1e-10. float32: within 1e-4 (summation order only). Both layouts of per_token_logps run
+("cached": the prompt's KV states shared; "packed": one row per group, one forward), the packed
+one also under gradient checkpointing (layers recomputed in backward). Whole GRPO steps over
+several group-aligned micro-batches give TRL's adapter (float64, within 1e-10). The tiny model
+checks every layout, SmolLM2-135M one per dtype (slow suite).
 
 Models and tensors live on TEST_DEVICE (default cpu; gpu_check.py sets TEST_DEVICE=cuda to run
 these on a GPU); every test is skipped when torch cannot use that device:
@@ -93,7 +96,7 @@ def story_prompts(tok, n=4, chars=600):
     return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def trainer_for(model, tok, tmp_path, trainer_cls=None, reward=None, **config):
+def trainer_for(model, tok, tmp_path, trainer_cls=None, reward=None, prompts=None, **config):
     from datasets import Dataset
     from trl import GRPOConfig
 
@@ -105,7 +108,7 @@ def trainer_for(model, tok, tmp_path, trainer_cls=None, reward=None, **config):
               "gradient_checkpointing": False, **config}
     args = GRPOConfig(output_dir=str(tmp_path), use_cpu=DEVICE == "cpu", bf16=False, report_to="none", **config)
     cls = trainer_cls or fb.shared_prefix_trainer_class()
-    ds = Dataset.from_list([{"prompt": utils.title_messages("x" * 40)}] * 8)
+    ds = Dataset.from_list(prompts or [{"prompt": utils.title_messages("x" * 40)}] * 8)
     return cls(model=model, reward_funcs=[reward or constant], args=args, train_dataset=ds, processing_class=tok)
 
 
@@ -188,16 +191,54 @@ def tiny_setup(tiny_model):
     return tiny_model, tok, story_prompts(tok)
 
 
+def checkpointed(trainer, monkeypatch):
+    """Gradient checkpointing on (as TRL turns it on: the model in training mode); returns a list that
+    counts decoder-layer forwards, so a test can see the layers ran again in backward."""
+    from transformers.models.llama import modeling_llama
+
+    calls = []
+    original = modeling_llama.LlamaDecoderLayer.forward
+
+    def forward(self, *a, **kw):
+        calls.append(1)
+        return original(self, *a, **kw)
+
+    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", forward)
+    trainer.model.gradient_checkpointing_enable()
+    trainer.model.train()
+    assert shared_prefix.layout_for(trainer.model) == "packed"
+    return calls
+
+
+def layer_passes(trainer, batch) -> int:
+    """Decoder-layer forwards of compare() under checkpointing: TRL's one batched forward, then ours,
+    one per group with a completion token; each layer runs again in backward."""
+    ids, mask, _, keep = batch
+    groups = [g for g in shared_prefix.group_rows(ids, mask, keep) if any(g.lengths)]
+    return 2 * trainer.model.config.num_hidden_layers * (1 + len(groups))
+
+
+# (layout, gradient checkpointing): the cached layout cannot run under checkpointing (no KV cache)
+VARIANTS = [("cached", False), ("packed", False), ("packed", True)]
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("layout, checkpointing", VARIANTS, ids=["cached", "packed", "packed-checkpointed"])
 @pytest.mark.parametrize("shape", [*SHAPES, "distinct"])
 @pytest.mark.parametrize("dtype, tol", [("float64", 1e-10), ("float32", 1e-4)])
-def test_tiny_logps_and_grads_match_trl(tiny_setup, tmp_path, monkeypatch, shape, dtype, tol):
+def test_tiny_logps_and_grads_match_trl(tiny_setup, tmp_path, monkeypatch, shape, dtype, tol, layout,
+                                        checkpointing):
     path, tok, prompts = tiny_setup
     if dtype == "float64":
         rmsnorm_in_float64(monkeypatch)
     trainer = trainer_for(lora_model(path, dtype), tok, tmp_path)
+    monkeypatch.setattr(shared_prefix, "DEFAULT_LAYOUT", layout)
+    calls = checkpointed(trainer, monkeypatch) if checkpointing else None
     stories, lengths = SHAPES.get(shape, DISTINCT)
-    compare(trainer, trl_batch(tok, prompts, stories, lengths), tol, tol)
+    batch = trl_batch(tok, prompts, stories, lengths)
+    compare(trainer, batch, tol, tol)
+    if checkpointing:
+        assert len(calls) == layer_passes(trainer, batch)
 
 
 def test_block_mask_and_doctests():
@@ -209,6 +250,40 @@ def test_block_mask_and_doctests():
     assert (m == 0).tolist() == [[True, True, True, False, False], [True, True, False, True, False],
                                  [True, True, False, True, True]]
     assert m.min() == torch.finfo(torch.float64).min
+
+
+def test_packed_mask_and_flex_mask_are_one_rule():
+    """The packed layout's 4-D mask, and flex attention's BlockMask from the same rule, give the same
+    attention output as the rule written out by hand (flex run uncompiled: forward only, any device)."""
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    lengths, p = [3, 1, 5], 7
+    m = shared_prefix.packed_mask(lengths, p, torch.bool, DEVICE)[0, 0]
+    seg = [0] * p + [1] * 3 + [2] + [3] * 5
+    by_hand = [[k <= q and (seg[k] == 0 or seg[k] == seg[q]) for k in range(len(seg))] for q in range(len(seg))]
+    assert m.tolist() == by_hand
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, len(seg), 8, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(3))
+    expected = sdpa(q, k, v, attn_mask=m)
+    flex = flex_attention(q, k, v, block_mask=shared_prefix.flex_mask(lengths, p, DEVICE))
+    assert (flex - expected).abs().max() < 1e-12
+    eager = shared_prefix.packed_mask(lengths, p, torch.float64, DEVICE)  # eager attention's additive form
+    assert (sdpa(q, k, v, attn_mask=eager) - expected).abs().max() < 1e-12
+
+
+@pytest.mark.slow
+def test_flex_attention_runs_the_packed_layout(tiny_setup, tmp_path):
+    """Flex attention through the trainer (a BlockMask over one packed row) against TRL's own path."""
+    if DEVICE == "cpu":
+        pytest.skip("FlexAttention has no backward on the CPU (torch 2.13); gpu_check's shared-prefix check runs "
+                    "this file with TEST_DEVICE=cuda")
+    path, tok, prompts = tiny_setup
+    trainer = trainer_for(lora_model(path, attn="flex_attention"), tok, tmp_path)
+    assert shared_prefix.model_reason(trainer.model) is None and shared_prefix.layout_for(trainer.model) == "packed"
+    for shape in ("uneven", "1x8"):
+        compare(trainer, trl_batch(tok, prompts, *SHAPES[shape]), 1e-4, 1e-4)
 
 
 @pytest.mark.parametrize("mask, keep, reason", [
@@ -255,13 +330,14 @@ def test_unsupported_setups_fall_back_to_trl_with_one_log_line(tiny_setup, tmp_p
     stock = GRPOTrainer._get_per_token_logps_and_entropies(trainer, trainer.model, ids, bad, keep)[0]
     assert torch.equal(ours, stock)  # TRL's own path: bit-identical
     assert capsys.readouterr().out.count("shared-prefix loss off for this batch (attention mask is not") == 1
-    # kernels without 4-D masks and gradient checkpointing (it drops the KV cache) are refused up front
+    # kernels without 4-D masks are refused up front; gradient checkpointing is not (the packed layout)
     trainer.model.config._attn_implementation = "flash_attention_2"
     assert "takes no 4-D mask" in shared_prefix.model_reason(trainer.model)
     trainer.model.config._attn_implementation = "sdpa"
+    assert shared_prefix.layout_for(trainer.model) == shared_prefix.DEFAULT_LAYOUT
     trainer.model.gradient_checkpointing_enable()
     trainer.model.train()
-    assert "gradient checkpointing" in shared_prefix.model_reason(trainer.model)
+    assert shared_prefix.model_reason(trainer.model) is None and shared_prefix.layout_for(trainer.model) == "packed"
 
 
 @pytest.mark.slow
@@ -276,7 +352,9 @@ def test_device_branches_bf16_eager_and_wrapped_model(tiny_setup, tmp_path, monk
     for attn in ("sdpa", "eager"):
         trainer = trainer_for(lora_model(path, "bfloat16", attn), tok, tmp_path)
         assert shared_prefix._mask_dtype(trainer.model) == (torch.bool if attn == "sdpa" else torch.bfloat16)
-        compare(trainer, batch, 0.1, 0.05)  # bf16: two roundings of ~4e-3 each, not more
+        for layout in shared_prefix.LAYOUTS:
+            monkeypatch.setattr(shared_prefix, "DEFAULT_LAYOUT", layout)
+            compare(trainer, batch, 0.1, 0.05)  # bf16: two roundings of ~4e-3 each, not more
 
     class Wrapper(torch.nn.Module):  # what DDP does to the model: the trainer sees the wrapper
         def __init__(self, inner):
@@ -370,6 +448,136 @@ def test_tiny_whole_grpo_step_same_adapter(tiny_setup, tmp_path, monkeypatch):
     assert one_step_adapters(path, tok, tmp_path, "float64") <= 1e-10
 
 
+def micro_batch_step(path, tok, tmp_path, cls, micro: int, **config):
+    """One GRPO step of 3 story prompts x 4 completions in micro-batches of `micro` rows (plain SGD:
+    the update is lr x gradient). Returns the updated LoRA weights, the rollouts, and per loss
+    micro-batch (prompt, completion, advantage) of each row, in row order."""
+    model = lora_model(path, "float64")
+    rows = json.loads((settings.ROOT / "data" / "stories.jsonl").read_text().splitlines()[0])["scraped_body"]
+    prompts = [{"prompt": utils.title_messages(rows[i * 80:i * 80 + 150])} for i in range(3)]
+    completions, micro_batches = [], []
+
+    def reward(completion_ids=None, **kw):
+        completions.append([tuple(c) for c in completion_ids])
+        return [float(sum(c) % 7) for c in completion_ids]  # varies within a group: advantages != 0
+
+    steps = 12 // micro
+    config = {"loss_type": "cispo", "epsilon_high": 5.0, **config}
+    trainer = trainer_for(model, tok, tmp_path, trainer_cls=cls, reward=reward, prompts=prompts, max_steps=1,
+                          per_device_train_batch_size=micro, gradient_accumulation_steps=steps,
+                          steps_per_generation=steps, num_generations=4, learning_rate=1e-2, optim="sgd",
+                          max_grad_norm=1e9, temperature=0.7, seed=4, save_strategy="no", **config)
+    compute_loss = trainer._compute_loss
+
+    def spy(model, inputs):
+        ids, mask = inputs["prompt_ids"], inputs["prompt_mask"].bool()
+        comp, cmask = inputs["completion_ids"], inputs["completion_mask"].bool()
+        micro_batches.append([(tuple(ids[r][mask[r]].tolist()), tuple(comp[r][cmask[r]].tolist()),
+                               float(inputs["advantages"][r])) for r in range(ids.shape[0])])
+        return compute_loss(model, inputs)
+
+    trainer._compute_loss = spy
+    trainer.train()
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}, completions, micro_batches
+
+
+def runs(prompts: list) -> list:
+    """Consecutive equal entries collapsed: [a, a, b, b, a] -> [a, b, a]."""
+    return [p for i, p in enumerate(prompts) if i == 0 or p != prompts[i - 1]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("micro, config, per_micro_batch", [
+    (4, {}, [1, 1, 1]),  # a micro-batch is one group: one prompt encoding each
+    (6, {}, [2, 2]),  # 6 does not fit groups of 4: the middle group continues in the next micro-batch
+    (4, {"gradient_checkpointing": True}, [1, 1, 1]),  # the packed layout, layers recomputed in backward
+], ids=["one-group", "split-group", "checkpointed"])
+def test_tiny_step_over_group_aligned_micro_batches_same_adapter(tiny_setup, tmp_path, monkeypatch, micro, config,
+                                                                 per_micro_batch):
+    """One whole GRPO step (cispo, several micro-batches accumulated) by TRL's GRPOTrainer (row
+    shuffle, TRL's logprob path) and by the subclass (group shuffle, shared-prefix loss): the same
+    rollouts and the same adapter, float64 within 1e-10."""
+    from trl import GRPOTrainer
+
+    path, tok, _ = tiny_setup
+    rmsnorm_in_float64(monkeypatch)
+    before = {k: v.detach() for k, v in lora_model(path, "float64").named_parameters() if v.requires_grad}
+    stock, gen_stock, stock_micro = micro_batch_step(path, tok, tmp_path / "stock", GRPOTrainer, micro, **config)
+    cls = fb.shared_prefix_trainer_class()
+    ours, gen_ours, ours_micro = micro_batch_step(path, tok, tmp_path / "ours", cls, micro, **config)
+    assert gen_stock == gen_ours  # the same rollouts
+    prompts = [[row[0] for row in m] for m in ours_micro]
+    assert [len(set(m)) for m in prompts] == per_micro_batch  # distinct prompts per loss micro-batch
+    assert all(len(runs(m)) == len(set(m)) for m in prompts)  # each group's rows together
+    # TRL's row shuffle cut the groups into more pieces: more prompt encodings than ours
+    assert sum(len(runs([row[0] for row in m])) for m in stock_micro) > sum(len(runs(m)) for m in prompts)
+    # the groups were moved (not left in generation order), and every field moved with its row
+    assert [row[1] for m in ours_micro for row in m] != list(gen_ours[0])
+    assert sorted(row for m in ours_micro for row in m) == sorted(row for m in stock_micro for row in m)
+    assert max(float((stock[k] - before[k]).abs().max()) for k in stock) > 1e-6  # the step moved the adapter
+    delta_stock = {k: stock[k] - before[k] for k in stock}
+    delta_ours = {k: ours[k] - before[k] for k in stock}
+    assert rel_l2(delta_stock, delta_ours) <= 1e-10
+
+
+@pytest.mark.slow
+def test_partition_dependent_losses_keep_trls_row_shuffle(tiny_setup, tmp_path, monkeypatch, capsys):
+    """bnpo divides each micro-batch by its own token count: which rows share a micro-batch changes
+    the update, so TRL's row shuffle stays (said once) and the step is still TRL's."""
+    from trl import GRPOTrainer
+
+    path, tok, _ = tiny_setup
+    rmsnorm_in_float64(monkeypatch)
+    bnpo = {"loss_type": "bnpo", "epsilon_high": 0.2}
+    stock, _, stock_micro = micro_batch_step(path, tok, tmp_path / "stock", GRPOTrainer, 4, **bnpo)
+    ours, _, ours_micro = micro_batch_step(path, tok, tmp_path / "ours", fb.shared_prefix_trainer_class(), 4, **bnpo)
+    assert ours_micro == stock_micro  # the same rows in the same micro-batches
+    assert capsys.readouterr().out.count("micro-batches from TRL's row shuffle (the loss depends on which rows") == 1
+    assert rel_l2(stock, ours) <= 1e-10
+
+
+def test_group_order_keeps_groups_whole_and_draws_every_order():
+    import torch
+
+    torch.manual_seed(0)
+    orders = set()
+    for _ in range(300):
+        order = shared_prefix.group_order(torch.randperm(12).tolist(), 4)
+        assert sorted(order) == list(range(12))
+        # three blocks of 4, each one group's rows in order
+        assert all(order[i:i + 4] == list(range(order[i], order[i] + 4)) and order[i] % 4 == 0 for i in (0, 4, 8))
+        orders.add(tuple(order[::4]))
+    assert len(orders) == 6  # all 3! orders of the groups
+    # a process whose 6 rows start at global row 6 (groups of 4): rows 0-1 end group 1, rows 2-5 are group 2
+    for _ in range(20):
+        order = shared_prefix.group_order(torch.randperm(6).tolist(), 4, offset=6)
+        assert order in ([0, 1, 2, 3, 4, 5], [2, 3, 4, 5, 0, 1])
+
+
+def test_group_aligned_split_per_process():
+    """What each of 2 processes does with its 6 rows of a 12-row batch (3 groups of 4): whole blocks
+    in micro-batches of 3, the scalar num_items_in_batch left as is, every field moved alike."""
+    import types
+
+    import torch
+
+    for process in (0, 1):
+        fake = types.SimpleNamespace(accelerator=types.SimpleNamespace(process_index=process), num_generations=4,
+                                     args=types.SimpleNamespace(steps_per_generation=2))
+        rows = torch.arange(6) + 6 * process  # global row numbers
+        batch = {"prompt_ids": (rows // 4)[:, None].repeat(1, 3), "advantages": rows.double(),
+                 "num_items_in_batch": torch.tensor(7.0), "old_per_token_logps": None}
+        chunks = fb.SharedPrefixMixin._group_aligned_split(fake, batch)
+        assert len(chunks) == 2 and all(c["num_items_in_batch"] == 7 and c["old_per_token_logps"] is None
+                                        for c in chunks)
+        got = torch.cat([c["advantages"] for c in chunks]).long()
+        assert sorted(got.tolist()) == rows.tolist()
+        assert torch.equal(torch.cat([c["prompt_ids"][:, 0] for c in chunks]), got // 4)  # fields moved together
+        blocks = runs((got // 4).tolist())
+        assert len(blocks) == len(set(blocks))  # each group's rows together, in order inside it
+        assert all((got[1:] - got[:-1])[(got // 4)[1:] == (got // 4)[:-1]] == 1)
+
+
 @pytest.mark.slow
 def test_merged_lora_generation_is_token_identical_and_restores_weights(tiny_setup):
     import torch
@@ -412,17 +620,25 @@ def smol_setup(smollm_model):
 # dtypes on the same architecture (Llama, grouped KV heads, 2 layers); this adds SmolLM2's 30 layers
 # and trained weights. All three layouts in both dtypes took ~290 s on 2 cores; these two take ~70 s.
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype, tol, shape", [
-    ("float64", 1e-10, "uneven"),  # exact math on the hardest layout: interleaved groups, an all-masked row
-    ("float32", 1e-4, "1x8"),      # the training dtype on the recipes' layout: one story x 8 titles
+@pytest.mark.parametrize("dtype, tol, shape, checkpointing", [
+    ("float64", 1e-10, "uneven", False),  # exact math on the hardest layout: interleaved groups, an all-masked row
+    ("float32", 1e-4, "1x8", False),      # the training dtype on the recipes' layout: one story x 8 titles
+    # the packed layout under gradient checkpointing (layers recomputed): float64 on one story x 4 titles
+    # (one a single token), float32 on the interleaved groups: 12 + 11 s on 2 cores (load average ~2.7)
+    ("float64", 1e-10, "1x4", True),
+    ("float32", 1e-4, "uneven", True),
 ])
-def test_smollm_logps_and_grads_match_trl(smol_setup, tmp_path, monkeypatch, dtype, tol, shape):
+def test_smollm_logps_and_grads_match_trl(smol_setup, tmp_path, monkeypatch, dtype, tol, shape, checkpointing):
     path, tok, prompts = smol_setup
     if dtype == "float64":
         rmsnorm_in_float64(monkeypatch)
     trainer = trainer_for(lora_model(path, dtype), tok, tmp_path)
-    stories, lengths = SHAPES[shape]
-    compare(trainer, trl_batch(tok, prompts, stories, lengths), tol, tol)
+    calls = checkpointed(trainer, monkeypatch) if checkpointing else None
+    stories, lengths = {**SHAPES, "1x4": ([0] * 4, [24, 5, 1, 17])}[shape]
+    batch = trl_batch(tok, prompts, stories, lengths)
+    compare(trainer, batch, tol, tol)
+    if checkpointing:
+        assert len(calls) == layer_passes(trainer, batch)
 
 
 @pytest.mark.slow

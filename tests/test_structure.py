@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = {"settings", "rundir", "runtime", "utils", "text_metrics", "stats", "embeddings", "evaluation",
           "reward_model", "generation", "policy", "procs", "trl_config", "art_config", "art_compat", "fast_backend",
           "shared_prefix", "art_cpu_backend", "art_cpu_server", "openai_generator", "grpo_semantics", "comparison",
-          "experiment", "update_parity"}
+          "experiment", "update_parity", "bare_policy"}
 MAX_FUNCTION_LINES = 60  # a helper reads at once
 MAX_MAIN_LINES = 130  # a stage's main() reads top to bottom under banner comments, like open-r1's grpo.py
 MAX_MODULE_LINES = 700
