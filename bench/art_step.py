@@ -38,10 +38,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import art_config
+import art_compat  # noqa: E402
+import art_config  # noqa: E402
 import procs  # noqa: E402  (reward_server: start/stop local_reward.py)
 import settings  # noqa: E402
-import trl_config
+import trl_config  # noqa: E402
 import utils  # noqa: E402
 
 ART_VARIANTS = {"default": (None, False), "per_step": ("per_step", False), "per_step+pack": ("per_step", True)}
@@ -69,7 +70,7 @@ async def art_steps(recipe: settings.Recipe, variant: str, reward_url: str, step
     import art_cpu_backend
     import train
 
-    art = train.import_art()
+    art = art_compat.import_art()
     optimizer_steps, pack = ART_VARIANTS[variant]
     recipe = dataclasses.replace(recipe, optimizer_steps=optimizer_steps, reward_url=reward_url)
     args = art_config.ArtArgs(backend="cpu", pack_groups=pack)
@@ -78,7 +79,7 @@ async def art_steps(recipe: settings.Recipe, variant: str, reward_url: str, step
                                               recipe.max_train_stories)[0]]
     out: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="art-bench-") as tmp:
-        backend = art_cpu_backend.cpu_backend_class()(path=tmp, options=train.engine_options(recipe, args))
+        backend = art_cpu_backend.cpu_backend_class()(path=tmp, options=art_config.engine_options(recipe, args))
         model = art.TrainableModel(name="bench", project="bench", base_model=recipe.model, base_path=tmp,
                                    _internal_config=art_config.internal_config(recipe, args))
         reward = utils.RewardClient(reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
@@ -89,7 +90,7 @@ async def art_steps(recipe: settings.Recipe, variant: str, reward_url: str, step
             # A step none of whose groups can teach trains nothing: it does not count (at most 4x as many tried).
             while len(out) < steps and i < warmup + 4 * steps and (i + 1) * recipe.prompts_per_step <= len(rows):
                 batch = rows[i * recipe.prompts_per_step:(i + 1) * recipe.prompts_per_step]
-                row = await one_step(art, train, model, backend, reward, validator, recipe, args, batch)
+                row = await one_step(art, train, model, backend, reward, validator, recipe, args, batch, i + 1)
                 print(f"[art {variant}] step {i + 1}{' (warm-up)' if i < warmup else ''}: "
                       + ", ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
                 if i >= warmup and row["trained"]:
@@ -103,11 +104,11 @@ async def art_steps(recipe: settings.Recipe, variant: str, reward_url: str, step
     return out
 
 
-async def one_step(art, train, model, backend, reward, validator, recipe, args, batch) -> dict:
+async def one_step(art, train, model, backend, reward, validator, recipe, args, batch, step: int) -> dict:
     marks = [(time.perf_counter(), time.process_time())]
     client, name = model.openai_client(), model.get_inference_name()
     groups = await art.gather_trajectory_groups(
-        (train.rollout_group(client, name, row, j, recipe) for j, row in enumerate(batch)),
+        (train.rollout_group(client, name, row, j, recipe, step) for j, row in enumerate(batch)),
         pbar_desc=None, max_exceptions=0, max_metrics=0)
     marks.append((time.perf_counter(), time.process_time()))
     await train.score_groups(groups, [batch[int(g.metadata["batch_index"])] for g in groups], reward, validator, recipe)

@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import procs  # noqa: E402  (reward_server: start/stop local_reward.py)
 import rundir  # noqa: E402
+import runtime  # noqa: E402
 import settings  # noqa: E402
 import trl_config
 import utils  # noqa: E402
@@ -199,14 +200,10 @@ def run_variant(name: str, recipe: settings.Recipe, trl_args, reward_url: str, s
 
             client = utils.RewardClient(reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
             validator = policy.make_validator(recipe_run, model, tokenizer)
-            log = rgt.RewardLog()
-            reward_funcs = [rgt.make_reward_func(client, validator, recipe.trailing_penalty, log,
-                                                 recipe.max_completion_tokens)]
-            _, train_rows, _, holder = rgt.build_callbacks(
-                recipe=recipe_run, args=trl_args, run_dir=run_dir, tokenizer=tokenizer, val_rows=[],
-                validator=validator, reward_log=log, timer=rundir.Timer(), val_done=set())
-            holder["client"] = client
-            callbacks.append(train_rows)  # the repo's per-step metrics row is part of its step
+            run = rgt.RunState(recipe_run, trl_args, run_dir, client, rundir.Timer(), set(),
+                               runtime.StopOnSignal("[bench]", "stopping"))
+            reward_funcs = [rgt.make_reward_func(client, validator, recipe_run, run.reward_log)]
+            callbacks.append(rgt.trainer_callback(rgt.TrainRows)(run))  # the repo's metrics row is part of its step
         else:
             reward_funcs = [constant_reward]
         if name == "repo":
@@ -221,7 +218,7 @@ def run_variant(name: str, recipe: settings.Recipe, trl_args, reward_url: str, s
             trainer.train()
         finally:
             if client is not None:
-                rgt._close_client(trainer, client)
+                rgt.close_client(trainer, client)
     return timer.steps[warmup:]
 
 
