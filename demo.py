@@ -206,7 +206,8 @@ def _metrics(s: Summary) -> list[str]:
               f"{b['original_template_share']:.0%}. "
               "Template = a title's first word, plus the first word after the colon for 'X: Y' titles; its share "
               "is the fraction of all titles (greedy + sampled) with the commonest one. ROUGE-L = F1 of the longest "
-              "common word subsequence with the story's real title.", ""]
+              "common subsequence of tokens with the story's real title (Google's rouge-score: lower case, letters "
+              "and digits, no stemming).", ""]
     return lines
 
 
