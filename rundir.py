@@ -4,7 +4,7 @@
 utils.metrics_row), eval/, failures.jsonl, the trainer's checkpoints and final/. Here:
 
 - `run_dir_for`, `save_config`, `record_in_config`: where a run writes, and its resolved settings;
-- `RunLock` / `hold_run_dir` / `RunDirBusy`: one writer per run directory (flock + holder info);
+- `RunLock` / `RunDirBusy`: one writer per run directory (flock + holder info);
 - `MetricsWriter`, `read_metrics`, `trim_metrics`, `Timer`: the metrics file, read back and cut
   to a resume point; wall time that continues across resumes;
 - `checkpoints`, `checkpoint_problem`, `resume_point`: the trainer's checkpoint-N folders, and
@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import runtime
 import utils
 from settings import Recipe
 
@@ -224,20 +223,6 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         lock = RunLock._held.get(str(self.path), self)
         lock.release()
-
-
-def hold_run_dir(run_dir: str | os.PathLike, owner: str) -> RunLock:
-    """Hold `run_dir` until this process exits, or exit runtime.EXIT_RUN_DIR_BUSY naming its holder.
-
-    The one-line form for a trainer's main(); RunLock is the context-manager form.
-    """
-    import sys
-
-    try:
-        return RunLock(run_dir, owner).acquire()
-    except RunDirBusy as e:
-        print(f"error: {e} (exit {runtime.EXIT_RUN_DIR_BUSY})", file=sys.stderr, flush=True)
-        raise SystemExit(runtime.EXIT_RUN_DIR_BUSY) from None
 
 
 
