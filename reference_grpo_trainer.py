@@ -80,7 +80,7 @@ def main(recipe: Recipe, args: TrlArgs) -> int:  # noqa: C901 (the flow top to b
                                               require_gpu=args.require_gpu)
         trl_config.batch_kwargs(recipe, args, trl_config.world_size())  # a batch that cannot be split
     except (ValueError, fast_backend.BackendError) as e:
-        return fail(e, runtime.EXIT_USAGE)
+        return runtime.fail(e, runtime.EXIT_USAGE)
     print(f"[trl] {backend.describe()}")
     run_dir = rundir.run_dir_for(recipe, METHOD)
     try:
@@ -111,7 +111,7 @@ def main(recipe: Recipe, args: TrlArgs) -> int:  # noqa: C901 (the flow top to b
             try:
                 health = client.health_sync()
             except utils.RewardServerError as e:
-                return fail(f"reward server not usable: {e}", runtime.EXIT_REWARD_SERVER)
+                return runtime.fail(f"reward server not usable: {e}", runtime.EXIT_REWARD_SERVER)
             print(f"[trl] reward server {recipe.reward_url}: {str(health)[:200]}")
 
             # ---- The policy, the data, the validator
@@ -187,20 +187,14 @@ def main(recipe: Recipe, args: TrlArgs) -> int:  # noqa: C901 (the flow top to b
             print(f"run dir: {run_dir}")
             return runtime.EXIT_OK
     except rundir.RunDirBusy as e:
-        return fail(e, runtime.EXIT_RUN_DIR_BUSY)
+        return runtime.fail(e, runtime.EXIT_RUN_DIR_BUSY)
     except rundir.NoIntactCheckpoint as e:
-        return fail(e, runtime.EXIT_NO_CHECKPOINT)
+        return runtime.fail(e, runtime.EXIT_NO_CHECKPOINT)
     except runtime.StartInterrupted as e:
-        return fail(f"[trl] {e} outside the training loop (while loading): stopped at once, no checkpoint was "
+        return runtime.fail(f"[trl] {e} outside the training loop (while loading): stopped at once, no checkpoint was "
                     "being written. Rerun the same command to start or resume", runtime.EXIT_INTERRUPTED)
     except (utils.DatasetError, settings.HubUnavailable) as e:  # a bad file, or a hub id out of reach
-        return fail(e, runtime.EXIT_USAGE)
-
-
-def fail(error: object, code: int) -> int:
-    """One line on stderr naming what went wrong and the exit code; returns the code."""
-    print(f"error: {error} (exit {code})", file=sys.stderr, flush=True)
-    return code
+        return runtime.fail(e, runtime.EXIT_USAGE)
 
 
 # --------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@
   stop (exit 75); a second signal stops at once (KeyboardInterrupt, exit 130);
 - `refuse_signals`: while a trainer loads, a stop signal raises `StartInterrupted` (nothing is being
   written yet, so it stops at once);
-- `log_arguments`: every resolved argument object, once, at the start (as open-r1 logs its own).
+- `log_arguments`: every resolved argument object, once, at the start (as open-r1 logs its own);
+- `fail`: one line on stderr naming what went wrong and the exit code.
 
     python -c "import runtime; print(runtime.EXIT_INTERRUPTED, runtime.STOP_SIGNALS)"
 """
@@ -94,3 +95,19 @@ def log_arguments(prefix: str, **objs) -> None:
     for name, obj in objs.items():
         values = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
         print(f"{prefix} {name}: {json.dumps(values, default=str)}", flush=True)
+
+
+def fail(error: object, code: int) -> int:
+    """One line on stderr naming what went wrong and the exit code; returns the code.
+
+    >>> import contextlib, io, sys
+    >>> with contextlib.redirect_stderr(io.StringIO()) as err:
+    ...     fail("no reward server", EXIT_REWARD_SERVER)
+    3
+    >>> err.getvalue().strip()
+    'error: no reward server (exit 3)'
+    """
+    import sys
+
+    print(f"error: {error} (exit {code})", file=sys.stderr, flush=True)
+    return code

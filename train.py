@@ -87,11 +87,11 @@ def main(recipe: Recipe, args: ArtArgs,  # noqa: C901 (the flow top to bottom: i
     try:
         check_config(recipe, args)
     except ValueError as e:
-        return fail(e, runtime.EXIT_USAGE)
+        return runtime.fail(e, runtime.EXIT_USAGE)
     args.backend = resolve_backend(args)
     if backend_factory is None:
         if args.backend == "local" and (problem := gpu_problem()):
-            return fail(GPU_HELP.format(problem=problem), runtime.EXIT_USAGE)
+            return runtime.fail(GPU_HELP.format(problem=problem), runtime.EXIT_USAGE)
         backend_factory = functools.partial(make_backend, recipe=recipe)
     run_dir = rundir.run_dir_for(recipe, METHOD)
     stopper = runtime.StopOnSignal("[art]", "finishing this step (checkpoint + metrics row)")
@@ -130,16 +130,16 @@ def main(recipe: Recipe, args: ArtArgs,  # noqa: C901 (the flow top to bottom: i
             asyncio.run(run_loop(recipe, args, run_dir, [dict(r) for r in train_ds], [dict(r) for r in val_ds],
                                  backend_factory, stopper))
     except rundir.RunDirBusy as e:
-        return fail(e, runtime.EXIT_RUN_DIR_BUSY)
+        return runtime.fail(e, runtime.EXIT_RUN_DIR_BUSY)
     except rundir.NoIntactCheckpoint as e:
-        return fail(e, runtime.EXIT_NO_CHECKPOINT)
+        return runtime.fail(e, runtime.EXIT_NO_CHECKPOINT)
     except (utils.DatasetError, settings.HubUnavailable) as e:
-        return fail(e, runtime.EXIT_USAGE)
+        return runtime.fail(e, runtime.EXIT_USAGE)
     except utils.RewardServerError as e:
-        return fail(f"reward server failed: {e}\nNothing was trained for the failing step; fix the server "
+        return runtime.fail(f"reward server failed: {e}\nNothing was trained for the failing step; fix the server "
                     "(`make reward`) and rerun the same command to resume from it", runtime.EXIT_REWARD_SERVER)
     except KeyboardInterrupt:
-        return fail("[art] aborted by a second signal; rerun to resume from the last checkpoint",
+        return runtime.fail("[art] aborted by a second signal; rerun to resume from the last checkpoint",
                     runtime.EXIT_ABORTED)
 
     # ---- Report
@@ -149,12 +149,6 @@ def main(recipe: Recipe, args: ArtArgs,  # noqa: C901 (the flow top to bottom: i
               f"(exit {runtime.EXIT_INTERRUPTED})")
         return runtime.EXIT_INTERRUPTED
     return runtime.EXIT_OK
-
-
-def fail(error: object, code: int) -> int:
-    """One line on stderr naming what went wrong and the exit code; returns the code."""
-    print(f"error: {error} (exit {code})", file=sys.stderr, flush=True)
-    return code
 
 
 async def run_loop(recipe: Recipe, args: ArtArgs, run_dir: Path, train_rows: list[dict], val_rows: list[dict],
