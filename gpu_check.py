@@ -30,7 +30,6 @@ failed, 1 when a check failed, 2 when this machine cannot run the checks (said i
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os
@@ -376,17 +375,14 @@ def main(args: CheckArgs, argv: list[str]) -> int:
 
 
 def parse(argv: list[str]) -> CheckArgs:
+    """The flags (transformers' HfArgumentParser over CheckArgs); --help ends with this docstring's commands."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    for f in dataclasses.fields(CheckArgs):
-        if f.type in (bool, "bool"):
-            parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
-        else:
-            kind = float if f.type in (float, "float") else str
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"])
-    return CheckArgs(**vars(parser.parse_args(argv)))
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(CheckArgs, description=__doc__.splitlines()[0], epilog=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    return parser.parse_args_into_dataclasses(args=argv)[0]
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ attention ops the profiler saw run (which SDPA kernel: flash, memory-efficient o
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -405,17 +404,14 @@ def main(args: GpuBenchArgs, argv: list[str]) -> int:
 
 
 def parse(argv: list[str]) -> GpuBenchArgs:
+    """The flags (transformers' HfArgumentParser over GpuBenchArgs); --help ends with this docstring's commands."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    for f in dataclasses.fields(GpuBenchArgs):
-        if f.type in (bool, "bool"):
-            parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
-        else:
-            kind = {"float": float, "int": int}.get(str(f.type), str)
-            parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=f.metadata["help"])
-    return GpuBenchArgs(**vars(parser.parse_args(argv)))
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(GpuBenchArgs, description=__doc__.splitlines()[0], epilog=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    return parser.parse_args_into_dataclasses(args=argv)[0]
 
 
 if __name__ == "__main__":
