@@ -121,7 +121,8 @@ def main(args: StudyArgs) -> Study:
             shutil.rmtree(path, ignore_errors=True)
     study_dir.mkdir(parents=True, exist_ok=True)
     flags = experiment.trainer_flags(args.setting, recipe, args.curve_points, args.trainer_args)
-    load0, stages = os.getloadavg(), experiment.Stages(3 + 2 * len(seeds) * len(methods))
+    parity_due = bool(args.parity_steps) and args.setting == "aligned"
+    load0, stages = os.getloadavg(), experiment.Stages(3 + 2 * len(seeds) * len(methods) + parity_due)
 
     with contextlib.ExitStack() as stack:
         # ---- The reward server, the data, the untrained model (once for every seed)
@@ -149,7 +150,7 @@ def main(args: StudyArgs) -> Study:
 
     # ---- Same batch, same update? One fixed group through both trainers' own update code
     parity = {}
-    if args.parity_steps and args.setting == "aligned":
+    if parity_due:
         with stages("same batch, same update"):
             parity = same_update(recipe, args.parity_steps, study_dir / "parity.json")
 
