@@ -13,6 +13,7 @@ PYTHON := $(BIN)/python
 # unless you set it yourself.
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 export LITELLM_LOCAL_MODEL_COST_MAP ?= True
+export WANDB_ERROR_REPORTING ?= false
 RECIPE ?= recipes/cpu.yaml
 STAMP := $(VENV)/.setup-$(shell cat requirements.txt | md5sum | cut -c1-8)
 MODEL_DIR := models/smollm2-135m-instruct

@@ -54,10 +54,15 @@ ENV_OVERRIDES = {
 
 
 def load_env(path: str | os.PathLike | None = None) -> None:
-    """Load `.env` (never overriding variables already set in the process)."""
+    """Load `.env` (never overriding variables already set in the process).
+
+    Then, when neither set it: no error reports from weave (installed with openpipe-art, imported
+    by TRL when present) to sentry.io; offline they only retried and warned at every trainer's exit.
+    """
     from dotenv import load_dotenv
 
     load_dotenv(path or ROOT / ".env", override=False)
+    os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
