@@ -26,7 +26,7 @@ import reference_grpo_trainer as rgt  # noqa: E402
 import rundir  # noqa: E402
 import runtime  # noqa: E402
 
-WANTED = sys.argv[1]
+WANTED = ""  # the phase to hold at, from the command line (set by main)
 SIGNALLED = threading.Event()  # a stop signal reached the trainer's StopOnSignal
 _done: list[str] = []
 
@@ -58,7 +58,10 @@ def wrap(owner, name: str, before=None, after=None) -> None:
 
 
 def main() -> int:
+    global WANTED
     from transformers import Trainer
+
+    WANTED = sys.argv[1]
 
     wrap(runtime.StopOnSignal, "_handle", before=lambda *a: SIGNALLED.set())
     wrap(fast_backend, "load_policy", before=lambda *a, **k: pause("load"))

@@ -94,3 +94,18 @@ def test_fast_run_fails_an_unmarked_model_load(tmp_path):
     assert "2 failed, 2 passed" in out, out
     assert "FAILED test_probe.py::test_unmarked_load - " in out and GUARD_MESSAGE in out, out
     assert "FAILED test_probe.py::test_unmarked_load_whose_error_is_swallowed" in out, out
+
+
+@pytest.mark.integration  # starts pytest in a Python process
+def test_ci_command_collects_every_test():
+    """CI runs `pytest` with no arguments: collection must not depend on what follows it on the command line.
+
+    (A helper script under tests/ once read sys.argv[1] at import time; --doctest-modules imports it, and
+    the collection failed only when pytest was given no arguments at all.)
+    """
+    env = {**os.environ, "PYTEST_ADDOPTS": "--collect-only -q -p no:cacheprovider"}  # argv stays bare
+    proc = subprocess.run([sys.executable, "-m", "pytest"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "error" not in out.splitlines()[-1], out[-3000:]
