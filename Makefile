@@ -123,9 +123,11 @@ bench: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# Two workers, each test file on one of them (the Slurm fixture and the module-scoped models stay whole):
+# the full suite took 11.7 min on 2 cores against 15.3 min in one process (2026-12-04, fresh clone).
 test: setup
 	$(BIN)/ruff check .
-	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 # TEST_FAST=1: tests/conftest.py fails any selected test that loads a model or starts a Python process
 # (it lacks its slow/integration marker), so this target cannot quietly grow slow.
