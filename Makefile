@@ -124,7 +124,7 @@ lint: setup
 	$(BIN)/ruff check .
 
 # Two workers, each test file on one of them (the Slurm fixture and the module-scoped models stay whole):
-# the full suite took 11.7 min on 2 cores against 15.3 min in one process (2026-12-04, fresh clone).
+# the full suite took 11.7 and 13.5 min in two fresh-clone runs on 2 cores, against 15.3 min in one process (2026-12-04).
 test: setup
 	$(BIN)/ruff check .
 	$(PYTHON) -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
