@@ -19,8 +19,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import settings
 import utils
+from hntitles.runs import settings
 
 
 @dataclass

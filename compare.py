@@ -20,9 +20,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import rundir
-import settings
-import stats
+from hntitles.analysis import stats
+from hntitles.runs import rundir, settings
 
 # Recipe fields that name places, not experimental choices: never reported as differences.
 NOT_KNOBS = {"run_name", "runs_dir", "reward_url", "reward_timeout", "reward_retries", "dataset"}

@@ -19,7 +19,7 @@
    the real titles and the top template's share (the reward sees neither), copy fraction, title
    length, match rate; cost per step (wall and CPU seconds, optimizer steps, trained tokens);
    titles side by side; the curves; what differs between the two libraries' GRPO
-   (grpo_semantics.py) and which setting ran.
+   (hntitles/analysis/grpo_semantics.py) and which setting ran.
 
 Settings (--setting): `defaults` runs each library as a user gets it (the recipe's optimizer
 knobs left empty); `aligned` (the default) sets the same optimizer, weight decay, betas and one
@@ -57,12 +57,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import comparison
-import evaluation
-import experiment
-import grpo_semantics
-import procs
-import settings
+from hntitles.analysis import comparison, evaluation, experiment, grpo_semantics
+from hntitles.runs import procs, rundir, settings
 
 ROOT = settings.ROOT
 REPORT_FILE = "demo_report.md"
@@ -257,7 +253,8 @@ def render_report(s: Summary, show_titles: int = 5) -> str:
               f"(`--setting {'aligned' if s.setting == 'defaults' else 'defaults'}`).", "",
               grpo_semantics.markdown(), ""]
     lines += ["## Runs and wall time", ""]
-    lines += [f"- {mr.method.title}: `{mr.run_dir}` (adapter `{mr.checkpoint}`)" for mr in s.runs]
+    lines += [f"- {mr.method.title}: `{rundir.shown(mr.run_dir)}` (adapter "
+              f"`{rundir.shown(mr.checkpoint) if mr.checkpoint else None}`)" for mr in s.runs]
     lines += ["", "| stage | wall time | CPU time |", "|---|---|---|"]
     lines += [f"| {name} | {comparison.fmt_duration(sec)} | {f'{s.cpu[i]:.0f} s' if i < len(s.cpu) else ''} |"
               for i, (name, sec) in enumerate(s.stages)]

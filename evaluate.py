@@ -17,12 +17,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import evaluation
-import policy
-import rundir
-import runtime
-import settings
 import utils
+from hntitles.analysis import evaluation
+from hntitles.engines import policy
+from hntitles.runs import rundir, runtime, settings
 
 
 @dataclass
@@ -33,7 +31,7 @@ class EvalArgs:
     method: str = field(default="eval", metadata={"help": "Method recorded in the metrics row."})
     batch_size: int = field(default=8, metadata={"help": "Stories per generate() call."})
     generator: str = field(default="hf", metadata={
-        "help": "'hf' (recipe model + adapter) or 'openai' (an OpenAI-compatible endpoint, see openai_generator.py)."})
+        "help": "'hf' (recipe model + adapter) or 'openai' (an OpenAI-compatible endpoint, see openai_generator)."})
     openai_model: str = field(default="", metadata={"help": "Model for --generator openai (default: OPENAI_MODEL)."})
     openai_base_url: str = field(default="", metadata={
         "help": "Endpoint for --generator openai (default: OPENAI_BASE_URL)."})
@@ -60,7 +58,7 @@ def main_openai(recipe: settings.Recipe, args: EvalArgs) -> evaluation.EvalResul
     The recipe's tokenizer still picks the val stories (same length filter, same stories as
     the trained policies); the recipe's model is loaded only if the validator needs it.
     """
-    from openai_generator import OpenAIGenerator, OpenAIGeneratorError
+    from hntitles.engines.openai_generator import OpenAIGenerator, OpenAIGeneratorError
 
     if args.adapter:
         raise SystemExit("--adapter applies to --generator hf only")

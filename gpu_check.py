@@ -17,7 +17,7 @@ line when its package is missing:
 
 The model is the GPU recipe's (or --model). `--bare` needs no Hub and no model files: the
 policy is Qwen2.5-0.5B-Instruct's architecture (configs/qwen2.5-0.5b-instruct.json) with
-random weights and a word-level tokenizer built on the spot (bare_policy.py, which
+random weights and a word-level tokenizer built on the spot (hntitles/engines/bare_policy.py, which
 bench/gpu_step.py uses too), and the step has the GPU recipe's shape (8 prompts x 6
 generations, 8092-token prompts, 100 new tokens, loss micro-batches of one group and gradient
 checkpointing as in recipes/gpu.yaml) inside --memory_cap_gb of GPU memory, the share vLLM
@@ -42,13 +42,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import bare_policy
-import fast_backend
-import settings
-import trl_config
 import utils
-from settings import Recipe
-from trl_config import TrlArgs
+from hntitles.engines import bare_policy, fast_backend
+from hntitles.runs import settings
+from hntitles.runs.settings import Recipe
+from hntitles.trl import config as trl_config
+from hntitles.trl.config import TrlArgs
 
 ROOT = Path(__file__).resolve().parent
 CHECKS = ("transformers", "unsloth", "trl-vllm", "art", "shared-prefix")
@@ -197,8 +196,8 @@ def art_step(args: CheckArgs) -> dict:
     """ART's LocalBackend (in .venv-art): register, one rollout group, one backend.train."""
     import asyncio
 
-    import art_config
-    from art_compat import import_art
+    from hntitles.art import config as art_config
+    from hntitles.art.compat import import_art
 
     recipe, _ = check_recipe(args)
     art = import_art()
@@ -206,10 +205,10 @@ def art_step(args: CheckArgs) -> dict:
 
     async def run() -> dict:
         path = tempfile.mkdtemp(prefix="gpu-check-art-")
-        art_args = art_config.ArtArgs()
+        plan = art_config.plan(recipe, art_config.ArtArgs(backend="local"))
         backend = LocalBackend(path=path)
         model = art.TrainableModel(name="gpu-check", project="gpu-check", base_model=recipe.model, base_path=path,
-                                   _internal_config=art_config.internal_config(recipe, art_args))
+                                   _internal_config=plan.internal_config)
         try:
             await model.register(backend)
             messages = utils.title_messages("We rewrote our build system in a weekend and cut CI times to six minutes.")
@@ -220,8 +219,7 @@ def art_step(args: CheckArgs) -> dict:
             trajectories = [art.Trajectory(messages_and_choices=[*messages, c], reward=float(i))
                             for i, c in enumerate(sorted(resp.choices, key=lambda c: c.index))]
             t0 = time.perf_counter()
-            result = await backend.train(model, [art.TrajectoryGroup(trajectories)],
-                                         **art_config.train_kwargs(recipe, art_args))
+            result = await backend.train(model, [art.TrajectoryGroup(trajectories)], **plan.train_kwargs)
             return {"step_s": time.perf_counter() - t0, "detail": f"art step {result.step}, {len(trajectories)} "
                     f"trajectories, loss {result.metrics.get('loss/train', result.metrics.get('loss'))}"}
         finally:

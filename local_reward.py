@@ -7,7 +7,7 @@
     REWARD_API_KEY=... python local_reward.py --host 0.0.0.0   # anything but loopback needs a key
     python local_reward.py --help                 # every flag
 
-What it scores with is reward_model.py's (the MiniLM formula, or a trained HF reward model); this
+What it scores with is hntitles/reward/scorers.py's (the MiniLM formula, or a trained HF reward model); this
 file serves it, in order:
 1. Settings: ServerArgs (flags over environment / .env over defaults: REWARD_HOST, REWARD_PORT,
    REWARD_SCORER, REWARD_MODEL, REWARD_ADAPTER, REWARD_API_KEY, REWARD_MAX_BYTES, REWARD_MAX_BATCH,
@@ -45,10 +45,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from reward_model import HFScorer, MiniLMScorer, Scorer
-from settings import MAX_SEQ_TOKENS, load_env
-from stats import is_finite_number
-from text_metrics import has_text
+from hntitles.analysis.stats import is_finite_number
+from hntitles.reward.scorers import HFScorer, MiniLMScorer, Scorer
+from hntitles.reward.text_metrics import has_text
+from hntitles.runs.settings import MAX_SEQ_TOKENS, load_env
 
 __version__ = "0.1.0"
 log = logging.getLogger("local_reward")

@@ -10,7 +10,7 @@ train, report; the callbacks (metrics rows, validation, checkpoint-then-stop) fo
     python reference_grpo_trainer.py --recipe recipes/tiny.yaml --max_steps 2
     python reference_grpo_trainer.py --recipe recipes/gpu.yaml --backend unsloth --report_to tensorboard
 
-Backends (fast_backend.py): on a CPU `auto` runs transformers + PEFT; on a CUDA machine with
+Backends (hntitles/engines/fast_backend.py): on a CPU `auto` runs transformers + PEFT; on a CUDA machine with
 `make setup-gpu`, Unsloth + its vLLM (or `--backend trl-vllm --vllm_mode colocate|server`).
 
 Run directory (<runs_dir>/<run_name>, default runs/trl-<recipe stem>): config.json,
@@ -41,7 +41,7 @@ Exit codes:
     73  the run directory is in use by another live process (named in the message); nothing
         was written. A lock left by a dead process is taken over (rundir.RunLock).
     1   bad arguments, data or backend (e.g. --backend unsloth on a machine without CUDA).
-(The codes live in runtime.py, shared with train.py.)
+(The codes live in hntitles/runs/runtime.py, shared with train.py.)
 """
 
 from __future__ import annotations
@@ -57,15 +57,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import evaluation
-import fast_backend
-import rundir
-import runtime
-import settings
-import trl_config
 import utils
-from settings import Recipe
-from trl_config import TrlArgs
+from hntitles.analysis import evaluation
+from hntitles.engines import fast_backend, generation
+from hntitles.runs import rundir, runtime, settings
+from hntitles.runs.settings import Recipe
+from hntitles.trl import config as trl_config
+from hntitles.trl.config import TrlArgs
 
 METHOD = "trl"
 REWARD_NAME = "hn_reward"  # TRL logs rewards/<name>/mean
@@ -73,12 +71,13 @@ REWARD_NAME = "hn_reward"  # TRL logs rewards/<name>/mean
 
 def main(recipe: Recipe, args: TrlArgs) -> int:  # noqa: C901 (the flow top to bottom: its branches are the exit codes)
     """Train to max_steps (or resume, or finish a trained run); returns the exit code."""
-    # ---- The settings: refuse what cannot run before anything loads
+    # ---- The settings: the recipe as TRL's GRPOConfig, once; what cannot run is refused before anything loads
     try:
         recipe.check()  # parse_args checks it too; main() may get a Recipe built in code
         backend = fast_backend.select_backend(args.backend, args.use_vllm, args.vllm_mode,
                                               require_gpu=args.require_gpu)
-        trl_config.batch_kwargs(recipe, args, trl_config.world_size())  # a batch that cannot be split
+        # refuses a batch that cannot be split; the run directory is created only once all is well
+        config = trl_config.grpo_config(recipe, args, backend, rundir.run_path(recipe, METHOD))
     except (ValueError, fast_backend.BackendError) as e:
         return runtime.fail(e, runtime.EXIT_USAGE)
     print(f"[trl] {backend.describe()}")
@@ -115,7 +114,7 @@ def main(recipe: Recipe, args: TrlArgs) -> int:  # noqa: C901 (the flow top to b
             print(f"[trl] reward server {recipe.reward_url}: {str(health)[:200]}")
 
             # ---- The policy, the data, the validator
-            import policy  # transformers and peft load with it
+            from hntitles.engines import policy  # transformers and peft load with it
 
             t_load = time.perf_counter()
             model, tokenizer = fast_backend.load_policy(backend, recipe, args)
@@ -126,8 +125,8 @@ def main(recipe: Recipe, args: TrlArgs) -> int:  # noqa: C901 (the flow top to b
                 raise utils.DatasetError(f"{len(train_ds)} train stories left after filtering, fewer than "
                                          f"prompts_per_step ({recipe.prompts_per_step})")
             # The title is the first line: with stop_at_newline a line break ends the completion.
-            stop_fields = fast_backend.stop_at_tokens(
-                backend, model, utils.stop_token_ids(tokenizer, utils.stop_strings(recipe)))
+            fast_backend.stop_at_tokens(backend, model, config,
+                                        generation.stop_token_ids(tokenizer, utils.stop_strings(recipe)))
             validator = policy.make_validator(recipe, model, tokenizer)
             print(f"[trl] model, data and validator ({recipe.validator}) ready in {time.perf_counter() - t_load:.1f}s")
 
@@ -138,7 +137,7 @@ def main(recipe: Recipe, args: TrlArgs) -> int:  # noqa: C901 (the flow top to b
             trainer = trainer_class(backend)(
                 model=model,
                 reward_funcs=[make_reward_func(client, validator, recipe, run.reward_log)],
-                args=trl_config.grpo_config(recipe, args, backend, run_dir, stop_fields),
+                args=config,
                 train_dataset=train_ds,
                 processing_class=tokenizer,
                 # The stopper last: a signal during a validation still stops at the end of that step.
@@ -458,7 +457,7 @@ class Validate:
             self.validate(model, step)
 
     def validate(self, model, step: int) -> None:
-        from generation import HFGenerator
+        from hntitles.engines.generation import HFGenerator
 
         if self.trainer is not None and not self.trainer.is_world_process_zero():
             return  # validate once, on rank 0 (inference only: the other ranks just wait at the next step)

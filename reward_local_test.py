@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import settings
+from hntitles.runs import settings
 
 BODY = ("We moved our CI from a hosted service to four self-hosted runners on spare office machines. "
         "Builds got 2.4x faster, our monthly bill fell from $14,112 to $1,870, and flaky tests dropped "

@@ -39,13 +39,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import comparison
-import evaluation
-import experiment
-import procs
-import rundir
-import settings
-import stats
+from hntitles.analysis import comparison, evaluation, experiment, stats
+from hntitles.runs import procs, rundir, settings
 
 REPORT_FILE = "study_report.md"
 
@@ -69,7 +64,7 @@ class StudyArgs:
     report_only: bool = field(default=False, metadata={
         "help": "Train and evaluate nothing: rebuild the report from the evaluations on disk."})
     parity_steps: int = field(default=3, metadata={
-        "help": "Same batch, same update: updates of one fixed group compared per step (update_parity.py), with the "
+        "help": "Same batch, same update: updates of one fixed group compared per step (update_parity), with the "
                 "aligned setting's ART knobs and without them; 0 = skip. Aligned setting only."})
     docs_dir: str = field(default="docs", metadata={
         "help": "Where the seed spread goes (study-<recipe>[-<setting>].json), for the demo's report to quote."})
@@ -168,7 +163,7 @@ PARITY_VARIANTS = {"aligned": {}, "aligned without score_temperature and token_l
 def same_update(recipe: settings.Recipe, steps: int, cache: Path) -> dict[str, list[dict]]:
     """update_parity's rows for each variant (read back from `cache` when it holds them: they are a
     function of the recipe and the code, not of the training seeds)."""
-    import update_parity
+    from hntitles.analysis import update_parity
 
     found = json.loads(cache.read_text()) if cache.exists() else {}
     if found.get("steps") == steps and set(found.get("rows", {})) == set(PARITY_VARIANTS):
@@ -342,13 +337,13 @@ def _parity(study: Study) -> list[str]:
     """The same-update check: do the two methods' updates agree on one fixed group?"""
     if not study.parity:
         return []
-    import update_parity
+    from hntitles.analysis import update_parity
 
     group = next(iter(study.parity.values()))[0].get("group", {})
     lines = ["## Same batch, same update?", "",
              f"One fixed group (story {group.get('story_id')}, {len(group.get('rewards', []))} completions of "
              f"{group.get('lengths')} tokens, fixed rewards) through each trainer's own update code from the same "
-             "adapter (update_parity.py); per step, the cosine and relative L2 (||d_ART - d_TRL|| / ||d_TRL||) of "
+             "adapter (update_parity); per step, the cosine and relative L2 (||d_ART - d_TRL|| / ||d_TRL||) of "
              "the two adapter updates. Agreement here means a difference between the methods' results is a "
              "difference between the runs (seeds, sampling), not between the updates.", ""]
     for name, rows in study.parity.items():
@@ -357,7 +352,7 @@ def _parity(study: Study) -> list[str]:
 
 
 def _runs(study: Study) -> list[str]:
-    lines = ["## Runs and time", ""] + [f"- seed {s}, {mr.method.title}: `{mr.run_dir}`"
+    lines = ["## Runs and time", ""] + [f"- seed {s}, {mr.method.title}: `{rundir.shown(mr.run_dir)}`"
                                         for s, rs in study.runs.items() for mr in rs]
     lines += ["", "| stage | wall time | CPU time |", "|---|---|---|"]
     lines += [f"| {name} | {comparison.fmt_duration(sec)} | {cpu:.0f} s |"

@@ -19,10 +19,10 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-import generation
-import settings
 import utils
-from openai_generator import OpenAIGeneratorError
+from hntitles.engines import generation
+from hntitles.engines.openai_generator import OpenAIGeneratorError
+from hntitles.runs import settings
 
 
 @dataclass
@@ -63,10 +63,10 @@ def read_article(path: str) -> str:
 
 def make_generator(recipe: settings.Recipe, args: TitlesArgs):
     """(generator, model, tokenizer): the model is loaded only when something needs it."""
-    import policy
+    from hntitles.engines import policy
 
     if args.generator == "openai":
-        from openai_generator import OpenAIGenerator
+        from hntitles.engines.openai_generator import OpenAIGenerator
 
         if args.adapter:
             raise SystemExit("error: --adapter applies to --generator hf only")
@@ -139,7 +139,7 @@ def render(ranked: list[dict]) -> str:
 
 
 def main(recipe: settings.Recipe, args: TitlesArgs) -> list[dict]:
-    import policy
+    from hntitles.engines import policy
 
     body = read_article(args.article)
     if args.time:

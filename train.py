@@ -2,7 +2,7 @@
 validator + reward server, trajectory groups, `backend.train`, validation every N steps.
 
 Two engines under the same loop (`--backend`):
-- `cpu`: ART's LocalBackend with a CPU ModelService (art_cpu_backend.py): ART's own
+- `cpu`: ART's LocalBackend with a CPU ModelService (hntitles/art/cpu_backend.py): ART's own
   tokenization, packing, loss and checkpoints; a PEFT LoRA model in fp32 and a loopback
   OpenAI-compatible server instead of Unsloth + vLLM. Runs in the main .venv.
 - `local`: ART's LocalBackend as shipped (vLLM + Unsloth on a CUDA GPU, from .venv-art,
@@ -32,7 +32,7 @@ metrics row. Failed rollout requests fail the step unless --max_exceptions allow
 main() reads top to bottom: settings, run directory, data, then the loop (`run_loop`: reward
 server, backend, model; per step rollouts, rewards, train, validate); the pieces of a step follow it.
 
-Exit codes (runtime.py, shared with the TRL trainer):
+Exit codes (hntitles/runs/runtime.py, shared with the TRL trainer):
     0   finished (max_steps reached), or nothing left to do
     75  SIGTERM / SIGUSR1 / Ctrl-C: the current step was finished (trained, checkpointed, its
         row written), then the run stopped; rerun to resume
@@ -45,7 +45,6 @@ Exit codes (runtime.py, shared with the TRL trainer):
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 import random
 import shutil
@@ -57,18 +56,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import art_cpu_backend
-import evaluation
-import rundir
-import runtime
-import settings
 import utils
-from art_compat import import_art
-from art_config import ART_LOSSES, ArtArgs, engine_options, internal_config, local_backend_optimizer, train_kwargs
-from settings import Recipe
+from hntitles.analysis import evaluation
+from hntitles.art import config as art_config
+from hntitles.art import cpu_backend as art_cpu_backend
+from hntitles.art.compat import import_art
+from hntitles.art.config import ArtArgs, ArtPlan
+from hntitles.runs import rundir, runtime, settings
+from hntitles.runs.settings import Recipe
 
 METHOD = "art"
-BACKENDS = ("auto", "local", "cpu")
 GPU_HELP = """\
 train.py --backend local (ART's LocalBackend) needs a CUDA GPU: {problem}.
 ART's LocalBackend generates with vLLM and trains with Unsloth on the GPU; neither runs on a CPU.
@@ -80,19 +77,19 @@ On this machine, ART's loop runs on the CPU engine: --backend cpu (or auto), as 
 
 
 def main(recipe: Recipe, args: ArtArgs,  # noqa: C901 (the flow top to bottom: its branches are the exit codes)
-         backend_factory: Callable[[ArtArgs, Path], Any] | None = None) -> int:
-    """Train ART's loop to max_steps (or resume); returns the exit code. `backend_factory(args,
+         backend_factory: Callable[[ArtPlan, Path], Any] | None = None) -> int:
+    """Train ART's loop to max_steps (or resume); returns the exit code. `backend_factory(plan,
     art_path)` builds the backend (the seam the tests of the GPU wiring use)."""
-    # ---- The settings: refuse what ART cannot honour before anything starts
+    # ---- The settings: the recipe turned into ART's, once; what ART cannot honour is refused here
     try:
-        check_config(recipe, args)
+        args.backend = resolve_backend(args)
+        plan = art_config.plan(recipe, args)
     except ValueError as e:
         return runtime.fail(e, runtime.EXIT_USAGE)
-    args.backend = resolve_backend(args)
     if backend_factory is None:
-        if args.backend == "local" and (problem := gpu_problem()):
+        if plan.backend == "local" and (problem := gpu_problem()):
             return runtime.fail(GPU_HELP.format(problem=problem), runtime.EXIT_USAGE)
-        backend_factory = functools.partial(make_backend, recipe=recipe)
+        backend_factory = make_backend
     run_dir = rundir.run_dir_for(recipe, METHOD)
     stopper = runtime.StopOnSignal("[art]", "finishing this step (checkpoint + metrics row)")
     try:
@@ -100,11 +97,10 @@ def main(recipe: Recipe, args: ArtArgs,  # noqa: C901 (the flow top to bottom: i
         with rundir.RunLock(run_dir, METHOD), stopper:
             # ---- The run directory: the settings really used, said once
             settings.set_seed(recipe.seed)
-            engine = engine_config(recipe, args)
-            rundir.save_config(run_dir, recipe=recipe, art=args, internal_config=internal_config(recipe, args),
-                               train_kwargs=train_kwargs(recipe, args), engine=engine)
-            runtime.log_arguments("[art]", recipe=recipe, art=args, train_kwargs=train_kwargs(recipe, args),
-                                  engine=engine)
+            engine = plan.engine
+            rundir.save_config(run_dir, recipe=recipe, art=args, internal_config=plan.internal_config,
+                               train_kwargs=plan.train_kwargs, engine=engine)
+            runtime.log_arguments("[art]", recipe=recipe, art=args, train_kwargs=plan.train_kwargs, engine=engine)
             if engine.get("requested_optim", "").endswith("8bit"):
                 print(f"note: ART's optimizer {engine['requested_optim']} needs CUDA; the CPU engine uses "
                       f"{engine['optimizer']} with weight decay {engine['weight_decay']} and betas "
@@ -127,8 +123,8 @@ def main(recipe: Recipe, args: ArtArgs,  # noqa: C901 (the flow top to bottom: i
                 raise utils.DatasetError(f"{recipe.dataset}: nothing left to train or validate on after filtering")
 
             # ---- The loop: reward server, backend, model; then rollouts, rewards, train, validate
-            asyncio.run(run_loop(recipe, args, run_dir, [dict(r) for r in train_ds], [dict(r) for r in val_ds],
-                                 backend_factory, stopper))
+            asyncio.run(run_loop(recipe, args, plan, run_dir, [dict(r) for r in train_ds],
+                                 [dict(r) for r in val_ds], backend_factory, stopper))
     except rundir.RunDirBusy as e:
         return runtime.fail(e, runtime.EXIT_RUN_DIR_BUSY)
     except rundir.NoIntactCheckpoint as e:
@@ -151,22 +147,23 @@ def main(recipe: Recipe, args: ArtArgs,  # noqa: C901 (the flow top to bottom: i
     return runtime.EXIT_OK
 
 
-async def run_loop(recipe: Recipe, args: ArtArgs, run_dir: Path, train_rows: list[dict], val_rows: list[dict],
-                   backend_factory, stopper: runtime.StopOnSignal) -> None:
+async def run_loop(recipe: Recipe, args: ArtArgs, plan: ArtPlan, run_dir: Path, train_rows: list[dict],
+                   val_rows: list[dict], backend_factory, stopper: runtime.StopOnSignal) -> None:
     """ART's model on its backend, the reward client and the validator around one Loop; all closed after."""
     art = import_art()
     art_path = run_dir / "art"
     model = art.TrainableModel(name=args.model_name or run_dir.name, project=args.project, base_model=recipe.model,
-                               base_path=str(art_path), _internal_config=internal_config(recipe, args))
+                               base_path=str(art_path), _internal_config=plan.internal_config)
     restore_point(run_dir, model)  # before ART reads its step: what cannot be resumed is set aside
     reward = utils.RewardClient(recipe.reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
     backend = None
     try:
         await reward.health()  # before the model loads: a missing server is a one-line error
-        backend = backend_factory(args, art_path)
+        backend = backend_factory(plan, art_path)
         await model.register(backend)
         validator = make_validator(recipe, args, model)
-        await Loop(recipe, args, run_dir, train_rows, val_rows, model, backend, reward, validator, stopper).run()
+        await Loop(recipe, args, plan, run_dir, train_rows, val_rows, model, backend, reward, validator,
+                   stopper).run()
     finally:
         await reward.aclose()
         if backend is not None:
@@ -209,49 +206,14 @@ def resolve_backend(args: ArtArgs) -> str:
     return "local"
 
 
-def make_backend(args: ArtArgs, art_path: Path, recipe: Recipe):
+def make_backend(plan: ArtPlan, art_path: Path):
     """The one place a backend is built; tests of the GPU wiring pass a double through main(backend_factory=)."""
-    if args.backend == "local":
+    if plan.backend == "local":
         import_art()
         from art.local import LocalBackend
 
         return LocalBackend(path=str(art_path))
-    if args.backend == "cpu":
-        return art_cpu_backend.cpu_backend_class()(path=str(art_path), options=engine_options(recipe, args))
-    raise ValueError(f"unknown backend {args.backend!r} (supported: {BACKENDS})")
-
-
-def check_config(recipe: Recipe, args: ArtArgs) -> None:
-    """Refuse settings ART cannot honour before anything starts (ValueError naming the knob)."""
-    if recipe.loss_type not in ART_LOSSES:
-        raise ValueError(f"loss_type {recipe.loss_type!r} is not available in ART 0.5.18 (use one of {ART_LOSSES}; "
-                         "'cispo' exists in both TRL and ART)")
-    recipe.check()  # what every trainer refuses (parse_args checks it too; main() may get a Recipe built in code)
-    if args.backend not in BACKENDS:
-        raise ValueError(f"unknown backend {args.backend!r} (supported: {', '.join(BACKENDS)})")
-    backend = resolve_backend(args)
-    if backend == "local":
-        local_backend_optimizer(recipe)  # refuses optimizer knobs LocalBackend cannot honour
-    if backend == "local" and args.pack_groups:
-        raise ValueError("pack_groups exists only on the CPU engine (--backend cpu): ART's LocalBackend puts one "
-                         "trajectory in each row")
-    if backend == "local" and args.score_temperature:
-        raise ValueError("score_temperature exists only on the CPU engine (--backend cpu): ART's LocalBackend scores "
-                         "tokens at temperature 1 (its loss and vLLM's raw logprobs)")
-    if backend == "local" and args.token_level_loss:
-        raise ValueError("token_level_loss exists only on the CPU engine (--backend cpu): ART's LocalBackend weighs "
-                         "each trajectory's tokens 1 / its length")
-    if backend == "cpu" and recipe.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
-        raise ValueError(f"optimizer {recipe.optimizer!r} needs bitsandbytes on CUDA; on the CPU engine use 'adamw' "
-                         "(or leave it empty: ART's default, replaced by torch AdamW on the CPU and said so)")
-
-
-def engine_config(recipe: Recipe, args: ArtArgs) -> dict:
-    """What trains, with the values it really uses (saved in config.json, printed once)."""
-    if args.backend == "cpu":
-        return art_cpu_backend.engine_settings(internal_config(recipe, args), engine_options(recipe, args))
-    return {**local_backend_optimizer(recipe)[1], "rows": "one trajectory per row"}
-
+    return art_cpu_backend.cpu_backend_class()(path=str(art_path), options=plan.engine_options)
 
 
 # --------------------------------------------------------------------------------------
@@ -262,7 +224,7 @@ def engine_config(recipe: Recipe, args: ArtArgs) -> dict:
 def server_generator(model, name: str, args: ArtArgs, progress: bool = True, seed: int | None = None):
     """utils.Generator over the model's OpenAI-compatible server (vLLM under LocalBackend); with
     `seed`, conversation i is sampled with seed + i."""
-    from openai_generator import OpenAIGenerator
+    from hntitles.engines.openai_generator import OpenAIGenerator
 
     return OpenAIGenerator(model=name, base_url=model.inference_base_url, api_key=model.inference_api_key,
                            timeout=args.request_timeout, concurrency=args.concurrency, progress=progress, seed=seed)
@@ -413,10 +375,10 @@ def restore_point(run_dir: Path, model) -> int:
 class Loop:
     """State of one run: the model, its clients, the data and the metrics writer."""
 
-    def __init__(self, recipe: Recipe, args: ArtArgs, run_dir: Path, train_rows: list[dict],
+    def __init__(self, recipe: Recipe, args: ArtArgs, plan: ArtPlan, run_dir: Path, train_rows: list[dict],
                  val_rows: list[dict], model, backend, reward: utils.RewardClient, validator,
                  stopper: runtime.StopOnSignal | None = None):
-        self.recipe, self.args, self.run_dir = recipe, args, run_dir
+        self.recipe, self.args, self.plan, self.run_dir = recipe, args, plan, run_dir
         self.stopper = stopper
         self.train_rows, self.val_rows = train_rows, val_rows
         self.model, self.backend, self.reward, self.validator = model, backend, reward, validator
@@ -515,7 +477,7 @@ class Loop:
         else:
             if not all(math.isfinite(t.reward) for g in keep for t in g.trajectories):
                 raise RuntimeError(f"step {step}: a trajectory has no reward; refusing to train on it")
-            result = await self.backend.train(self.model, keep, **train_kwargs(self.recipe, self.args))
+            result = await self.backend.train(self.model, keep, **self.plan.train_kwargs)
             await self.model.log(groups, split="train", metrics=dict(result.metrics), step=result.step)
             extra.update(art_step=result.step, train_metrics=dict(result.metrics),
                          loss=result.metrics.get("loss/train", result.metrics.get("loss")))

@@ -1,20 +1,16 @@
-"""The core both trainers share to make a step: prompts, data, the reward client, the validator,
-the reward rule and the metrics schema. Nothing here trains or loads a model at import time.
+"""The core both trainers share to make a step. Nothing here trains or loads a model at import time.
 
 - prompts: `title_messages` (the article first, the request last), `validator_messages`,
-  `parse_validator_answer`, `extract_title` (a completion's first non-empty line, cleaned);
-- data: `load_stories` (hub id, .jsonl/.parquet file or saved folder), `check_row`,
-  `filter_stories` / `FilterReport` (the original example's filters, each counted), `load_split`,
-  `DatasetError`;
-- the reward client: `RewardClient` (async, batched, bounded retries on transport errors and 5xx,
-  never on 4xx), `RewardServerError` (a failure never becomes a reward), `story_for_scoring`;
-- validators: `EmbeddingValidator` (cosine of title and body, CPU) and `LLMValidator` (the base
-  model answers True/False), behind one call: `validator(bodies, titles) -> list[bool]`;
+  `parse_validator_answer`, `extract_title` (a completion's first non-empty line, cleaned), `stop_strings`;
+- data: `load_stories` (hub id, .jsonl/.parquet file or saved folder), `check_row`, `filter_stories` /
+  `FilterReport` (the original example's filters, each counted), `load_split`, `DatasetError`;
+- the reward client: `RewardClient` (async, batched, bounded retries on transport errors and 5xx, never on
+  4xx), `RewardServerError` (a failure never becomes a reward), `story_for_scoring`;
+- validators: `EmbeddingValidator` (cosine of title and body) and `LLMValidator` (the base model answers
+  True/False), behind one call: `validator(bodies, titles) -> list[bool]`;
 - the reward rule: `combine_reward` (RM score if the title is supported by the body, else 0),
   `score_completions` (completions -> titles -> validator + reward server -> `Scored`);
-- generation's contract: `Generator`, `stop_strings`, `stop_token_ids`;
-- the metrics schema: `metrics_row` / `METRICS_KEYS` (one JSONL row shape for both trainers and
-  evaluation; rundir.MetricsWriter writes it).
+- the metrics schema: `metrics_row` / `METRICS_KEYS` (one JSONL row for both trainers and evaluation).
 
     python -c "import utils; print(utils.extract_title('Rust 2.0 ships\\nMore text'))"
 """
@@ -24,19 +20,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import functools
 import json
 import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-import stats
-from embeddings import Embedder
-from settings import DEFAULT_REWARD_URL, MAX_PROMPT_TOKENS, Recipe, hub_errors
-from text_metrics import copy_fraction, has_text, word_count
+from hntitles.analysis import stats
+from hntitles.reward.embeddings import Embedder
+from hntitles.reward.text_metrics import copy_fraction, has_text, word_count
+
+if TYPE_CHECKING:
+    from hntitles.engines import generation
+from hntitles.runs.settings import DEFAULT_REWARD_URL, MAX_PROMPT_TOKENS, Recipe, hub_errors
 
 STORY_FIELDS = ("id", "title", "by", "time", "url", "score", "scraped_body")
 METRICS_SCHEMA_VERSION = 1
@@ -111,7 +109,6 @@ def _unquote(text: str) -> str:
     if text and text[0] in _QUOTES and text.count(text[0]) == 1:
         text = text[1:].strip()
     return text
-
 
 
 def extract_title(completion: str) -> tuple[str, bool]:
@@ -418,21 +415,21 @@ class RewardClient:
             if not isinstance(scores, list) or len(scores) != len(chunk):
                 self.stats["failures"] += 1
                 raise RewardServerError(f"bad /score_batch reply for {len(chunk)} stories: {str(reply)[:200]}")
-            try:
-                out.extend(_score(s) for s in scores)
-            except RewardServerError:
-                self.stats["failures"] += 1  # counted like every other failed request
-                raise
+            out.extend(self._score(s) for s in scores)
         return out
 
     async def score_one(self, story: dict) -> float:
         """One story via POST /score (the original example's route)."""
         reply = await self._post("/score", story)
-        try:
-            return _score(reply.get("score") if isinstance(reply, dict) else None)
-        except RewardServerError:
+        return self._score(reply.get("score") if isinstance(reply, dict) else None)
+
+    def _score(self, value: Any) -> float:
+        """A score from the server's reply, or RewardServerError (counted like every other failed request):
+        a bad reply never becomes a reward."""
+        if not stats.is_finite_number(value):
             self.stats["failures"] += 1
-            raise
+            raise RewardServerError(f"reward server returned a non-numeric score: {value!r}")
+        return float(value)
 
     async def health(self) -> dict:
         import httpx
@@ -452,28 +449,17 @@ class RewardClient:
         self._clients.clear()
 
     def score_sync(self, stories: Sequence[dict]) -> list[float]:
-        """Blocking convenience wrapper (scripts and tests)."""
-        async def run():
-            try:
-                return await self.score(stories)
-            finally:
-                await self.aclose()
-        return asyncio.run(run())
+        """Blocking convenience wrappers (scripts and tests), each on its own event loop."""
+        return asyncio.run(self._closing(self.score(stories)))
 
     def health_sync(self) -> dict:
-        async def run():
-            try:
-                return await self.health()
-            finally:
-                await self.aclose()
-        return asyncio.run(run())
+        return asyncio.run(self._closing(self.health()))
 
-
-def _score(value: Any) -> float:
-    """A score from the server's reply, or RewardServerError: a bad reply never becomes a reward."""
-    if not stats.is_finite_number(value):
-        raise RewardServerError(f"reward server returned a non-numeric score: {value!r}")
-    return float(value)
+    async def _closing(self, call):
+        try:
+            return await call
+        finally:
+            await self.aclose()
 
 
 # --------------------------------------------------------------------------------------
@@ -503,7 +489,7 @@ class LLMValidator:
     answers (a PEFT model's `disable_adapter`), or None when the generator already is the base.
     """
 
-    def __init__(self, generator: Generator, base=None):
+    def __init__(self, generator: generation.Generator, base=None):
         self.generator, self.base = generator, base
         self.unparsed = 0  # answers that were neither True nor False (counted, treated as not supported)
 
@@ -517,7 +503,7 @@ class LLMValidator:
 
 
 # --------------------------------------------------------------------------------------
-# The reward rule, and what a generator promises
+# The reward rule, and what ends a title
 # --------------------------------------------------------------------------------------
 
 
@@ -576,35 +562,6 @@ def stop_strings(recipe: Recipe) -> tuple[str, ...]:
     return STOP_AT_NEWLINE if recipe.stop_at_newline else ()
 
 
-def stop_token_ids(tokenizer, stops: Sequence[str]) -> list[int]:
-    """Vocabulary ids whose text contains a stop string: generating one ends the completion.
-
-    HF generate and vLLM stop on token ids; a line break hides in many tokens ("\n", "\n\n",
-    ".\n", "\r\n", ...), so all of them count.
-    """
-    return list(_stop_token_ids(tokenizer, tuple(stops))) if stops else []
-
-
-@functools.lru_cache(maxsize=8)
-def _stop_token_ids(tokenizer, stops: tuple[str, ...]) -> tuple[int, ...]:
-    # a scan of the whole vocabulary (~0.2 s for 49k tokens): once per tokenizer and stop set,
-    # however many generators and validations ask
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    return tuple(i for i, t in enumerate(texts) if any(s in t for s in stops))
-
-
-class Generator(Protocol):
-    """Anything that writes completions for chat prompts (HF model, OpenAI-compatible API)."""
-
-    name: str
-
-    def generate(self, conversations: Sequence[list[dict]], n: int, temperature: float,
-                 max_tokens: int, stop: Sequence[str] = ()) -> list[list[str]]:
-        """`n` completions per conversation; temperature 0 means greedy; a completion ends after
-        the first token that contains a `stop` string (the string is kept in the text)."""
-        ...
-
-
 # --------------------------------------------------------------------------------------
 # Metrics: the one JSONL row schema both trainers and evaluation write
 # --------------------------------------------------------------------------------------
@@ -639,5 +596,3 @@ def metrics_row(*, method: str, step: int, split: str, scored: Sequence[Scored],
 METRICS_KEYS = ("schema", "method", "run", "step", "split", "time", "wall_time", "n", "reward_mean", "reward_std",
                 "reward_p5", "reward_median", "reward_p95", "rm_mean", "match_rate", "title_len_mean",
                 "copy_frac_mean", "trailing_rate", "extra")
-
-

@@ -1,6 +1,6 @@
 """Time an ART step on the CPU engine against a TRL step, same recipe, same run.
 
-ART's loop as train.py runs it (art_cpu_backend.py: rollouts over the loopback server,
+ART's loop as train.py runs it (hntitles/art/cpu_backend.py: rollouts over the loopback server,
 validator + one batched reward request, `backend.train` = ART's tokenize/pack + the CPU
 engine's optimizer step(s) + checkpoint), split into rollout / reward (validator + server) /
 training / other (ART's model.log and bookkeeping). The TRL step comes from
@@ -38,12 +38,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import art_compat  # noqa: E402
-import art_config  # noqa: E402
-import procs  # noqa: E402  (reward_server: start/stop local_reward.py)
-import settings  # noqa: E402
-import trl_config  # noqa: E402
-import utils  # noqa: E402
+import utils
+from hntitles.art import compat as art_compat
+from hntitles.art import config as art_config
+from hntitles.runs import procs, settings
+from hntitles.trl import config as trl_config
 
 ART_VARIANTS = {"default": (None, False), "per_step": ("per_step", False), "per_step+pack": ("per_step", True)}
 ART_PARTS = ("rollout", "reward", "training", "other")
@@ -67,21 +66,22 @@ async def art_steps(recipe: settings.Recipe, variant: str, reward_url: str, step
     """train.py's step (rollouts, scoring, backend.train, model.log), timed by part."""
     from transformers import AutoTokenizer
 
-    import art_cpu_backend
     import train
+    from hntitles.art import cpu_backend as art_cpu_backend
 
     art = art_compat.import_art()
     optimizer_steps, pack = ART_VARIANTS[variant]
     recipe = dataclasses.replace(recipe, optimizer_steps=optimizer_steps, reward_url=reward_url)
     args = art_config.ArtArgs(backend="cpu", pack_groups=pack)
+    plan = art_config.plan(recipe, args)
     settings.set_seed(recipe.seed)
     rows = [dict(r) for r in utils.load_split(recipe, recipe.train_split, AutoTokenizer.from_pretrained(recipe.model),
                                               recipe.max_train_stories)[0]]
     out: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="art-bench-") as tmp:
-        backend = art_cpu_backend.cpu_backend_class()(path=tmp, options=art_config.engine_options(recipe, args))
+        backend = art_cpu_backend.cpu_backend_class()(path=tmp, options=plan.engine_options)
         model = art.TrainableModel(name="bench", project="bench", base_model=recipe.model, base_path=tmp,
-                                   _internal_config=art_config.internal_config(recipe, args))
+                                   _internal_config=plan.internal_config)
         reward = utils.RewardClient(reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
         try:
             await model.register(backend)
@@ -90,7 +90,7 @@ async def art_steps(recipe: settings.Recipe, variant: str, reward_url: str, step
             # A step none of whose groups can teach trains nothing: it does not count (at most 4x as many tried).
             while len(out) < steps and i < warmup + 4 * steps and (i + 1) * recipe.prompts_per_step <= len(rows):
                 batch = rows[i * recipe.prompts_per_step:(i + 1) * recipe.prompts_per_step]
-                row = await one_step(art, train, model, backend, reward, validator, recipe, args, batch, i + 1)
+                row = await one_step(art, train, model, backend, reward, validator, recipe, plan, batch, i + 1)
                 print(f"[art {variant}] step {i + 1}{' (warm-up)' if i < warmup else ''}: "
                       + ", ".join(f"{k} {v:.2f}" for k, v in row.items()), flush=True)
                 if i >= warmup and row["trained"]:
@@ -104,7 +104,7 @@ async def art_steps(recipe: settings.Recipe, variant: str, reward_url: str, step
     return out
 
 
-async def one_step(art, train, model, backend, reward, validator, recipe, args, batch, step: int) -> dict:
+async def one_step(art, train, model, backend, reward, validator, recipe, plan, batch, step: int) -> dict:
     marks = [(time.perf_counter(), time.process_time())]
     client, name = model.openai_client(), model.get_inference_name()
     groups = await art.gather_trajectory_groups(
@@ -114,7 +114,7 @@ async def one_step(art, train, model, backend, reward, validator, recipe, args, 
     await train.score_groups(groups, [batch[int(g.metadata["batch_index"])] for g in groups], reward, validator, recipe)
     marks.append((time.perf_counter(), time.process_time()))
     keep, _ = train.split_teachable(groups)
-    result = await backend.train(model, keep, **art_config.train_kwargs(recipe, args)) if keep else None
+    result = await backend.train(model, keep, **plan.train_kwargs) if keep else None
     marks.append((time.perf_counter(), time.process_time()))
     if result is not None:
         await model.log(groups, split="train", metrics=dict(result.metrics), step=result.step)

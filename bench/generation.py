@@ -28,10 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import generation  # noqa: E402
-import procs  # noqa: E402  (set_threads)
-import settings  # noqa: E402
-import utils  # noqa: E402
+import utils
+from hntitles.engines import generation
+from hntitles.runs import procs, settings
 
 EVAL_STORIES = 8  # evaluate.py's default batch of stories
 

@@ -1,6 +1,6 @@
 """Time a GRPO step at the GPU recipe's shape: the repo's trainer against TRL's stock GRPOTrainer.
 
-Both sides train bare_policy.py's policy (random-init Qwen2.5-0.5B shapes from configs/, a
+Both sides train hntitles/engines/bare_policy.py's policy (random-init Qwen2.5-0.5B shapes from configs/, a
 word tokenizer, ~8,092-token prompts; no Hub, no model files) on recipes/gpu.yaml's step:
 8 prompts x 6 completions of 100 new tokens, the recipe's LoRA (r8 on 7 projections) and loss
 (cispo), HF generate, bf16. Both GRPOConfigs come from trl_config.grpo_config:
@@ -46,10 +46,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import bare_policy  # noqa: E402
-import fast_backend  # noqa: E402
-import settings  # noqa: E402
-import trl_config  # noqa: E402
+from hntitles.engines import bare_policy, fast_backend
+from hntitles.runs import settings
+from hntitles.trl import config as trl_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = "GPU_BENCH_RESULT "  # prefix of the one JSON line a child prints
@@ -212,7 +211,7 @@ def attention_side(args: GpuBenchArgs, kernel: str) -> dict:
     """The shared-prefix loss pass (forward + backward of one group) with `kernel`, per layout."""
     import torch
 
-    import shared_prefix
+    from hntitles.engines import shared_prefix
 
     recipe, _ = side_recipe(args, "repo")
     cap_memory(args)

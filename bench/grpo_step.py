@@ -50,12 +50,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import procs  # noqa: E402  (reward_server: start/stop local_reward.py)
-import rundir  # noqa: E402
-import runtime  # noqa: E402
-import settings  # noqa: E402
-import trl_config
-import utils  # noqa: E402
+import utils
+from hntitles.runs import procs, rundir, runtime, settings
+from hntitles.trl import config as trl_config
 
 PARTS = ("generation", "reward", "rollout_other", "optimizer")
 
@@ -180,8 +177,8 @@ def variant_child(name: str, recipe_path: str, reward_url: str, steps: int, warm
 
 def run_variant(name: str, recipe: settings.Recipe, trl_args, reward_url: str, steps: int, warmup: int) -> list[dict]:
     """Build the trainer the way reference_grpo_trainer.main does; time `steps` steps after `warmup`."""
-    import fast_backend
     import reference_grpo_trainer as rgt
+    from hntitles.engines import fast_backend, generation
 
     settings.set_seed(recipe.seed)
     backend = fast_backend.select_backend("cpu")
@@ -190,13 +187,14 @@ def run_variant(name: str, recipe: settings.Recipe, trl_args, reward_url: str, s
     with tempfile.TemporaryDirectory(prefix=f"grpo-bench-{name}-") as tmp:
         run_dir = Path(tmp)
         recipe_run = dataclasses.replace(recipe, max_steps=warmup + steps, save_every=10 ** 6, reward_url=reward_url)
-        stops = fast_backend.stop_at_tokens(backend, model, utils.stop_token_ids(tokenizer, utils.stop_strings(recipe)))
-        config = trl_config.grpo_config(recipe_run, trl_args, backend, run_dir, stops)
+        config = trl_config.grpo_config(recipe_run, trl_args, backend, run_dir)
+        fast_backend.stop_at_tokens(backend, model, config, generation.stop_token_ids(tokenizer,
+                                                                                       utils.stop_strings(recipe)))
         timer = StepTimer()
         callbacks = [timer.callback()]
         client = None
         if name == "repo":
-            import policy
+            from hntitles.engines import policy
 
             client = utils.RewardClient(reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
             validator = policy.make_validator(recipe_run, model, tokenizer)
@@ -242,7 +240,7 @@ def long_loss_child(kind: str, recipe_path: str, tokens: int, threads: int) -> d
     from datasets import Dataset
     from trl import GRPOTrainer
 
-    import fast_backend
+    from hntitles.engines import fast_backend
 
     procs.set_threads(threads)
     recipe, trl_args = settings.parse_args((settings.Recipe, trl_config.TrlArgs), "trl", ["--recipe", recipe_path])

@@ -135,12 +135,12 @@ def main(args: BenchArgs) -> dict:
     import torch
     from servers import reward_server_process
 
-    import reward_model
+    from hntitles.reward import scorers
 
     rows = load_rows(args.stories)
     torch.set_num_threads(args.torch_threads)
     print(f"loading the in-process scorer ({args.torch_threads} thread(s)) ...", flush=True)
-    scorer = reward_model.MiniLMScorer()
+    scorer = scorers.MiniLMScorer()
     server_args = ["--torch_threads", str(args.torch_threads), "--log_level", "warning"]
     if args.prod:
         server_args += ["--prod", "--workers", "1"]

@@ -1,5 +1,5 @@
 """In-process HTTP test doubles on 127.0.0.1 (stdlib http.server, one thread each) for
-openai_generator.py, evaluate.py --generator openai and titles.py.
+hntitles/engines/openai_generator.py, evaluate.py --generator openai and titles.py.
 
 - FakeChat: POST /v1/chat/completions with `n` choices (an OpenAI-compatible endpoint);
   knobs to cap the choices, fail with 503 first, demand a key, or refuse `max_tokens` (as

@@ -21,10 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fast_backend  # noqa: E402
 import reference_grpo_trainer as rgt  # noqa: E402
-import rundir  # noqa: E402
-import runtime  # noqa: E402
+from hntitles.engines import fast_backend  # noqa: E402
+from hntitles.runs import (
+    rundir,  # noqa: E402
+    runtime,  # noqa: E402
+)
 
 WANTED = ""  # the phase to hold at, from the command line (set by main)
 SIGNALLED = threading.Event()  # a stop signal reached the trainer's StopOnSignal

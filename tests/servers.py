@@ -30,7 +30,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from procs import free_port, wait_healthy  # noqa: E402  (one implementation, shared with the demo)
+from hntitles.runs.procs import free_port, wait_healthy  # noqa: E402  (one implementation, shared with the demo)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""ART's loop on the CPU engine (art_cpu_backend.py): the server, logprob fidelity, and train.py
+"""ART's loop on the CPU engine (hntitles/art/cpu_backend.py): the server, logprob fidelity, and train.py
 end to end in real processes (a reward server process killed mid-run, SIGTERM, resume, rerun).
 
 The tiny random model cannot write a supported title, so the end-to-end runs use validator
@@ -22,18 +22,16 @@ import httpx
 import pytest
 from servers import finish_trainer, ranking_reward_process, start_trainer
 
-import art_compat
-import art_config
-import rundir
-import runtime
-import settings
 import utils
+from hntitles.art import compat as art_compat
+from hntitles.art import config as art_config
+from hntitles.runs import rundir, runtime, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 train = pytest.importorskip("train")
 art = art_compat.import_art()
-import art_cpu_backend as acb  # noqa: E402  (after import_art: ART's transformers patch undone)
-import art_cpu_server  # noqa: E402
+from hntitles.art import cpu_backend as acb  # noqa: E402  (after import_art: ART's transformers patch undone)
+from hntitles.art import cpu_server as art_cpu_server  # noqa: E402
 
 # --------------------------------------------------------------------------------------
 # The server, in this process, on the tiny model
@@ -107,7 +105,7 @@ def test_models_lists_the_policy_and_the_base(service, tiny_model):
     data = httpx.get(service.url + "/v1/models", timeout=30).json()["data"]
     assert {m["id"]: m["parent"] for m in data} == {str(tiny_model): None, "t@0": str(tiny_model)}
     # train.py's model validator finds the base among them as the one root model
-    from openai_generator import OpenAIGenerator
+    from hntitles.engines.openai_generator import OpenAIGenerator
 
     probe = OpenAIGenerator(model="probe", base_url=service.url + "/v1", api_key="x", progress=False)
     assert train.base_model_name(probe) == str(tiny_model)

@@ -22,12 +22,10 @@ import pytest
 from fake_openai import FakeOpenAI, default_script
 from servers import JsonHandler, serve
 
-import art_compat
-import art_config
-import rundir
-import runtime
-import settings
 import utils
+from hntitles.art import compat as art_compat
+from hntitles.art import config as art_config
+from hntitles.runs import rundir, runtime, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,7 +172,7 @@ def make_recipe(tmp_path: Path, model: Path, reward_url: str, **over) -> setting
 def run(recipe, fake, args=None, expect: int = runtime.EXIT_OK) -> tuple[Path, FakeBackend]:
     holder = {}
 
-    def factory(art_args, art_path):
+    def factory(plan, art_path):
         holder["backend"] = FakeBackend(fake, art_path)
         return holder["backend"]
 
@@ -475,7 +473,7 @@ def test_train_kwargs_come_from_the_recipe(loss, clip):
 ])
 def test_bad_settings_fail_before_anything_starts(over, message):
     with pytest.raises(ValueError, match=message):
-        train.check_config(settings.Recipe(**over), art_config.ArtArgs(backend="cpu"))
+        art_config.check(settings.Recipe(**over), art_config.ArtArgs(backend="cpu"))
 
 
 @pytest.mark.parametrize("over, args", [
@@ -486,7 +484,7 @@ def test_bad_settings_fail_before_anything_starts(over, message):
 ])
 def test_cpu_engine_knobs_are_refused_for_the_gpu_backend(over, args):
     with pytest.raises(ValueError, match="only on the CPU engine"):
-        train.check_config(settings.Recipe(**over), art_config.ArtArgs(backend="local", **args))
+        art_config.check(settings.Recipe(**over), art_config.ArtArgs(backend="local", **args))
 
 
 def test_optimizer_knobs_reach_arts_trainer_args_and_the_engine():
@@ -494,21 +492,22 @@ def test_optimizer_knobs_reach_arts_trainer_args_and_the_engine():
     cfg = art_config.internal_config(recipe, art_config.ArtArgs())
     assert {k: cfg["trainer_args"][k] for k in ("optim", "weight_decay", "adam_beta2")} == {
         "optim": "adamw_torch", "weight_decay": 0.0, "adam_beta2": 0.999}
-    engine = train.engine_config(recipe, art_config.ArtArgs(backend="cpu"))
+    engine = art_config.plan(recipe, art_config.ArtArgs(backend="cpu")).engine
     assert (engine["weight_decay"] == 0.0 and engine["adam_betas"] == [0.9, 0.999]
             and engine["optimizer"] == "torch AdamW")
-    default = train.engine_config(settings.Recipe(), art_config.ArtArgs(backend="cpu"))  # ART's own values
+    default = art_config.plan(settings.Recipe(), art_config.ArtArgs(backend="cpu")).engine  # ART's own values
     assert default["weight_decay"] == 0.1 and default["adam_betas"] == [0.9, 0.99]
     assert default["optimizer_steps"] == "per_sequence" and "paged_adamw_8bit" in default["optimizer"]
 
 
 def test_score_temperature_reaches_the_engine_and_its_config():
     recipe = settings.Recipe(temperature=0.7)
-    assert train.engine_config(recipe, art_config.ArtArgs(backend="cpu"))["logprob_temperature"] == 1.0  # ART's way
+    cold = art_config.ArtArgs(backend="cpu")
+    assert art_config.plan(recipe, cold).engine["logprob_temperature"] == 1.0  # ART's way
     hot = art_config.ArtArgs(backend="cpu", score_temperature=True)
-    assert train.engine_config(recipe, hot)["logprob_temperature"] == 0.7  # what config.json records
+    assert art_config.plan(recipe, hot).engine["logprob_temperature"] == 0.7  # what config.json records
     assert art_config.engine_options(recipe, hot).score_temperature == 0.7
-    import art_cpu_backend
+    from hntitles.art import cpu_backend as art_cpu_backend
 
     with pytest.raises(ValueError, match="score_temperature must be > 0"):
         art_cpu_backend.engine_settings({}, art_cpu_backend.EngineOptions(score_temperature=0.0))
@@ -578,7 +577,7 @@ def test_a_second_writer_on_the_run_dir_stops_at_once(tmp_path, tiny_model, fake
     write_stories(tmp_path / "stories.jsonl", [VARIED + str(i) for i in range(4)], [VARIED])
     recipe = make_recipe(tmp_path, tiny_model, reward.url)
     run_dir = Path(recipe.runs_dir) / recipe.run_name
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, rundir; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from hntitles.runs import rundir; "
                                "rundir.RunLock(sys.argv[1], 'trl').acquire(); "
                                "print('held', flush=True); time.sleep(120)", str(run_dir)],
                               cwd=ROOT, stdout=subprocess.PIPE, text=True)

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 import check_dataset
-import settings
 import utils
+from hntitles.runs import settings
 
 
 @pytest.fixture(autouse=True)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import compare
-import settings
 import utils
+from hntitles.runs import settings
 
 FIXTURES = Path(__file__).parent / "fixtures" / "runs"
 RUNS = ["trl-tiny", "art-tiny", "base-tiny", "partial-tiny"]

@@ -11,8 +11,8 @@ import json
 import datasets
 import pytest
 
-import settings
 import utils
+from hntitles.runs import settings
 
 NON_ASCII_BODY = "Zürich’s café served 東京-style ramen — naïve “quotes”, emoji 🚋 and Ελληνικά."
 

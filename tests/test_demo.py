@@ -19,17 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-import comparison
 import demo
-import evaluation
-import experiment
-import grpo_semantics
-import procs
-import rundir
-import settings
-import stats
-import trl_config
 import utils
+from hntitles.analysis import comparison, evaluation, experiment, grpo_semantics, stats
+from hntitles.runs import procs, rundir, settings
+from hntitles.trl import config as trl_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "runs"
 
@@ -253,7 +247,8 @@ def test_train_method_records_a_failure_mid_run(tmp_path):
     """A trainer that logs two steps and then dies: the demo records how far it got and why."""
     script = tmp_path / "fake_trainer.py"
     script.write_text(
-        "import sys, rundir, utils\n"
+        "import sys, utils\n"
+        "from hntitles.runs import rundir\n"
         "run = sys.argv[sys.argv.index('--run_name') + 1]\n"
         f"w = rundir.MetricsWriter({str(tmp_path)!r} + '/' + run)\n"
         "for step in (1, 2):\n"

@@ -1,4 +1,4 @@
-"""fast_backend.py: backend selection, the CPU fail-fast, and the Unsloth wiring against a fake `unsloth`.
+"""fast_backend: backend selection, the CPU fail-fast, and the Unsloth wiring against a fake `unsloth`.
 
 Unsloth and vLLM need CUDA (and their install replaces torch), so the GPU path is tested
 with a stand-in module that records every call; the code around it is the real code.
@@ -13,11 +13,11 @@ import types
 
 import pytest
 
-import fast_backend as fb
-import generation
-import settings
 import utils
-from fast_backend import Backend, BackendError, Machine
+from hntitles.engines import fast_backend as fb
+from hntitles.engines import generation
+from hntitles.engines.fast_backend import Backend, BackendError, Machine
+from hntitles.runs import settings
 
 GPU = Machine(cuda=True, unsloth=True, vllm=True)
 GPU_BARE = Machine(cuda=True, unsloth=False, vllm=False)
@@ -83,8 +83,8 @@ def test_this_cpu_machine_says_what_runs():
 
 @pytest.mark.integration
 def test_cli_fails_fast_for_unsloth_on_cpu():
-    proc = subprocess.run([sys.executable, str(settings.ROOT / "fast_backend.py"), "--backend", "unsloth"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "hntitles.engines.fast_backend", "--backend", "unsloth"],
+                          cwd=settings.ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "needs an NVIDIA GPU with CUDA" in proc.stderr and "cuda=False" in proc.stdout
 
@@ -250,10 +250,10 @@ def test_trainer_class_per_backend():
 @pytest.mark.slow
 def test_stop_token_ids_are_every_token_with_a_line_break(smollm):
     _, tok, _ = smollm
-    ids = utils.stop_token_ids(tok, ("\n",))
+    ids = generation.stop_token_ids(tok, ("\n",))
     assert tok.convert_tokens_to_ids(tok.tokenize("\n"))[0] in ids
     assert all("\n" in tok.decode([i]) for i in ids) and len(ids) > 10  # "\n\n", ".\n", "\r\n", ...
-    assert utils.stop_token_ids(tok, ()) == []
+    assert generation.stop_token_ids(tok, ()) == []
 
 
 def test_stop_at_tokens_sets_eos_for_every_engine():
@@ -262,17 +262,22 @@ def test_stop_at_tokens_sets_eos_for_every_engine():
     class Model:
         generation_config = GenerationConfig(eos_token_id=2)
 
+    class Config:  # the GRPOConfig field vLLM's stop ids go to
+        generation_kwargs = None
+
     cpu, vllm = Model(), Model()
     vllm.generation_config = GenerationConfig(eos_token_id=[2, 7])
-    assert fb.stop_at_tokens(Backend("cpu", "cpu", use_vllm=False), cpu, [11, 12]) == {}
-    assert cpu.generation_config.eos_token_id == [2, 11, 12]
-    over = fb.stop_at_tokens(Backend("trl-vllm", "cuda", use_vllm=True, vllm_mode="colocate"), vllm, [7, 11])
-    assert over == {"generation_kwargs": {"stop_token_ids": [7, 11]}}
+    cpu_config, vllm_config = Config(), Config()
+    vllm_config.generation_kwargs = {"top_k": 5}  # kept: the stop ids are added beside what the config had
+    fb.stop_at_tokens(Backend("cpu", "cpu", use_vllm=False), cpu, cpu_config, [11, 12])
+    assert cpu.generation_config.eos_token_id == [2, 11, 12] and cpu_config.generation_kwargs is None
+    fb.stop_at_tokens(Backend("trl-vllm", "cuda", use_vllm=True, vllm_mode="colocate"), vllm, vllm_config, [7, 11])
+    assert vllm_config.generation_kwargs == {"top_k": 5, "stop_token_ids": [7, 11]}
     assert vllm.generation_config.eos_token_id == [2, 7, 11]
-    untouched = Model()
+    untouched, config = Model(), Config()
     untouched.generation_config = GenerationConfig(eos_token_id=2)
-    assert fb.stop_at_tokens(Backend("cpu", "cpu", use_vllm=False), untouched, []) == {}
-    assert untouched.generation_config.eos_token_id == 2
+    fb.stop_at_tokens(Backend("cpu", "cpu", use_vllm=False), untouched, config, [])
+    assert untouched.generation_config.eos_token_id == 2 and config.generation_kwargs is None
 
 
 @pytest.mark.slow

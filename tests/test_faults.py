@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pytest
 
-import rundir
-import runtime
+from hntitles.runs import rundir, runtime
 
 pytestmark = pytest.mark.slow
 

@@ -9,6 +9,7 @@ GRPOConfig defaults, ART 0.5.18's get_model_config merge); the code around them 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -19,13 +20,12 @@ from pathlib import Path
 import pytest
 from servers import JsonHandler, serve
 
-import art_config
-import fast_backend as fb
 import reference_grpo_trainer as rgt
-import runtime
-import settings
-import trl_config
 import utils
+from hntitles.art import config as art_config
+from hntitles.engines import fast_backend as fb
+from hntitles.runs import runtime, settings
+from hntitles.trl import config as trl_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def run_py(code: str, env: dict[str, str], timeout: float = 120) -> subprocess.C
 def test_hub_mode_follows_the_recipe(recipe, user, expected):
     env = env_without_hub_mode(**({"HF_HUB_OFFLINE": user} if user else {}))
     proc = run_py(f"""
-        import settings
+        from hntitles.runs import settings
         mode = settings.prepare_env(["--recipe", "{recipe}"])
         import huggingface_hub.constants as c   # imported after: reads what prepare_env set
         print(mode.split()[0], c.HF_HUB_OFFLINE)
@@ -72,7 +72,7 @@ def test_hub_mode_follows_the_recipe(recipe, user, expected):
 def test_a_hub_id_on_the_command_line_goes_online_and_updates_an_imported_client():
     proc = run_py("""
         import huggingface_hub.constants as c   # already imported, with the variable unset
-        import settings
+        from hntitles.runs import settings
         print(settings.prepare_env(["--recipe", "recipes/tiny.yaml", "--model", "Qwen/Qwen2.5-0.5B-Instruct"]),
               c.HF_HUB_OFFLINE)
     """, env_without_hub_mode())
@@ -87,7 +87,8 @@ def test_a_hub_id_on_the_command_line_goes_online_and_updates_an_imported_client
     # the same for a hub dataset
     (lambda: utils.load_stories("no-such-org/no-such-dataset", "train"), "dataset 'no-such-org/no-such-dataset'"),
     # evaluation's loader (evaluate.py, titles.py, the demo)
-    (lambda: __import__("policy").load_model("no-such-org/no-such-model"), "model 'no-such-org/no-such-model'"),
+    (lambda: importlib.import_module("hntitles.engines.policy").load_model("no-such-org/no-such-model"),
+     "model 'no-such-org/no-such-model'"),
 ])
 def test_unreachable_hub_id_names_it_and_the_way_out(load, what, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -239,7 +240,7 @@ ART_0518_TRAINER_DEFAULTS = {"adam_beta1": 0.9, "adam_beta2": 0.99, "gradient_ac
      {"optim": "adamw_torch", "adam_beta1": 0.9, "adam_beta2": 0.999, "weight_decay": 0.1}),
 ])
 def test_optimizer_knobs_reach_arts_local_backend(knobs, merged):
-    import art_config
+    from hntitles.art import config as art_config
 
     recipe = settings.Recipe(**knobs)
     config = art_config.internal_config(recipe, art_config.ArtArgs())
@@ -258,10 +259,8 @@ def test_optimizer_knobs_reach_arts_local_backend(knobs, merged):
     ({"optimizer_steps": "per_step"}, "'per_step' is not available"),
 ])
 def test_art_refuses_knobs_local_backend_cannot_honour(knobs, message):
-    import train
-
     with pytest.raises(ValueError, match=message):
-        train.check_config(settings.Recipe(**knobs), art_config.ArtArgs(backend="local"))  # the CPU engine honours both
+        art_config.check(settings.Recipe(**knobs), art_config.ArtArgs(backend="local"))  # the CPU engine honours both
 
 
 # --------------------------------------------------------------------------------------
@@ -347,7 +346,7 @@ def test_bare_config_has_qwen2_5_0_5b_shapes():
 
 
 def preflight_machine(**over):
-    import art_preflight
+    from hntitles.art import preflight as art_preflight
 
     base = dict(glibc="glibc 2.36", nvidia_smi=True, python312=False, runtime_bin="", reachable=lambda url: True)
     return art_preflight.Machine(**{**base, **over})
@@ -370,7 +369,7 @@ def preflight_machine(**over):
      ["ART_VLLM_RUNTIME_BIN=/nonexistent/art-vllm is not an executable file"]),
 ])
 def test_art_preflight_names_everything_missing(over, expected):
-    import art_preflight
+    from hntitles.art import preflight as art_preflight
 
     found = art_preflight.problems(preflight_machine(**over))
     assert len(found) == len(expected), found
@@ -379,7 +378,7 @@ def test_art_preflight_names_everything_missing(over, expected):
 
 
 def test_art_preflight_is_one_message(monkeypatch, capsys):
-    import art_preflight
+    from hntitles.art import preflight as art_preflight
 
     machine = preflight_machine(nvidia_smi=False, glibc="glibc 2.31")
     monkeypatch.setattr(art_preflight, "Machine", lambda: machine)

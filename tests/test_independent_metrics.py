@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-import evaluation
-import text_metrics
 import utils
+from hntitles.analysis import evaluation
+from hntitles.reward import text_metrics
 
 
 @pytest.mark.parametrize("candidate, reference, expected", [

@@ -14,10 +14,9 @@ import threading
 import httpx
 import pytest
 
-import embeddings
 import local_reward as lr
-import reward_model
 import utils
+from hntitles.reward import embeddings, scorers
 
 BODY = ("The Rust team released Rust 1.80 today. The release stabilises LazyCell and LazyLock, "
         "two types for lazily initialised values, and adds exclusive ranges to patterns.")
@@ -36,7 +35,7 @@ def without(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def scorer():
-    return reward_model.MiniLMScorer()
+    return scorers.MiniLMScorer()
 
 
 @pytest.fixture(scope="module")

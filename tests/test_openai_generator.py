@@ -10,9 +10,9 @@ import pytest
 from fake_endpoints import FakeChat, FakeReward, fake_score
 from servers import free_port
 
-import settings
 import utils
-from openai_generator import OpenAIGenerator, OpenAIGeneratorError
+from hntitles.engines.openai_generator import OpenAIGenerator, OpenAIGeneratorError
+from hntitles.runs import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVS = [utils.title_messages("Alpha beta gamma delta."), utils.title_messages("Zeta eta theta iota.")]
@@ -102,8 +102,8 @@ def _cli(args, env_extra, stdin=""):
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HOME": str(ROOT),
            # set (even empty) so that a developer's .env cannot fill them in
            "OPENAI_API_KEY": "", "OPENAI_BASE_URL": "", "OPENAI_MODEL": "", **env_extra}
-    return subprocess.run([sys.executable, "openai_generator.py", *args], cwd=ROOT, env=env, input=stdin,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "hntitles.engines.openai_generator", *args], cwd=ROOT, env=env,
+                          input=stdin, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.integration
@@ -125,7 +125,7 @@ def test_cli_unreachable_is_one_line_without_traceback():
     ("blank.txt", {"OPENAI_API_KEY": "k", "OPENAI_MODEL": "m"}, "is empty"),
 ])
 def test_main_errors(tmp_path, monkeypatch, article, env, message):
-    from openai_generator import OpenAIArgs, main
+    from hntitles.engines.openai_generator import OpenAIArgs, main
 
     (tmp_path / "a.txt").write_text("An article.")
     (tmp_path / "blank.txt").write_text("  \n")

@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 from servers import finish_trainer, ranking_reward_process, start_trainer
 
-import rundir
-import runtime
+from hntitles.runs import rundir, runtime
 
 pytestmark = pytest.mark.slow
 
@@ -138,7 +137,7 @@ def test_a_final_adapter_cut_short_is_caught_before_it_is_loaded(tmp_path):
     (final / "adapter_model.safetensors").write_bytes((64).to_bytes(8, "little") + b"{}")
     assert "adapter_model.safetensors is cut off" in rundir.adapter_problem(final)
     assert not rundir.final_complete(tmp_path)  # the trainer redoes final/ from its last checkpoint
-    import policy
+    from hntitles.engines import policy
 
     with pytest.raises(rundir.CheckpointError, match="cannot be loaded .*adapter_model.safetensors is cut off"):
         policy.load_model(str(ROOT / "models" / "tiny"), adapter=str(final))

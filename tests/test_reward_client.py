@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import pytest
 from servers import JsonHandler, free_port, serve
 
-import evaluation
 import utils
+from hntitles.analysis import evaluation
 
 
 @dataclass

@@ -21,8 +21,7 @@ import re
 import pytest
 
 import local_reward as lr
-import reward_model
-import text_metrics
+from hntitles.reward import scorers, text_metrics
 
 WIN_RATE = 0.9  # measured 1.0 for every variant; leaves room for new stories without hiding a regression
 MIN_MARGIN = 0.1  # measured margins are 0.32..0.62
@@ -30,7 +29,7 @@ MIN_MARGIN = 0.1  # measured margins are 0.32..0.62
 
 @pytest.fixture(scope="module")
 def minilm():
-    return reward_model.MiniLMScorer()
+    return scorers.MiniLMScorer()
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +83,7 @@ VARIANTS = {
 
 def keyword_list(body: str, k: int = 10) -> str:
     counts = collections.Counter(w for w in text_metrics.words(body)
-                                 if w not in reward_model.FUNCTION_WORDS and len(w) > 2)
+                                 if w not in scorers.FUNCTION_WORDS and len(w) > 2)
     return " ".join(w for w, _ in counts.most_common(k)).title()
 
 
@@ -192,7 +191,7 @@ def test_empty_body_scores_zero(minilm):
     ("The Post Office Horizon scandal explained", {"meta": 0}),
 ])
 def test_style_terms(title, expected):
-    terms = reward_model.style_terms(title)
+    terms = scorers.style_terms(title)
     for key, value in expected.items():
         assert terms[key] == pytest.approx(value), (title, terms)
 
@@ -211,7 +210,7 @@ def test_style_terms(title, expected):
     ("the team ships a fast grep", "the team ships", {"copy": 0.5, "copy_factor": 1.0}),
 ])
 def test_formula_terms(title, body, expected):
-    score, c = reward_model.minilm_formula(0.6, title, body)
+    score, c = scorers.minilm_formula(0.6, title, body)
     for key, value in expected.items():
         assert c[key] == value, (key, c)
     assert score == pytest.approx(0.6 * c["length"] * c["style"] * c["copy_factor"])
@@ -258,12 +257,12 @@ def test_hf_scorer_matches_a_direct_forward_pass(tiny_rm):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path, _ = tiny_rm
-    scorer = reward_model.HFScorer(str(path))
+    scorer = scorers.HFScorer(str(path))
     assert scorer.max_length == 256  # min(flag 8192, the model's max_position_embeddings)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     s = HF_STORIES[1]
-    text = reward_model.serialize_story(s["title"], s["by"], s["time"], s["url"], s["scraped_body"])
+    text = scorers.serialize_story(s["title"], s["by"], s["time"], s["url"], s["scraped_body"])
     with torch.inference_mode():
         expected = model(**tok(text, return_tensors="pt")).logits[0, 0].item()
     assert scorer.score([s])[0][0] == pytest.approx(expected, abs=1e-5)
@@ -278,7 +277,7 @@ def test_hf_scorer_matches_a_direct_forward_pass(tiny_rm):
 ])
 def test_hf_scorer_batch_equals_single_and_is_deterministic(tiny_rm, use_adapter):
     path, lora = tiny_rm
-    scorer = reward_model.HFScorer(str(path), str(lora) if use_adapter else "", batch_size=2)
+    scorer = scorers.HFScorer(str(path), str(lora) if use_adapter else "", batch_size=2)
     batch = [s for s, _ in scorer.score(HF_STORIES)]
     single = [scorer.score([s])[0][0] for s in HF_STORIES]
     assert all(math.isfinite(s) for s in batch)
@@ -289,8 +288,8 @@ def test_hf_scorer_batch_equals_single_and_is_deterministic(tiny_rm, use_adapter
 @pytest.mark.slow
 def test_hf_adapter_changes_scores(tiny_rm):
     path, lora = tiny_rm
-    base = [s for s, _ in reward_model.HFScorer(str(path)).score(HF_STORIES)]
-    adapted = reward_model.HFScorer(str(path), str(lora))
+    base = [s for s, _ in scorers.HFScorer(str(path)).score(HF_STORIES)]
+    adapted = scorers.HFScorer(str(path), str(lora))
     assert "lora" in adapted.model
     assert [s for s, _ in adapted.score(HF_STORIES)] != pytest.approx(base, abs=1e-4)
 
@@ -299,7 +298,7 @@ def test_hf_adapter_changes_scores(tiny_rm):
 def test_hf_refuses_a_model_without_a_trained_head(tiny_model):
     # models/tiny is a causal LM: as a classifier its head would be random, its scores noise.
     with pytest.raises(ValueError, match="no trained classification head"):
-        reward_model.HFScorer(str(tiny_model))
+        scorers.HFScorer(str(tiny_model))
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""grpo_semantics.py: every knob the table names exists where the trainers read it, and the
+"""hntitles/analysis/grpo_semantics.py: every knob the table names exists where the trainers read it, and the
 library facts it states still hold in the installed packages (a version bump that changes one
 fails here instead of leaving the README wrong)."""
 
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-import art_config
-import grpo_semantics
-import settings
-import trl_config
+from hntitles.analysis import grpo_semantics
+from hntitles.art import config as art_config
+from hntitles.runs import settings
+from hntitles.trl import config as trl_config
 
 
 def _fields(cls) -> set[str]:
@@ -90,4 +90,5 @@ def test_markdown_has_one_row_per_difference():
 
 def test_readme_carries_the_table():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    assert grpo_semantics.markdown() in readme, "README is out of date: paste `python grpo_semantics.py`"
+    assert grpo_semantics.markdown() in readme, (
+        "README is out of date: paste `python -m hntitles.analysis.grpo_semantics`")

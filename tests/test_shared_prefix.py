@@ -1,4 +1,4 @@
-"""Shared-prefix GRPO (shared_prefix.py, fast_backend.SharedPrefixGRPOTrainer) against TRL's own math.
+"""Shared-prefix GRPO (hntitles/engines/shared_prefix.py, fast_backend.SharedPrefixGRPOTrainer) against TRL's own math.
 
 Every comparison runs TRL's stock `GRPOTrainer._get_per_token_logps_and_entropies` and the
 subclass's override on the same trainer, model and batch (real prompts from data/stories.jsonl,
@@ -26,12 +26,11 @@ import os
 
 import pytest
 
-import fast_backend as fb
-import generation
-import settings
-import shared_prefix
 import utils
-from fast_backend import Backend
+from hntitles.engines import fast_backend as fb
+from hntitles.engines import generation, shared_prefix
+from hntitles.engines.fast_backend import Backend
+from hntitles.runs import settings
 
 DEVICE = os.environ.get("TEST_DEVICE", "cpu")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

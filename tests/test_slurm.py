@@ -390,7 +390,7 @@ def test_trl_job_trains_and_stops_its_server(cluster, jobs):
 
 @pytest.mark.integration
 def test_art_job_trains_on_the_cpu_engine(cluster, jobs):
-    """Without a GPU, train.py --backend auto runs ART's loop on the CPU engine (art_cpu_backend.py)."""
+    """Without a GPU, train.py --backend auto runs ART's loop on the CPU engine (hntitles/art/cpu_backend.py)."""
     job = {"jid": jobs["art"]}
     info = wait_job(cluster, job["jid"], timeout=500)
     print(f"\n[slurm] art job {job['jid']}: {info['JobState']} {info['ExitCode']} after {elapsed(jobs)}")

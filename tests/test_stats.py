@@ -1,10 +1,10 @@
-"""stats.py: the intervals the reports print. The two-level interval (training seeds and stories) against
+"""stats: the intervals the reports print. The two-level interval (training seeds and stories) against
 the story-only one, on data built with and without seed-to-seed variance."""
 
 import numpy as np
 import pytest
 
-import stats
+from hntitles.analysis import stats
 
 
 def story_effects(stories: int = 12, seed: int = 1) -> np.ndarray:

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-import evaluation
-import settings
 import utils
+from hntitles.analysis import evaluation
+from hntitles.runs import settings
 
 
 def result(rewards: list[float]) -> evaluation.EvalResult:

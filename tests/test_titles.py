@@ -11,10 +11,10 @@ import httpx
 import pytest
 from fake_endpoints import FakeChat
 
-import settings
-import text_metrics
 import titles
 import utils
+from hntitles.reward import text_metrics
+from hntitles.runs import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTICLE = ("SQLite stores every table as a B-tree of fixed-size pages. This post walks through how a page is "

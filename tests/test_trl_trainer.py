@@ -19,11 +19,9 @@ import pytest
 from servers import JsonHandler, serve
 
 import reference_grpo_trainer as rgt
-import rundir
-import runtime
-import settings
-import trl_config
 import utils
+from hntitles.runs import rundir, runtime, settings
+from hntitles.trl import config as trl_config
 
 pytestmark = pytest.mark.slow
 
@@ -152,7 +150,7 @@ def test_reward_func_raises_when_the_server_fails_and_scores_nothing():
 
 
 def test_grpo_config_follows_the_recipe(tmp_path):
-    import fast_backend
+    from hntitles.engines import fast_backend
 
     recipe = settings.Recipe(prompts_per_step=3, num_generations=4, max_completion_tokens=17, learning_rate=3e-4,
                           max_grad_norm=0.2, loss_type="cispo", beta=0.01, max_steps=7, save_every=5, seed=3)

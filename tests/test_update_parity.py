@@ -1,4 +1,4 @@
-"""update_parity.py: one fixed group through TRL's and ART's own update code.
+"""hntitles/analysis/update_parity.py: one fixed group through TRL's and ART's own update code.
 
 The slow tests run both trainers on models/tiny in float32 (a few seconds each): with every
 alignment on, the two updates are the same to float noise; with the CPU engine scoring at
@@ -11,12 +11,12 @@ import dataclasses
 
 import pytest
 
-import settings
-import update_parity
+from hntitles.analysis import update_parity
+from hntitles.runs import settings
 
 
 def test_aligned_knobs_are_the_demos_aligned_setting():
-    import experiment
+    from hntitles.analysis import experiment
 
     recipe = experiment.load_recipe(str(settings.ROOT / "recipes" / "tiny.yaml"), experiment.SETTINGS["aligned"])
     assert {k: getattr(recipe, k) for k in update_parity.ALIGNED} == update_parity.ALIGNED
@@ -33,7 +33,7 @@ def test_parity_settings_refuse_an_unknown_knob():
 def test_raw_logprobs_score_at_their_temperature():
     import torch
 
-    from generation import RawLogprobs
+    from hntitles.engines.generation import RawLogprobs
 
     scores = torch.tensor([[2.0, 0.5, -1.0]])
     for temperature, divisor in ((1.0, 1.0), (0.5, 0.5), (0.0, 1.0)):  # 0: greedy keeps the raw logits

@@ -11,13 +11,10 @@ from collections import OrderedDict
 
 import pytest
 
-import embeddings
-import reward_model
-import rundir
-import settings
-import stats
-import text_metrics
 import utils
+from hntitles.analysis import stats
+from hntitles.reward import embeddings, scorers, text_metrics
+from hntitles.runs import rundir, settings
 
 # --------------------------------------------------------------------------------------
 # Prompts and titles
@@ -165,7 +162,7 @@ def test_title_and_validator_messages():
 
 
 def test_serialize_story_tags_order_and_date():
-    text = reward_model.serialize_story("My title", "alice", "2024-03-05T10:11:12Z", "https://x.org/a", "Body here")
+    text = scorers.serialize_story("My title", "alice", "2024-03-05T10:11:12Z", "https://x.org/a", "Body here")
     for tag, value in [("title", "My title"), ("submitter", "alice"), ("url", "https://x.org/a"),
                        ("date", "2024-03-05"), ("body", "Body here")]:
         assert f"<{tag}>{value}</{tag}>" in text
@@ -182,7 +179,7 @@ def test_serialize_story_tags_order_and_date():
     ("", "2023-12-31T23:00:00+00:00", "2023-12-31"),
 ])
 def test_serialize_story_edge_values(url, time_value, expected_date):
-    text = reward_model.serialize_story("t", "b", time_value, url, "body")
+    text = scorers.serialize_story("t", "b", time_value, url, "body")
     assert "<url></url>" in text
     assert f"<date>{expected_date}</date>" in text
 
@@ -565,7 +562,7 @@ def test_bad_recipe_values_are_refused_once_for_every_script(tmp_path, clean_env
 
 
 def test_a_recipe_built_in_code_meets_the_same_validator_check():
-    import policy  # no model loads: each case fails or returns before one would be needed
+    from hntitles.engines import policy  # no model loads: each case fails or returns before one would be needed
 
     with pytest.raises(ValueError, match="unknown validator 'judge'"):
         policy.make_validator(settings.Recipe(validator="judge"))
@@ -621,7 +618,7 @@ def test_env_example_documents_every_variable(root):
     import re
 
     documented = set(re.findall(r"^([A-Z][A-Z0-9_]+)=", (root / ".env.example").read_text(), re.MULTILINE))
-    sources = [p for p in root.glob("*.py")] + list((root / "bench").glob("*.py"))
+    sources = [*root.glob("*.py"), *(root / "hntitles").rglob("*.py"), *(root / "bench").glob("*.py")]
     read = set().union(*(env_vars_read_by(p) for p in sources))
     assert {"MODEL", "DATASET", "REWARD_URL", "REWARD_API_KEY"} <= read  # the scan finds what we know is there
     # Not settings: RANK is set by torchrun / accelerate for each worker (an empty RANK= in .env

@@ -1,8 +1,8 @@
-"""uv_flags.py: pip's config becomes the uv flags that make uv install what pip would."""
+"""hntitles/uv_flags.py: pip's config becomes the uv flags that make uv install what pip would."""
 
 import pytest
 
-from uv_flags import parse_config, uv_flags
+from hntitles.uv_flags import parse_config, uv_flags
 
 THIS_MACHINE = """\
 :env:.cert='/etc/ssl/certs/ca-certificates.crt'

@@ -5,7 +5,7 @@ the CPU stack's transformers 5.17 that patch breaks every model forward in the p
 module that needs ART (the ART loop, its configuration, the CPU engine, the GPU check) imports it
 through `import_art()`; in .venv-art (ART's own pins) the patch stays.
 
-    python -c "import art_compat; print(art_compat.import_art().__version__)"
+    python -c "from hntitles.art import compat; print(compat.import_art().__version__)"
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 <runs_dir>/<run_name>/ holds config.json, metrics.jsonl (the one schema both trainers write,
 utils.metrics_row), eval/, failures.jsonl, the trainer's checkpoints and final/. Here:
 
-- `run_dir_for`, `save_config`, `record_in_config`: where a run writes, and its resolved settings;
+- `run_path`, `run_dir_for`, `save_config`, `record_in_config`: where a run writes, and its resolved settings;
+  `shown`: a run's path as reports name it (relative to the repo, never the machine's absolute path);
 - `RunLock` / `RunDirBusy`: one writer per run directory (flock + holder info);
 - `MetricsWriter`, `read_metrics`, `trim_metrics`, `Timer`: the metrics file, read back and cut
   to a resume point; wall time that continues across resumes;
@@ -13,7 +14,7 @@ utils.metrics_row), eval/, failures.jsonl, the trainer's checkpoints and final/.
   swapped in whole;
 - `record_failure`: failures.jsonl, one line per reward-server failure.
 
-    python -c "import rundir; print(rundir.read_metrics('runs/trl-cpu')[1])"
+    python -c "from hntitles.runs import rundir; print(rundir.read_metrics('runs/trl-cpu')[1])"
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import utils
-from settings import Recipe
+from hntitles.runs.settings import ROOT, Recipe
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -38,15 +39,28 @@ METRICS_FILE = "metrics.jsonl"
 # --------------------------------------------------------------------------------------
 
 
-def run_dir_for(recipe: Recipe, method: str) -> Path:
-    """The one directory a run writes to: checkpoints, metrics.jsonl, config.json, logs.
-
-    Named <method>-<recipe file stem> unless the recipe sets run_name.
-    """
+def run_path(recipe: Recipe, method: str) -> Path:
+    """Where a run writes (not created): <runs_dir>/<method>-<recipe file stem> unless the recipe sets run_name."""
     name = recipe.run_name or f"{method}-{Path(recipe.recipe).stem if recipe.recipe else 'default'}"
-    path = Path(recipe.runs_dir) / name
+    return Path(recipe.runs_dir) / name
+
+
+def run_dir_for(recipe: Recipe, method: str) -> Path:
+    """The one directory a run writes to (created): checkpoints, metrics.jsonl, config.json, logs."""
+    path = run_path(recipe, method)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def shown(path: str | os.PathLike) -> str:
+    """`path` as a report or a committed doc names it: relative to the repo when it lies inside it (`runs/...`),
+    so that nothing written names the machine that wrote it; a path elsewhere is the user's own and stays.
+
+    >>> shown(ROOT / "runs" / "trl-cpu-aligned"), shown("runs/base-cpu")
+    ('runs/trl-cpu-aligned', 'runs/base-cpu')
+    """
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
 
 
 def save_config(run_dir: Path, **objs: Any) -> None:

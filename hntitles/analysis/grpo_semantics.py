@@ -7,7 +7,7 @@ what TRL does, what ART does and the recipe knob that aligns it (or why none can
 were read in the installed packages (trl 1.14.2, transformers 5.17.0, openpipe-art 0.5.18);
 `tests/test_semantics.py` checks that every knob named here exists.
 
-    python grpo_semantics.py            # print the table (Markdown)
+    python -m hntitles.analysis.grpo_semantics            # print the table (Markdown)
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ TABLE: tuple[Difference, ...] = (
         "a constant factor per batch (one group: ART's advantages are TRL's x the rewards' sample std / their "
         "mean absolute deviation) that Adam's step does not see, and that clipping removes when both gradients "
         "are above `max_grad_norm`; it shows only when one is above and the other below. One SmolLM2 group "
-        "(update_parity.py): grad norms 0.90 (TRL) vs 1.15 (ART), both clipped to 0.1, and the aligned updates "
+        "(update_parity): grad norms 0.90 (TRL) vs 1.15 (ART), both clipped to 0.1, and the aligned updates "
         "equal to a relative L2 of 8e-4",
         ("scale_rewards", "max_grad_norm")),
     Difference(
@@ -81,7 +81,7 @@ TABLE: tuple[Difference, ...] = (
         "per token",
         "`token_level_loss` (ArtArgs, CPU engine only; LocalBackend refuses it): every completion token of a step "
         "weighs the same, TRL's normalisation; the demo's `aligned` setting sets it. One SmolLM2 group of 8 "
-        "(12 to 24 tokens, update_parity.py): update cosine 0.90 without it (0.93 at step 3), 1.0000 with it; "
+        "(12 to 24 tokens, update_parity): update cosine 0.90 without it (0.93 at step 3), 1.0000 with it; "
         "TRL's `grpo` loss (a per-sequence mean, CISPO's gradient on-policy) matches ART's own weights to 1.0000",
         ("loss_type", "token_level_loss")),
     Difference(
@@ -93,7 +93,7 @@ TABLE: tuple[Difference, ...] = (
         "for trainable models\"). At T != 1 the gradient is the T = 1 distribution's, not the sampled one's",
         "`score_temperature` (ArtArgs, CPU engine only; LocalBackend refuses it): the trainer's logprobs and "
         "entropies and the server's rollout logprobs at the sampling temperature, so CISPO's ratio stays 1 "
-        "on-policy; the demo's `aligned` setting sets it. One SmolLM2 group at T = 0.7 (update_parity.py): update "
+        "on-policy; the demo's `aligned` setting sets it. One SmolLM2 group at T = 0.7 (update_parity): update "
         "cosine 0.79 without it (0.86 at step 3), 1.0000 with it; 0.75 with neither it nor `token_level_loss`",
         ("score_temperature", "temperature")),
     Difference(
@@ -138,7 +138,7 @@ TABLE: tuple[Difference, ...] = (
         ("pack_groups",)),
     Difference(
         "generation engine",
-        "CPU: transformers `generate` in the trainer (fast_backend.py); GPU: vLLM (Unsloth's or TRL's)",
+        "CPU: transformers `generate` in the trainer (fast_backend); GPU: vLLM (Unsloth's or TRL's)",
         "rollouts through the model's OpenAI-compatible server: the CPU engine serves the current adapter "
         "with transformers (the same shared-prefix generation as TRL's CPU path); LocalBackend with vLLM",
         "same sampling parameters from the recipe (`temperature`, `max_completion_tokens`, `stop_at_newline`); "

@@ -13,18 +13,18 @@ model is scored by one procedure (evaluation.score_val) with one validator:
 
 Quick check (loads the tiny model, no server):
 
-    python -c "import policy; m, t = policy.load_model('models/tiny'); print(type(m).__name__, len(t))"
+    python -c "from hntitles.engines import policy; m, t = policy.load_model('models/tiny');
+        print(type(m).__name__, len(t))"
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import evaluation
-import rundir
-import settings
 import utils
-from generation import HFGenerator
+from hntitles.analysis import evaluation
+from hntitles.engines.generation import HFGenerator
+from hntitles.runs import rundir, settings
 
 
 def load_model(model_id: str, adapter: str = ""):

@@ -28,10 +28,10 @@ torch AdamW, no weight decay, betas 0.9/0.999, one optimizer step per GRPO step,
 - `rewards`: 'minilm' (reward_model.MiniLMScorer in this process on the extracted titles),
   'linear' (completion i gets i / (n - 1): fixed, no model), or a list of n numbers.
 
-    python update_parity.py --recipe recipes/cpu.yaml                       # aligned, 3 steps
-    python update_parity.py --recipe recipes/cpu.yaml --score_temperature false
-    python update_parity.py --recipe recipes/cpu.yaml --token_level_loss false --trl_loss_type grpo
-    python update_parity.py --recipe recipes/tiny.yaml --rewards linear --trl_loss_type grpo
+    python -m hntitles.analysis.update_parity --recipe recipes/cpu.yaml                       # aligned, 3 steps
+    python -m hntitles.analysis.update_parity --recipe recipes/cpu.yaml --score_temperature false
+    python -m hntitles.analysis.update_parity --recipe recipes/cpu.yaml --token_level_loss false --trl_loss_type grpo
+    python -m hntitles.analysis.update_parity --recipe recipes/tiny.yaml --rewards linear --trl_loss_type grpo
 """
 
 from __future__ import annotations
@@ -44,14 +44,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import art_config
-import art_cpu_server
-import fast_backend
-import settings
-import trl_config
 import utils
-from art_compat import import_art
-from generation import Completion, sample_completions
+from hntitles.art import config as art_config
+from hntitles.art import cpu_server as art_cpu_server
+from hntitles.art.compat import import_art
+from hntitles.engines import fast_backend, generation
+from hntitles.engines.generation import Completion, sample_completions
+from hntitles.runs import settings
+from hntitles.trl import config as trl_config
 
 # One optimizer configuration for both: what experiment.SETTINGS["aligned"] sets
 # (tests/test_update_parity.py checks it).
@@ -75,7 +75,7 @@ class FixedGroup:
 
 @dataclass
 class ParityArgs:
-    """update_parity.py's own flags (the recipe's come from settings.Recipe)."""
+    """hntitles/analysis/update_parity.py's own flags (the recipe's come from settings.Recipe)."""
 
     steps: int = field(default=3, metadata={"help": "Consecutive updates on the same group."})
     story: int = field(default=0, metadata={"help": "Index of the train story whose prompt is used."})
@@ -171,7 +171,7 @@ def group_rewards(rewards: str | Sequence[float], texts: list[str], row: dict) -
     [0.0, 0.5, 1.0]
     """
     if rewards == "minilm":
-        from reward_model import MiniLMScorer
+        from hntitles.reward.scorers import MiniLMScorer
 
         stories = [{"title": utils.extract_title(t)[0], "scraped_body": row["scraped_body"]} for t in texts]
         values = [score for score, _ in MiniLMScorer().score(stories)]
@@ -219,8 +219,6 @@ def trl_updates(recipe: settings.Recipe, loss_type: str, group: FixedGroup, mode
     from transformers import PrinterCallback, TrainerCallback
 
     backend = fast_backend.Backend("cpu", "cpu", use_vllm=False)
-    stop_fields = fast_backend.stop_at_tokens(backend, model, utils.stop_token_ids(tokenizer,
-                                                                                 utils.stop_strings(recipe)))
     states: list[dict] = []
 
     class Snapshot(TrainerCallback):
@@ -230,7 +228,9 @@ def trl_updates(recipe: settings.Recipe, loss_type: str, group: FixedGroup, mode
     with tempfile.TemporaryDirectory(prefix="parity-trl-") as tmp:
         config = trl_config.grpo_config(
             dataclasses.replace(recipe, max_steps=steps, loss_type=loss_type), trl_config.TrlArgs(), backend,
-            Path(tmp), {**stop_fields, "save_strategy": "no", "disable_tqdm": True})
+            Path(tmp), {"save_strategy": "no", "disable_tqdm": True})
+        fast_backend.stop_at_tokens(backend, model, config,
+                                    generation.stop_token_ids(tokenizer, utils.stop_strings(recipe)))
         trainer = fixed_rollout_class(backend, group)(
             model=model, reward_funcs=[fixed_reward(group)], args=config, processing_class=tokenizer,
             train_dataset=Dataset.from_list([{"prompt": group.messages}]), callbacks=[Snapshot()])
@@ -276,23 +276,24 @@ async def art_updates(recipe: settings.Recipe, args: art_config.ArtArgs, group: 
                       steps: int) -> tuple[list[dict], list[dict]]:
     """`steps` calls of ART's `backend.train` on the group from adapter `initial`: the adapter and ART's
     metrics after each."""
-    from art_cpu_backend import cpu_backend_class
+    from hntitles.art.cpu_backend import cpu_backend_class
 
     art = import_art()
     from peft import set_peft_model_state_dict
 
     states, logs = [], []
+    plan = art_config.plan(recipe, args)
     with tempfile.TemporaryDirectory(prefix="parity-art-") as tmp:
-        backend = cpu_backend_class()(path=tmp, options=art_config.engine_options(recipe, args))
+        backend = cpu_backend_class()(path=tmp, options=plan.engine_options)
         model = art.TrainableModel(name="parity", project="parity", base_model=recipe.model, base_path=tmp,
-                                   _internal_config=art_config.internal_config(recipe, args))
+                                   _internal_config=plan.internal_config)
         try:
             await model.register(backend)
             service = await backend._get_service(model)
             set_peft_model_state_dict(service.model, initial)
             for step in range(steps):
                 trajectories, gap = served_trajectories(art, group, service, first=step == 0)
-                result = await backend.train(model, [trajectories], **art_config.train_kwargs(recipe, args))
+                result = await backend.train(model, [trajectories], **plan.train_kwargs)
                 states.append(adapter_state(service.model))
                 logs.append({**result.metrics, "served_gap": gap})
         finally:
@@ -393,7 +394,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Parse `--recipe` + ParityArgs flags, compare, print the table."""
-    import procs
+    from hntitles.runs import procs
 
     recipe, cli = settings.parse_args((settings.Recipe, ParityArgs), "shared", argv,
                                       description=__doc__.splitlines()[0])

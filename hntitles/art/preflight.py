@@ -1,6 +1,6 @@
 """Check what `make setup-art` needs before it starts, and say everything missing in one message.
 
-    python3 art_preflight.py            # make setup-art runs it first (stdlib only: no venv needed)
+    python -m hntitles.art.preflight            # make setup-art runs it first (stdlib only: no venv needed)
 
 `make setup-art` installs openpipe-art[backend]==0.5.18 into .venv-art, then builds ART's vLLM
 runtime (art.vllm_runtime.ensure_vllm_runtime): `uv sync` of a locked project that needs

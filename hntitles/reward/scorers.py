@@ -14,7 +14,8 @@ local_reward.py serves them; this file is what researchers tune. The MiniLM rewa
   over `serialize_story`; its score is the logit (OpenPipe's RM regresses log HN score);
 - `Scorer`: what the server calls, `score(stories) -> [(score, components)]`.
 
-    python -c "import reward_model as r; print(r.minilm_formula(0.6, 'Rust 1.80 ships LazyCell', 'Rust 1.80 ...'))"
+    python -c "from hntitles.reward import scorers as r;
+        print(r.minilm_formula(0.6, 'Rust 1.80 ships LazyCell', 'Rust 1.80 ...'))"
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ import re
 from collections.abc import Sequence
 from typing import Protocol
 
-from embeddings import Embedder
-from settings import MAX_SEQ_TOKENS
-from text_metrics import copy_fraction, word_count
+from hntitles.reward.embeddings import Embedder
+from hntitles.reward.text_metrics import copy_fraction, word_count
+from hntitles.runs.settings import MAX_SEQ_TOKENS
 
 # --------------------------------------------------------------------------------------
 # The MiniLM formula and the constants researchers tune

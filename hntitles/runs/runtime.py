@@ -9,7 +9,7 @@
 - `log_arguments`: every resolved argument object, once, at the start (as open-r1 logs its own);
 - `fail`: one line on stderr naming what went wrong and the exit code.
 
-    python -c "import runtime; print(runtime.EXIT_INTERRUPTED, runtime.STOP_SIGNALS)"
+    python -c "from hntitles.runs import runtime; print(runtime.EXIT_INTERRUPTED, runtime.STOP_SIGNALS)"
 """
 
 from __future__ import annotations

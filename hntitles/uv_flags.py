@@ -7,7 +7,7 @@ find-links), uv must see the same sources and pick across them the way pip does 
 over all indexes, `--index-strategy unsafe-best-match`), or it resolves a different torch.
 Exit 1 when the config holds an option uv would not honour: the Makefile then installs with pip.
 
-    pip config list | python uv_flags.py          # -> --find-links /opt/wheels --index-strategy ...
+    pip config list | python -m hntitles.uv_flags          # -> --find-links /opt/wheels --index-strategy ...
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The CPU engine's OpenAI-compatible server: what ART's loop talks to instead of vLLM.
 
 ART's rollouts go through `model.openai_client()`; on a GPU that is vLLM. On the CPU engine
-(art_cpu_backend.py) it is this server, on 127.0.0.1 and a port the OS picks, serving the policy
+(hntitles/art/cpu_backend.py) it is this server, on 127.0.0.1 and a port the OS picks, serving the policy
 as `<name>@<step>` (the LoRA on) and the base model (the LoRA off):
 
 - `GET /health`, `GET /v1/models`, `POST /v1/chat/completions` with `n`, `temperature`,
@@ -14,7 +14,7 @@ as `<name>@<step>` (the LoRA on) and the base model (the LoRA off):
 - one worker thread generates (generation.sample_completions), batching waiting requests that
   share their settings, one prefill per prompt.
 
-    python art_cpu_backend.py --recipe recipes/tiny.yaml    # serve the tiny policy, print one completion
+    python -m hntitles.art.cpu_backend --recipe recipes/tiny.yaml    # serve the tiny policy, print one completion
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from werkzeug.serving import WSGIRequestHandler, make_server
 
-from generation import Completion, sample_completions
+from hntitles.engines.generation import Completion, sample_completions
 
 MAX_BODY_BYTES = 1 << 20  # a chat request for a title is a few kB; anything bigger is refused
 MAX_N = 64

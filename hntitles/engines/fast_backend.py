@@ -32,12 +32,12 @@ Public names, by purpose (nothing heavy is imported until one of them is called)
 - the trainer class: `trainer_class(backend)` -> TRL's GRPOTrainer under Unsloth, otherwise
   `shared_prefix_trainer_class()`: GRPOTrainer with `SharedPrefixMixin` in front (each distinct
   prompt encoded once in the loss, also under gradient checkpointing, and in rollouts; loss
-  micro-batches cut by whole groups; the math is shared_prefix.py's).
+  micro-batches cut by whole groups; the math is hntitles/engines/shared_prefix.py's).
 
 Check what this machine would use (no model is loaded), and run the checks of this module:
 
-    python fast_backend.py --backend auto
-    python -m pytest --doctest-modules fast_backend.py -q
+    python -m hntitles.engines.fast_backend --backend auto
+    python -m pytest hntitles/engines/fast_backend.py -q
     python -m pytest tests/test_fast_backend.py tests/test_shared_prefix.py -q
 """
 
@@ -244,7 +244,9 @@ def import_unsloth_first(argv: Sequence[str] | None = None) -> bool:
     command line: an explicit non-unsloth backend skips it, otherwise it imports unsloth
     when it is installed and CUDA is available (what `auto` would pick).
     """
-    import settings  # light: .env and the Hub mode must be set before unsloth imports huggingface_hub
+    from hntitles.runs import (
+        settings,  # light: .env and the Hub mode must be set before unsloth imports huggingface_hub
+    )
 
     settings.prepare_env(argv, "recipes/cpu.yaml")  # HF_HOME / HF_TOKEN may exist only in .env
     pre = argparse.ArgumentParser(add_help=False)
@@ -274,7 +276,7 @@ def load_policy(backend: Backend, recipe, args):
     load_in_4bit, gradient_checkpointing). The caller hands the returned PeftModel to
     GRPOTrainer without a peft_config.
     """
-    import settings  # a hub id that cannot be fetched is one line, not a traceback
+    from hntitles.runs import settings  # a hub id that cannot be fetched is one line, not a traceback
 
     if backend.name == "unsloth":
         with settings.hub_errors(recipe.model):
@@ -361,20 +363,21 @@ def grpo_overrides(backend: Backend, args) -> dict:
     return out
 
 
-def stop_at_tokens(backend: Backend, model, stop_ids: Sequence[int]) -> dict:
-    """Make `stop_ids` end a completion like EOS does; returns GRPOConfig overrides.
+def stop_at_tokens(backend: Backend, model, config, stop_ids: Sequence[int]) -> None:
+    """Make `stop_ids` end a completion like EOS does, before the trainer is built from `config` (a GRPOConfig).
 
     TRL reads the model's generation_config eos ids when the trainer is built: they stop HF
     generate and cut the completion mask (after the stop token, kept) on every engine. vLLM
-    stops on its own SamplingParams, which TRL builds from generation_kwargs.
+    stops on its own SamplingParams, which TRL builds from the config's generation_kwargs.
     """
     if not stop_ids:
-        return {}
-    config = model.generation_config
-    eos = config.eos_token_id
+        return
+    generation = model.generation_config
+    eos = generation.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    config.eos_token_id = list(dict.fromkeys([*eos, *stop_ids]))
-    return {"generation_kwargs": {"stop_token_ids": list(stop_ids)}} if backend.use_vllm else {}
+    generation.eos_token_id = list(dict.fromkeys([*eos, *stop_ids]))
+    if backend.use_vllm:
+        config.generation_kwargs = {**(config.generation_kwargs or {}), "stop_token_ids": list(stop_ids)}
 
 
 # --------------------------------------------------------------------------------------
@@ -449,7 +452,7 @@ class SharedPrefixMixin:
         import torch
         from trl.trainer.utils import split_tensor_dict
 
-        import shared_prefix
+        from hntitles.engines import shared_prefix
 
         if any(batch.get(k) is not None for k in MULTIMODAL_KEYS):  # TRL's own shuffle and split, as it is
             from trl.trainer.utils import (
@@ -488,8 +491,8 @@ class SharedPrefixMixin:
         import torch
         from trl.models import unwrap_model_for_generation
 
-        import shared_prefix
-        from generation import cut_after_eos, generate_shared_prefix
+        from hntitles.engines import shared_prefix
+        from hntitles.engines.generation import cut_after_eos, generate_shared_prefix
 
         with (unwrap_model_for_generation(self.model_wrapped, self.accelerator,
                                           gather_deepspeed3_params=self.args.ds3_gather_for_generation,
@@ -518,7 +521,7 @@ class SharedPrefixMixin:
     def _shared_prefix_logps(self, model, unwrapped, input_ids, attention_mask, logits_to_keep, groups,
                              compute_entropy):
         """(logprobs, entropies) from shared_prefix.per_token_logps, through the wrapper when there is one."""
-        import shared_prefix
+        from hntitles.engines import shared_prefix
 
         kwargs = dict(groups=groups, temperature=self.temperature, compute_entropy=compute_entropy,
                       entropy_requires_grad=self._entropy_bonus_enabled)
@@ -532,7 +535,7 @@ class SharedPrefixMixin:
 
     def _shared_prefix_groups(self, model, input_ids, attention_mask, logits_to_keep, compute_aux_loss, extra):
         """shared_prefix.Group list, or why TRL's own path runs (logged once per reason)."""
-        import shared_prefix
+        from hntitles.engines import shared_prefix
 
         groups = (self._shared_prefix_reason(model, compute_aux_loss, extra)
                   or shared_prefix.group_rows(input_ids, attention_mask, logits_to_keep))
@@ -542,7 +545,7 @@ class SharedPrefixMixin:
 
     def _shared_prefix_reason(self, model, compute_aux_loss, extra) -> str | None:
         """Why the shared-prefix loss cannot run for this trainer and model (whatever the batch), or None."""
-        import shared_prefix
+        from hntitles.engines import shared_prefix
 
         extras = sorted(k for k, v in extra.items() if v is not None)
         return ("multimodal inputs " + ", ".join(extras) if extras

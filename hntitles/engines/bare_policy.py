@@ -14,7 +14,8 @@ What `gpu_check.py --bare` and `bench/gpu_step.py` run on a bare CUDA box (torch
 - `SHAPES`: the step shapes (prompts, generations, prompt tokens, new tokens, loss micro-batch),
   "recipe" being recipes/gpu.yaml's.
 
-    python -c "import bare_policy as b, settings; print(b.bare_policy(settings.Recipe(), 'cpu', tiny=True)[0])"
+    python -c "from hntitles.engines import bare_policy as b; from hntitles.runs import settings;
+        print(b.bare_policy(settings.Recipe(), 'cpu', tiny=True)[0])"
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import utils
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]  # the repo (this file is hntitles/<part>/<module>.py)
 QWEN_CONFIG = ROOT / "configs" / "qwen2.5-0.5b-instruct.json"
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 4096}

@@ -13,7 +13,7 @@ What the demo's report (and the study's) says about two policies comes from here
 - `spread_path`, `read_spread`, `spread_lines`: the seed spread the latest study measured
   (docs/study-<recipe>[-<setting>].json), which the demo's one-run report quotes.
 
-    python -c "import comparison; print(comparison.interval(0.215, 0.130, 0.283))"
+    python -c "from hntitles.analysis import comparison; print(comparison.interval(0.215, 0.130, 0.283))"
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import evaluation
-import rundir
-import stats
 import utils
+from hntitles.analysis import evaluation, stats
+from hntitles.runs import rundir
 
 
 @dataclass

@@ -11,7 +11,8 @@ cannot drift between them:
 - `optimizer_kwargs` / `optimizer_used`: the recipe's optimizer knobs as GRPOConfig fields, and
   what the built config really holds (an empty knob shows the engine's default there).
 
-    python -c "import trl_config, settings; print(trl_config.batch_kwargs(settings.Recipe(), trl_config.TrlArgs(), 1))"
+    python -c "from hntitles.trl import config; from hntitles.runs import settings;
+        print(config.batch_kwargs(settings.Recipe(), config.TrlArgs(), 1))"
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import fast_backend
-from settings import HF_OPTIM, Recipe, check_optimizer_knobs
+from hntitles.engines import fast_backend
+from hntitles.runs.settings import HF_OPTIM, Recipe, check_optimizer_knobs
 
 
 @dataclass
@@ -28,7 +29,7 @@ class TrlArgs:
     """TRL-side knobs only (a recipe's `trl:` block); anything shared with the ART trainer lives in settings.Recipe."""
 
     backend: str = field(default="auto", metadata={
-        "help": "auto | cpu | transformers | unsloth | trl-vllm (see fast_backend.py)."})
+        "help": "auto | cpu | transformers | unsloth | trl-vllm (see hntitles/engines/fast_backend.py)."})
     use_vllm: bool = field(default=True, metadata={
         "help": "On a GPU backend, generate with vLLM (Unsloth's own, or TRL's for trl-vllm)."})
     vllm_mode: str = field(default="colocate", metadata={

@@ -8,7 +8,7 @@
   covers both the training seed's variance and the stories' (resample seeds, then stories);
 - `is_finite_number`: what a score, a reward or a metric must be.
 
-    python -c "import stats; print(stats.paired_bootstrap([0.3, 0.5, 0.4], [0.1, 0.2, 0.3]))"
+    python -c "from hntitles.analysis import stats; print(stats.paired_bootstrap([0.3, 0.5, 0.4], [0.1, 0.2, 0.3]))"
 """
 
 from __future__ import annotations

@@ -32,11 +32,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import evaluation
-import procs
-import rundir
-import settings
 import utils
+from hntitles.analysis import evaluation
+from hntitles.runs import procs, rundir, settings
 
 ROOT = settings.ROOT
 AFTER_DIR = "demo-eval"  # <run dir>/demo-eval: the demo's evaluation of the final adapter
@@ -67,7 +65,7 @@ SETTINGS: dict[str, dict[str, str]] = {
 # ART-only flags of a setting. `aligned` packs each group into one row, prompt stored once (a step costs
 # what TRL's shared-prefix step costs), scores ART's tokens at the sampling temperature and weighs every
 # completion token of a step the same, as TRL's CISPO does (ART scores at temperature 1 and weighs each
-# trajectory's tokens 1 / its length, packed or not). update_parity.py measures what each changes in one update.
+# trajectory's tokens 1 / its length, packed or not). update_parity measures what each changes in one update.
 SETTING_ART_FLAGS: dict[str, tuple[str, ...]] = {
     "defaults": (),
     "aligned": ("--pack_groups", "true", "--score_temperature", "true", "--token_level_loss", "true")}
@@ -150,7 +148,7 @@ def check_data(recipe: settings.Recipe) -> dict[str, int]:
 
 def evaluate_policy(recipe: settings.Recipe, run_name: str, label: str, method: str, step: int, adapter: str = ""):
     """`make eval`'s procedure (policy.evaluate_policy: the trainers' validation) into runs/<run_name>."""
-    import policy
+    from hntitles.engines import policy
 
     recipe = dataclasses.replace(copy.deepcopy(recipe), run_name=run_name)
     result, path = policy.evaluate_policy(recipe, adapter, label, method, step)

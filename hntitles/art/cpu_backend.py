@@ -7,7 +7,7 @@ service is Unsloth + a vLLM subprocess. `cpu_backend_class()` returns a LocalBac
 whose service is `CpuModelService` below; nothing in the installed package is patched.
 
     python train.py --recipe recipes/cpu.yaml --backend cpu      # what `make train-art` runs on a CPU
-    python art_cpu_backend.py --recipe recipes/tiny.yaml         # serve the tiny policy, print one completion
+    python -m hntitles.art.cpu_backend --recipe recipes/tiny.yaml         # serve the tiny policy, print one completion
 
 What stays ART's own code (called, not copied): `register` (model.json, trajectory migration),
 the `name@step` inference names, the step read from checkpoint folders, `delete_checkpoints`,
@@ -17,7 +17,7 @@ the `name@step` inference names, the step read from checkpoint folders, `delete_
 metric aggregation and `model.log`.
 
 What is ours: the service (a PEFT LoRA model in fp32 on the CPU), the inference server
-(art_cpu_server.py: /v1/chat/completions and /v1/models on 127.0.0.1, generation through
+(hntitles/art/cpu_server.py: /v1/chat/completions and /v1/models on 127.0.0.1, generation through
 generation.sample_completions, one prefill per prompt), the per-token logprobs of a
 row (log-softmax of the LM head at the completion positions only), and two workarounds for
 a CPU install: `_get_service` is overridden (ART's imports `art.megatron`, not installed),
@@ -73,8 +73,8 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from art_compat import import_art
-from art_cpu_server import InferenceServer
+from hntitles.art.compat import import_art
+from hntitles.art.cpu_server import InferenceServer
 
 # ART's trainer defaults (art/dev/get_model_config.py, art/unsloth/train.py in 0.5.18): used
 # when the model's _internal_config does not set a value. Read from the package, not imported:
@@ -448,8 +448,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from openai import OpenAI
 
-    import settings
     import utils
+    from hntitles.runs import settings
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="recipes/tiny.yaml")

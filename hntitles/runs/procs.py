@@ -10,7 +10,7 @@
 
 Quick check (no server started):
 
-    python -c "import procs; print(procs.free_port())"
+    python -c "from hntitles.runs import procs; print(procs.free_port())"
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]  # the repo (this file is hntitles/<part>/<module>.py)
 SERVER = ROOT / "local_reward.py"
 
 

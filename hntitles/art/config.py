@@ -1,26 +1,31 @@
-"""ART's side of the shared recipe: ART-only knobs (ArtArgs) and how a settings.Recipe becomes ART's settings.
+"""ART's side of the shared recipe: ART-only knobs (ArtArgs) and the recipe turned into ART's settings, once.
 
-Shared by train.py (the ART loop) and gpu_check.py (one LocalBackend step), so both build
-ART's model and train call the same way:
+`plan(recipe, args)` is the one translation: train.py builds an `ArtPlan` at the top of its main and carries it
+(the model's internal config, `backend.train`'s arguments, the CPU engine's options, the optimizer really used);
+gpu_check.py, update_parity and the benches build theirs the same way, so nothing drifts. Its pieces:
 
 - `ArtArgs`: the `art:` block of a recipe (backend, packing, vLLM memory, validation knobs);
+- `check(recipe, args)`: refuses what ART cannot honour, naming the knob;
 - `internal_config(recipe, args)`: TrainableModel's `_internal_config` (LoRA, clipping, memory, optimizer);
 - `optimizer_args(recipe)`, `local_backend_optimizer(recipe)`: the optimizer knobs as ART's
   TrainerArgs, and what LocalBackend really uses (refusing what it cannot honour);
 - `train_kwargs(recipe, args)`: the keyword arguments of `backend.train` (loss, clip bounds, KL, lr);
-- `engine_options(recipe, args)`: the CPU engine's knobs (art_cpu_backend.EngineOptions).
+- `engine_options(recipe, args)`: the CPU engine's knobs (cpu_backend.EngineOptions).
 
-    python -c "import art_config, settings; print(art_config.train_kwargs(settings.Recipe(), art_config.ArtArgs()))"
+    python -c "from hntitles.art import config; from hntitles.runs import settings;
+        print(config.train_kwargs(settings.Recipe(), config.ArtArgs()))"
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from art_compat import import_art
-from settings import HF_OPTIM, MAX_SEQ_TOKENS, Recipe, check_optimizer_knobs
+from hntitles.art.compat import import_art
+from hntitles.runs.settings import HF_OPTIM, MAX_SEQ_TOKENS, Recipe, check_optimizer_knobs
 
 ART_LOSSES = ("cispo", "ppo")  # what LocalBackend.train(loss_fn=...) accepts in 0.5.18
+BACKENDS = ("auto", "local", "cpu")
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
 
 
@@ -31,7 +36,7 @@ class ArtArgs:
     project: str = field(default="hn-titles", metadata={"help": "ART project (folder under the run's art/ directory)."})
     model_name: str = field(default="", metadata={"help": "ART model name (default: the run directory's name)."})
     backend: str = field(default="auto", metadata={
-        "help": "'cpu' (ART's loop on the CPU engine, art_cpu_backend.py), 'local' (ART's LocalBackend: vLLM + Unsloth "
+        "help": "'cpu' (ART's loop on the CPU engine, cpu_backend), 'local' (ART's LocalBackend: vLLM + Unsloth "
                 "on this node's GPU) or 'auto' (local with a usable GPU and ART's GPU extra installed, else cpu)."})
     pack_groups: bool = field(default=False, metadata={
         "help": "CPU engine: ART's packer shares rows, a group's prompt stored once (LocalBackend on a GPU: one "
@@ -144,13 +149,71 @@ def train_kwargs(recipe: Recipe, args: ArtArgs) -> dict:
 
 
 def engine_options(recipe: Recipe, args: ArtArgs):
-    """The CPU engine's knobs (art_cpu_backend.EngineOptions): ART's GPU behaviour unless the recipe asks otherwise.
+    """The CPU engine's knobs (cpu_backend.EngineOptions): ART's GPU behaviour unless the recipe asks otherwise.
 
     >>> engine_options(Recipe(temperature=0.7), ArtArgs(score_temperature=True)).score_temperature
     0.7
     """
-    from art_cpu_backend import EngineOptions
+    from hntitles.art.cpu_backend import EngineOptions
 
     return EngineOptions(pack_groups=args.pack_groups, optimizer_steps=recipe.optimizer_steps or "per_sequence",
                          score_temperature=recipe.temperature if args.score_temperature else None,
                          token_level_loss=args.token_level_loss)
+
+
+# --------------------------------------------------------------------------------------
+# The plan: the recipe turned into ART's settings once per run
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArtPlan:
+    """Everything ART reads from the recipe, built once (`plan`): the rest of a run carries this object."""
+
+    backend: str  # "cpu" (the CPU engine) or "local" (LocalBackend on a GPU), resolved
+    internal_config: dict  # TrainableModel(_internal_config=...)
+    train_kwargs: dict  # backend.train(model, groups, **train_kwargs)
+    engine_options: Any  # cpu_backend.EngineOptions on the CPU engine, None under LocalBackend
+    engine: dict  # what trains, with the values it really uses (config.json, printed once)
+
+
+def check(recipe: Recipe, args: ArtArgs) -> None:
+    """Refuse settings ART cannot honour before anything starts (ValueError naming the knob); `args.backend`
+    is 'cpu' or 'local' (train.resolve_backend decides 'auto', which needs the machine)."""
+    if recipe.loss_type not in ART_LOSSES:
+        raise ValueError(f"loss_type {recipe.loss_type!r} is not available in ART 0.5.18 (use one of {ART_LOSSES}; "
+                         "'cispo' exists in both TRL and ART)")
+    recipe.check()  # what every trainer refuses (parse_args checks it too; a Recipe may be built in code)
+    if args.backend not in BACKENDS:
+        raise ValueError(f"unknown backend {args.backend!r} (supported: {', '.join(BACKENDS)})")
+    if args.backend == "local":
+        local_backend_optimizer(recipe)  # refuses optimizer knobs LocalBackend cannot honour
+        for knob, why in (("pack_groups", "ART's LocalBackend puts one trajectory in each row"),
+                          ("score_temperature", "ART's LocalBackend scores tokens at temperature 1 (its loss and "
+                                                "vLLM's raw logprobs)"),
+                          ("token_level_loss", "ART's LocalBackend weighs each trajectory's tokens 1 / its length")):
+            if getattr(args, knob):
+                raise ValueError(f"{knob} exists only on the CPU engine (--backend cpu): {why}")
+    if args.backend == "cpu" and recipe.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        raise ValueError(f"optimizer {recipe.optimizer!r} needs bitsandbytes on CUDA; on the CPU engine use 'adamw' "
+                         "(or leave it empty: ART's default, replaced by torch AdamW on the CPU and said so)")
+
+
+def plan(recipe: Recipe, args: ArtArgs) -> ArtPlan:
+    """The recipe as ART's settings, checked (`check`), for the backend `args.backend` names ('cpu' or 'local').
+
+    >>> p = plan(Recipe(temperature=0.7), ArtArgs(backend="cpu", score_temperature=True))
+    >>> p.train_kwargs["loss_fn"], p.engine_options.score_temperature, p.engine["logprob_temperature"]
+    ('cispo', 0.7, 0.7)
+    """
+    check(recipe, args)
+    config = internal_config(recipe, args)
+    if args.backend == "cpu":
+        from hntitles.art.cpu_backend import engine_settings
+
+        options = engine_options(recipe, args)
+        engine = engine_settings(config, options)
+    else:
+        options, engine = None, {**local_backend_optimizer(recipe)[1], "rows": "one trajectory per row"}
+    return ArtPlan(backend=args.backend, internal_config=config, train_kwargs=train_kwargs(recipe, args),
+                   engine_options=options, engine=engine)

@@ -20,11 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import rundir
-import stats
 import utils
-from settings import Recipe
-from text_metrics import rouge_l, template_share
+from hntitles.analysis import stats
+from hntitles.engines import generation
+from hntitles.reward.text_metrics import rouge_l, template_share
+from hntitles.runs import rundir
+from hntitles.runs.settings import Recipe
 
 
 @dataclass
@@ -74,7 +75,8 @@ class EvalResult:
                 for r, g, ss, m in zip(self.rows, self.greedy, self.sampled, self.per_story_reward(), strict=True)]
 
 
-async def evaluate_generator(generator: utils.Generator, rows: Sequence[dict], client: utils.RewardClient, validator,
+async def evaluate_generator(generator: generation.Generator, rows: Sequence[dict], client: utils.RewardClient,
+                             validator,
                              samples: int, max_tokens: int, temperature: float = 1.0,
                              trailing_penalty: float = 0.0, stop: Sequence[str] = ()) -> EvalResult:
     """The one validation procedure every method and baseline goes through."""
@@ -106,7 +108,7 @@ def eval_metrics_row(result: EvalResult, *, method: str, step: int, wall_time: f
                                        **(extra or {})})
 
 
-def score_val(recipe: Recipe, generator: utils.Generator, val: Sequence[dict], validator) -> EvalResult:
+def score_val(recipe: Recipe, generator: generation.Generator, val: Sequence[dict], validator) -> EvalResult:
     """The shared validation (evaluate_generator) against the recipe's reward server, from sync code."""
     client = utils.RewardClient(recipe.reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
 

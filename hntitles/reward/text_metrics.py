@@ -8,7 +8,8 @@ real title, and which template it follows. The reward server, the metrics rows a
 - `rouge_l`: ROUGE-L F1 to the story's real title (Google's `rouge-score`; the reward never sees it);
 - `title_template`, `template_share`: a title's skeleton, and how much one skeleton dominates.
 
-    python -c "import text_metrics as t; print(t.rouge_l('Why SQLite uses B-trees', 'Why does SQLite use B-trees?'))"
+    python -c "from hntitles.reward import text_metrics as t;
+        print(t.rouge_l('Why SQLite uses B-trees', 'Why does SQLite use B-trees?'))"
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ the environment (`.env` included: MODEL, DATASET, REWARD_URL, RUNS_DIR), then CL
 - `OPTIMIZERS` and `HF_OPTIM` (the recipe's optimizer names and transformers' names for them),
   `check_optimizer_knobs`, `set_seed`, and the repo's paths and defaults.
 
-    python -c "import settings; print(settings.parse_args((settings.Recipe,), 'trl',
+    python -c "from hntitles.runs import settings; print(settings.parse_args((settings.Recipe,), 'trl',
         ['--recipe', 'recipes/tiny.yaml']))"
 """
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[2]  # the repo (this file is hntitles/<part>/<module>.py)
 HUB_DATASET = "OpenPipe/hacker-news-scraped-stories-filtered"
 DEFAULT_DATASET = str(ROOT / "data" / "stories.jsonl")
 DEFAULT_MODEL = str(ROOT / "models" / "smollm2-135m-instruct")

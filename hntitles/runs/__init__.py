@@ -1,0 +1,8 @@
+"""What a run is, for both trainers alike.
+
+- `settings`: `Recipe` (the knobs both trainers share), `parse_args` (`.env` < recipe < environment < flags),
+  the Hub mode, paths and defaults;
+- `rundir`: the run directory (one writer, `config.json`, `metrics.jsonl`, checkpoints, `final/`);
+- `runtime`: exit codes, stop signals (checkpoint then stop), argument logging;
+- `procs`: child processes (the reward server on a free port, trainers streamed to a log).
+"""
