@@ -6,8 +6,8 @@ schema goes to <run_dir>/metrics.jsonl and the titles, beside the originals, to
 <run_dir>/eval/<label>.jsonl. Needs the reward server (`make reward`).
 
     python evaluate.py --recipe recipes/cpu.yaml --label before
-    python evaluate.py --recipe recipes/cpu.yaml --adapter runs/trl-cpu/checkpoint-20 --label after
-    make eval ARGS="--adapter runs/trl-cpu/checkpoint-20"
+    python evaluate.py --recipe recipes/cpu.yaml --adapter runs/trl-cpu-aligned/final --label after
+    make eval ARGS="--adapter runs/trl-cpu-aligned/final"
     python evaluate.py --generator openai --openai_model gpt-4o-mini --run_name prompted-gpt-4o-mini  # .env: OPENAI_*
 """
 

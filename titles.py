@@ -5,10 +5,10 @@ and the reward server under the shared reward rule, exactly as in training, and 
 with its components: reward, reward-model score, supported by the body or not, words,
 copied fraction and trailing text. Needs the reward server (`make reward`).
 
-    python titles.py --article article.txt --adapter runs/trl-cpu/checkpoint-20
+    python titles.py --article article.txt --adapter runs/trl-cpu-aligned/final
     cat article.txt | python titles.py --n 16 --json
     python titles.py --article article.txt --generator openai --openai_model gpt-4o-mini
-    make titles ARTICLE=article.txt ARGS="--adapter runs/trl-cpu/checkpoint-20"
+    make titles ARTICLE=article.txt ARGS="--adapter runs/trl-cpu-aligned/final"
 """
 
 from __future__ import annotations
