@@ -12,7 +12,7 @@ from conftest import ROOT
 
 @pytest.mark.slow
 def test_generation_bench_reports_both_shapes(tiny_model, capsys):
-    spec = importlib.util.spec_from_file_location("bench_generation", ROOT / "bench" / "hntitles/engines/generation.py")
+    spec = importlib.util.spec_from_file_location("bench_generation", ROOT / "bench" / "generation.py")
     bench = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = bench  # dataclasses look their module up while the class is built
     spec.loader.exec_module(bench)
