@@ -17,7 +17,7 @@ STAMP := $(VENV)/.setup-$(shell cat requirements.txt | md5sum | cut -c1-8)
 MODEL_DIR := models/smollm2-135m-instruct
 
 .PHONY: help setup setup-gpu setup-art demo study train-trl train-art reward reward-prod check eval titles \
-        compare gpu-check gpu-check-bare gpu-bench slurm-up slurm-down slurm-status test test-fast lint bench clean
+        compare board gpu-check gpu-check-bare gpu-bench slurm-up slurm-down slurm-status test test-fast lint bench clean
 
 # Variables `make help` lists (name, then what it does):
 #? RECIPE   the recipe YAML every stage reads (default recipes/cpu.yaml; recipes/gpu.yaml, recipes/tiny.yaml)
@@ -54,6 +54,9 @@ check: setup ## what a trainer would get from the recipe's dataset (rows, filter
 
 titles: setup ## ranked candidate titles for ARTICLE (needs `make reward`), ARGS="--adapter runs/.../final"
 	$(PYTHON) titles.py --recipe $(RECIPE) $(if $(ARTICLE),--article $(ARTICLE),) $(ARGS)
+
+board: setup ## TensorBoard over runs/ on 127.0.0.1:6006: both methods' hn_train/* and hn_val/* curves overlaid
+	$(BIN)/tensorboard --logdir $(or $(RUNS_DIR),runs) --host 127.0.0.1 --port $(or $(PORT),6006) $(ARGS)
 
 ##@ train
 train-trl: setup ## TRL's GRPOTrainer + LoRA on RECIPE (needs `make reward`) -> runs/trl-<recipe>

@@ -17,7 +17,10 @@ Run directory (<runs_dir>/<run_name>, default runs/trl-<recipe stem>): config.js
 checkpoint-N/ (LoRA adapter + optimizer + trainer state, every save_every steps and at the
 end), final/ (the last adapter + tokenizer), metrics.jsonl (one `train` row per optimizer
 step and one `val` row per validation, the schema train.py also writes), eval/step-N.jsonl
-(val titles beside the originals), failures.jsonl (reward-server failures, one line each).
+(val titles beside the originals), failures.jsonl (reward-server failures, one line each),
+completions/step-N.parquet (every step's rollouts: story, completion, reward and its parts,
+validator verdict, advantage, tokens; the schema train.py also writes) and tracker/ (the
+--report_to tracker's data: TensorBoard by default, `make board` opens it).
 
 Resume is the default: rerunning the same command continues from the newest complete
 checkpoint (the step count and wall time continue; metrics rows past that checkpoint are
@@ -60,10 +63,11 @@ from pathlib import Path
 import utils
 from hntitles.analysis import evaluation
 from hntitles.engines import fast_backend, generation
-from hntitles.runs import rundir, runtime, settings
+from hntitles.runs import completions, rundir, runtime, settings, tracking
 from hntitles.runs.settings import Recipe
 from hntitles.trl import config as trl_config
 from hntitles.trl.config import TrlArgs
+from hntitles.trl.trainer import attach_run, trainer_class
 
 METHOD = "trl"
 REWARD_NAME = "hn_reward"  # TRL logs rewards/<name>/mean
@@ -82,6 +86,7 @@ def main(recipe: Recipe, args: TrlArgs) -> int:  # noqa: C901 (the flow top to b
         return runtime.fail(e, runtime.EXIT_USAGE)
     print(f"[trl] {backend.describe()}")
     run_dir = rundir.run_dir_for(recipe, METHOD)
+    tracker = tracking.Tracker()
     try:
         # Until training starts a stop signal stops at once: nothing is being written.
         with rundir.RunLock(run_dir, METHOD), runtime.refuse_signals():
@@ -104,6 +109,9 @@ def main(recipe: Recipe, args: TrlArgs) -> int:  # noqa: C901 (the flow top to b
                 import torch
 
                 torch.set_num_threads(args.torch_threads)
+
+            # ---- The tracker, before anything heavy loads: one that cannot start fails now
+            tracker = tracking.open_tracker(recipe, run_dir, METHOD, first_step=start.step + 1)
 
             # ---- The reward server, before anything heavy loads: no run can do without it
             client = utils.RewardClient(recipe.reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
@@ -132,18 +140,17 @@ def main(recipe: Recipe, args: TrlArgs) -> int:  # noqa: C901 (the flow top to b
 
             # ---- The trainer: TRL's GRPOTrainer, our reward function and callbacks
             stopper = runtime.StopOnSignal("[trl]", "saving a checkpoint at the end of this step")
-            run = RunState(recipe, args, run_dir, client, rundir.Timer(start.offset), start.val_done, stopper)
+            run = RunState(recipe, args, run_dir, client, rundir.Timer(start.offset), start.val_done, stopper, tracker)
             validate = trainer_callback(Validate)(run, tokenizer, list(val_ds), validator)
             trainer = trainer_class(backend)(
                 model=model,
                 reward_funcs=[make_reward_func(client, validator, recipe, run.reward_log)],
-                args=config,
-                train_dataset=train_ds,
-                processing_class=tokenizer,
+                args=config, train_dataset=train_ds, processing_class=tokenizer,
                 # The stopper last: a signal during a validation still stops at the end of that step.
                 callbacks=[trainer_callback(TrainRows)(run), validate, trainer_callback(StopAtStepEnd)(stopper)],
             )
             validate.trainer = trainer
+            attach_run(trainer, run.reward_log, tracker)  # advantages to the rollout tables, TRL's logs to the tracker
             rank0 = trainer.is_world_process_zero()  # the process that validates and writes final/
             if rank0:
                 rundir.record_in_config(run_dir, optimizer_used=trl_config.optimizer_used(trainer.args),
@@ -192,8 +199,10 @@ def main(recipe: Recipe, args: TrlArgs) -> int:  # noqa: C901 (the flow top to b
     except runtime.StartInterrupted as e:
         return runtime.fail(f"[trl] {e} outside the training loop (while loading): stopped at once, no checkpoint was "
                     "being written. Rerun the same command to start or resume", runtime.EXIT_INTERRUPTED)
-    except (utils.DatasetError, settings.HubUnavailable) as e:  # a bad file, or a hub id out of reach
-        return runtime.fail(e, runtime.EXIT_USAGE)
+    except (utils.DatasetError, settings.HubUnavailable, tracking.TrackerError) as e:  # a bad file, a hub id out
+        return runtime.fail(e, runtime.EXIT_USAGE)                                     # of reach, a tracker
+    finally:
+        tracker.close()
 
 
 # --------------------------------------------------------------------------------------
@@ -257,6 +266,9 @@ class RewardLog:
 
     pending: list = field(default_factory=list)  # Scored, in generation order, not yet written
     completion_tokens: list = field(default_factory=list)  # token count per pending completion
+    story_ids: list = field(default_factory=list)  # the story of each pending completion
+    texts: list = field(default_factory=list)  # each pending completion's text
+    advantages: list = field(default_factory=list)  # GRPOTrainer's advantage of each (RunTrainer hands them over)
     batches: int = 0
     failures: int = 0
     seconds: float = 0.0
@@ -285,6 +297,8 @@ def make_reward_func(client: utils.RewardClient, validator, recipe: Recipe, log:
         log.pending.extend(scored)
         lengths = [len(ids) for ids in completion_ids] if completion_ids is not None else [math.nan] * len(texts)
         log.completion_tokens.extend(lengths)
+        log.story_ids.extend(str(x) for x in columns.get("id", [""] * len(texts)))
+        log.texts.extend(texts)
         n = max(len(scored), 1)
         if log_metric is not None:  # TRL averages these per logging step next to its own metrics
             log_metric("hn/rm", sum(s.rm for s in scored) / n)
@@ -340,6 +354,7 @@ class RunState:
     timer: rundir.Timer
     val_done: set[int]  # steps with a val row in metrics.jsonl
     stopper: runtime.StopOnSignal
+    tracker: tracking.Tracker = field(default_factory=tracking.Tracker)
     reward_log: RewardLog = field(default_factory=RewardLog)
 
 
@@ -385,31 +400,49 @@ class TrainRows:
 
     def on_step_end(self, args_, state, control, **kw):
         run = self.run
-        scored, tokens = self.take_batch()
-        extra = self.step_extra(state, tokens)
+        batch = self.take_batch()
+        extra = self.step_extra(state, batch["tokens"])
         run.reward_log.seconds = 0.0
         if args_.world_size > 1:  # every rank scored its share of the step: the row covers them all
             from accelerate.utils import gather_object
 
-            scored, tokens = gather_object(scored), gather_object(tokens)
-            extra["completion_tokens_mean"] = _mean(tokens)
-            extra["hit_token_cap"] = _mean([t >= run.recipe.max_completion_tokens for t in tokens])
+            batch = {k: gather_object(v) for k, v in batch.items()}
+            extra["completion_tokens_mean"] = _mean(batch["tokens"])
+            extra["hit_token_cap"] = _mean([t >= run.recipe.max_completion_tokens for t in batch["tokens"]])
         if not state.is_world_process_zero:
             return  # multi-process (accelerate): one writer
-        self.writer.write(utils.metrics_row(method=METHOD, step=state.global_step, split="train", scored=scored,
-                                            wall_time=run.timer(), run=run.run_dir.name, extra=extra))
+        step = state.global_step
+        row = utils.metrics_row(method=METHOD, step=step, split="train", scored=batch["scored"],
+                                wall_time=run.timer(), run=run.run_dir.name, extra=extra)
+        self.writer.write(row)
+        rollouts = completions.records(method=METHOD, step=step, story_ids=batch["story_ids"],
+                                       completions=batch["texts"], scored=batch["scored"],
+                                       advantages=batch["advantages"], tokens=batch["tokens"],
+                                       group_size=run.recipe.num_generations)
+        completions.write_step(run.run_dir, step, rollouts)
+        run.tracker.log_row(row)
+        run.tracker.log_rollouts(step, rollouts)
 
-    def take_batch(self) -> tuple[list, list]:
-        """This step's scored completions and their token counts, taken off the reward log.
+    def on_log(self, args_, state, control, logs=None, **kw):
+        if state.is_world_process_zero and logs:  # loss, grad norm, learning rate, entropy, KL under shared names
+            self.run.tracker.log_optimizer(state.global_step, logs)
+
+    def take_batch(self) -> dict[str, list]:
+        """This step's scored completions, with their token counts, stories, texts and advantages, taken off
+        the reward log.
 
         With steps_per_generation > 1 one generation batch feeds several steps; each row then
         takes the next prompts_per_step x num_generations completions in generation order.
         """
-        log, batch = self.run.reward_log, self.run.recipe.prompts_per_step * self.run.recipe.num_generations
-        scored, log.pending[:] = log.pending[:batch], log.pending[batch:]
-        tokens = log.completion_tokens[:batch]
-        del log.completion_tokens[:batch]
-        return scored, tokens
+        log, n = self.run.reward_log, self.run.recipe.prompts_per_step * self.run.recipe.num_generations
+        lists = {"scored": log.pending, "tokens": log.completion_tokens, "story_ids": log.story_ids,
+                 "texts": log.texts, "advantages": log.advantages}
+        batch = {k: v[:n] for k, v in lists.items()}
+        for v in lists.values():
+            del v[:n]
+        if len(batch["advantages"]) < len(batch["scored"]):  # a trainer that did not hand them over
+            batch["advantages"] += [math.nan] * (len(batch["scored"]) - len(batch["advantages"]))
+        return batch
 
     def step_extra(self, state, tokens: list) -> dict:
         """The row's `extra` fields: timings, cost and memory of this process's share of the step."""
@@ -476,6 +509,7 @@ class Validate:
         for rec in result.records()[:run.args.show_titles]:
             print(f"  original: {rec['original']}\n  greedy:   {rec['greedy']['title']}")
         self.report(row)
+        run.tracker.log_row(row)
 
     def report(self, row: dict) -> None:
         """Val numbers to TRL's loggers (TensorBoard/W&B as report_to asks), as eval/* scalars."""
@@ -503,46 +537,6 @@ def trainer_callback(cls: type) -> type:
     from transformers import TrainerCallback
 
     return type(cls.__name__, (cls, TrainerCallback), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
-
-
-# --------------------------------------------------------------------------------------
-# The trainer class
-# --------------------------------------------------------------------------------------
-
-
-def trainer_class(backend: fast_backend.Backend):
-    """The backend's GRPOTrainer class (fast_backend.trainer_class), able to resume a
-    multi-process CPU run.
-
-    transformers 5.17 loads the optimizer state with map_location=args.device when
-    world_size > 1, and on the CPU that device is `cpu:<rank>`, which torch.load cannot map
-    ("don't know how to restore data location ... cpu:0"). Every CPU tensor lives in one
-    memory, so the load is told plain "cpu"; GPU runs are untouched.
-    """
-    import torch
-
-    base = fast_backend.trainer_class(backend)
-
-    class CpuResumable(base):
-        def _load_optimizer_and_scheduler(self, checkpoint):
-            device = self.args.device
-            if checkpoint is None or device.type != "cpu" or device.index is None:
-                return super()._load_optimizer_and_scheduler(checkpoint)
-            load = torch.load
-
-            def cpu_load(*a, map_location=None, **kw):
-                if isinstance(map_location, torch.device) and map_location.type == "cpu":
-                    map_location = "cpu"
-                return load(*a, map_location=map_location, **kw)
-
-            torch.load = cpu_load
-            try:
-                return super()._load_optimizer_and_scheduler(checkpoint)
-            finally:
-                torch.load = load
-
-    CpuResumable.__name__ = CpuResumable.__qualname__ = base.__name__
-    return CpuResumable
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

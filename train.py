@@ -62,7 +62,7 @@ from hntitles.art import config as art_config
 from hntitles.art import cpu_backend as art_cpu_backend
 from hntitles.art.compat import import_art
 from hntitles.art.config import ArtArgs, ArtPlan
-from hntitles.runs import rundir, runtime, settings
+from hntitles.runs import completions, rundir, runtime, settings, tracking
 from hntitles.runs.settings import Recipe
 
 METHOD = "art"
@@ -92,6 +92,7 @@ def main(recipe: Recipe, args: ArtArgs,  # noqa: C901 (the flow top to bottom: i
         backend_factory = make_backend
     run_dir = rundir.run_dir_for(recipe, METHOD)
     stopper = runtime.StopOnSignal("[art]", "finishing this step (checkpoint + metrics row)")
+    tracker = tracking.Tracker()
     try:
         # A stop signal from here on finishes the step under way (or stops before the first one).
         with rundir.RunLock(run_dir, METHOD), stopper:
@@ -109,6 +110,9 @@ def main(recipe: Recipe, args: ArtArgs,  # noqa: C901 (the flow top to bottom: i
             print(f"note: save_every={recipe.save_every} does not apply to ART (a checkpoint per step); "
                   + ("each validation keeps only the best and latest" if args.keep_best else
                      "all are kept (--no_keep_best)"))
+            # ART 0.5.18 logs to W&B only from its GPU backend and has no TensorBoard hook: the loop logs the
+            # shared keys through the tracker itself (and history.jsonl through ART's model.log).
+            tracker = tracking.open_tracker(recipe, run_dir, METHOD)
 
             # ---- The data, loaded and filtered as the TRL trainer does
             from transformers import AutoTokenizer
@@ -124,12 +128,12 @@ def main(recipe: Recipe, args: ArtArgs,  # noqa: C901 (the flow top to bottom: i
 
             # ---- The loop: reward server, backend, model; then rollouts, rewards, train, validate
             asyncio.run(run_loop(recipe, args, plan, run_dir, [dict(r) for r in train_ds],
-                                 [dict(r) for r in val_ds], backend_factory, stopper))
+                                 [dict(r) for r in val_ds], backend_factory, stopper, tracker))
     except rundir.RunDirBusy as e:
         return runtime.fail(e, runtime.EXIT_RUN_DIR_BUSY)
     except rundir.NoIntactCheckpoint as e:
         return runtime.fail(e, runtime.EXIT_NO_CHECKPOINT)
-    except (utils.DatasetError, settings.HubUnavailable) as e:
+    except (utils.DatasetError, settings.HubUnavailable, tracking.TrackerError) as e:
         return runtime.fail(e, runtime.EXIT_USAGE)
     except utils.RewardServerError as e:
         return runtime.fail(f"reward server failed: {e}\nNothing was trained for the failing step; fix the server "
@@ -137,6 +141,8 @@ def main(recipe: Recipe, args: ArtArgs,  # noqa: C901 (the flow top to bottom: i
     except KeyboardInterrupt:
         return runtime.fail("[art] aborted by a second signal; rerun to resume from the last checkpoint",
                     runtime.EXIT_ABORTED)
+    finally:
+        tracker.close()
 
     # ---- Report
     print(f"metrics -> {run_dir / rundir.METRICS_FILE}")
@@ -148,7 +154,8 @@ def main(recipe: Recipe, args: ArtArgs,  # noqa: C901 (the flow top to bottom: i
 
 
 async def run_loop(recipe: Recipe, args: ArtArgs, plan: ArtPlan, run_dir: Path, train_rows: list[dict],
-                   val_rows: list[dict], backend_factory, stopper: runtime.StopOnSignal) -> None:
+                   val_rows: list[dict], backend_factory, stopper: runtime.StopOnSignal,
+                   tracker: tracking.Tracker | None = None) -> None:
     """ART's model on its backend, the reward client and the validator around one Loop; all closed after."""
     art = import_art()
     art_path = run_dir / "art"
@@ -163,7 +170,7 @@ async def run_loop(recipe: Recipe, args: ArtArgs, plan: ArtPlan, run_dir: Path, 
         await model.register(backend)
         validator = make_validator(recipe, args, model)
         await Loop(recipe, args, plan, run_dir, train_rows, val_rows, model, backend, reward, validator,
-                   stopper).run()
+                   stopper, tracker).run()
     finally:
         await reward.aclose()
         if backend is not None:
@@ -377,9 +384,9 @@ class Loop:
 
     def __init__(self, recipe: Recipe, args: ArtArgs, plan: ArtPlan, run_dir: Path, train_rows: list[dict],
                  val_rows: list[dict], model, backend, reward: utils.RewardClient, validator,
-                 stopper: runtime.StopOnSignal | None = None):
+                 stopper: runtime.StopOnSignal | None = None, tracker: tracking.Tracker | None = None):
         self.recipe, self.args, self.plan, self.run_dir = recipe, args, plan, run_dir
-        self.stopper = stopper
+        self.stopper, self.tracker = stopper, tracker or tracking.Tracker()
         self.train_rows, self.val_rows = train_rows, val_rows
         self.model, self.backend, self.reward, self.validator = model, backend, reward, validator
         self.writer = rundir.MetricsWriter(run_dir)
@@ -406,6 +413,7 @@ class Loop:
 
         recipe = self.recipe
         done, skipped = await self.done_steps()
+        self.tracker.start(done + 1)
         if done:
             print(f"resuming after step {done} (ART step {done - len(skipped)}, {len(skipped)} skipped)")
             if is_eval_step(done, recipe) and ("val", done) not in self.logged:
@@ -488,6 +496,19 @@ class Loop:
                                 run=self.run_dir.name, extra=extra)
         self.writer.write(row)
         self.logged.add(("train", step))
+        teach = {id(g) for g in keep}
+        rollouts = completions.records(
+            method=METHOD, step=step, story_ids=[g.metadata["story_id"] for g in groups for _ in g.trajectories],
+            completions=[c.message.content or "" for c in choices], scored=scored, tokens=tokens,
+            # ART's own advantages (a group that cannot teach is dropped: 0), scaled as plan.train_kwargs asks
+            advantages=[a for g in groups for a in (
+                completions.art_advantages([t.reward for t in g.trajectories], self.args.scale_rewards)
+                if id(g) in teach else [0.0] * len(g.trajectories))],
+            group_size=self.recipe.num_generations)
+        completions.write_step(self.run_dir, step, rollouts)
+        self.tracker.log_row(row)
+        self.tracker.log_optimizer(step, extra.get("train_metrics") or {})
+        self.tracker.log_rollouts(step, rollouts)
         return row
 
     async def validate(self, step: int) -> dict:
@@ -512,6 +533,7 @@ class Loop:
         await self.model.log(split="val", step=art_step, metrics={
             "reward": row["reward_mean"], "greedy_reward": row["extra"]["greedy_reward_mean"],
             "match_rate": row["match_rate"], "title_len": row["title_len_mean"], "copy_frac": row["copy_frac_mean"]})
+        self.tracker.log_row(row)
         if self.args.keep_best:
             await self.model.delete_checkpoints(best_checkpoint_metric="val/reward")
         print(f"[val step {step}] {evaluation.eval_summary(result)} -> {path}")

@@ -25,7 +25,7 @@ from servers import finish_trainer, ranking_reward_process, start_trainer
 import utils
 from hntitles.art import compat as art_compat
 from hntitles.art import config as art_config
-from hntitles.runs import rundir, runtime, settings
+from hntitles.runs import completions, rundir, runtime, settings, tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 train = pytest.importorskip("train")
@@ -334,6 +334,20 @@ def test_sigterm_checkpoints_and_exits_75_then_the_rerun_continues(tmp_path):
         config = json.loads((run_dir / "config.json").read_text())
         assert config["engine"]["optimizer_steps"] == "per_sequence" and config["engine"]["weight_decay"] == 0.1
         assert config["art"]["backend"] == "cpu"
+
+        # The tracker (TensorBoard, the default) and the rollout tables followed the resume: each step once.
+        scalars = tracking.read_scalars(run_dir)
+        assert [s for s, _ in scalars["hn_train/reward"]] == [1, 2, 3, 4]
+        assert [s for s, _ in scalars["hn_val/reward"]] == [4]
+        assert [s for s, _ in scalars["hn_train/grad_norm"]] == [r["step"] for r, t in zip(rows, trained) if t]
+        assert completions.steps(run_dir) == [1, 2, 3, 4]
+        table = completions.read_step(run_dir, 4)
+        assert len(table) == rows[-1]["n"] and {r["method"] for r in table} == {"art"}
+        assert sum(r["reward"] for r in table) / len(table) == pytest.approx(rows[-1]["reward_mean"])
+        for g in {r["group"] for r in table}:  # ART's advantage: the group's rewards, centred and scaled
+            group = [r for r in table if r["group"] == g]
+            assert [r["advantage"] for r in group] == pytest.approx(
+                completions.art_advantages([r["reward"] for r in group], scale=True))
 
         # A finished run: nothing trains, nothing is written (in this process: no second model-loading subprocess).
         before = (run_dir / rundir.METRICS_FILE).read_text()

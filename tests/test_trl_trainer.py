@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -20,7 +21,8 @@ from servers import JsonHandler, serve
 
 import reference_grpo_trainer as rgt
 import utils
-from hntitles.runs import rundir, runtime, settings
+from hntitles.runs import completions as rollout_tables
+from hntitles.runs import rundir, runtime, settings, tracking
 from hntitles.trl import config as trl_config
 
 pytestmark = pytest.mark.slow
@@ -166,7 +168,10 @@ def test_grpo_config_follows_the_recipe(tmp_path):
     assert config.epsilon_high == recipe.cispo_max_weight == 5.0
     assert config.use_cpu and not config.bf16 and not config.use_vllm
     assert config.gradient_checkpointing is False  # TRL's default is True; measured slower on CPU
-    assert config.report_to == [] or config.report_to == "none" or config.report_to == ["none"]
+    assert config.report_to == ["tensorboard"]  # the recipe's tracker (the default); TRL's callback is swapped
+    none = trl_config.grpo_config(dataclasses.replace(recipe, report_to="none"), args,
+                                  fast_backend.Backend("cpu", "cpu", use_vllm=False), tmp_path)
+    assert none.report_to in ([], "none", ["none"])
 
 
 @pytest.mark.parametrize("lines, keep_until, kept_steps, offset, val_done, dropped", [
@@ -278,6 +283,22 @@ def test_two_steps_then_sigterm_then_resume(tiny_model, reward_server, tmp_path,
     assert config["optimizer_used"]["weight_decay"] == 0.0 and config["optimizer_used"]["adam_beta2"] == 0.999
     assert config["optimizer_used"]["optimizer_steps"] == "per_step"
     assert config["batch"]["per_device_train_batch_size"] == 4 and config["batch"]["world_size"] == 1
+
+    # The tracker (TensorBoard, the default) and the rollout tables followed the resumes: each step once.
+    scalars = tracking.read_scalars(run_dir)
+    assert [s for s, _ in scalars["hn_train/reward"]] == list(range(1, end + 1))
+    assert [s for s, _ in scalars["hn_val/reward"]] == [2, end]
+    assert [s for s, _ in scalars["train/loss"]] == list(range(1, end + 1))  # TRL's own integration, same file
+    assert {"hn_train/loss", "hn_train/grad_norm", "hn_train/learning_rate", "hn_train/entropy"} <= set(scalars)
+    assert rollout_tables.steps(run_dir) == list(range(1, end + 1))
+    table = rollout_tables.read_step(run_dir, end)
+    assert len(table) == 4 and {r["method"] for r in table} == {"trl"} and all(r["story_id"] for r in table)
+    assert sum(r["reward"] for r in table) / 4 == pytest.approx(train[-1]["reward_mean"])
+    # GRPO's advantages: reward minus its group's mean (TRL scales by the group std; the sign survives)
+    for g in (0, 1):
+        group = [r for r in table if r["group"] == g]
+        mean = sum(r["reward"] for r in group) / len(group)
+        assert all((r["advantage"] > 0) == (r["reward"] > mean) for r in group if abs(r["reward"] - mean) > 1e-6)
 
 
 def metric_steps_safe(run_dir: Path) -> list[int]:

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hntitles.runs.tracking import REPORT_TO
+
 ROOT = Path(__file__).resolve().parents[2]  # the repo (this file is hntitles/<part>/<module>.py)
 HUB_DATASET = "OpenPipe/hacker-news-scraped-stories-filtered"
 DEFAULT_DATASET = str(ROOT / "data" / "stories.jsonl")
@@ -235,6 +237,9 @@ class Recipe:
     runs_dir: str = field(default=str(ROOT / "runs"), metadata={"help": "Parent of the run directories."})
     run_name: str = field(default="", metadata={"help": "Run directory name (default: <method>-<recipe>)."})
     seed: int = field(default=42, metadata={"help": "Random seed."})
+    report_to: str = field(default="tensorboard", metadata={
+        "help": "Experiment tracker both trainers log to, the same keys at the same steps: tensorboard (offline, "
+                "<run>/tracker/, `make board`), wandb (needs WANDB_API_KEY or WANDB_MODE=offline) or none."})
 
     def check(self) -> None:
         """Raise ValueError for a value no trainer can use (a typo must not fall back to a default).
@@ -251,6 +256,8 @@ class Recipe:
             raise ValueError("num_generations must be >= 2: a group of one has no advantage to learn from")
         if self.prompts_per_step < 1:
             raise ValueError("prompts_per_step must be >= 1")
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"unknown report_to {self.report_to!r} (use {', '.join(REPORT_TO)})")
         check_optimizer_knobs(self)
 
 

@@ -56,10 +56,6 @@ class TrlArgs:
                 "purpose."})
     logging_steps: int = field(default=1, metadata={
         "help": "TRL logging interval in steps (metrics.jsonl gets every step regardless)."})
-    report_to: str = field(default="none", metadata={
-        "help": "none | tensorboard | wandb (comma-separated for several)."})
-    log_completions: bool = field(default=False, metadata={
-        "help": "Print/log a table of sampled completions at each log step."})
     save_total_limit: int = field(default=0, metadata={"help": "Keep only the newest N checkpoints (0 = keep all)."})
     torch_threads: int = field(default=0, metadata={
         "help": "torch intra-op threads (0 = torch's default, one per core). On a machine busy with other jobs, 1 is "
@@ -98,8 +94,9 @@ def grpo_config(recipe: Recipe, args: TrlArgs, backend: fast_backend.Backend, ru
         save_steps=recipe.save_every,
         save_total_limit=args.save_total_limit or None,
         logging_steps=args.logging_steps,
-        report_to=[s.strip() for s in args.report_to.split(",") if s.strip()] or "none",
-        log_completions=args.log_completions,
+        # TRL's own integration logs its keys (train/*, eval/*) beside the shared ones (hn_train/*, hn_val/*,
+        # hntitles/runs/tracking.py); its rollout tables are the repo's (completions/), so log_completions is off.
+        report_to=[recipe.report_to] if recipe.report_to in ("tensorboard", "wandb") else "none",
         gradient_checkpointing=args.gradient_checkpointing,
         seed=recipe.seed,
         data_seed=recipe.seed,
