@@ -1,6 +1,6 @@
 """Experiment tracking for both trainers: one `--report_to`, the same keys at the same steps.
 
-`open_tracker(kind, run_dir)` checks and opens the tracker a run logs to, before anything heavy loads, or fails at
+`open_tracker(recipe, run_dir, method)` checks and opens the tracker a run logs to (`recipe.report_to`), before anything heavy loads, or fails at
 once with `TrackerError` naming the flag to change (never after hours of training). `Tracker.start(first_step)`,
 once the run knows where it resumes, begins logging at that step. Then:
 
