@@ -86,30 +86,27 @@ class Tracker:
     def start(self, first_step: int) -> None:
         """Begin logging; `first_step` is the first step this process logs (what an earlier process logged from
         it on is replaced, so a resumed run logs each step once)."""
-        self._guard(self._start, first_step)
+        self.guard(self._start, first_step)
 
     def log_row(self, row: dict) -> None:
-        self._guard(self._scalars, shared_scalars(row), row["step"])
+        self.guard(self._scalars, shared_scalars(row), row["step"])
 
     def log_optimizer(self, step: int, values: dict) -> None:
         if scalars := optimizer_scalars(values):
-            self._guard(self._scalars, scalars, step)
+            self.guard(self._scalars, scalars, step)
 
     def log_rollouts(self, step: int, records: list[dict]) -> None:
         if records:
-            self._guard(self._table, records, step)
+            self.guard(self._table, records, step)
 
     def close(self) -> None:
-        self._guard(self._close)
+        self.guard(self._close)
         if self.failures:
             print(f"{self.label} the {self.kind} tracker failed {self.failures} time(s); its data is incomplete, "
                   "training and metrics.jsonl are not", file=sys.stderr)
 
     def guard(self, fn, *a, **kw) -> None:
         """fn(*a, **kw), a failure counted (said the first time), never raised: a tracker must not cost a run."""
-        self._guard(fn, *a, **kw)
-
-    def _guard(self, fn, *a, **kw) -> None:
         try:
             fn(*a, **kw)
         except Exception as e:  # noqa: BLE001 (a tracker must never cost a run)
