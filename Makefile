@@ -17,7 +17,7 @@ STAMP := $(VENV)/.setup-$(shell cat requirements.txt | md5sum | cut -c1-8)
 MODEL_DIR := models/smollm2-135m-instruct
 
 .PHONY: help setup setup-gpu setup-art demo study train-trl train-art reward reward-prod check eval titles \
-        compare board gpu-check gpu-check-bare gpu-bench slurm-up slurm-down slurm-status test test-fast lint bench clean
+        compare rollouts board gpu-check gpu-check-bare gpu-bench slurm-up slurm-down slurm-status test test-fast lint bench clean
 
 # Variables `make help` lists (name, then what it does):
 #? RECIPE   the recipe YAML every stage reads (default recipes/cpu.yaml; recipes/gpu.yaml, recipes/tiny.yaml)
@@ -25,7 +25,8 @@ MODEL_DIR := models/smollm2-135m-instruct
 #? SETTING  demo/study: aligned (default: the same optimizer on both) or defaults (each library as it comes)
 #? METHODS  demo/study: trl,art (default), or one of them
 #? SEEDS    study: how many training seeds (default 3: the recipe's seed and the next ones)
-#? RUNS     compare: run directories, e.g. RUNS="runs/trl-cpu-aligned runs/art-cpu-aligned" (default: all)
+#? STEP     rollouts: the training step to show (default 1)
+#? RUNS     compare, rollouts: run directories, e.g. RUNS="runs/trl-cpu-aligned runs/art-cpu-aligned" (compare: all)
 #? ARTICLE  titles: a text file with the article (default: read standard input)
 #? PYTEST_ARGS  test/test-fast: extra pytest flags, e.g. PYTEST_ARGS="-k reward -x"
 #? PY       the Python that builds .venv (default python3.11); UV=0 installs with pip instead of uv
@@ -54,6 +55,9 @@ check: setup ## what a trainer would get from the recipe's dataset (rows, filter
 
 titles: setup ## ranked candidate titles for ARTICLE (needs `make reward`), ARGS="--adapter runs/.../final"
 	$(PYTHON) titles.py --recipe $(RECIPE) $(if $(ARTICLE),--article $(ARTICLE),) $(ARGS)
+
+rollouts: setup ## the completions of step STEP (default 1) of RUNS side by side; ARGS="--story ID"
+	$(PYTHON) rollouts.py --runs $(or $(RUNS),$(error RUNS="runs/a runs/b" names the runs to show)) --step $(or $(STEP),1) $(ARGS)
 
 board: setup ## TensorBoard over runs/ on 127.0.0.1:6006: both methods' hn_train/* and hn_val/* curves overlaid
 	$(BIN)/tensorboard --logdir $(or $(RUNS_DIR),runs) --host 127.0.0.1 --port $(or $(PORT),6006) $(ARGS)

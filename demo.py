@@ -79,6 +79,9 @@ class DemoArgs:
         "help": "Extra flags for local_reward.py (e.g. '--scorer hf --rm_model dir')."})
     server_timeout: float = field(default=300.0, metadata={"help": "Seconds to wait for the started server's /health."})
     trainer_args: str = field(default="", metadata={"help": "Extra flags for both trainers (e.g. '--max_steps 10')."})
+    report_to: str = field(default="", metadata={
+        "help": "Both trainers' tracker: tensorboard (under each run's tracker/, `make board`), wandb or none "
+                "(default: the recipe's report_to)."})
     trl_args: str = field(default="", metadata={
         "help": "Extra flags for the TRL trainer only (e.g. '--gradient_checkpointing true': the same math in a "
                 "fraction of the memory, slower)."})
@@ -352,7 +355,8 @@ def main(args: DemoArgs) -> Summary:
         return report_only(args)
     procs.set_threads(args.threads)
     recipe, dirs, runs = prepare(args)
-    flags = experiment.trainer_flags(args.setting, recipe, args.curve_points, args.trainer_args)
+    flags = experiment.trainer_flags(args.setting, recipe, args.curve_points, args.trainer_args,
+                                          args.report_to)
     load0, stages = os.getloadavg(), experiment.Stages(3 + 2 * len(runs))
 
     with contextlib.ExitStack() as stack:

@@ -57,6 +57,28 @@ def is_complete(folder: Path) -> bool:
         and (folder / "tokenizer.json").exists()
 
 
+def quiet_bpe_cleanup(tok) -> None:
+    """Save the tokenizer with clean_up_tokenization_spaces=False.
+
+    The GGUF's tokenizer says True, but SmolLM2's tokenizer is BPE, and transformers 5 skips that clean-up
+    for BPE anyway (it would strip spaces before punctuation), warning "Ignoring
+    clean_up_tokenization_spaces=True for BPE tokenizer" in every process that decodes. False is what
+    already happens, so no decoded text changes; it only stops the warning at its source.
+    """
+    tok.clean_up_tokenization_spaces = False
+
+
+def quiet_saved_tokenizer(folder: Path) -> None:
+    """The same for a folder an older `make setup` built: flip the one key in its tokenizer_config.json."""
+    path = folder / "tokenizer_config.json"
+    if not path.exists():
+        return
+    config = json.loads(path.read_text())
+    if config.get("clean_up_tokenization_spaces"):
+        config["clean_up_tokenization_spaces"] = False
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
 @contextlib.contextmanager
 def gguf_parsed_once() -> Iterator[None]:
     """Parse the GGUF file once, not five times, while converting.
@@ -105,6 +127,7 @@ def _convert(out: Path) -> None:
     # <|im_end|>. Without this, generation never stops where the assistant turn ends.
     tok.eos_token = "<|im_end|>"
     tok.pad_token = "<|im_end|>"
+    quiet_bpe_cleanup(tok)
     model.config.eos_token_id = model.generation_config.eos_token_id = tok.eos_token_id
     model.config.pad_token_id = model.generation_config.pad_token_id = tok.pad_token_id
     tmp = out.with_name(out.name + ".tmp")
@@ -131,7 +154,9 @@ def build_tiny(src: Path, out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
+    tok = AutoTokenizer.from_pretrained(src)
+    quiet_bpe_cleanup(tok)
+    tok.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
@@ -161,9 +186,12 @@ def main(args: Args) -> None:
     if args.force or not is_complete(out):
         convert(out)
     else:
+        quiet_saved_tokenizer(out)
         print(f"{out} is ready")
     if args.tiny and (args.force or not is_complete(Path(args.tiny_out))):
         build_tiny(out, Path(args.tiny_out))
+    elif args.tiny:
+        quiet_saved_tokenizer(Path(args.tiny_out))
     if args.check:
         print(f"check: greedy title -> {check(out)!r}")
 

@@ -63,7 +63,7 @@ from pathlib import Path
 import utils
 from hntitles.analysis import evaluation
 from hntitles.engines import fast_backend, generation
-from hntitles.runs import completions, rundir, runtime, settings, tracking
+from hntitles.runs import completions, model_card, procs, rundir, runtime, settings, tracking
 from hntitles.runs.settings import Recipe
 from hntitles.trl import config as trl_config
 from hntitles.trl.config import TrlArgs
@@ -105,10 +105,7 @@ def main(recipe: Recipe, args: TrlArgs) -> int:  # noqa: C901 (the flow top to b
                 print(f"[trl] no checkpoint in {run_dir}: starting at step 0, dropped {start.dropped} "
                       "earlier metrics rows")
             settings.set_seed(recipe.seed)
-            if args.torch_threads:
-                import torch
-
-                torch.set_num_threads(args.torch_threads)
+            procs.set_threads(args.torch_threads)  # 0: torch's default
 
             # ---- The tracker, before anything heavy loads: one that cannot start fails now
             tracker = tracking.open_tracker(recipe, run_dir, METHOD, first_step=start.step + 1)
@@ -154,7 +151,8 @@ def main(recipe: Recipe, args: TrlArgs) -> int:  # noqa: C901 (the flow top to b
             rank0 = trainer.is_world_process_zero()  # the process that validates and writes final/
             if rank0:
                 rundir.record_in_config(run_dir, optimizer_used=trl_config.optimizer_used(trainer.args),
-                                        batch={k: getattr(trainer.args, k) for k in BATCH_FIELDS})
+                                        batch={k: getattr(trainer.args, k) for k in BATCH_FIELDS}, reward_server=health,
+                                        data=model_card.split_sizes((report, train_ds), (val_report, val_ds)))
 
             # ---- Train to max_steps, validate, save final/ (a stop signal now saves first)
             with stopper:
@@ -179,7 +177,7 @@ def main(recipe: Recipe, args: TrlArgs) -> int:  # noqa: C901 (the flow top to b
                 step = max(trainer.state.global_step, start.step)
                 done = step >= recipe.max_steps and (step in run.val_done or not rank0)
                 if done and rank0:
-                    rundir.save_final(run_dir, run_dir / f"checkpoint-{step}")
+                    model_card.save_final(run_dir, run_dir / f"checkpoint-{step}", METHOD, step)
 
             # ---- Report
             if not done:

@@ -58,6 +58,9 @@ class StudyArgs:
     server_args: str = field(default="", metadata={"help": "Extra flags for local_reward.py."})
     server_timeout: float = field(default=300.0, metadata={"help": "Seconds to wait for the started server's /health."})
     trainer_args: str = field(default="", metadata={"help": "Extra flags for both trainers."})
+    report_to: str = field(default="", metadata={
+        "help": "Both trainers' tracker: tensorboard (under each run's tracker/, `make board`), wandb or none "
+                "(default: the recipe's report_to)."})
     threads: int = field(default=0, metadata={"help": "Torch CPU threads (0 = torch's default)."})
     fresh: bool = field(default=False, metadata={
         "help": "Delete the study's run directories first, the recipe's seed's included (they are the demo's)."})
@@ -115,7 +118,8 @@ def main(args: StudyArgs) -> Study:
         for path in [base_dir, study_dir, *(mr.run_dir for rs in runs.values() for mr in rs)]:
             shutil.rmtree(path, ignore_errors=True)
     study_dir.mkdir(parents=True, exist_ok=True)
-    flags = experiment.trainer_flags(args.setting, recipe, args.curve_points, args.trainer_args)
+    flags = experiment.trainer_flags(args.setting, recipe, args.curve_points, args.trainer_args,
+                                          args.report_to)
     parity_due = bool(args.parity_steps) and args.setting == "aligned"
     load0, stages = os.getloadavg(), experiment.Stages(3 + 2 * len(seeds) * len(methods) + parity_due)
 

@@ -62,7 +62,7 @@ from hntitles.art import config as art_config
 from hntitles.art import cpu_backend as art_cpu_backend
 from hntitles.art.compat import import_art
 from hntitles.art.config import ArtArgs, ArtPlan
-from hntitles.runs import completions, rundir, runtime, settings, tracking
+from hntitles.runs import completions, model_card, rundir, runtime, settings, tracking
 from hntitles.runs.settings import Recipe
 
 METHOD = "art"
@@ -120,9 +120,9 @@ def main(recipe: Recipe, args: ArtArgs,  # noqa: C901 (the flow top to bottom: i
             with settings.hub_errors(recipe.model):
                 tokenizer = AutoTokenizer.from_pretrained(recipe.model)
             train_ds, report = utils.load_split(recipe, recipe.train_split, tokenizer, recipe.max_train_stories)
-            print(report.summary())
-            val_ds, report = utils.load_split(recipe, recipe.val_split, tokenizer, recipe.max_val_stories)
-            print(report.summary())
+            val_ds, val_report = utils.load_split(recipe, recipe.val_split, tokenizer, recipe.max_val_stories)
+            print(f"{report.summary()}\n{val_report.summary()}")
+            rundir.record_in_config(run_dir, data=model_card.split_sizes((report, train_ds), (val_report, val_ds)))
             if not len(train_ds) or not len(val_ds):
                 raise utils.DatasetError(f"{recipe.dataset}: nothing left to train or validate on after filtering")
 
@@ -165,7 +165,8 @@ async def run_loop(recipe: Recipe, args: ArtArgs, plan: ArtPlan, run_dir: Path, 
     reward = utils.RewardClient(recipe.reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
     backend = None
     try:
-        await reward.health()  # before the model loads: a missing server is a one-line error
+        # before the model loads: a missing server is a one-line error
+        rundir.record_in_config(run_dir, reward_server=await reward.health())
         backend = backend_factory(plan, art_path)
         await model.register(backend)
         validator = make_validator(recipe, args, model)
@@ -342,6 +343,13 @@ def is_eval_step(step: int, recipe: Recipe) -> bool:
     return step == recipe.max_steps or (recipe.eval_every > 0 and step % recipe.eval_every == 0)
 
 
+def checkpoints_dir(model) -> Path:
+    """ART's checkpoint folders of `model` (checkpoints/NNNN, NNNN = ART's step)."""
+    from art.utils.output_dirs import get_model_dir
+
+    return Path(get_model_dir(model=model, art_path=model.base_path)) / "checkpoints"
+
+
 def restore_point(run_dir: Path, model) -> int:
     """Make the run directory consistent before ART reads its step; returns the step it resumes after.
 
@@ -352,9 +360,7 @@ def restore_point(run_dir: Path, model) -> int:
     past the resume point are dropped, so each step is logged once. NoIntactCheckpoint when
     there are checkpoints and none can be resumed.
     """
-    from art.utils.output_dirs import get_model_dir
-
-    folder = Path(get_model_dir(model=model, art_path=model.base_path)) / "checkpoints"
+    folder = checkpoints_dir(model)
     found = sorted(((int(p.name), p) for p in folder.iterdir() if p.is_dir() and p.name.isdigit()),
                    reverse=True) if folder.is_dir() else []
     rows = [r for r in rundir.read_metrics(run_dir)[0] if r["method"] == METHOD and r["split"] == "train"]
@@ -414,12 +420,16 @@ class Loop:
         recipe = self.recipe
         done, skipped = await self.done_steps()
         self.tracker.start(done + 1)
+        if (folder := checkpoints_dir(self.model) / f"{await self.model.get_step():04d}").is_dir():
+            model_card.write(folder, self.run_dir, METHOD, done)  # ART's step-0 adapter too, over PEFT's template
         if done:
             print(f"resuming after step {done} (ART step {done - len(skipped)}, {len(skipped)} skipped)")
             if is_eval_step(done, recipe) and ("val", done) not in self.logged:
                 await self.validate(done)  # the run stopped between training and validating
         if done >= recipe.max_steps:
             print(f"nothing to do: {done} of max_steps={recipe.max_steps} steps are done")
+            if not rundir.final_complete(self.run_dir):
+                await self.save_final()
             return
         steps_per_epoch = math.ceil(len(self.train_rows) / recipe.prompts_per_step)
         # ART's iterate_dataset shuffles each epoch by the epoch number alone; the stories are put in
@@ -451,6 +461,14 @@ class Loop:
             if is_eval_step(step, recipe) and not self.stopping():  # a resume validates it first
                 await self.validate(step)
         bar.close()
+        await self.save_final()
+
+    async def save_final(self) -> None:
+        """final/: the newest checkpoint's adapter and its card, once max_steps are done (as the TRL trainer's)."""
+        done, _ = await self.done_steps()
+        folder = checkpoints_dir(self.model) / f"{await self.model.get_step():04d}"
+        if done >= self.recipe.max_steps and not self.stopping() and (folder / "adapter_config.json").exists():
+            print(f"adapter -> {model_card.save_final(self.run_dir, folder, METHOD, done)}")
 
     async def train_step(self, step: int, batch, groups, inference_name: str, t0: float) -> dict:
         """Score, keep the groups that can teach, train (or skip, saying why), write the row."""
@@ -486,6 +504,8 @@ class Loop:
             if not all(math.isfinite(t.reward) for g in keep for t in g.trajectories):
                 raise RuntimeError(f"step {step}: a trajectory has no reward; refusing to train on it")
             result = await self.backend.train(self.model, keep, **self.plan.train_kwargs)
+            if (folder := checkpoints_dir(self.model) / f"{result.step:04d}").is_dir():
+                model_card.write(folder, self.run_dir, METHOD, step)  # over PEFT's empty template
             await self.model.log(groups, split="train", metrics=dict(result.metrics), step=result.step)
             extra.update(art_step=result.step, train_metrics=dict(result.metrics),
                          loss=result.metrics.get("loss/train", result.metrics.get("loss")))

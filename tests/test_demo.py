@@ -376,6 +376,10 @@ def test_demo_end_to_end_on_the_tiny_recipe_then_resume(tmp_path, monkeypatch, c
         assert (mr.run_dir / "demo_train.log").read_text().strip()
     if len(s.runs) == 2:
         assert s.art_vs_trl is not None and "| **ART - TRL** |" in report
+        both_methods_watched_alike(s.runs)
+    for mr in s.runs:  # the quiet console: the tokenizer warning is stopped at its source
+        assert "clean_up_tokenization_spaces" not in (mr.run_dir / "demo_train.log").read_text() + out
+        every_adapter_has_a_card(mr.run_dir)
     url = next(line.split()[3] for line in out.splitlines() if line.startswith("started local_reward.py at "))
     with pytest.raises(httpx.TransportError):  # stopped after a successful run too
         httpx.get(f"{url}/health", timeout=2.0)
@@ -395,6 +399,48 @@ def test_demo_end_to_end_on_the_tiny_recipe_then_resume(tmp_path, monkeypatch, c
         assert len(rundir.read_metrics(mr.run_dir / experiment.AFTER_DIR)[0]) == 1
     assert len(rundir.read_metrics(tmp_path / "base-tiny")[0]) == 2
     study_on_the_demos_runs(tmp_path, args, s2, train_rows)
+
+
+def both_methods_watched_alike(runs) -> None:
+    """One dashboard for both: the same hn_* keys at the same steps in each run's stored TensorBoard data,
+    and rollout tables in one schema for every step."""
+    import pyarrow.parquet as pq
+
+    from hntitles.runs import completions, tracking
+
+    stored = {mr.method.name: {tag: [step for step, _ in points] for tag, points in
+                               tracking.read_scalars(mr.run_dir).items() if tag.startswith("hn_")} for mr in runs}
+    # The optimizer's statistics exist where a library took a step: TRL steps on a batch whose advantages are all 0,
+    # ART skips it (no group can teach), so ART's loss curve has a gap there. Every other key: the same steps.
+    optimizer = {f"hn_train/{name}" for name in tracking.OPTIMIZER_KEYS.values()}
+    trl, art = ({k: v for k, v in stored[m].items() if k not in optimizer} for m in ("trl", "art"))
+    assert {"hn_train/reward", "hn_val/reward", "hn_train/step_seconds", "hn_train/trained_tokens"} <= set(trl)
+    assert set(trl) == set(art), set(trl) ^ set(art)
+    assert trl == art
+    assert stored["trl"]["hn_train/loss"] == trl["hn_train/reward"]
+    art_dir = next(mr.run_dir for mr in runs if mr.method.name == "art")
+    trained = [r["step"] for r in rundir.read_metrics(art_dir)[0] if r["split"] == "train"
+               and not r["extra"].get("skipped")]
+    assert all(stored["art"][k] == trained for k in optimizer & set(stored["art"])), (trained, stored["art"])
+    for mr in runs:
+        assert completions.steps(mr.run_dir) == list(range(1, len(trl["hn_train/reward"]) + 1))
+        tables = [completions.read_step(mr.run_dir, step) for step in completions.steps(mr.run_dir)]
+        assert all(list(rec) == list(completions.COLUMNS) and rec["method"] == mr.method.name
+                   for table in tables for rec in table)
+    schemas = [pq.read_schema(completions.step_path(mr.run_dir, 1)) for mr in runs]
+    assert schemas[0].equals(schemas[1], check_metadata=False)
+
+
+def every_adapter_has_a_card(run_dir: Path) -> None:
+    """Every adapter folder (each checkpoint, final/) carries the run's card, not a placeholder."""
+    folders = [p.parent for p in run_dir.rglob("adapter_config.json")]
+    assert run_dir / "final" in folders and len(folders) >= 2
+    for folder in folders:
+        card = (folder / "README.md").read_text()
+        assert "[None]" not in card and "More Information Needed" not in card, folder
+        assert "## Reward" in card and "Last validation: " in card and "make titles" in card, folder
+        assert "PeftModel.from_pretrained" in card and "models/tiny" in card, folder
+    assert "Last validation: step" in (run_dir / "final" / "README.md").read_text()
 
 
 def study_on_the_demos_runs(tmp_path: Path, args, demo_summary, demo_train_rows) -> None:

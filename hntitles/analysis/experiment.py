@@ -34,7 +34,7 @@ from pathlib import Path
 
 import utils
 from hntitles.analysis import evaluation
-from hntitles.runs import procs, rundir, settings
+from hntitles.runs import procs, rundir, settings, tracking
 
 ROOT = settings.ROOT
 AFTER_DIR = "demo-eval"  # <run dir>/demo-eval: the demo's evaluation of the final adapter
@@ -116,10 +116,15 @@ def curve_flags(recipe: settings.Recipe, points: int) -> list[str]:
     return ["--eval_every", str(every), "--eval_samples", "0"]
 
 
-def trainer_flags(setting: str, recipe: settings.Recipe, curve_points: int, extra: str = "") -> list[str]:
-    """Both trainers' flags: the setting's recipe overrides, the curve's validations, then `extra`."""
+def trainer_flags(setting: str, recipe: settings.Recipe, curve_points: int, extra: str = "",
+                  report_to: str = "") -> list[str]:
+    """Both trainers' flags: the setting's recipe overrides, the curve's validations, the tracker
+    (`report_to`, "" = the recipe's), then `extra`."""
+    if report_to and report_to not in tracking.REPORT_TO:
+        raise SystemExit(f"--report_to {report_to!r}: use one of {', '.join(tracking.REPORT_TO)}")
     flags = [a for k, v in SETTINGS[setting].items() for a in (f"--{k}", v)]
-    return flags + curve_flags(recipe, curve_points) + shlex.split(extra)
+    tracker = ["--report_to", report_to] if report_to else []
+    return flags + curve_flags(recipe, curve_points) + tracker + shlex.split(extra)
 
 
 def method_flags(method: str, setting: str, own: str = "") -> list[str]:

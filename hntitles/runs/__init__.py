@@ -7,5 +7,6 @@
 - `procs`: child processes (the reward server on a free port, trainers streamed to a log);
 - `tracking`: the experiment tracker (`--report_to`: TensorBoard by default, W&B optional), the same keys at the
   same steps for both trainers;
-- `completions`: the rollout tables (`completions/step-N.parquet`), one schema for both trainers.
+- `completions`: the rollout tables (`completions/step-N.parquet`), one schema for both trainers;
+- `model_card`: the card in every adapter folder both trainers save, filled from the run.
 """

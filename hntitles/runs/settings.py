@@ -59,12 +59,16 @@ def load_env(path: str | os.PathLike | None = None) -> None:
     """Load `.env` (never overriding variables already set in the process).
 
     Then, when neither set it: no error reports from weave (installed with openpipe-art, imported
-    by TRL when present) to sentry.io; offline they only retried and warned at every trainer's exit.
+    by TRL when present) to sentry.io; offline they only retried and warned at every trainer's exit;
+    and no datasets progress bars.
     """
     from dotenv import load_dotenv
 
     load_dotenv(path or ROOT / ".env", override=False)
     os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
+    # datasets draws a bar for every map/select over a few dozen rows; the stages print what
+    # loading kept and dropped instead. Set it to 0 to see them.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -237,6 +241,9 @@ class Recipe:
     runs_dir: str = field(default=str(ROOT / "runs"), metadata={"help": "Parent of the run directories."})
     run_name: str = field(default="", metadata={"help": "Run directory name (default: <method>-<recipe>)."})
     seed: int = field(default=42, metadata={"help": "Random seed."})
+    push_to_hub: str = field(default="", metadata={
+        "help": "A Hub repo id (<user or org>/<name>): when the run finishes, upload final/ and its model card there "
+                "(a private repo, created when missing; needs a network and HF_TOKEN). Empty: keep it local."})
     report_to: str = field(default="tensorboard", metadata={
         "help": "Experiment tracker both trainers log to, the same keys at the same steps: tensorboard (offline, "
                 "<run>/tracker/, `make board`), wandb (needs WANDB_API_KEY or WANDB_MODE=offline) or none."})
@@ -256,6 +263,8 @@ class Recipe:
             raise ValueError("num_generations must be >= 2: a group of one has no advantage to learn from")
         if self.prompts_per_step < 1:
             raise ValueError("prompts_per_step must be >= 1")
+        if self.push_to_hub and not _HUB_ID.fullmatch(self.push_to_hub):
+            raise ValueError(f"push_to_hub {self.push_to_hub!r}: use a Hub repo id, <user or org>/<name>")
         if self.report_to not in REPORT_TO:
             raise ValueError(f"unknown report_to {self.report_to!r} (use {', '.join(REPORT_TO)})")
         check_optimizer_knobs(self)

@@ -1,5 +1,6 @@
-"""The TRL trainer's GRPOTrainer: the backend's class, able to resume a multi-process CPU run and
-handing each generation batch's advantages to the run's rollout tables; TRL's tracker callback,
+"""The TRL trainer's GRPOTrainer: the backend's class, able to resume a multi-process CPU run,
+writing the run's model card into every checkpoint, and handing each generation batch's advantages
+to the run's rollout tables; TRL's tracker callback,
 guarded and writing into the run's tracker.
 
     from hntitles.trl.trainer import attach_run, trainer_class
@@ -7,8 +8,10 @@ guarded and writing into the run's tracker.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hntitles.engines import fast_backend
-from hntitles.runs import tracking
+from hntitles.runs import model_card, tracking
 
 
 def attach_run(trainer, reward_log, tracker: tracking.Tracker) -> None:
@@ -20,11 +23,22 @@ def attach_run(trainer, reward_log, tracker: tracking.Tracker) -> None:
     for one that writes with the tracker's writer (TensorBoard: the same event file; W&B: the
     run the tracker started), whose failures the tracker counts instead of raising, and that
     leaves closing to the tracker (after the final validation, which logs after on_train_end).
+
+    The console keeps transformers' progress bar but not the dict of every log it prints under
+    it (30 keys a step): those keys go to the tracker and metrics.jsonl, and the run prints its
+    own one-line validation summaries.
     """
-    from transformers import TrainerCallback
+    from transformers import ProgressCallback, TrainerCallback
     from transformers.integrations import TensorBoardCallback, WandbCallback
 
+    class QuietProgress(ProgressCallback):
+        def on_log(self, *a, **kw):
+            pass
+
     trainer.hn_reward_log = reward_log
+    if any(type(c) is ProgressCallback for c in trainer.callback_handler.callbacks):
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(QuietProgress())
     library = {"tensorboard": TensorBoardCallback, "wandb": WandbCallback}.get(tracker.kind)
     if library is None:
         return
@@ -42,6 +56,24 @@ def attach_run(trainer, reward_log, tracker: tracking.Tracker) -> None:
     trainer.add_callback(Guarded())
 
 
+class CardedCheckpoints:
+    """Checkpoints and the output directory carry the run's model card (model_card.write), not TRL's
+    draft (it names no base model) nor PEFT's empty template."""
+
+    def create_model_card(self, *args, **kwargs):
+        """TRL writes its draft into the output directory before each checkpoint: the run's card instead."""
+        if self.is_world_process_zero():
+            model_card.write(Path(self.args.output_dir), Path(self.args.output_dir), "trl",
+                             self.state.global_step)
+
+    def _save_checkpoint(self, model, trial):
+        """The checkpoint, then its card over the empty template PEFT saved with it."""
+        super()._save_checkpoint(model, trial)
+        folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save and folder.is_dir():
+            model_card.write(folder, Path(self.args.output_dir), "trl", self.state.global_step)
+
+
 def trainer_class(backend: fast_backend.Backend):
     """The backend's GRPOTrainer class (fast_backend.trainer_class), able to resume a
     multi-process CPU run.
@@ -55,7 +87,7 @@ def trainer_class(backend: fast_backend.Backend):
 
     base = fast_backend.trainer_class(backend)
 
-    class RunTrainer(base):
+    class RunTrainer(CardedCheckpoints, base):
         def _generate_and_score_completions(self, inputs):
             output = super()._generate_and_score_completions(inputs)
             log = getattr(self, "hn_reward_log", None)  # this process's advantages, in generation order
