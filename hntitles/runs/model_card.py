@@ -86,7 +86,7 @@ def usage(model: str, shown: str) -> list[str]:
 
 def card_text(run_dir: Path, method: str, step: int, folder: Path) -> str:
     """The card for the adapter in `folder`, trained `step` steps by `method` in `run_dir`."""
-    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+    config = rundir.read_config(run_dir)
     recipe = config.get("recipe", {})
     rows, _ = rundir.read_metrics(run_dir) if (run_dir / rundir.METRICS_FILE).exists() else ([], [])
     hub_id, base = base_model_line(recipe)
@@ -153,7 +153,7 @@ def save_final(run_dir: Path, checkpoint: Path, method: str, step: int) -> Path:
     recipe's `push_to_hub` repo when it names one (settings.HubUnavailable, saying final/ is kept, if that fails)."""
     final = rundir.save_final(run_dir, checkpoint)
     write(final, run_dir, method, step)
-    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+    config = rundir.read_config(run_dir)
     if repo_id := config.get("recipe", {}).get("push_to_hub"):
         try:
             print(f"[{method}] final/ -> https://huggingface.co/{repo_id}: {push(final, repo_id)}")

@@ -69,10 +69,15 @@ def save_config(run_dir: Path, **objs: Any) -> None:
                                   for k, v in objs.items()})
 
 
+def read_config(run_dir: Path) -> dict:
+    """The run's config.json ({} before save_config wrote it)."""
+    path = Path(run_dir) / "config.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def record_in_config(run_dir: Path, **entries) -> None:
     """Add entries to the run's config.json (written by save_config at the start)."""
-    path = Path(run_dir) / "config.json"
-    _write_config(Path(run_dir), {**(json.loads(path.read_text()) if path.exists() else {}), **entries})
+    _write_config(Path(run_dir), {**read_config(run_dir), **entries})
 
 
 def _write_config(run_dir: Path, payload: dict) -> None:
