@@ -163,11 +163,12 @@ test-fast: $(STAMP) ## lint + the tests that load no model and start no process 
 lint: setup ## ruff
 	$(BIN)/ruff check .
 
-bench: setup ## every CPU bench the docs quote (reward server, GRPO step, generation, ART step): ratios
+bench: setup ## every CPU bench the docs quote (reward server, GRPO step, generation, ART step, validation): ratios
 	$(PYTHON) bench/reward_server.py
 	$(PYTHON) bench/grpo_step.py
 	$(PYTHON) bench/generation.py
 	$(PYTHON) bench/art_step.py
+	$(PYTHON) bench/validation.py
 
 clean: ## say what it deletes (asks at a terminal), then delete .venv, .venv-art, models/, runs/, .pytest_cache
 	@echo "deleting: $(VENV) .venv-art models/ (SmolLM2 and the tiny model) runs/ (every run, checkpoint and report) .pytest_cache"

@@ -146,6 +146,23 @@ def test_concurrent_requests_are_all_answered(service):
 # Fidelity: the trainer's logprobs of a served completion equal the server's
 # --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
+def test_greedy_requests_with_their_own_seeds_share_one_batch_and_keep_their_titles(service):
+    """A validation sends one greedy request per story, each with its own seed: they run as one batch
+    (the seed draws nothing at temperature 0), and each title is the one it gets when sent alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [{"model": "t@0", "messages": utils.title_messages(f"Story {i} about {topic}."), "max_tokens": 6,
+               "temperature": 0.0, "seed": 1000 + i}
+              for i, topic in enumerate(["databases", "compilers", "a long night of debugging", "GPUs", "Rust",
+                                         "the history of Unix and its many descendants", "SQLite", "caches"])]
+    alone = [chat(service, b).json()["choices"][0]["message"]["content"] for b in bodies]
+    before = service.server.batches
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = [r.json()["choices"][0]["message"]["content"] for r in pool.map(lambda b: chat(service, b), bodies)]
+    assert together == alone
+    assert service.server.batches - before <= 2  # the first may start alone before the rest arrive
+
 
 def served_group(service, n: int = 3, max_tokens: int = 8, temperature: float = 1.0):
     """A TrajectoryGroup from one served request, rewards i**2 (none at the mean: every trajectory trains)."""

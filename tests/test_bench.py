@@ -59,3 +59,18 @@ def test_gpu_bench_attention_mode_times_each_kernel_and_layout():
                     ["flex_attention", "packed"]], proc.stdout
     assert "_scaled_dot_product" in proc.stdout  # the SDPA kernel that ran is named
     assert proc.stdout.splitlines()[-1].startswith("fastest: ")
+
+
+@pytest.mark.slow
+def test_validation_bench_times_trl_and_both_art_paths(tiny_model, capsys):
+    """bench/validation.py on the tiny recipe: each path generates the val titles and is reported
+    against TRL's (the numbers themselves are the bench's to print, not the test's to assert)."""
+    pytest.importorskip("art")
+    spec = importlib.util.spec_from_file_location("bench_validation", ROOT / "bench" / "validation.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    best = bench.main(bench.ValBenchArgs(recipe="recipes/tiny.yaml", rounds=1))
+    assert list(best) == ["trl", "art", "art, one request at a time"] and all(t > 0 for t in best.values())
+    out = capsys.readouterr().out
+    assert "greedy validation of 4 val stories" in out and out.count("x TRL") == 3

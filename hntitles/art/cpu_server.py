@@ -35,6 +35,7 @@ MAX_N = 64
 MAX_NEW_TOKENS = 4096
 DEFAULT_MAX_TOKENS = 256
 MAX_BATCH_ROWS = 64  # completions generated together by one worker pass
+GATHER_SECONDS = 0.01  # how long the worker waits for more requests before it starts a batch alone
 
 
 # --------------------------------------------------------------------------------------
@@ -153,8 +154,12 @@ class _Job:
     error: RequestError | None = None
 
     def key(self) -> tuple:
+        """Requests with equal keys share a batch. A greedy request's seed draws nothing, so it is not
+        part of the key: a validation's greedy titles (one request per story, each with its own seed)
+        run as one batch instead of one generation per story."""
         p = self.params
-        return (p["model"], p["temperature"], p["max_tokens"], p["stop"], p["logprobs"], p["seed"])
+        seed = None if p["temperature"] == 0 else p["seed"]
+        return (p["model"], p["temperature"], p["max_tokens"], p["stop"], p["logprobs"], seed)
 
 
 class QuietHandler(WSGIRequestHandler):
@@ -183,6 +188,7 @@ class InferenceServer:
         self.port = self.httpd.server_port
         self._threads: list[threading.Thread] = []
         self._stopping = False
+        self.batches = 0  # generations run (a batch of requests is one)
 
     def start(self) -> InferenceServer:
         for target, name in ((self.httpd.serve_forever, "art-cpu-http"), (self._work, "art-cpu-generate")):
@@ -234,6 +240,8 @@ class InferenceServer:
             if job is None:
                 break
             batch, rows = [job], job.params["n"]
+            if self.jobs.empty():  # requests sent together arrive a few ms apart: let them join
+                time.sleep(GATHER_SECONDS)
             while True:  # every request waiting now with the same settings joins the batch
                 try:
                     other = self.jobs.get_nowait()
@@ -255,6 +263,7 @@ class InferenceServer:
 
     def _run(self, batch: list[_Job]) -> None:
         p = batch[0].params
+        self.batches += 1
         try:
             adapter = self.served().get(p["model"])
             if adapter is None:  # the policy moved on while the request waited
