@@ -126,6 +126,7 @@ class Summary:
     pngs: list[Path] = field(default_factory=list)
     report_path: Path | None = None
     spread: dict | None = None      # the latest study's seed spread for this recipe and setting
+    refs: dict[str, evaluation.EvalResult] = field(default_factory=dict)  # real titles, optional endpoint
 
     @property
     def failed(self) -> list[experiment.MethodRun]:
@@ -220,7 +221,9 @@ def _cost(s: Summary) -> list[str]:
                      f"{comparison.fmt(c['step_cpu_seconds'], '.1f')} | "
                      f"{comparison.fmt(c['optimizer_steps'], '.1f')} | "
                      f"{comparison.fmt(c['trained_tokens'], '.0f')} | {c['vals']} x, {c['val_seconds']:.0f} s | "
-                     f"{comparison.fmt_duration(mr.train_wall)}, CPU {mr.train_cpu:.0f} s |")
+                     + (f"{comparison.fmt_duration(experiment.recorded_train_seconds(mr.run_dir, mr.method.name))} "
+                        "when it trained (reused) |" if mr.reused else
+                        f"{comparison.fmt_duration(mr.train_wall)}, CPU {mr.train_cpu:.0f} s |"))
     return lines + ["", "Per step: means over the run's train rows (rollouts, reward and update; validation not "
                     "included). CPU seconds are the trainer process's own; on a shared machine the wall time grows "
                     "with the load while CPU time stays the work done. Trained tokens = completion tokens the loss "
@@ -245,7 +248,9 @@ def _titles(s: Summary, k: int) -> list[str]:
 
 def render_report(s: Summary, show_titles: int = 5) -> str:
     """The demo's report as Markdown (what it prints and writes to demo_report.md)."""
-    lines = _header(s) + _gains(s) + _metrics(s) + _cost(s)
+    gains = {mr.method.title: s.gains[mr.method.name].diff for mr in s.runs if mr.method.name in s.gains}
+    lines = (_header(s) + _gains(s) + comparison.reference_lines(s.before, s.refs, gains, experiment.run_names(
+        s.recipe_path, s.setting)["base"]) + _metrics(s) + _cost(s))
     if s.pngs:
         lines += ["## Curves", "", f"![comparison]({s.pngs[0].name})", "", s.curve, ""]
     lines += _titles(s, show_titles)
@@ -259,10 +264,10 @@ def render_report(s: Summary, show_titles: int = 5) -> str:
     lines += [f"- {mr.method.title}: `{rundir.shown(mr.run_dir)}` (adapter "
               f"`{rundir.shown(mr.checkpoint) if mr.checkpoint else None}`)" for mr in s.runs]
     lines += ["", "| stage | wall time | CPU time |", "|---|---|---|"]
-    lines += [f"| {name} | {comparison.fmt_duration(sec)} | {f'{s.cpu[i]:.0f} s' if i < len(s.cpu) else ''} |"
+    lines += [f"| {name} | {comparison.fmt_duration(sec)} | {comparison.fmt_cpu(s.cpu[i]) if i < len(s.cpu) else ''} |"
               for i, (name, sec) in enumerate(s.stages)]
     lines += [f"| **total** | **{comparison.fmt_duration(sum(sec for _, sec in s.stages))}** | "
-              f"{f'{sum(s.cpu):.0f} s' if s.cpu else ''} |", "",
+              f"{comparison.fmt_cpu(sum(c for c in s.cpu if c == c)) if s.cpu else ''} |", "",
               "CPU time = user + system seconds of the demo and its trainers (not the reward server).", ""]
     if s.machine:
         lines += [s.machine, ""]
@@ -339,6 +344,7 @@ def finish(summary: Summary, args: DemoArgs, dirs: dict[str, Path], curve: str) 
     """Plot, render, write and print the report."""
     summary.curve = curve
     summary.spread = comparison.read_spread(ROOT / args.docs_dir, args.recipe, args.setting)
+    summary.refs = experiment.read_references(dirs["base"])
     summary.pngs = plot_curves(summary, dirs["base"], dirs["demo"])
     text = render_report(summary, args.show_titles)
     summary.report_path = dirs["demo"] / REPORT_FILE
@@ -368,6 +374,7 @@ def main(args: DemoArgs) -> Summary:
         with stages("evaluate untrained (baseline)"):
             before = experiment.evaluate_policy(recipe, dirs["base"].name, "before", "base", 0)
             experiment.write_curve_baseline(dirs["base"], before, recipe.model)
+            experiment.evaluate_reference(recipe, dirs["base"].name)
         for mr in runs:
             with stages(f"train {mr.method.title}"):
                 t0, c0 = time.perf_counter(), experiment.cpu_seconds()
@@ -375,6 +382,7 @@ def main(args: DemoArgs) -> Summary:
                                               {"trl": args.trl_args, "art": args.art_args}[mr.method.name])
                 experiment.train_method(mr, args.recipe, recipe.reward_url, flags + own, recipe.max_steps)
                 mr.train_wall, mr.train_cpu = time.perf_counter() - t0, experiment.cpu_seconds() - c0
+            stages.reused(mr)
         for mr in runs:
             if not mr.error:
                 with stages(f"evaluate {mr.method.title}"):

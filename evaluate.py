@@ -66,15 +66,9 @@ def main_openai(recipe: settings.Recipe, args: EvalArgs) -> evaluation.EvalResul
         generator = OpenAIGenerator(args.openai_model or None, args.openai_base_url or None)
     except OpenAIGeneratorError as e:
         raise SystemExit(f"error: {e}") from None
-    if recipe.validator == "model":
-        model, tokenizer = policy.load_model(recipe.model)
-    else:
-        from transformers import AutoTokenizer
-
-        model, tokenizer = None, AutoTokenizer.from_pretrained(recipe.model)
+    tokenizer, validator = policy.scoring_tools(recipe)
     val, report = utils.load_split(recipe, recipe.val_split, tokenizer, recipe.max_val_stories)
     print(report.summary())
-    validator = policy.make_validator(recipe, model, tokenizer)
     timer = rundir.Timer()
     try:
         result = evaluation.score_val(recipe, generator, val, validator)

@@ -22,7 +22,12 @@ and study.png): each method's gain per seed (a paired bootstrap over stories) an
 ART - TRL the same, the over-seeds intervals two-level (stats.two_level_bootstrap: training seeds and
 stories), the between-seed standard deviation of each gain, how often one run's story-only interval
 missed the mean over seeds, ROUGE-L to the real titles and the top template's share, and the val
-curves with a band per method across seeds. It also writes docs/study-<recipe>[-<setting>].json (the
+curves with a band per method across seeds; the reference rows (the real Hacker News titles of the
+val stories through the same validator, reward and rule; each gain as a share of the gap to them);
+ART - TRL's power (variance components, the minimum detectable difference at 80% power, the seeds
+that would detect 0.05 and 0.02, P(ART > TRL) from the two-level bootstrap; stats.mde); and, last,
+"which method should I use?": gain, spread, difference, cost per step and the independent metrics'
+warnings (a reward gain ROUGE-L does not show; a template whose share doubled: likely reward hacking). It also writes docs/study-<recipe>[-<setting>].json (the
 seed spread, with the date and the commit), which the demo's report quotes next to its one-run verdict.
 """
 
@@ -31,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -43,6 +49,7 @@ from hntitles.analysis import comparison, evaluation, experiment, stats
 from hntitles.runs import procs, rundir, settings
 
 REPORT_FILE = "study_report.md"
+POWER_TARGETS = (0.05, 0.02)  # ART - TRL differences the report says how many seeds would detect
 
 
 @dataclass
@@ -87,6 +94,7 @@ class Study:
     cpu: list[float] = field(default_factory=list)
     machine: str = ""
     parity: dict[str, list[dict]] = field(default_factory=dict)  # variant -> update_parity rows
+    refs: dict[str, evaluation.EvalResult] = field(default_factory=dict)  # real titles, optional endpoint
 
     def done(self, method: str) -> dict[int, evaluation.EvalResult]:
         """seed -> evaluation of `method`'s run, for the runs that finished."""
@@ -142,6 +150,7 @@ def main(args: StudyArgs) -> Study:
                     experiment.train_method(mr, args.recipe, recipe.reward_url, [*flags, "--seed", str(seed), *own],
                                             recipe.max_steps)
                     mr.train_wall, mr.train_cpu = time.perf_counter() - t0, experiment.cpu_seconds() - c0
+                stages.reused(mr)
             for mr in runs[seed]:
                 if not mr.error:
                     with stages(f"seed {seed}: evaluate {mr.method.title}"):
@@ -179,11 +188,14 @@ def same_update(recipe: settings.Recipe, steps: int, cache: Path) -> dict[str, l
 
 def baseline(recipe: settings.Recipe, base_dir: Path) -> evaluation.EvalResult:
     """The untrained model's evaluation: the one on disk (the demo's, or an earlier study's: the
-    evaluation is deterministic), else a new one with its greedy curve baseline."""
+    evaluation is deterministic), else a new one with its greedy curve baseline; and the real titles'
+    reference row likewise."""
     before = evaluation.read_eval(base_dir, "before")
     if before is None:
         before = experiment.evaluate_policy(recipe, base_dir.name, "before", "base", 0)
         experiment.write_curve_baseline(base_dir, before, recipe.model)
+    if evaluation.read_eval(base_dir, experiment.REFERENCE_LABEL) is None:
+        experiment.evaluate_reference(recipe, base_dir.name)
     return before
 
 
@@ -223,6 +235,31 @@ class OverSeeds:
     sd: float  # between-seed standard deviation of the per-seed means (nan below 2 seeds)
     missed: int  # seeds whose story-only interval does not hold the mean over seeds
     rouge: tuple[float, float, float]  # the same, two-level, for ROUGE-L to the real titles
+    p_positive: float = float("nan")  # share of two-level bootstrap means above 0
+    components: dict = field(default_factory=dict)  # stats.variance_components of the (seeds x stories) matrix
+
+    def mde(self) -> float:
+        """The smallest |difference| this design (its seeds x stories) detects at 80% power (nan with 1 seed)."""
+        c = self.components
+        return stats.mde(c, c["S"], c["J"]) if c and c["S"] > 1 else float("nan")
+
+    def seeds_for(self, target: float) -> int | None:
+        """Seeds (on these stories) that detect `target` at 80% power; None when the stories alone cannot."""
+        c = self.components
+        return stats.seeds_needed(c, c["J"], target) if c and c["S"] > 1 else None
+
+    def power_sentence(self) -> str:
+        """What this study could have detected and what it would take, in one sentence."""
+        if not self.components or self.components["S"] < 2:
+            return "With one seed the seed-to-seed variance is unknown: run `make study` (3 seeds) for the power."
+        floor = stats.story_floor(self.components, self.components["J"])
+        parts = [f"this study would detect |d| >= {self.mde():.3f} at 80% power"]
+        for target in POWER_TARGETS:
+            n = self.seeds_for(target)
+            parts.append(f"about {n} seeds would detect {target:.2f}" if n is not None else
+                         f"no number of seeds detects {target:.2f} on these {self.components['J']} stories (the "
+                         f"stories alone set a floor of {floor:.3f}: it takes more val stories)")
+        return "; ".join(parts)
 
     @property
     def line(self) -> str:
@@ -246,7 +283,8 @@ def over_seeds(name: str, before: dict[int, evaluation.EvalResult], after: dict[
     mean, lo, hi = stats.two_level_bootstrap(reward)
     sd = float(np.std([c.diff for c in per_seed.values()], ddof=1)) if len(seeds) > 1 else float("nan")
     missed = sum(not c.lo <= mean <= c.hi for c in per_seed.values())
-    return OverSeeds(name, per_seed, mean, lo, hi, sd, missed, stats.two_level_bootstrap(rouge))
+    return OverSeeds(name, per_seed, mean, lo, hi, sd, missed, stats.two_level_bootstrap(rouge),
+                     stats.prob_positive(reward), stats.variance_components(reward))
 
 
 def summarize(study: Study) -> dict[str, OverSeeds]:
@@ -261,7 +299,8 @@ def spread_record(study: Study, summary: dict[str, OverSeeds]) -> dict:
     """What the demo's report quotes: the seed spread of this study, with its date and commit."""
     def entry(o: OverSeeds) -> dict:
         return {"mean": o.mean, "lo": o.lo, "hi": o.hi, "sd": o.sd, "line": o.line,
-                "per_seed": {str(s): c.diff for s, c in o.per_seed.items()}}
+                "per_seed": {str(s): c.diff for s, c in o.per_seed.items()}, "p_positive": o.p_positive,
+                "mde": o.mde(), **{f"seeds_for_{t}": o.seeds_for(t) for t in POWER_TARGETS}}
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=experiment.ROOT, capture_output=True,
                             text=True).stdout.strip() or "unknown"
@@ -276,11 +315,14 @@ def spread_record(study: Study, summary: dict[str, OverSeeds]) -> dict:
 
 
 def verdict(o: OverSeeds, name: str, ref: str) -> str:
+    """One sentence: detected or not, P(name > ref) from the two-level bootstrap, and the design's power."""
     if o.lo > 0:
-        return f"**{name} is measurably better than {ref} over seeds and stories** ({o.line})."
-    if o.hi < 0:
-        return f"**{name} is measurably worse than {ref} over seeds and stories** ({o.line})."
-    return f"**No measurable difference between {name} and {ref} over seeds and stories** ({o.line})."
+        head = f"**{name} is measurably better than {ref} over seeds and stories** ({o.line})"
+    elif o.hi < 0:
+        head = f"**{name} is measurably worse than {ref} over seeds and stories** ({o.line})"
+    else:
+        head = f"**No difference between {name} and {ref} detected over seeds and stories** ({o.line})"
+    return f"{head}; P({name} > {ref}) = {o.p_positive:.2f} (two-level bootstrap); {o.power_sentence()}."
 
 
 def render(study: Study, summary: dict[str, OverSeeds], png: Path | None) -> str:
@@ -294,13 +336,16 @@ def render(study: Study, summary: dict[str, OverSeeds], png: Path | None) -> str
              "bootstrap (training seeds and stories).", ""]
     if "art-trl" in summary:
         lines += [f"**{summary['art-trl'].line}**", ""]
-    lines += _per_seed(study, summary) + _over_seeds(summary) + _independent(study) + _parity(study)
+    gains = {o.name.removesuffix(" gain"): o.mean for k, o in summary.items() if k != "art-trl"}
+    lines += (_per_seed(study, summary) + _over_seeds(summary) + _power(summary)
+              + comparison.reference_lines(study.before, study.refs, gains, experiment.run_names(
+                  study.recipe_path, study.setting)["base"]) + _independent(study) + _parity(study))
     if png is not None:
         lines += ["## Curves", "", f"![val reward per method across seeds]({png.name})", "",
                   "Greedy-title validation during training; a line per seed, the band spans the seeds.", ""]
     if study.failed:
         lines += ["## Failed", ""] + [f"- seed {s}, {mr.method.title}: {mr.error}" for s, mr in study.failed] + [""]
-    return "\n".join(lines + _runs(study) + ["", study.machine, ""])
+    return "\n".join(lines + _runs(study) + ["", study.machine, ""] + decision(study, summary))
 
 
 def _per_seed(study: Study, summary: dict[str, OverSeeds]) -> list[str]:
@@ -322,6 +367,93 @@ def _over_seeds(summary: dict[str, OverSeeds]) -> list[str]:
     names = {"art-trl": ("ART", "TRL")}
     return lines + [""] + [f"- {verdict(o, *names.get(k, (k.upper(), 'the untrained model')))}"
                            for k, o in summary.items()] + [""]
+
+
+def _power(summary: dict[str, OverSeeds]) -> list[str]:
+    """ART - TRL: the variance components behind its interval, what the design detects, what would settle it."""
+    o = summary.get("art-trl")
+    if o is None or o.components.get("S", 0) < 2:
+        return []
+    c = o.components
+    sd = {k: math.sqrt(c[k]) for k in ("seed", "story", "resid")}
+    cells = [f"{n} seeds" if (n := o.seeds_for(t)) is not None else "no number (story floor)" for t in POWER_TARGETS]
+    return ["## Power (ART - TRL)", "",
+            "Variance components of the (seeds x stories) differences (two-way ANOVA, method of moments); the "
+            "minimum detectable difference (MDE) at 80% power, two-sided 5%, for this design and on these stories "
+            "(stats.mde: the two-level interval's rule, checked against a simulation in tests/test_power.py).", "",
+            "| sd between seeds | sd between stories | sd residual | MDE (this design) | seeds to detect 0.05 | "
+            "seeds to detect 0.02 | P(ART > TRL) |", "|---|---|---|---|---|---|---|",
+            f"| {sd['seed']:.3f} | {sd['story']:.3f} | {sd['resid']:.3f} | {o.mde():.3f} | {cells[0]} | {cells[1]} | "
+            f"{o.p_positive:.2f} |", ""]
+
+
+def decision(study: Study, summary: dict[str, OverSeeds]) -> list[str]:
+    """Which method to use, and why: three or four lines, each claim with its number."""
+    gains = {k: o for k, o in summary.items() if k != "art-trl"}
+    if not gains:
+        return []
+    real = study.refs.get("reference")
+    gap = (comparison.summarize(real)["reward_mean"] - comparison.summarize(study.before)["reward_mean"]
+           if real is not None else float("nan"))
+    cost = {m: [comparison.run_cost(mr.run_dir, m) for rs in study.runs.values() for mr in rs
+                if mr.method.name == m and mr.ok] for m in gains}
+
+    def per_step(m: str, key: str) -> float:
+        vals = [c[key] for c in cost[m] if c[key] is not None]
+        return sum(vals) / len(vals) if vals else float("nan")
+
+    lines = ["## Which method should I use?", ""]
+    lines.append("- **Gain**: " + "; ".join(
+        f"{m.upper()} {comparison.interval(o.mean, o.lo, o.hi)} over {len(o.per_seed)} seeds "
+        f"(sd {comparison.fmt(o.sd, '.3f')})"
+        + (f", {o.mean / gap:.0%} of the gap to the real titles ({gap:+.3f})" if gap > 0 else "")
+        for m, o in gains.items()) + ".")
+    if (d := summary.get("art-trl")) is not None:
+        lines.append(f"- **Difference**: ART - TRL {comparison.interval(d.mean, d.lo, d.hi)}, P(ART > TRL) = "
+                     f"{d.p_positive:.2f}; {d.power_sentence()}.")
+    lines.append("- **Cost per step**: " + "; ".join(
+        f"{m.upper()} {per_step(m, 'step_seconds'):.1f} s wall, {per_step(m, 'step_cpu_seconds'):.1f} s CPU"
+        for m in gains) + " (this machine; validation not included).")
+    lines += [f"- {w}" for w in warnings(study, gains)]
+    lines.append("- **So**: " + choice(summary, {m: per_step(m, "step_cpu_seconds") for m in gains}))
+    return lines + [""]
+
+
+def warnings(study: Study, gains: dict[str, OverSeeds]) -> list[str]:
+    """The independent metrics' objections: a reward gain ROUGE-L does not show, one template taking over."""
+    from hntitles.reward.text_metrics import title_template
+
+    out = []
+    base = comparison.summarize(study.before)
+    for m, o in gains.items():
+        if o.lo > 0 and not o.rouge[1] > 0:
+            out.append(f"**{m.upper()}'s reward rose but ROUGE-L to the real titles did not** "
+                       f"({comparison.interval(*o.rouge)}): its titles did not get closer to the real ones.")
+        for r in study.done(m).values():
+            v = comparison.summarize(r)
+            if v["template_share"] >= 2 * base["template_share"] and v["template_share"] > 0.2:
+                examples = [s.title for s in r.all_scored() if title_template(s.title) == v["template_top"]][:2]
+                out.append(f"**Likely reward hacking ({m.upper()})**: `{v['template_top']}` went from "
+                           f"{base['template_share']:.0%} of the untrained model's titles to "
+                           f"{v['template_share']:.0%} (e.g. {'; '.join(repr(e) for e in examples)}).")
+                break
+    return out
+
+
+def choice(summary: dict[str, OverSeeds], cpu: dict[str, float]) -> str:
+    """The recommendation the numbers support."""
+    d = summary.get("art-trl")
+    if d is None:
+        return "one method only: compare it with the other by running both (`METHODS=trl,art`)."
+    if d.lo > 0 or d.hi < 0:
+        better = "ART" if d.lo > 0 else "TRL"
+        return (f"use {better}: it is measurably better over seeds and stories "
+                f"({comparison.interval(d.mean, d.lo, d.hi)}).")
+    steadier = min((k for k in summary if k != "art-trl"), key=lambda k: summary[k].sd)
+    cheaper = min(cpu, key=lambda k: cpu[k])
+    return (f"no difference is detected, so pick on cost and steadiness: {cheaper.upper()} is cheaper per step "
+            f"({cpu[cheaper]:.1f} s CPU), {steadier.upper()} moves less with the seed (sd "
+            f"{summary[steadier].sd:.3f}); more seeds settle the rest (see Power).")
 
 
 def _independent(study: Study) -> list[str]:
@@ -359,11 +491,14 @@ def _runs(study: Study) -> list[str]:
     lines = ["## Runs and time", ""] + [f"- seed {s}, {mr.method.title}: `{rundir.shown(mr.run_dir)}`"
                                         for s, rs in study.runs.items() for mr in rs]
     lines += ["", "| stage | wall time | CPU time |", "|---|---|---|"]
-    lines += [f"| {name} | {comparison.fmt_duration(sec)} | {cpu:.0f} s |"
+    lines += [f"| {name} | {comparison.fmt_duration(sec)} | {comparison.fmt_cpu(cpu)} |"
               for (name, sec), cpu in zip(study.stages, study.cpu, strict=True)]
     if study.stages:
         lines += [f"| **total** | **{comparison.fmt_duration(sum(sec for _, sec in study.stages))}** | "
-                  f"{sum(study.cpu):.0f} s |"]
+                  f"{comparison.fmt_cpu(sum(c for c in study.cpu if c == c))} |"]
+    if any(mr.reused for rs in study.runs.values() for mr in rs):
+        lines += ["", "A reused run trained nothing in this invocation: its row is the time it took when it trained "
+                  "(its metrics' wall time); the total counts it."]
     return lines
 
 
@@ -404,6 +539,8 @@ def plot(study: Study, out: Path) -> Path | None:
 def finish(study: Study, study_dir: Path, docs_dir: Path) -> Study:
     """Compute, plot, write the report and the seed spread; print the per-seed table and the one line."""
     summary = summarize(study)
+    study.refs = experiment.read_references(study_dir.parent / experiment.run_names(
+        study.recipe_path, study.setting)["base"])
     study_dir.mkdir(parents=True, exist_ok=True)
     png = plot(study, study_dir / "study.png")
     text = render(study, summary, png)

@@ -219,6 +219,19 @@ def test_report_of_both_methods(tmp_path):
     assert "## Failed" not in text and demo.exit_code(s, strict=False) == 0
 
 
+def test_reference_rows_give_each_gain_as_a_share_of_the_gap_to_the_real_titles(tmp_path):
+    s = _summary(tmp_path, art_fails=False)
+    s.refs = {"reference": _result([b + 0.4 for b in BEFORE], samples=0)}
+    text = demo.render_report(s, show_titles=0)
+    assert "| untrained model | 0.302 |" in text and "| real Hacker News titles | 0.703 |" in text
+    assert "Gap from the untrained model to the real titles: +0.400. TRL GRPOTrainer +0.100 = 25% of it; " \
+           "ART loop (CPU engine) +0.050 = 12% of it." in text
+    assert "| prompted endpoint (optional) | not run: set `OPENAI_*`" in text
+    s.refs = {"reference": _result([b - 0.1 for b in BEFORE], samples=0), "openai": _result(BEFORE, samples=0)}
+    text = demo.render_report(s, show_titles=0)
+    assert "already scores 0.100 above the real titles" in text and "| prompted endpoint (optional) | 0.302 |" in text
+
+
 def test_report_when_one_method_fails_mid_run(tmp_path):
     s = _summary(tmp_path, art_fails=True)
     text = demo.render_report(s, show_titles=2)  # no crash
@@ -362,7 +375,11 @@ def test_demo_end_to_end_on_the_tiny_recipe_then_resume(tmp_path, monkeypatch, c
     assert (s.report_path.parent / "compare.png").read_bytes()[:4] == b"\x89PNG"
     base_rows, _ = rundir.read_metrics(tmp_path / "base-tiny")
     assert [(r["method"], r["step"], r["extra"]["label"]) for r in base_rows] == [
-        ("base", 0, "before"), ("base", 0, experiment.CURVE_LABEL)]
+        ("base", 0, "before"), ("base", 0, experiment.CURVE_LABEL), ("reference", 0, experiment.REFERENCE_LABEL)]
+    real = evaluation.read_eval(tmp_path / "base-tiny", experiment.REFERENCE_LABEL)  # the real titles, scored
+    assert [g.title for g in real.greedy] == [r["title"] for r in real.rows]
+    assert len(real.rows) == recipe.max_val_stories
+    assert "| real Hacker News titles |" in report and "| prompted endpoint (optional) | not run" in report
     for mr in s.runs:
         rows, _ = rundir.read_metrics(mr.run_dir)
         val = [r for r in rows if r["split"] == "val"]
@@ -397,7 +414,7 @@ def test_demo_end_to_end_on_the_tiny_recipe_then_resume(tmp_path, monkeypatch, c
     for mr in s2.runs:
         assert [r for r in rundir.read_metrics(mr.run_dir)[0] if r["split"] == "train"] == train_rows[mr.method.name]
         assert len(rundir.read_metrics(mr.run_dir / experiment.AFTER_DIR)[0]) == 1
-    assert len(rundir.read_metrics(tmp_path / "base-tiny")[0]) == 2
+    assert len(rundir.read_metrics(tmp_path / "base-tiny")[0]) == 3
     study_on_the_demos_runs(tmp_path, args, s2, train_rows)
 
 
@@ -485,6 +502,11 @@ def study_on_the_demos_runs(tmp_path: Path, args, demo_summary, demo_train_rows)
         assert any(not (adapters[0][k] == adapters[1][k]).all() for k in adapters[0])
     report = (tmp_path / "study-tiny-aligned" / study.REPORT_FILE).read_text()
     assert "**ART - TRL over 2 seeds x 4 stories: " in report and "| 43 |" in report
+    for mr in result.runs[42]:  # the reused runs show what they cost when they trained, marked reused
+        took = comparison.fmt_duration(experiment.recorded_train_seconds(mr.run_dir, mr.method.name))
+        stage = f"seed 42: train {mr.method.title} (reused: its time when it trained)"
+        assert f"| {stage} | {took} | not recorded" in report
+    assert "| real Hacker News titles |" in report
     spread = json.loads((docs / "study-tiny-aligned.json").read_text())
     assert spread["seeds"] == [42, 43] and spread["commit"] and spread["art-trl"]["line"] in report
     quoted = demo.main(dataclasses.replace(args, fresh=False, report_only=True, docs_dir=str(docs)))

@@ -9,6 +9,8 @@ What the demo's report (and the study's) says about two policies comes from here
   ROUGE-L does not confirm, titles collapsing onto one template, a copy fraction that rose);
 - `run_cost(run_dir, method)`: per-step cost means from a run's train rows (`row_cost` reads our
   own extras first, then ART's step metrics);
+- `reference_lines`: the untrained model, the real titles and an optional prompted endpoint on the same
+  reward, and each gain as a share of the gap to the real titles;
 - `interval`, `fmt`, `fmt_duration`: how the reports print numbers;
 - `spread_path`, `read_spread`, `spread_lines`: the seed spread the latest study measured
   (docs/study-<recipe>[-<setting>].json), which the demo's one-run report quotes.
@@ -102,6 +104,37 @@ def verdict(cmp: Comparison, name: str, ref: str) -> str:
     return out
 
 
+def reference_lines(before: evaluation.EvalResult, refs: dict[str, evaluation.EvalResult],
+                    gains: dict[str, float], base_name: str) -> list[str]:
+    """The report's reference rows: what the untrained model, the real Hacker News titles and (when a user
+    scored one) a prompted endpoint get on the same stories, reward and rule; each method's gain as a share
+    of the gap between the untrained model and the real titles."""
+    lines = ["## References: what a title scores on this reward", "",
+             "| titles | val reward | ROUGE-L to the real title | top template's share |", "|---|---|---|---|"]
+    named = {"untrained": ("untrained model", before), "reference": ("real Hacker News titles", refs.get("reference")),
+             "openai": ("prompted endpoint (optional)", refs.get("openai"))}
+    for key, (label, result) in named.items():
+        if result is None:
+            if key == "openai":
+                lines.append(f"| {label} | not run: set `OPENAI_*` and run `python evaluate.py --generator openai "
+                             f"--run_name {base_name} --label openai` | | |")
+            continue
+        v = summarize(result)
+        lines.append(f"| {label} | {v['reward_mean']:.3f} | {v['rouge_l_mean']:.3f} | "
+                     f"{v['template_share']:.0%} (`{v['template_top']}`) |")
+    real = refs.get("reference")
+    if real is None:
+        return lines + ["", "The real titles were not scored (an older run): run the demo again for this row.", ""]
+    gap = summarize(real)["reward_mean"] - summarize(before)["reward_mean"]
+    lines.append("")
+    if gap <= 0:
+        return lines + [f"The untrained model already scores {-gap:.3f} above the real titles on this reward, so a "
+                        "gain is no step toward them: read it with ROUGE-L.", ""]
+    shares = "; ".join(f"{name} {gain:+.3f} = {gain / gap:.0%} of it" for name, gain in gains.items())
+    return lines + [f"Gap from the untrained model to the real titles: {gap:+.3f}. " + (shares + "." if shares else ""),
+                    ""]
+
+
 # Where each cost lives in a train row's extras: our own key first, then ART's metrics of the
 # step (LocalBackend reports gradient steps and the assistant tokens it packed for training).
 COST_KEYS = {"optimizer_steps": ("optimizer_steps", "train_metrics/data/step_num_gradient_steps"),
@@ -146,6 +179,15 @@ def run_cost(run_dir: Path, method: str) -> dict:
 def fmt(x, spec: str) -> str:
     """`x` formatted, or n/a for a missing or non-finite number."""
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def fmt_cpu(seconds: float) -> str:
+    """A stage's CPU seconds; a reused stage's (not recorded: NaN) shows as such.
+
+    >>> fmt_cpu(12.4), fmt_cpu(float("nan"))
+    ('12 s', 'not recorded (reused)')
+    """
+    return "not recorded (reused)" if seconds != seconds else f"{seconds:.0f} s"
 
 
 def fmt_duration(seconds: float) -> str:

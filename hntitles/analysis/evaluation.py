@@ -3,6 +3,7 @@
 - `evaluate_generator`: for each story, one greedy title and `samples` sampled ones from any
   utils.Generator, each scored by the shared reward rule (utils.score_completions) -> `EvalResult`;
 - `score_val`: the same from sync code, against the recipe's reward server;
+- `score_titles`: given titles (the real ones: the reports' reference row) through the same rule;
 - `eval_metrics_row`, `write_eval`, `read_eval`: the shared-schema row and eval/<label>.jsonl (the
   titles beside the originals), and back;
 - `eval_summary`: one line for logs; `greedy_only`: the greedy part of an evaluation.
@@ -95,6 +96,22 @@ async def evaluate_generator(generator: generation.Generator, rows: Sequence[dic
         per_story.append(rest[i:i + len(cs)])
         i += len(cs)
     return EvalResult(greedy=g, sampled=per_story, rows=rows)
+
+
+def score_titles(recipe: Recipe, rows: Sequence[dict], titles: Sequence[str], validator) -> EvalResult:
+    """Given titles (one per story, e.g. the real Hacker News ones) through the same validator,
+    reward server and reward rule as every policy's: the reference row of a report."""
+    client = utils.RewardClient(recipe.reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
+
+    async def run():
+        try:
+            await client.health()
+            return await utils.score_completions(client, validator, list(rows), list(titles), recipe.trailing_penalty)
+        finally:
+            await client.aclose()
+
+    scored = asyncio.run(run())
+    return EvalResult(greedy=scored, sampled=[[] for _ in rows], rows=[dict(r) for r in rows])
 
 
 def eval_metrics_row(result: EvalResult, *, method: str, step: int, wall_time: float, run: str = "",

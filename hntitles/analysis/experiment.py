@@ -38,6 +38,8 @@ from hntitles.runs import procs, rundir, settings, tracking
 
 ROOT = settings.ROOT
 AFTER_DIR = "demo-eval"  # <run dir>/demo-eval: the demo's evaluation of the final adapter
+REFERENCE_LABEL = "reference"  # <base dir>/eval/reference.jsonl: the real titles, scored
+OPENAI_LABEL = "openai"  # <base dir>/eval/openai.jsonl: a prompted endpoint's titles (optional)
 CURVE_LABEL = "before-greedy"  # the baseline's greedy titles: the in-training curve's protocol
 
 
@@ -161,6 +163,23 @@ def evaluate_policy(recipe: settings.Recipe, run_name: str, label: str, method: 
     return result
 
 
+def evaluate_reference(recipe: settings.Recipe, run_name: str) -> evaluation.EvalResult:
+    """The val stories' real titles through the same validator, reward server and rule (policy.evaluate_reference)
+    into runs/<run_name>/eval/reference.jsonl: the reports' reference row."""
+    from hntitles.engines import policy
+
+    result = policy.evaluate_reference(dataclasses.replace(copy.deepcopy(recipe), run_name=run_name), REFERENCE_LABEL)
+    print(f"[{REFERENCE_LABEL}] real titles: {evaluation.eval_summary(result)}")
+    return result
+
+
+def read_references(base_dir: Path) -> dict[str, evaluation.EvalResult]:
+    """The reference evaluations beside the untrained model's: the real titles (always written by the
+    demo and the study) and a prompted endpoint's (eval/openai.jsonl, when a user ran evaluate.py for it)."""
+    found = {label: evaluation.read_eval(base_dir, label) for label in (REFERENCE_LABEL, OPENAI_LABEL)}
+    return {label: r for label, r in found.items() if r is not None}
+
+
 def evaluated_adapter(run_dir: Path) -> str | None:
     """The adapter whose full-protocol evaluation is in <run_dir>/demo-eval (its metrics row says), or None."""
     if not (run_dir / AFTER_DIR / "eval" / "after.jsonl").exists():
@@ -213,6 +232,7 @@ class MethodRun:
     result: evaluation.EvalResult | None = None
     train_wall: float = 0.0       # this invocation's training stage
     train_cpu: float = 0.0
+    reused: bool = False          # the run had all its steps before this invocation: nothing was trained
 
     @property
     def ok(self) -> bool:
@@ -242,6 +262,12 @@ def last_line(log: Path) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
+def recorded_train_seconds(run_dir: Path, method: str) -> float:
+    """How long the run took when it trained: its last metrics row's wall time (training and its validations)."""
+    rows, _ = rundir.read_metrics(run_dir)
+    return max((float(r["wall_time"]) for r in rows if r["method"] == method), default=0.0)
+
+
 def train_method(mr: MethodRun, recipe_path: str, url: str, flags: Sequence[str], max_steps: int) -> None:
     """Run the method's trainer to the end; on failure record why (the demo goes on)."""
     script = ROOT / mr.method.script
@@ -249,6 +275,7 @@ def train_method(mr: MethodRun, recipe_path: str, url: str, flags: Sequence[str]
            "--run_name", mr.run_dir.name, *mr.method.args, *flags]
     print("$ " + shlex.join(cmd), flush=True)
     mr.run_dir.mkdir(parents=True, exist_ok=True)
+    mr.reused = trained_steps(mr.run_dir, mr.method.name) >= max_steps
     mr.code = procs.stream(cmd, mr.run_dir / "demo_train.log") if script.exists() else 127
     mr.step = trained_steps(mr.run_dir, mr.method.name)
     mr.checkpoint = find_checkpoint(mr.run_dir)
@@ -316,6 +343,15 @@ class Stages:
             self.done.append((name, time.perf_counter() - t0))
             self.cpu.append(cpu_seconds() - c0)
             print(f"=== {name}: {self.done[-1][1]:.0f}s (CPU {self.cpu[-1]:.0f}s) ===", flush=True)
+
+    def reused(self, mr: MethodRun) -> None:
+        """The last stage trained nothing (its run was complete): it shows what the run cost when it trained,
+        marked reused, instead of the seconds this rerun spent finding that out (CPU: not recorded)."""
+        if mr.reused and not mr.error:
+            name, _ = self.done[-1]
+            self.done[-1] = (f"{name} (reused: its time when it trained)", recorded_train_seconds(mr.run_dir,
+                                                                                                mr.method.name))
+            self.cpu[-1] = float("nan")
 
 
 @contextlib.contextmanager

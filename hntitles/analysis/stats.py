@@ -6,6 +6,10 @@
 - `bootstrap_ci(values)`: the same interval for one list's mean (None below 2 values);
 - `two_level_bootstrap(matrix)`: the mean of a (seeds x stories) matrix and a 95% interval that
   covers both the training seed's variance and the stories' (resample seeds, then stories);
+  `prob_positive(matrix)`: the share of those resampled means above 0 (P(ART > TRL));
+- power of the rule "the two-level interval excludes 0": `variance_components(matrix)` (seed, story,
+  residual variances), `standard_error`, `mde` (the minimum detectable difference for S seeds and J
+  stories), `story_floor` (the mde with infinitely many seeds) and `seeds_needed`;
 - `is_finite_number`: what a score, a reward or a metric must be.
 
     python -c "from hntitles.analysis import stats; print(stats.paired_bootstrap([0.3, 0.5, 0.4], [0.1, 0.2, 0.3]))"
@@ -113,6 +117,17 @@ def two_level_bootstrap(matrix: Sequence[Sequence[float]], n_boot: int = N_BOOT,
     """
     import numpy as np
 
+    data, boots = _two_level_means(matrix, n_boot, seed)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return float(data.mean()), float(lo), float(hi)
+
+
+def _two_level_means(matrix: Sequence[Sequence[float]], n_boot: int, seed: int):
+    """(data, means): `matrix` as a float array and the `n_boot` two-level resampled means (stories
+    drawn once per resample and shared by every seed, then seeds), what the interval and
+    `prob_positive` read."""
+    import numpy as np
+
     data = np.asarray(matrix, dtype=float)
     if data.ndim != 2 or data.shape[1] < 2:
         raise ValueError(f"a two-level interval needs a (seeds x stories) matrix with >= 2 stories, got {data.shape}")
@@ -120,6 +135,120 @@ def two_level_bootstrap(matrix: Sequence[Sequence[float]], n_boot: int = N_BOOT,
     seeds, stories = data.shape
     picked_stories = rng.integers(0, stories, size=(n_boot, 1, stories))  # one draw, shared by every seed
     picked_seeds = rng.integers(0, seeds, size=(n_boot, seeds, 1))
-    boots = data[picked_seeds, picked_stories].mean(axis=(1, 2))
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return float(data.mean()), float(lo), float(hi)
+    return data, data[picked_seeds, picked_stories].mean(axis=(1, 2))
+
+
+def prob_positive(matrix: Sequence[Sequence[float]], n_boot: int = N_BOOT, seed: int = 0) -> float:
+    """The share of two-level resampled means (as in `two_level_bootstrap`, same draws) above 0:
+    P(ART > TRL) when `matrix` is ART - TRL per (seed, story).
+
+    >>> prob_positive([[0.1, 0.3, 0.2], [0.4, 0.6, 0.5]]), prob_positive([[-0.1, -0.3], [-0.2, -0.4]])
+    (1.0, 0.0)
+    """
+    _, boots = _two_level_means(matrix, n_boot, seed)
+    return float((boots > 0).mean())
+
+
+# Power of the study's rule: "ART and TRL differ when the two-level 95% interval excludes 0", for the
+# model d[s][j] = mu + a_s + b_j + e_sj (a_s ~ N(0, seed), b_j ~ N(0, story), e_sj ~ N(0, resid)).
+
+def variance_components(matrix: Sequence[Sequence[float]]) -> dict[str, float]:
+    """{"seed", "story", "resid", "S", "J"}: the variance components of a (seeds x stories) matrix.
+
+    Method of moments from the two-way ANOVA without replication: resid = MS_resid,
+    seed = max(0, (MS_seed - MS_resid) / J), story = max(0, (MS_story - MS_resid) / S). The mean
+    squares are written out in numpy (statsmodels' anova_lm would give the same; it is not a
+    dependency). With one seed the seed variance cannot be estimated (nan) and the seed x story
+    residual cannot be told from the story variance: `story` is their sum (the sample variance
+    across stories) and `resid` 0, which `standard_error` reads the same way for one seed.
+
+    >>> variance_components([[0, 2], [2, 4]])
+    {'seed': 2.0, 'story': 2.0, 'resid': 0.0, 'S': 2, 'J': 2}
+    >>> variance_components([[0, 2, 4]])
+    {'seed': nan, 'story': 4.0, 'resid': 0.0, 'S': 1, 'J': 3}
+    """
+    import numpy as np
+
+    data = np.asarray(matrix, dtype=float)
+    if data.ndim != 2 or data.shape[0] < 1 or data.shape[1] < 2:
+        raise ValueError(f"variance components need a (seeds x stories) matrix with >= 2 stories, got {data.shape}")
+    seeds, stories = data.shape
+    if seeds == 1:
+        return {"seed": float("nan"), "story": float(data[0].var(ddof=1)), "resid": 0.0, "S": 1, "J": stories}
+    grand, rows, cols = data.mean(), data.mean(axis=1, keepdims=True), data.mean(axis=0, keepdims=True)
+    ms_seed = stories * float(((rows - grand) ** 2).sum()) / (seeds - 1)
+    ms_story = seeds * float(((cols - grand) ** 2).sum()) / (stories - 1)
+    ms_resid = float(((data - rows - cols + grand) ** 2).sum()) / ((seeds - 1) * (stories - 1))
+    return {"seed": max(0.0, (ms_seed - ms_resid) / stories), "story": max(0.0, (ms_story - ms_resid) / seeds),
+            "resid": ms_resid, "S": seeds, "J": stories}
+
+
+def standard_error(components: dict[str, float], seeds: int, stories: int) -> float:
+    """The standard error of the mean difference over `seeds` x `stories` crossed runs:
+    sqrt(seed / S + story / J + resid / (S J)). A nan seed variance (components of one seed) counts as
+    0: the estimate then leaves out seed-to-seed variance, so it is too small for any S.
+
+    >>> round(standard_error({"seed": 0.02 ** 2, "story": 0.08 ** 2, "resid": 0.06 ** 2}, 3, 24), 4)
+    0.0212
+    """
+    if seeds < 1 or stories < 1:
+        raise ValueError(f"a standard error needs >= 1 seed and >= 1 story, got {seeds} and {stories}")
+    seed = components["seed"]
+    seed = 0.0 if math.isnan(seed) else seed
+    return math.sqrt(seed / seeds + components["story"] / stories + components["resid"] / (seeds * stories))
+
+
+def _z_sum(power: float, alpha: float) -> float:
+    """z_{1-alpha/2} + z_{power}: how many standard errors a detectable difference is (scipy's quantiles)."""
+    from scipy.stats import norm
+
+    if not (0 < alpha < 1 and 0 < power < 1):
+        raise ValueError(f"power and alpha must lie in (0, 1), got {power} and {alpha}")
+    return float(norm.ppf(1 - alpha / 2) + norm.ppf(power))
+
+
+def mde(components: dict[str, float], seeds: int, stories: int, power: float = 0.8, alpha: float = 0.05) -> float:
+    """The minimum detectable effect: the smallest |mean difference| a two-sided test at `alpha`
+    detects with probability `power`, (z_{1-alpha/2} + z_power) * `standard_error`.
+
+    A normal-theory (z) formula. It describes the study's rule (the `two_level_bootstrap` interval
+    excludes 0) when the story variance dominates, as in the study: there, with S = 3 and 6 seeds and
+    24 stories, the bootstrap's spread is ~the true standard error (its (S-1)/S shrink of the seed
+    term is offset by the crossed resampling counting the residual more than once), and simulated
+    power at the mde is ~0.8 with a ~0.06 false-positive rate (tests/test_power.py). When the seed
+    variance dominates and S is small, the percentile interval is too narrow (one seed variance from
+    S - 1 df, read with z): the rule then rejects more often than `alpha` (simulated with seed 0.08^2,
+    story 0.02^2, resid 0.06^2, 24 stories: 0.24 at S = 3, 0.13 at S = 6), so its power at the mde
+    exceeds `power` (0.86, 0.84), but through false positives.
+
+    >>> c = {"seed": 0.02 ** 2, "story": 0.08 ** 2, "resid": 0.06 ** 2}
+    >>> round(mde(c, 3, 24), 4), round(mde(c, 6, 24), 4)
+    (0.0594, 0.053)
+    """
+    return _z_sum(power, alpha) * standard_error(components, seeds, stories)
+
+
+def story_floor(components: dict[str, float], stories: int, power: float = 0.8, alpha: float = 0.05) -> float:
+    """The mde with infinitely many seeds, (z_{1-alpha/2} + z_power) * sqrt(story / J): the story
+    variance does not shrink with seeds, so no number of seeds detects a smaller difference.
+
+    >>> round(story_floor({"seed": 0.02 ** 2, "story": 0.08 ** 2, "resid": 0.06 ** 2}, 24), 4)
+    0.0457
+    """
+    if stories < 1:
+        raise ValueError(f"a story floor needs >= 1 story, got {stories}")
+    return _z_sum(power, alpha) * math.sqrt(components["story"] / stories)
+
+
+def seeds_needed(components: dict[str, float], stories: int, target: float, power: float = 0.8,
+                 alpha: float = 0.05, most: int = 1000) -> int | None:
+    """The smallest number of seeds S >= 2 whose `mde` is <= `target`; None when even `most` seeds
+    cannot get there (always when `target` <= `story_floor`: then only more stories help).
+
+    >>> c = {"seed": 0.02 ** 2, "story": 0.08 ** 2, "resid": 0.06 ** 2}
+    >>> seeds_needed(c, 24, 0.06), seeds_needed(c, 24, 0.05), seeds_needed(c, 24, 0.04)
+    (3, 11, None)
+    """
+    if target <= story_floor(components, stories, power, alpha):
+        return None
+    return next((s for s in range(2, most + 1) if mde(components, s, stories, power, alpha) <= target), None)

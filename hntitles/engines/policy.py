@@ -7,6 +7,9 @@ model is scored by one procedure (evaluation.score_val) with one validator:
   (fast_backend.load_policy is the other direction: the trainable LoRA policy of a training run);
 - `make_validator(recipe, model, tokenizer)`: the validator the recipe names ('embedding', or
   'model': utils.LLMValidator with the adapter disabled, i.e. the base model answers);
+- `scoring_tools(recipe)`: the val tokenizer and the validator, loading the model only if the validator needs it;
+- `evaluate_reference(recipe)`: the val stories' real titles through the same validator and reward
+  (<run>/eval/reference.jsonl: the reports' reference row);
 - `evaluate_policy(recipe, ...)`: load, validate on the val split with generation.HFGenerator,
   write <run>/metrics.jsonl and <run>/eval/<label>.jsonl (what `make eval` and the demo's
   evaluations do).
@@ -79,3 +82,31 @@ def evaluate_policy(recipe: settings.Recipe, adapter: str = "", label: str = "ev
     row = evaluation.eval_metrics_row(result, method=method, step=step, wall_time=timer(), run=run_dir.name,
                                  extra={"label": label, "adapter": adapter, "model": recipe.model})
     return result, evaluation.write_eval(run_dir, label, result, row)
+
+
+def scoring_tools(recipe: settings.Recipe):
+    """(tokenizer, validator) for scoring titles that come from elsewhere: the recipe's tokenizer picks
+    the val stories (the same length filter as for the trained policies); its model is loaded only
+    if the validator needs it."""
+    if recipe.validator == "model":
+        model, tokenizer = load_model(recipe.model)
+    else:
+        from transformers import AutoTokenizer
+
+        with settings.hub_errors(recipe.model):
+            model, tokenizer = None, AutoTokenizer.from_pretrained(recipe.model)
+    return tokenizer, make_validator(recipe, model, tokenizer)
+
+
+def evaluate_reference(recipe: settings.Recipe, label: str = "reference") -> evaluation.EvalResult:
+    """The val stories' real titles scored like every policy's (validator, reward server, reward rule):
+    what a good title scores on this reward. Written to <run>/eval/<label>.jsonl with its metrics row."""
+    tokenizer, validator = scoring_tools(recipe)
+    val, _ = utils.load_split(recipe, recipe.val_split, tokenizer, recipe.max_val_stories)
+    timer = rundir.Timer()
+    result = evaluation.score_titles(recipe, val, [str(r["title"]) for r in val], validator)
+    run_dir = rundir.run_dir_for(recipe, "eval")
+    row = evaluation.eval_metrics_row(result, method="reference", step=0, wall_time=timer(), run=run_dir.name,
+                                      extra={"label": label, "titles": "the real Hacker News titles"})
+    evaluation.write_eval(run_dir, label, result, row)
+    return result
