@@ -27,8 +27,9 @@ val stories through the same validator, reward and rule; each gain as a share of
 ART - TRL's power (variance components, the minimum detectable difference at 80% power, the seeds
 that would detect 0.05 and 0.02, P(ART > TRL) from the two-level bootstrap; stats.mde); and, last,
 "which method should I use?": gain, spread, difference, cost per step and the independent metrics'
-warnings (a reward gain ROUGE-L does not show; a template whose share doubled: likely reward hacking). It also writes docs/study-<recipe>[-<setting>].json (the
-seed spread, with the date and the commit), which the demo's report quotes next to its one-run verdict.
+warnings (a reward gain ROUGE-L does not show; a template whose share doubled: likely reward hacking).
+It also writes docs/study-<recipe>[-<setting>].json (the seed spread and the power, with the date and
+the commit), which the demo's report quotes next to its one-run verdict.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import pytest
 import demo
 import utils
 from hntitles.analysis import comparison, evaluation, experiment, grpo_semantics, stats
-from hntitles.runs import procs, rundir, settings
+from hntitles.runs import costs, procs, rundir, settings
 from hntitles.trl import config as trl_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "runs"
@@ -252,7 +252,7 @@ def test_report_when_one_method_fails_mid_run(tmp_path):
     ({}, "step_cpu_seconds", None),                                                      # not logged: n/a
 ])
 def test_row_cost(extra, name, expected):
-    assert comparison.row_cost({"extra": extra}, name) == expected
+    assert costs.row_cost({"extra": extra}, name) == expected
 
 
 @pytest.mark.integration

@@ -7,7 +7,7 @@ What the demo's report (and the study's) says about two policies comes from here
   real titles, and each side's numbers (`summarize`);
 - `verdict(comparison, name, ref)`: one sentence, with the independent metrics' warnings (a gain
   ROUGE-L does not confirm, titles collapsing onto one template, a copy fraction that rose);
-- `run_cost(run_dir, method)`: per-step cost means from a run's train rows (`row_cost` reads our
+- `run_cost(run_dir, method)`: per-step cost means from a run's train rows (costs.row_cost reads our
   own extras first, then ART's step metrics);
 - `reference_lines`: the untrained model, the real titles and an optional prompted endpoint on the same
   reward, and each gain as a share of the gap to the real titles;
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import utils
 from hntitles.analysis import evaluation, stats
-from hntitles.runs import rundir
+from hntitles.runs import costs, rundir
 
 
 @dataclass
@@ -135,33 +135,8 @@ def reference_lines(before: evaluation.EvalResult, refs: dict[str, evaluation.Ev
                     ""]
 
 
-# Where each cost lives in a train row's extras: our own key first, then ART's metrics of the
-# step (LocalBackend reports gradient steps and the assistant tokens it packed for training).
-COST_KEYS = {"optimizer_steps": ("optimizer_steps", "train_metrics/data/step_num_gradient_steps"),
-             "trained_tokens": ("trained_tokens", "train_metrics/data/step_trainer_tokens"),
-             "step_seconds": ("step_seconds",), "step_cpu_seconds": ("step_cpu_seconds",)}
-
-
-def _number(x) -> float | None:
-    ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-    return float(x) if ok else None
-
-
-def row_cost(row: dict, name: str) -> float | None:
-    """One cost of one train row (COST_KEYS), None when the trainer did not log it."""
-    extra = row.get("extra") or {}
-    if extra.get("skipped") and name in ("optimizer_steps", "trained_tokens"):
-        return 0.0  # an ART step whose groups could not teach: skipped untrained
-    for key in COST_KEYS[name]:
-        section, _, sub = key.partition("/")
-        value = (extra.get(section) or {}).get(sub) if sub else extra.get(key)
-        if _number(value) is not None:
-            return _number(value)
-    return None
-
-
 def mean_cost(rows: Sequence[dict], name: str) -> float | None:
-    vals = [v for v in (row_cost(r, name) for r in rows) if v is not None]
+    vals = [v for v in (costs.row_cost(r, name) for r in rows) if v is not None]
     return sum(vals) / len(vals) if vals else None
 
 
@@ -172,7 +147,7 @@ def run_cost(run_dir: Path, method: str) -> dict:
     by_step = {r["step"]: r for r in rows if r["split"] == "train" and r["method"] == method}
     train = [by_step[k] for k in sorted(by_step)]
     val = [r for r in rows if r["split"] == "val" and r["method"] == method]
-    return {"steps": len(train), **{name: mean_cost(train, name) for name in COST_KEYS},
+    return {"steps": len(train), **{name: mean_cost(train, name) for name in costs.COST_KEYS},
             "val_seconds": sum((r.get("extra") or {}).get("eval_seconds") or 0.0 for r in val), "vals": len(val)}
 
 

@@ -8,5 +8,6 @@
 - `tracking`: the experiment tracker (`--report_to`: TensorBoard by default, W&B optional), the same keys at the
   same steps for both trainers;
 - `completions`: the rollout tables (`completions/step-N.parquet`), one schema for both trainers;
+- `costs`: what one training step cost, read from a metrics row (the reports and the tracker alike);
 - `model_card`: the card in every adapter folder both trainers save, filled from the run.
 """

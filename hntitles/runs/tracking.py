@@ -32,6 +32,8 @@ import sys
 import uuid
 from pathlib import Path
 
+from hntitles.runs import costs
+
 REPORT_TO = ("tensorboard", "wandb", "none", "trackio")
 TRACKER_DIR = "tracker"  # under the run directory: the tracker's data lives with the run it describes
 TRACKIO_REFUSED = ("trackio 0.43 pins pillow<13, and this stack runs pillow 13 (torchvision and the plots use it): "
@@ -60,9 +62,8 @@ def shared_scalars(row: dict) -> dict[str, float]:
     prefix = f"hn_{row['split']}/"
     out = {prefix + name: row[key] for key, name in ROW_KEYS.items() if key in row}
     extra = dict(row.get("extra") or {})
-    if row["split"] == "train" and "trained_tokens" not in extra:  # ART: the tokens its packer trained on
-        extra["trained_tokens"] = 0 if extra.get("skipped") else (extra.get("train_metrics") or {}).get(
-            "data/step_trainer_tokens")
+    if row["split"] == "train":  # ART's: the tokens its packer trained on (costs.row_cost's rule)
+        extra["trained_tokens"] = costs.row_cost(row, "trained_tokens")
     out.update({prefix + name: extra[key] for key, name in EXTRA_KEYS.items() if extra.get(key) is not None})
     if extra.get("trained_tokens") is not None and extra.get("step_seconds"):
         out[prefix + "tokens_per_second"] = extra["trained_tokens"] / extra["step_seconds"]
