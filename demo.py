@@ -132,6 +132,10 @@ class Summary:
     def failed(self) -> list[experiment.MethodRun]:
         return [mr for mr in self.runs if not mr.ok]
 
+    @property
+    def before_mean(self) -> float:
+        return comparison.summarize(self.before)["reward_mean"]
+
 
 def compute(summary: Summary) -> Summary:
     """Each finished method vs the untrained model, and ART - TRL when both finished."""
@@ -246,6 +250,39 @@ def _titles(s: Summary, k: int) -> list[str]:
     return lines + [""]
 
 
+def _decision(s: Summary) -> list[str]:
+    """Which method should I use, and why: this run's numbers, then what a verdict needs (the latest study's)."""
+    if not s.gains:
+        return []
+    real = s.refs.get("reference")
+    gap = comparison.summarize(real)["reward_mean"] - s.before_mean if real is not None else float("nan")
+    lines = ["## Which method should I use?", "", "- **This run's gain** (one training seed): " + "; ".join(
+        f"{m.upper()} {comparison.interval(c.diff, c.lo, c.hi)}" + (f", {c.diff / gap:.0%} of the gap to the real "
+                                                                  f"titles ({gap:+.3f})" if gap > 0 else "")
+        for m, c in s.gains.items()) + "."]
+    cost = {mr.method.name: comparison.run_cost(mr.run_dir, mr.method.name) for mr in s.runs if mr.ok}
+    lines.append("- **Cost per step**: " + "; ".join(
+        f"{m.upper()} {comparison.fmt(c['step_seconds'], '.1f')} s wall, {comparison.fmt(c['step_cpu_seconds'], '.1f')}"
+        " s CPU" for m, c in cost.items()) + " (this machine; validation not included).")
+    for m, c in s.gains.items():
+        if c.significant and not c.rouge_confirms:
+            lines.append(f"- **{m.upper()}'s reward rose but ROUGE-L to the real titles did not** "
+                         f"({comparison.interval(c.rouge_diff, c.rouge_lo, c.rouge_hi)}).")
+        mr = next(mr for mr in s.runs if mr.method.name == m)
+        if flag := comparison.template_takeover(s.before, mr.result, m.upper()):
+            lines.append(f"- {flag}")
+    d = (s.spread or {}).get("art-trl")
+    if s.art_vs_trl is not None and d is not None:
+        power = (f", P(ART > TRL) = {d['p_positive']:.2f}, it would detect |d| >= {d['mde']:.3f}"
+                 if d.get("mde") is not None and d.get("p_positive") is not None else "")
+        this = comparison.interval(s.art_vs_trl.diff, s.art_vs_trl.lo, s.art_vs_trl.hi)
+        lines.append(f"- **So**: one seed decides nothing (this run: ART - TRL {this}). The latest study: "
+                     f"{d['line']}{power}; its report closes with the choice over seeds.")
+    elif s.art_vs_trl is not None:
+        lines.append("- **So**: one seed decides nothing; `make study` trains 3 seeds and says which method to use.")
+    return lines + [""]
+
+
 def render_report(s: Summary, show_titles: int = 5) -> str:
     """The demo's report as Markdown (what it prints and writes to demo_report.md)."""
     gains = {mr.method.title: s.gains[mr.method.name].diff for mr in s.runs if mr.method.name in s.gains}
@@ -271,7 +308,7 @@ def render_report(s: Summary, show_titles: int = 5) -> str:
               "CPU time = user + system seconds of the demo and its trainers (not the reward server).", ""]
     if s.machine:
         lines += [s.machine, ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _decision(s))
 
 
 def plot_curves(summary: Summary, base_dir: Path, out_dir: Path) -> list[Path]:

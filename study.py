@@ -422,21 +422,14 @@ def decision(study: Study, summary: dict[str, OverSeeds]) -> list[str]:
 
 def warnings(study: Study, gains: dict[str, OverSeeds]) -> list[str]:
     """The independent metrics' objections: a reward gain ROUGE-L does not show, one template taking over."""
-    from hntitles.reward.text_metrics import title_template
-
     out = []
-    base = comparison.summarize(study.before)
     for m, o in gains.items():
         if o.lo > 0 and not o.rouge[1] > 0:
             out.append(f"**{m.upper()}'s reward rose but ROUGE-L to the real titles did not** "
                        f"({comparison.interval(*o.rouge)}): its titles did not get closer to the real ones.")
         for r in study.done(m).values():
-            v = comparison.summarize(r)
-            if v["template_share"] >= 2 * base["template_share"] and v["template_share"] > 0.2:
-                examples = [s.title for s in r.all_scored() if title_template(s.title) == v["template_top"]][:2]
-                out.append(f"**Likely reward hacking ({m.upper()})**: `{v['template_top']}` went from "
-                           f"{base['template_share']:.0%} of the untrained model's titles to "
-                           f"{v['template_share']:.0%} (e.g. {'; '.join(repr(e) for e in examples)}).")
+            if flag := comparison.template_takeover(study.before, r, m.upper()):
+                out.append(flag)
                 break
     return out
 

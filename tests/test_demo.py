@@ -196,6 +196,10 @@ def _summary(tmp_path, art_fails: bool) -> demo.Summary:
     return demo.compute(s)
 
 
+def gain_text(g: tuple[float, float, float]) -> str:
+    return f"{g[0]:+.3f} [{g[1]:+.3f}, {g[2]:+.3f}]"
+
+
 def test_report_of_both_methods(tmp_path):
     s = _summary(tmp_path, art_fails=False)
     text = demo.render_report(s, show_titles=3)
@@ -217,6 +221,9 @@ def test_report_of_both_methods(tmp_path):
     assert "ROUGE-L to the real title (not in the reward)" in text and "top template's share" in text
     assert grpo_semantics.markdown() in text and "Setting: **framework defaults" in text
     assert "## Failed" not in text and demo.exit_code(s, strict=False) == 0
+    decision = text[text.index("## Which method should I use?"):]  # the report closes with it
+    assert f"- **This run's gain** (one training seed): TRL {gain_text(gain)}; ART " in decision
+    assert f"TRL {sec:.1f} s wall" in decision and "one seed decides nothing; `make study` trains 3 seeds" in decision
 
 
 def test_reference_rows_give_each_gain_as_a_share_of_the_gap_to_the_real_titles(tmp_path):
@@ -227,6 +234,7 @@ def test_reference_rows_give_each_gain_as_a_share_of_the_gap_to_the_real_titles(
     assert "Gap from the untrained model to the real titles: +0.400. TRL GRPOTrainer +0.100 = 25% of it; " \
            "ART loop (CPU engine) +0.050 = 12% of it." in text
     assert "| prompted endpoint (optional) | not run: set `OPENAI_*`" in text
+    assert "TRL +0.100 [" in text and "], 25% of the gap to the real titles (+0.400)" in text
     s.refs = {"reference": _result([b - 0.1 for b in BEFORE], samples=0), "openai": _result(BEFORE, samples=0)}
     text = demo.render_report(s, show_titles=0)
     assert "already scores 0.100 above the real titles" in text and "| prompted endpoint (optional) | 0.302 |" in text

@@ -9,6 +9,7 @@ What the demo's report (and the study's) says about two policies comes from here
   ROUGE-L does not confirm, titles collapsing onto one template, a copy fraction that rose);
 - `run_cost(run_dir, method)`: per-step cost means from a run's train rows (costs.row_cost reads our
   own extras first, then ART's step metrics);
+- `template_takeover`: the reward-hacking flag (one template's share doubled), with examples;
 - `reference_lines`: the untrained model, the real titles and an optional prompted endpoint on the same
   reward, and each gain as a share of the gap to the real titles;
 - `interval`, `fmt`, `fmt_duration`: how the reports print numbers;
@@ -102,6 +103,19 @@ def verdict(cmp: Comparison, name: str, ref: str) -> str:
     if cmp.copy_rose and cmp.significant:
         out += " **The copy fraction rose**: part of the gain may come from copying the article."
     return out
+
+
+def template_takeover(before: evaluation.EvalResult, after: evaluation.EvalResult, name: str) -> str | None:
+    """A warning when one title skeleton's share at least doubled (and is over 20%): likely reward hacking,
+    with two of the titles as examples; None otherwise."""
+    from hntitles.reward.text_metrics import title_template
+
+    b, a = summarize(before), summarize(after)
+    if not (a["template_share"] >= 2 * b["template_share"] and a["template_share"] > 0.2):
+        return None
+    examples = [x.title for x in after.all_scored() if title_template(x.title) == a["template_top"]][:2]
+    return (f"**Likely reward hacking ({name})**: `{a['template_top']}` went from {b['template_share']:.0%} of the "
+            f"untrained model's titles to {a['template_share']:.0%} (e.g. {'; '.join(repr(e) for e in examples)}).")
 
 
 def reference_lines(before: evaluation.EvalResult, refs: dict[str, evaluation.EvalResult],
