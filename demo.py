@@ -132,10 +132,6 @@ class Summary:
     def failed(self) -> list[experiment.MethodRun]:
         return [mr for mr in self.runs if not mr.ok]
 
-    @property
-    def before_mean(self) -> float:
-        return comparison.summarize(self.before)["reward_mean"]
-
 
 def compute(summary: Summary) -> Summary:
     """Each finished method vs the untrained model, and ART - TRL when both finished."""
@@ -254,11 +250,9 @@ def _decision(s: Summary) -> list[str]:
     """Which method should I use, and why: this run's numbers, then what a verdict needs (the latest study's)."""
     if not s.gains:
         return []
-    real = s.refs.get("reference")
-    gap = comparison.summarize(real)["reward_mean"] - s.before_mean if real is not None else float("nan")
+    gap = comparison.real_title_gap(s.before, s.refs)
     lines = ["## Which method should I use?", "", "- **This run's gain** (one training seed): " + "; ".join(
-        f"{m.upper()} {comparison.interval(c.diff, c.lo, c.hi)}" + (f", {c.diff / gap:.0%} of the gap to the real "
-                                                                  f"titles ({gap:+.3f})" if gap > 0 else "")
+        f"{m.upper()} {comparison.interval(c.diff, c.lo, c.hi)}{comparison.gap_share(c.diff, gap)}"
         for m, c in s.gains.items()) + "."]
     cost = {mr.method.name: comparison.run_cost(mr.run_dir, mr.method.name) for mr in s.runs if mr.ok}
     lines.append("- **Cost per step**: " + "; ".join(

@@ -393,9 +393,7 @@ def decision(study: Study, summary: dict[str, OverSeeds]) -> list[str]:
     gains = {k: o for k, o in summary.items() if k != "art-trl"}
     if not gains:
         return []
-    real = study.refs.get("reference")
-    gap = (comparison.summarize(real)["reward_mean"] - comparison.summarize(study.before)["reward_mean"]
-           if real is not None else float("nan"))
+    gap = comparison.real_title_gap(study.before, study.refs)
     cost = {m: [comparison.run_cost(mr.run_dir, m) for rs in study.runs.values() for mr in rs
                 if mr.method.name == m and mr.ok] for m in gains}
 
@@ -406,9 +404,7 @@ def decision(study: Study, summary: dict[str, OverSeeds]) -> list[str]:
     lines = ["## Which method should I use?", ""]
     lines.append("- **Gain**: " + "; ".join(
         f"{m.upper()} {comparison.interval(o.mean, o.lo, o.hi)} over {len(o.per_seed)} seeds "
-        f"(sd {comparison.fmt(o.sd, '.3f')})"
-        + (f", {o.mean / gap:.0%} of the gap to the real titles ({gap:+.3f})" if gap > 0 else "")
-        for m, o in gains.items()) + ".")
+        f"(sd {comparison.fmt(o.sd, '.3f')}){comparison.gap_share(o.mean, gap)}" for m, o in gains.items()) + ".")
     if (d := summary.get("art-trl")) is not None:
         lines.append(f"- **Difference**: ART - TRL {comparison.interval(d.mean, d.lo, d.hi)}, P(ART > TRL) = "
                      f"{d.p_positive:.2f}; {d.power_sentence()}.")

@@ -118,6 +118,17 @@ def template_takeover(before: evaluation.EvalResult, after: evaluation.EvalResul
             f"untrained model's titles to {a['template_share']:.0%} (e.g. {'; '.join(repr(e) for e in examples)}).")
 
 
+def real_title_gap(before: evaluation.EvalResult, refs: dict[str, evaluation.EvalResult]) -> float:
+    """The real titles' mean val reward minus the untrained model's (nan when the real titles were not scored)."""
+    real = refs.get("reference")
+    return summarize(real)["reward_mean"] - summarize(before)["reward_mean"] if real is not None else float("nan")
+
+
+def gap_share(gain: float, gap: float) -> str:
+    """The text ", N% of the gap to the real titles (+G)" for a positive gap; empty otherwise."""
+    return f", {gain / gap:.0%} of the gap to the real titles ({gap:+.3f})" if gap > 0 else ""
+
+
 def reference_lines(before: evaluation.EvalResult, refs: dict[str, evaluation.EvalResult],
                     gains: dict[str, float], base_name: str) -> list[str]:
     """The report's reference rows: what the untrained model, the real Hacker News titles and (when a user
@@ -136,10 +147,9 @@ def reference_lines(before: evaluation.EvalResult, refs: dict[str, evaluation.Ev
         v = summarize(result)
         lines.append(f"| {label} | {v['reward_mean']:.3f} | {v['rouge_l_mean']:.3f} | "
                      f"{v['template_share']:.0%} (`{v['template_top']}`) |")
-    real = refs.get("reference")
-    if real is None:
+    if refs.get("reference") is None:
         return lines + ["", "The real titles were not scored (an older run): run the demo again for this row.", ""]
-    gap = summarize(real)["reward_mean"] - summarize(before)["reward_mean"]
+    gap = real_title_gap(before, refs)
     lines.append("")
     if gap <= 0:
         return lines + [f"The untrained model already scores {-gap:.3f} above the real titles on this reward, so a "

@@ -101,17 +101,11 @@ async def evaluate_generator(generator: generation.Generator, rows: Sequence[dic
 def score_titles(recipe: Recipe, rows: Sequence[dict], titles: Sequence[str], validator) -> EvalResult:
     """Given titles (one per story, e.g. the real Hacker News ones) through the same validator,
     reward server and reward rule as every policy's: the reference row of a report."""
-    client = utils.RewardClient(recipe.reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
+    async def work(client):
+        scored = await utils.score_completions(client, validator, list(rows), list(titles), recipe.trailing_penalty)
+        return EvalResult(greedy=scored, sampled=[[] for _ in rows], rows=[dict(r) for r in rows])
 
-    async def run():
-        try:
-            await client.health()
-            return await utils.score_completions(client, validator, list(rows), list(titles), recipe.trailing_penalty)
-        finally:
-            await client.aclose()
-
-    scored = asyncio.run(run())
-    return EvalResult(greedy=scored, sampled=[[] for _ in rows], rows=[dict(r) for r in rows])
+    return scored_with_server(recipe, work)
 
 
 def eval_metrics_row(result: EvalResult, *, method: str, step: int, wall_time: float, run: str = "",
@@ -125,20 +119,26 @@ def eval_metrics_row(result: EvalResult, *, method: str, step: int, wall_time: f
                                        **(extra or {})})
 
 
-def score_val(recipe: Recipe, generator: generation.Generator, val: Sequence[dict], validator) -> EvalResult:
-    """The shared validation (evaluate_generator) against the recipe's reward server, from sync code."""
+def scored_with_server(recipe: Recipe, work) -> EvalResult:
+    """`await work(client)` from sync code with a reward client on the recipe's server (checked by /health
+    first, closed after): the one place evaluations open and close their client."""
     client = utils.RewardClient(recipe.reward_url, timeout=recipe.reward_timeout, retries=recipe.reward_retries)
 
     async def run():
         try:
             await client.health()
-            return await evaluate_generator(
-                generator, list(val), client, validator, recipe.eval_samples,
-                recipe.max_completion_tokens, recipe.temperature, recipe.trailing_penalty, utils.stop_strings(recipe))
+            return await work(client)
         finally:
             await client.aclose()
 
     return asyncio.run(run())
+
+
+def score_val(recipe: Recipe, generator: generation.Generator, val: Sequence[dict], validator) -> EvalResult:
+    """The shared validation (evaluate_generator) against the recipe's reward server, from sync code."""
+    return scored_with_server(recipe, lambda client: evaluate_generator(
+        generator, list(val), client, validator, recipe.eval_samples, recipe.max_completion_tokens,
+        recipe.temperature, recipe.trailing_penalty, utils.stop_strings(recipe)))
 
 
 def write_eval(run_dir: str | os.PathLike, label: str, result: EvalResult, row: dict) -> Path:
