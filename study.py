@@ -50,6 +50,7 @@ from hntitles.analysis import comparison, evaluation, experiment, stats
 from hntitles.runs import procs, rundir, settings
 
 REPORT_FILE = "study_report.md"
+STAGES_FILE = "stages.json"  # the last full run's stage times, for --report_only
 POWER_TARGETS = (0.05, 0.02)  # ART - TRL differences the report says how many seeds would detect
 
 
@@ -215,6 +216,12 @@ def reread(args: StudyArgs, recipe, seeds: list[int], base_dir: Path, runs: dict
         mr.result = evaluation.read_eval(mr.run_dir / experiment.AFTER_DIR, "after")
         if mr.result is None:
             mr.error = f"no evaluation at {mr.run_dir / experiment.AFTER_DIR} (training failed or not run)"
+    stages = Path(recipe.runs_dir) / experiment.run_names(args.recipe, args.setting)["study"] / STAGES_FILE
+    if stages.exists():  # the stage times of the run that trained them
+        saved = json.loads(stages.read_text(encoding="utf-8"))
+        return Study(recipe=recipe, recipe_path=args.recipe, setting=args.setting, seeds=seeds, before=before,
+                     runs=runs, stages=[tuple(x) for x in saved["stages"]], cpu=saved["cpu"],
+                     machine=saved["machine"] + " Report rebuilt from the evaluations on disk (--report_only).")
     return Study(recipe=recipe, recipe_path=args.recipe, setting=args.setting, seeds=seeds, before=before,
                  runs=runs, machine="Rebuilt from the evaluations on disk (--report_only): no stage times.")
 
@@ -315,15 +322,17 @@ def spread_record(study: Study, summary: dict[str, OverSeeds]) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-def verdict(o: OverSeeds, name: str, ref: str) -> str:
-    """One sentence: detected or not, P(name > ref) from the two-level bootstrap, and the design's power."""
+def verdict(o: OverSeeds, name: str, ref: str, power: bool = False) -> str:
+    """One sentence: detected or not, P(name > ref) from the two-level bootstrap, and (`power`: for ART - TRL,
+    where a difference may be too small to see) what this design detects and what would settle it."""
     if o.lo > 0:
         head = f"**{name} is measurably better than {ref} over seeds and stories** ({o.line})"
     elif o.hi < 0:
         head = f"**{name} is measurably worse than {ref} over seeds and stories** ({o.line})"
     else:
         head = f"**No difference between {name} and {ref} detected over seeds and stories** ({o.line})"
-    return f"{head}; P({name} > {ref}) = {o.p_positive:.2f} (two-level bootstrap); {o.power_sentence()}."
+    return f"{head}; P({name} > {ref}) = {o.p_positive:.2f} (two-level bootstrap)" + (
+        f"; {o.power_sentence()}." if power else ".")
 
 
 def render(study: Study, summary: dict[str, OverSeeds], png: Path | None) -> str:
@@ -366,7 +375,7 @@ def _over_seeds(summary: dict[str, OverSeeds]) -> list[str]:
         lines.append(f"| {o.name} | **{comparison.interval(o.mean, o.lo, o.hi)}** | {comparison.fmt(o.sd, '.3f')} | "
                      f"{o.missed} of {len(o.per_seed)} seeds | {comparison.interval(*o.rouge)} |")
     names = {"art-trl": ("ART", "TRL")}
-    return lines + [""] + [f"- {verdict(o, *names.get(k, (k.upper(), 'the untrained model')))}"
+    return lines + [""] + [f"- {verdict(o, *names.get(k, (k.upper(), 'the untrained model')), power=k == 'art-trl')}"
                            for k, o in summary.items()] + [""]
 
 
@@ -486,7 +495,7 @@ def _runs(study: Study) -> list[str]:
     if study.stages:
         lines += [f"| **total** | **{comparison.fmt_duration(sum(sec for _, sec in study.stages))}** | "
                   f"{comparison.fmt_cpu(sum(c for c in study.cpu if c == c))} |"]
-    if any(mr.reused for rs in study.runs.values() for mr in rs):
+    if any("(reused" in name for name, _ in study.stages):
         lines += ["", "A reused run trained nothing in this invocation: its row is the time it took when it trained "
                   "(its metrics' wall time); the total counts it."]
     return lines
@@ -532,6 +541,9 @@ def finish(study: Study, study_dir: Path, docs_dir: Path) -> Study:
     study.refs = experiment.read_references(study_dir.parent / experiment.run_names(
         study.recipe_path, study.setting)["base"])
     study_dir.mkdir(parents=True, exist_ok=True)
+    if study.stages:  # what --report_only shows again: the stage times of the run that trained
+        (study_dir / STAGES_FILE).write_text(json.dumps({"stages": study.stages, "cpu": study.cpu,
+                                                         "machine": study.machine}) + "\n", encoding="utf-8")
     png = plot(study, study_dir / "study.png")
     text = render(study, summary, png)
     (study_dir / REPORT_FILE).write_text(text, encoding="utf-8")

@@ -514,7 +514,12 @@ def study_on_the_demos_runs(tmp_path: Path, args, demo_summary, demo_train_rows)
         took = comparison.fmt_duration(experiment.recorded_train_seconds(mr.run_dir, mr.method.name))
         stage = f"seed 42: train {mr.method.title} (reused: its time when it trained)"
         assert f"| {stage} | {took} | not recorded" in report
-    assert "| real Hacker News titles |" in report
+    assert "| real Hacker News titles |" in report and "## Power (ART - TRL)" in report
+    study.main(study.StudyArgs(recipe=args.recipe, methods=METHODS_E2E, seeds=2, threads=1, docs_dir=str(docs),
+                               parity_steps=0, report_only=True))  # again from disk: the stage times kept
+    again = (tmp_path / "study-tiny-aligned" / study.REPORT_FILE).read_text()
+    assert again.split("## Runs and time")[1].split("Machine:")[0] == report.split("## Runs and time")[1].split(
+        "Machine:")[0]
     spread = json.loads((docs / "study-tiny-aligned.json").read_text())
     assert spread["seeds"] == [42, 43] and spread["commit"] and spread["art-trl"]["line"] in report
     quoted = demo.main(dataclasses.replace(args, fresh=False, report_only=True, docs_dir=str(docs)))
