@@ -123,7 +123,8 @@ def main(args: StudyArgs) -> Study:
     runs = {s: [experiment.MethodRun(experiment.METHODS[m], runs_dir / run_name(args, recipe, s, m)) for m in methods]
             for s in seeds}
     if args.report_only:
-        return finish(reread(args, recipe, seeds, base_dir, runs), study_dir, experiment.ROOT / args.docs_dir)
+        study = reread(args, recipe, seeds, base_dir, study_dir, runs)
+        return finish(study, study_dir, experiment.ROOT / args.docs_dir)
     if args.fresh:
         for path in [base_dir, study_dir, *(mr.run_dir for rs in runs.values() for mr in rs)]:
             shutil.rmtree(path, ignore_errors=True)
@@ -206,7 +207,7 @@ def run_name(args: StudyArgs, recipe: settings.Recipe, seed: int, method: str) -
     return experiment.run_names(args.recipe, args.setting, None if seed == recipe.seed else seed)[method]
 
 
-def reread(args: StudyArgs, recipe, seeds: list[int], base_dir: Path, runs: dict) -> Study:
+def reread(args: StudyArgs, recipe, seeds: list[int], base_dir: Path, study_dir: Path, runs: dict) -> Study:
     """The study from the evaluations on disk (no server, no training, no generation)."""
     before = evaluation.read_eval(base_dir, "before")
     if before is None:
@@ -216,7 +217,7 @@ def reread(args: StudyArgs, recipe, seeds: list[int], base_dir: Path, runs: dict
         mr.result = evaluation.read_eval(mr.run_dir / experiment.AFTER_DIR, "after")
         if mr.result is None:
             mr.error = f"no evaluation at {mr.run_dir / experiment.AFTER_DIR} (training failed or not run)"
-    stages = Path(recipe.runs_dir) / experiment.run_names(args.recipe, args.setting)["study"] / STAGES_FILE
+    stages = study_dir / STAGES_FILE
     if stages.exists():  # the stage times of the run that trained them
         saved = json.loads(stages.read_text(encoding="utf-8"))
         return Study(recipe=recipe, recipe_path=args.recipe, setting=args.setting, seeds=seeds, before=before,
