@@ -298,3 +298,68 @@ def test_hf_generator_stops_at_the_first_line_break(smollm):
     # the same samples up to the first break: stopping changes where they end, not what they say
     for s, f in zip(stopped, free, strict=True):
         assert f.startswith(s.rstrip("\n")), (s, f)
+
+
+@pytest.mark.slow
+def test_greedy_and_sampled_from_one_prefill_equal_two_passes(smollm):
+    """An evaluation's greedy and sampled titles from one prefill per story are the titles of the
+    two separate passes under the same seed, batch boundaries and a repeated prompt included."""
+    import torch
+
+    model, tok, _ = smollm
+    bodies = ["Researchers found that a decades-old sorting routine in the C library had a quadratic worst case.",
+              "We rewrote our build system in a weekend and cut CI times from forty minutes to six.",
+              "A new open-source database stores time series in columnar files on object storage."]
+    convs = [utils.title_messages(b) for b in bodies + bodies[:1]]  # 4 stories: two batches of 3, one repeated
+    g = generation.HFGenerator(model, tok, batch_size=3, progress=False)
+    kw = dict(n=3, temperature=0.8, max_tokens=10, stop=("\n",))
+    torch.manual_seed(7)
+    greedy = [c[0] for c in g.generate(convs, n=1, temperature=0.0, max_tokens=10, stop=("\n",))]
+    sampled = g.generate(convs, **kw)
+    torch.manual_seed(7)
+    both = g.generate_greedy_and_sampled(convs, **kw)
+    assert both == (greedy, sampled)
+    assert greedy[0] == greedy[3] and len({t for s in sampled for t in s}) > 3  # greedy repeats; samples differ
+
+
+def test_evaluation_uses_one_prefill_when_the_generator_offers_it():
+    """evaluate_generator asks a generator with generate_greedy_and_sampled for both at once, and any
+    other generator (an endpoint) for two passes; a greedy-only evaluation is one pass either way."""
+    import asyncio
+
+    from hntitles.analysis import evaluation
+
+    calls = []
+
+    class Plain:
+        name = "plain"
+
+        def generate(self, convs, n, temperature, max_tokens, stop=()):
+            calls.append(("generate", n, temperature))
+            return [[f"t{i}-{j}" for j in range(n)] for i in range(len(convs))]
+
+    class Both(Plain):
+        def generate_greedy_and_sampled(self, convs, n, temperature, max_tokens, stop=()):
+            calls.append(("both", n, temperature))
+            return [f"t{i}-0" for i in range(len(convs))], [[f"t{i}-{j}" for j in range(n)] for i in range(len(convs))]
+
+    class Client:
+        async def score(self, stories):
+            return [0.5] * len(stories)
+
+    async def score_completions(client, validator, rows, titles, penalty):
+        return [utils.Scored(title=t, rm=0.5, matches=True, trailing=False, reward=0.5) for t in titles]
+
+    rows = [{"scraped_body": "a body", "title": "real"}] * 2
+    results = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(utils, "score_completions", score_completions)
+        for gen, samples in ((Plain(), 2), (Both(), 2), (Both(), 0)):
+            calls.clear()
+            r = asyncio.run(evaluation.evaluate_generator(gen, rows, Client(), None, samples, 8, 0.7))
+            results[(gen.name, type(gen).__name__, samples)] = (list(calls), [s.title for s in r.greedy],
+                                                                 [[s.title for s in ss] for ss in r.sampled])
+    assert results[("plain", "Plain", 2)][0] == [("generate", 1, 0.0), ("generate", 2, 0.7)]
+    assert results[("plain", "Both", 2)][0] == [("both", 2, 0.7)]
+    assert results[("plain", "Both", 0)][0] == [("generate", 1, 0.0)]
+    assert results[("plain", "Plain", 2)][1:] == results[("plain", "Both", 2)][1:]

@@ -84,9 +84,13 @@ async def evaluate_generator(generator: generation.Generator, rows: Sequence[dic
     rows = [dict(r) for r in rows]
     convs = [utils.title_messages(r["scraped_body"]) for r in rows]
     stop = tuple(stop)
-    greedy = [c[0] for c in generator.generate(convs, n=1, temperature=0.0, max_tokens=max_tokens, stop=stop)]
-    sampled = (generator.generate(convs, n=samples, temperature=temperature, max_tokens=max_tokens, stop=stop)
-               if samples else [[] for _ in rows])
+    both = getattr(generator, "generate_greedy_and_sampled", None)  # one prefill per story (HFGenerator)
+    if samples and both is not None:
+        greedy, sampled = both(convs, n=samples, temperature=temperature, max_tokens=max_tokens, stop=stop)
+    else:
+        greedy = [c[0] for c in generator.generate(convs, n=1, temperature=0.0, max_tokens=max_tokens, stop=stop)]
+        sampled = (generator.generate(convs, n=samples, temperature=temperature, max_tokens=max_tokens, stop=stop)
+                   if samples else [[] for _ in rows])
     flat_rows = rows + [r for r, cs in zip(rows, sampled, strict=True) for _ in cs]
     flat = greedy + [c for cs in sampled for c in cs]
     scored = await utils.score_completions(client, validator, flat_rows, flat, trailing_penalty)

@@ -4,6 +4,7 @@ A GRPO group is num_generations copies of one prompt; HF generate prefills every
 
 - `generate_shared_prefix(model, prompt_ids, pad)`: new tokens for every row, one prefill per
   distinct prompt (the KV cache copied out to its rows); the TRL trainer's rollouts use it;
+  `generate_passes`: several generate() calls (greedy, then sampled) from one prefill;
 - `sample_completions(model, tokenizer, prompts, counts, ...)`: n completions per prompt with the
   raw per-token logprobs an OpenAI-compatible server returns (the ART CPU engine's server);
 - `Generator`: what every title writer promises (a local model, an OpenAI-compatible endpoint);
@@ -78,6 +79,20 @@ def generate_shared_prefix(model, prompt_ids: Sequence[Sequence[int]], pad_token
 
     Returns a LongTensor (rows, new tokens), right-padded with pad_token_id by generate().
     """
+    (out,) = generate_passes(model, prompt_ids, pad_token_id, [generate_kwargs])
+    return out
+
+
+def generate_passes(model, prompt_ids: Sequence[Sequence[int]], pad_token_id: int, passes: Sequence[dict],
+                    rows: Sequence[Sequence[int]] | None = None):
+    """generate_shared_prefix for several generate() calls over the same prompts, prefilled once
+    for all of them: pass k continues the rows of `rows[k]` (indices into `prompt_ids`; default:
+    every row) with the generate kwargs `passes[k]`. An evaluation's greedy and sampled titles of a
+    story share one prefill this way (HFGenerator.generate_greedy_and_sampled). Each pass gets
+    exactly what generate_shared_prefix would have given it alone: the same cache, and the RNG
+    consumed by the passes in order. Returns one LongTensor per pass."""
+    import copy
+
     import torch
     from transformers import DynamicCache
 
@@ -85,20 +100,26 @@ def generate_shared_prefix(model, prompt_ids: Sequence[Sequence[int]], pad_token
     index = torch.tensor([position.setdefault(tuple(p), len(position)) for p in prompt_ids], device=model.device)
     ids, mask = (t.to(model.device) for t in left_pad(list(position), pad_token_id))
     width = ids.shape[1]
-    if "generation_config" not in generate_kwargs:  # a GenerationConfig carries its own pad id
-        generate_kwargs["pad_token_id"] = pad_token_id
+    rows = [list(range(len(prompt_ids)))] * len(passes) if rows is None else rows
+    kwargs = [{"pad_token_id": pad_token_id, **kw} if "generation_config" not in kw else dict(kw)
+              for kw in passes]  # a GenerationConfig carries its own pad id
+    picks = [index[torch.tensor(list(r), dtype=torch.long, device=model.device)] for r in rows]
     if width < 2:  # nothing to share
-        out = model.generate(input_ids=ids[index], attention_mask=mask[index], **generate_kwargs)
-        return out[:, width:]
+        return [model.generate(input_ids=ids[i], attention_mask=mask[i], **kw)[:, width:]
+                for i, kw in zip(picks, kwargs, strict=True)]
     # Positions exactly as generate() derives them from the mask, so the cache matches.
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
               past_key_values=cache, use_cache=True, logits_to_keep=1)
-    cache.reorder_cache(index)  # row r gets the cache of its distinct prompt
-    out = model.generate(input_ids=ids[index], attention_mask=mask[index], past_key_values=cache, **generate_kwargs)
-    return out[:, width:]
+    out = []
+    for k, (i, kw) in enumerate(zip(picks, kwargs, strict=True)):
+        rows_cache = cache if k == len(picks) - 1 else copy.deepcopy(cache)  # generate() grows the one it gets
+        rows_cache.reorder_cache(i)  # row r gets the cache of its distinct prompt
+        out.append(model.generate(input_ids=ids[i], attention_mask=mask[i], past_key_values=rows_cache, **kw)
+                   [:, width:])
+    return out
 
 
 def cut_after_eos(ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
@@ -205,36 +226,54 @@ class HFGenerator:
 
     def generate(self, conversations: Sequence[list[dict]], n: int, temperature: float,
                  max_tokens: int, stop: Sequence[str] = ()) -> list[list[str]]:
+        (out,) = self._passes(conversations, [(n, temperature)], max_tokens, stop)
+        return out
+
+    def generate_greedy_and_sampled(self, conversations: Sequence[list[dict]], n: int, temperature: float,
+                                    max_tokens: int, stop: Sequence[str] = ()) -> tuple[list[str], list[list[str]]]:
+        """One greedy and `n` sampled completions per conversation from one prefill of its prompt
+        (generate_passes): the same titles as generate(n=1, temperature=0) then generate(n, temperature)
+        under the same seed, with each prompt prefilled once instead of twice (an evaluation's cost
+        on a CPU is mostly prefill)."""
+        greedy, sampled = self._passes(conversations, [(1, 0.0), (n, temperature)], max_tokens, stop)
+        return [g[0] for g in greedy], sampled
+
+    def _passes(self, conversations: Sequence[list[dict]], passes: list[tuple[int, float]], max_tokens: int,
+                stop: Sequence[str]) -> list[list[list[str]]]:
+        """Completions per pass (n, temperature), per conversation, in batches of batch_size prompts."""
         from tqdm.auto import tqdm
 
-        greedy = temperature <= 0
+        desc = " + ".join(f"n={n}{' greedy' if t <= 0 else ''}" for n, t in passes)
         batches = range(0, len(conversations), self.batch_size)
-        out: list[list[str]] = []
+        out: list[list[list[str]]] = [[] for _ in passes]
         was_training = self.model.training
         self.model.eval()
         try:
-            for i in tqdm(batches, desc=f"generate n={n}{' greedy' if greedy else ''}", disable=not self.progress,
-                          leave=False):
-                out.extend(self._batch(list(conversations[i:i + self.batch_size]), n, temperature, max_tokens, stop))
+            for i in tqdm(batches, desc=f"generate {desc}", disable=not self.progress, leave=False):
+                for k, texts in enumerate(self._batch(list(conversations[i:i + self.batch_size]), passes,
+                                                      max_tokens, stop)):
+                    out[k].extend(texts)
         finally:
             self.model.train(was_training)
         return out
 
-    def _batch(self, convs: list[list[dict]], n: int, temperature: float, max_tokens: int,
-               stop: Sequence[str]) -> list[list[str]]:
+    def _batch(self, convs: list[list[dict]], passes: list[tuple[int, float]], max_tokens: int,
+               stop: Sequence[str]) -> list[list[list[str]]]:
         import torch
 
         eos = {}
         if stop:  # EOS or any token holding a stop string ends a row
             eos = {"eos_token_id": [self.tokenizer.eos_token_id, *stop_token_ids(self.tokenizer, stop)]}
-        greedy = temperature <= 0
         texts = self.tokenizer.apply_chat_template(convs, tokenize=False, add_generation_prompt=True)
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        kwargs = [dict(max_new_tokens=max_tokens, do_sample=t > 0, temperature=t if t > 0 else None, top_p=None,
+                       top_k=None, **eos) for _, t in passes]
+        rows = [[j for j in range(len(ids)) for _ in range(n)] for n, _ in passes]
         with torch.inference_mode():
-            # The n titles of a story share one prefill of its prompt.
-            gen = generate_shared_prefix(
-                self.model, [p for p in ids for _ in range(n)], self.tokenizer.pad_token_id,
-                max_new_tokens=max_tokens, do_sample=not greedy,
-                temperature=temperature if not greedy else None, top_p=None, top_k=None, **eos)
-        texts = self.tokenizer.batch_decode(gen, skip_special_tokens=True)
-        return [texts[j * n:(j + 1) * n] for j in range(len(convs))]
+            # All titles of a story, in every pass, share one prefill of its prompt.
+            gens = generate_passes(self.model, ids, self.tokenizer.pad_token_id, kwargs, rows)
+        out = []
+        for (n, _), gen in zip(passes, gens, strict=True):
+            decoded = self.tokenizer.batch_decode(gen, skip_special_tokens=True)
+            out.append([decoded[j * n:(j + 1) * n] for j in range(len(convs))])
+        return out
