@@ -163,12 +163,13 @@ test-fast: $(STAMP) ## lint + the tests that load no model and start no process 
 lint: setup ## ruff
 	$(BIN)/ruff check .
 
-bench: setup ## every CPU bench the docs quote (reward server, GRPO step, generation, ART step, validation): ratios
+bench: setup ## every CPU bench the docs quote (reward server, GRPO step, generation, ART step, validation, evaluation): ratios
 	$(PYTHON) bench/reward_server.py
 	$(PYTHON) bench/grpo_step.py
 	$(PYTHON) bench/generation.py
 	$(PYTHON) bench/art_step.py
 	$(PYTHON) bench/validation.py
+	$(PYTHON) bench/evaluation.py
 
 clean: ## say what it deletes (asks at a terminal), then delete .venv, .venv-art, models/, runs/, .pytest_cache
 	@echo "deleting: $(VENV) .venv-art models/ (SmolLM2 and the tiny model) runs/ (every run, checkpoint and report) .pytest_cache"

@@ -74,3 +74,18 @@ def test_validation_bench_times_trl_and_both_art_paths(tiny_model, capsys):
     assert list(best) == ["trl", "art", "art, one request at a time"] and all(t > 0 for t in best.values())
     out = capsys.readouterr().out
     assert "greedy validation of 4 val stories" in out and out.count("x TRL") == 3
+
+
+@pytest.mark.slow
+def test_evaluation_bench_times_both_evaluations_and_curve_points(tiny_model, capsys):
+    """bench/evaluation.py on the tiny recipe: the old evaluation shape (fewer stories, two passes)
+    against the recipe's (one prefill), and both curve-point shapes, each timed once."""
+    spec = importlib.util.spec_from_file_location("bench_evaluation", ROOT / "bench" / "evaluation.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    best = bench.main(bench.EvalBenchArgs(recipe="recipes/tiny.yaml", before_stories=2, before_samples=2, rounds=1))
+    out = capsys.readouterr().out
+    assert list(best) == ["before: 2 x (1 + 2), two passes", "now: 4 x (1 + 1), one prefill",
+                          "before: 2 stories", "now: 4 stories"]
+    assert all(t > 0 for t in best.values()) and out.count("x before") == 2
